@@ -1,0 +1,95 @@
+//! husk's host configuration (`/etc/husk/config.toml`, or `config.toml` in
+//! `--root`): networking and restart back-off. Every key is optional.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HuskConfig {
+    pub network: NetworkConfig,
+    pub restart: RestartConfig,
+}
+
+impl Default for HuskConfig {
+    fn default() -> Self {
+        Self {
+            network: NetworkConfig::default(),
+            restart: RestartConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Where CNI conflists are looked for (the first `*.conflist` wins, as
+    /// in containerd). When none is there, husk writes its own default.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugin binaries are looked for, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Bridge of husk's default network.
+    pub bridge: String,
+    /// Pod CIDR of husk's default network.
+    pub subnet: String,
+    /// Name of husk's default network.
+    pub name: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
+            bridge: "husk0".into(),
+            subnet: "10.88.0.0/16".into(),
+            name: "husk".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// First back-off delay in milliseconds (kubelet: 10 s).
+    pub backoff_initial_ms: u64,
+    /// Cap of the back-off in milliseconds (kubelet: 5 min).
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial_ms: 10_000,
+            backoff_max_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}; see the configuration section of husk's README")]
+    Parse { path: PathBuf, msg: String },
+}
+
+impl HuskConfig {
+    /// Loads `path`; a missing file means all defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                msg: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}

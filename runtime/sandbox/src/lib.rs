@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cgroup;
+pub mod config;
+pub mod cri_log;
+pub mod network;
+pub mod pod;
+pub mod state;
+pub mod volume;
+pub mod wasm;
+
+pub use wasm::{Sandbox, SandboxError, WasmSandbox};

@@ -1,0 +1,472 @@
+//! Per-pod networking: the pod's network namespace (a bind-mounted nsfs file
+//! under the run root) and the CNI plugins that wire it up, called as
+//! containerd and CRI-O call them (ADD on create, DEL in reverse order on
+//! removal). [`PodNetwork`] owns both; it removes them in `teardown`, and on
+//! every error path of `setup` before returning.
+
+use crate::config::NetworkConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("network namespace {path}: {msg}")]
+    Netns { path: PathBuf, msg: String },
+    #[error("CNI config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("CNI plugin {plugin:?} not found in {dirs}; install containernetworking-plugins")]
+    PluginMissing { plugin: String, dirs: String },
+    #[error("CNI plugin {plugin} {command} failed: {msg}")]
+    Plugin {
+        plugin: String,
+        command: String,
+        msg: String,
+    },
+}
+
+/// A resolved CNI network: a conflist and where its plugins live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniNetwork {
+    pub conflist: Value,
+    pub source: PathBuf,
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+impl CniNetwork {
+    /// The first `*.conflist` in the configured dir, else husk's default
+    /// (bridge + host-local, plus portmap when the pod maps host ports),
+    /// written under `cni_dir` so users can see what runs.
+    pub fn resolve(
+        cfg: &NetworkConfig,
+        cni_dir: &Path,
+        with_portmap: bool,
+    ) -> Result<Self, NetworkError> {
+        if let Ok(rd) = std::fs::read_dir(&cfg.cni_conf_dir) {
+            let mut lists: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+                .collect();
+            lists.sort();
+            if let Some(first) = lists.first() {
+                let text = std::fs::read_to_string(first).map_err(|e| NetworkError::Config {
+                    path: first.clone(),
+                    msg: e.to_string(),
+                })?;
+                let conflist: Value =
+                    serde_json::from_str(&text).map_err(|e| NetworkError::Config {
+                        path: first.clone(),
+                        msg: e.to_string(),
+                    })?;
+                return Ok(Self {
+                    conflist,
+                    source: first.clone(),
+                    bin_dirs: cfg.cni_bin_dirs.clone(),
+                });
+            }
+        }
+        let mut plugins = vec![json!({
+            "type": "bridge",
+            "bridge": cfg.bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "hairpinMode": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": cfg.subnet }]],
+                "dataDir": cni_dir.join("ipam"),
+            }
+        })];
+        if with_portmap {
+            plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
+        }
+        let conflist = json!({ "cniVersion": "1.0.0", "name": cfg.name, "plugins": plugins });
+        let name = if with_portmap {
+            "husk-default-portmap.conflist"
+        } else {
+            "husk-default.conflist"
+        };
+        let source = cni_dir.join(name);
+        let text = serde_json::to_vec_pretty(&conflist).expect("json");
+        if std::fs::read(&source).ok().as_deref() != Some(&text[..]) {
+            crate::state::write_atomic(&source, &text).map_err(|e| NetworkError::Config {
+                path: source.clone(),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok(Self {
+            conflist,
+            source,
+            bin_dirs: cfg.cni_bin_dirs.clone(),
+        })
+    }
+
+    fn plugins(&self) -> Result<Vec<Value>, NetworkError> {
+        self.conflist
+            .get("plugins")
+            .and_then(|p| p.as_array())
+            .cloned()
+            .ok_or_else(|| NetworkError::Config {
+                path: self.source.clone(),
+                msg: "no \"plugins\" list".into(),
+            })
+    }
+
+    fn find_plugin(&self, ty: &str) -> Result<PathBuf, NetworkError> {
+        for d in &self.bin_dirs {
+            let p = d.join(ty);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        Err(NetworkError::PluginMissing {
+            plugin: ty.into(),
+            dirs: self
+                .bin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":"),
+        })
+    }
+}
+
+/// What is needed to undo an attachment, persisted so that `husk rm` can
+/// clean up after a monitor that died.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub network: CniNetwork,
+    /// Result of the last successful ADD (CNI DEL gets it as prevResult).
+    pub result: Option<Value>,
+    /// How many plugins of the list were added (DEL runs those in reverse).
+    pub added: usize,
+    pub runtime_config: Value,
+    pub cni_args: String,
+}
+
+impl NetworkRecord {
+    /// The first IPv4 address of the ADD result, without prefix length.
+    pub fn pod_ip(&self) -> Option<String> {
+        let ips = self.result.as_ref()?.get("ips")?.as_array()?;
+        ips.iter()
+            .filter_map(|i| i.get("address")?.as_str())
+            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+            .next()
+    }
+}
+
+/// Creates a network namespace and pins it at `path` (a bind mount of the
+/// nsfs inode), without changing the caller's namespace.
+pub fn create_netns(path: &Path) -> Result<(), NetworkError> {
+    let err = |msg: String| NetworkError::Netns {
+        path: path.to_owned(),
+        msg,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| err(format!("cannot create the mount point: {e}")))?;
+    let target = path.to_owned();
+    // A short-lived thread unshares so the caller's thread stays where it is.
+    let res = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind mount: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("namespace thread panicked".into()));
+    if let Err(msg) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(err(msg));
+    }
+    Ok(())
+}
+
+/// Unpins and removes a namespace created by [`create_netns`]. Missing is fine.
+pub fn delete_netns(path: &Path) -> Result<(), NetworkError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            return Err(NetworkError::Netns {
+                path: path.to_owned(),
+                msg: format!("umount: {e}"),
+            })
+        }
+    }
+    std::fs::remove_file(path).map_err(|e| NetworkError::Netns {
+        path: path.to_owned(),
+        msg: e.to_string(),
+    })
+}
+
+/// Moves the calling thread into the namespace pinned at `path`.
+pub fn enter_netns(path: &Path) -> Result<(), NetworkError> {
+    let f = std::fs::File::open(path).map_err(|e| NetworkError::Netns {
+        path: path.to_owned(),
+        msg: e.to_string(),
+    })?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+        NetworkError::Netns {
+            path: path.to_owned(),
+            msg: format!("setns: {e}"),
+        }
+    })
+}
+
+/// An fd of the calling thread's current netns, to come back to it.
+pub fn current_netns() -> std::io::Result<OwnedFd> {
+    Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+}
+
+/// Moves the calling thread into the namespace of `fd`.
+pub fn enter_netns_fd(fd: &OwnedFd) -> nix::Result<()> {
+    nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+}
+
+/// Brings the loopback interface of the calling thread's netns up.
+pub fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket(2); the fd is wrapped in OwnedFd right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
+    let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into `ifr`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the flags member of the union was just filled by the kernel.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `ifr`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pod's attachment: namespace + CNI.
+pub struct PodNetwork {
+    pub record: NetworkRecord,
+}
+
+impl PodNetwork {
+    /// Creates the netns at `netns` and runs CNI ADD for every plugin. On
+    /// failure everything done so far is undone before the error returns.
+    /// Must be called from a thread in the host's network namespace.
+    pub fn setup(
+        network: CniNetwork,
+        container_id: &str,
+        netns: &Path,
+        pod_name: &str,
+        pod_namespace: &str,
+        port_mappings: &[(u16, u16, String)],
+    ) -> Result<Self, NetworkError> {
+        create_netns(netns)?;
+        let mappings: Vec<Value> = port_mappings
+            .iter()
+            .map(|(h, c, p)| json!({ "hostPort": h, "containerPort": c, "protocol": p }))
+            .collect();
+        let mut me = PodNetwork {
+            record: NetworkRecord {
+                container_id: container_id.to_owned(),
+                netns: netns.to_owned(),
+                ifname: "eth0".into(),
+                network,
+                result: None,
+                added: 0,
+                runtime_config: json!({ "portMappings": mappings }),
+                cni_args: format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+                ),
+            },
+        };
+        if let Err(e) = me.add_all() {
+            let _ = me.teardown();
+            return Err(e);
+        }
+        Ok(me)
+    }
+
+    fn add_all(&mut self) -> Result<(), NetworkError> {
+        let plugins = self.record.network.plugins()?;
+        let mut prev: Option<Value> = None;
+        for p in plugins {
+            let out = self.exec("ADD", &p, prev.as_ref())?;
+            self.record.added += 1;
+            prev = Some(out);
+            self.record.result = prev.clone();
+        }
+        Ok(())
+    }
+
+    /// CNI DEL in reverse order, then the netns goes. Idempotent; keeps
+    /// going past failures and reports the first.
+    pub fn teardown(&mut self) -> Result<(), NetworkError> {
+        let mut first_err = None;
+        if let Ok(plugins) = self.record.network.plugins() {
+            let n = self.record.added.min(plugins.len());
+            for p in plugins[..n].iter().rev() {
+                let prev = self.record.result.clone();
+                if let Err(e) = self.exec("DEL", p, prev.as_ref()) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.record.added = 0;
+        if let Err(e) = delete_netns(&self.record.netns) {
+            first_err.get_or_insert(e);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn exec(&self, command: &str, plugin: &Value, prev: Option<&Value>) -> Result<Value, NetworkError> {
+        let ty = plugin
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| NetworkError::Config {
+                path: self.record.network.source.clone(),
+                msg: "a plugin has no \"type\"".into(),
+            })?
+            .to_owned();
+        let bin = self.record.network.find_plugin(&ty)?;
+        let mut conf = plugin.clone();
+        let obj = conf.as_object_mut().ok_or_else(|| NetworkError::Config {
+            path: self.record.network.source.clone(),
+            msg: format!("plugin {ty} is not an object"),
+        })?;
+        for k in ["name", "cniVersion"] {
+            if let Some(v) = self.record.network.conflist.get(k) {
+                obj.insert(k.into(), v.clone());
+            }
+        }
+        if let Some(prev) = prev {
+            obj.insert("prevResult".into(), prev.clone());
+        }
+        if let Some(caps) = plugin.get("capabilities").and_then(|c| c.as_object()) {
+            let mut rc = serde_json::Map::new();
+            for (cap, on) in caps {
+                if on.as_bool() == Some(true) {
+                    if let Some(v) = self.record.runtime_config.get(cap) {
+                        rc.insert(cap.clone(), v.clone());
+                    }
+                }
+            }
+            obj.insert("runtimeConfig".into(), Value::Object(rc));
+        }
+        let path_env = self
+            .record
+            .network
+            .bin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut child = Command::new(&bin)
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.record.container_id)
+            .env("CNI_NETNS", &self.record.netns)
+            .env("CNI_IFNAME", &self.record.ifname)
+            .env("CNI_PATH", &path_env)
+            .env("CNI_ARGS", &self.record.cni_args)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NetworkError::Plugin {
+                plugin: ty.clone(),
+                command: command.into(),
+                msg: format!("cannot start {}: {e}", bin.display()),
+            })?;
+        let input = serde_json::to_vec(&conf).expect("json");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(&input);
+        }
+        let out = child.wait_with_output().map_err(|e| NetworkError::Plugin {
+            plugin: ty.clone(),
+            command: command.into(),
+            msg: e.to_string(),
+        })?;
+        let parsed: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+        if !out.status.success() {
+            let msg = parsed
+                .as_ref()
+                .and_then(|v| {
+                    let m = v.get("msg")?.as_str()?;
+                    let d = v.get("details").and_then(|d| d.as_str()).unwrap_or("");
+                    Some(if d.is_empty() { m.to_owned() } else { format!("{m}: {d}") })
+                })
+                .unwrap_or_else(|| {
+                    format!(
+                        "{} {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                });
+            return Err(NetworkError::Plugin {
+                plugin: ty,
+                command: command.into(),
+                msg,
+            });
+        }
+        Ok(match (command, parsed) {
+            ("ADD", Some(v)) => v,
+            (_, _) => prev.cloned().unwrap_or(Value::Null),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ip_from_result() {
+        let rec = NetworkRecord {
+            container_id: "x".into(),
+            netns: "/x".into(),
+            ifname: "eth0".into(),
+            network: CniNetwork {
+                conflist: json!({}),
+                source: "/x".into(),
+                bin_dirs: vec![],
+            },
+            result: Some(json!({"ips": [{"address": "10.88.0.7/16"}]})),
+            added: 1,
+            runtime_config: json!({}),
+            cni_args: String::new(),
+        };
+        assert_eq!(rec.pod_ip().as_deref(), Some("10.88.0.7"));
+    }
+}

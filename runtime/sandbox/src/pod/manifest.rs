@@ -1,0 +1,700 @@
+//! Reading a `kubectl apply -f` style manifest: multi-document YAML with one
+//! `v1/Pod` and the `v1/ConfigMap` / `v1/Secret` documents it references.
+//! Validation is complete here, before anything is created: every error names
+//! the file, the document and the field path, and says what to do.
+
+use super::plan::*;
+use super::quantity;
+use super::spec::{self, Pod, RestartPolicy};
+use base64::Engine as _;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+pub const RUNTIME_WASM: &str = "husk-wasm";
+pub const RUNTIME_VM: &str = "husk-vm";
+
+/// A validation error: where it is and what is wrong.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {doc}{}: {msg}", if path.is_empty() { String::new() } else { format!(": {path}") })]
+pub struct ManifestError {
+    pub file: String,
+    /// Which document, e.g. `document 1 (Pod "web")`.
+    pub doc: String,
+    /// Field path, e.g. `spec.containers[1].volumeMounts[0].name`.
+    pub path: String,
+    pub msg: String,
+}
+
+/// Where relative image paths resolve and how errors name the input.
+pub struct ManifestSource<'a> {
+    /// Shown in errors (a file name, or `command line`).
+    pub display: String,
+    /// Directory that relative image paths are resolved against.
+    pub base_dir: &'a Path,
+}
+
+struct Docs {
+    config_maps: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
+    secrets: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
+}
+
+/// Parses and validates a manifest file.
+pub fn load_manifest_file(path: &Path) -> Result<PodPlan, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+        file: path.display().to_string(),
+        doc: "file".into(),
+        path: String::new(),
+        msg: format!("cannot read the manifest: {e}"),
+    })?;
+    let base = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_owned()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let mut plan = parse_manifest(
+        &text,
+        &ManifestSource {
+            display: path.display().to_string(),
+            base_dir: &base,
+        },
+    )?;
+    plan.source = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
+    Ok(plan)
+}
+
+/// Parses and validates manifest text.
+pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, ManifestError> {
+    let file = src.display.clone();
+    let err = |doc: &str, path: &str, msg: String| ManifestError {
+        file: file.clone(),
+        doc: doc.to_owned(),
+        path: path.to_owned(),
+        msg,
+    };
+    let mut pod: Option<(String, serde_yaml::Value)> = None;
+    let mut docs = Docs {
+        config_maps: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+    };
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(de).map_err(|e| {
+            err(
+                &format!("document {n}"),
+                "",
+                format!("malformed YAML: {e}"),
+            )
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        if !value.is_mapping() {
+            return Err(err(
+                &format!("document {n}"),
+                "",
+                "expected a Kubernetes object (a mapping with apiVersion and kind)".into(),
+            ));
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let doc = format!("document {n} ({kind} {name:?})");
+        let api = value.get("apiVersion").and_then(|k| k.as_str());
+        match kind {
+            "Pod" | "ConfigMap" | "Secret" => {}
+            "" => {
+                return Err(err(
+                    &format!("document {n}"),
+                    "kind",
+                    "missing; husk reads kind: Pod, ConfigMap and Secret".into(),
+                ))
+            }
+            other => {
+                return Err(err(
+                    &doc,
+                    "kind",
+                    format!("unknown kind {other:?}; husk reads kind: Pod, ConfigMap and Secret (apiVersion: v1)"),
+                ))
+            }
+        }
+        if api != Some("v1") {
+            return Err(err(
+                &doc,
+                "apiVersion",
+                format!(
+                    "{} for kind {kind}; use apiVersion: v1",
+                    match api {
+                        Some(a) => format!("unsupported apiVersion {a:?}"),
+                        None => "missing".into(),
+                    }
+                ),
+            ));
+        }
+        if name.is_empty() {
+            return Err(err(&doc, "metadata.name", "missing; every object needs a name".into()));
+        }
+        match kind {
+            "Pod" => {
+                if let Some((first, _)) = &pod {
+                    return Err(err(
+                        &doc,
+                        "",
+                        format!("a manifest holds exactly one Pod, and {first} is one already; put each pod in its own file"),
+                    ));
+                }
+                pod = Some((doc, value));
+            }
+            "ConfigMap" => {
+                let cm: spec::ConfigMap = typed(value, &doc, &file)?;
+                let mut data: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                for (k, v) in cm.binary_data {
+                    let bytes = decode_b64(&v)
+                        .map_err(|e| err(&doc, &format!("binaryData.{k}"), e))?;
+                    data.insert(k, bytes);
+                }
+                if docs.config_maps.insert(name.clone(), (doc.clone(), data)).is_some() {
+                    return Err(err(&doc, "metadata.name", format!("a ConfigMap named {name:?} appears twice")));
+                }
+            }
+            _ => {
+                let s: spec::Secret = typed(value, &doc, &file)?;
+                let mut data = BTreeMap::new();
+                for (k, v) in s.data {
+                    let bytes =
+                        decode_b64(&v).map_err(|e| err(&doc, &format!("data.{k}"), e))?;
+                    data.insert(k, bytes);
+                }
+                for (k, v) in s.string_data {
+                    data.insert(k, v.into_bytes());
+                }
+                if docs.secrets.insert(name.clone(), (doc.clone(), data)).is_some() {
+                    return Err(err(&doc, "metadata.name", format!("a Secret named {name:?} appears twice")));
+                }
+            }
+        }
+    }
+    let Some((doc, value)) = pod else {
+        return Err(err("file", "", "no kind: Pod document found; add one (apiVersion: v1, kind: Pod)".into()));
+    };
+    let pod: Pod = typed(value, &doc, &file)?;
+    validate_pod(pod, &docs, src, &|path: &str, msg: String| err(&doc, path, msg))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    doc: &str,
+    file: &str,
+) -> Result<T, ManifestError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ManifestError {
+            file: file.to_owned(),
+            doc: doc.to_owned(),
+            path: if path == "." { String::new() } else { path },
+            msg: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn decode_b64(s: &str) -> Result<Vec<u8>, String> {
+    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .map_err(|e| format!("not valid base64 ({e}); use stringData for plain text"))
+}
+
+/// DNS-1123 label: what Kubernetes requires of container and volume names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// DNS-1123 subdomain: what Kubernetes requires of pod names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn validate_pod(
+    pod: Pod,
+    docs: &Docs,
+    src: &ManifestSource<'_>,
+    err: &dyn Fn(&str, String) -> ManifestError,
+) -> Result<PodPlan, ManifestError> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    if !is_dns_subdomain(&name) {
+        return Err(err(
+            "metadata.name",
+            format!("{name:?} is not a valid pod name: use lowercase letters, digits, '-' and '.'"),
+        ));
+    }
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    if !is_dns_label(&namespace) {
+        return Err(err("metadata.namespace", format!("{namespace:?} is not a valid namespace name")));
+    }
+    let spec = pod.spec;
+    let runtime_class = match spec.runtime_class_name.as_deref() {
+        None | Some("") | Some(RUNTIME_WASM) => RUNTIME_WASM.to_owned(),
+        Some(RUNTIME_VM) => {
+            return Err(err(
+                "spec.runtimeClassName",
+                "husk-vm is not available yet: VM pods arrive with the microVM backend; use runtimeClassName: husk-wasm".into(),
+            ))
+        }
+        Some(other) => {
+            return Err(err(
+                "spec.runtimeClassName",
+                format!("unknown runtime class {other:?}; husk provides husk-wasm (and husk-vm, not available yet)"),
+            ))
+        }
+    };
+    if spec.containers.is_empty() {
+        return Err(err("spec.containers", "a pod needs at least one container".into()));
+    }
+
+    // Volumes first: mounts refer to them.
+    let mut volumes = Vec::new();
+    let mut vol_names = HashSet::new();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let at = format!("spec.volumes[{i}]");
+        if !is_dns_label(&v.name) {
+            return Err(err(&format!("{at}.name"), format!("{:?} is not a valid volume name (lowercase letters, digits, '-')", v.name)));
+        }
+        if !vol_names.insert(v.name.clone()) {
+            return Err(err(&format!("{at}.name"), format!("duplicate volume name {:?}", v.name)));
+        }
+        let sources = [
+            v.empty_dir.is_some(),
+            v.host_path.is_some(),
+            v.config_map.is_some(),
+            v.secret.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if sources != 1 {
+            return Err(err(&at, format!("volume {:?} must have exactly one source: emptyDir, hostPath, configMap or secret", v.name)));
+        }
+        let source = if let Some(e) = &v.empty_dir {
+            let memory = match e.medium.as_str() {
+                "" => false,
+                "Memory" => true,
+                other => {
+                    return Err(err(&format!("{at}.emptyDir.medium"), format!("unsupported medium {other:?}; use \"\" (disk) or \"Memory\"")))
+                }
+            };
+            let size_limit = match &e.size_limit {
+                Some(q) => Some(
+                    quantity::parse_bytes(&q.0)
+                        .map_err(|m| err(&format!("{at}.emptyDir.sizeLimit"), m))?,
+                ),
+                None => None,
+            };
+            VolumeSource::EmptyDir { memory, size_limit }
+        } else if let Some(h) = &v.host_path {
+            let path = PathBuf::from(&h.path);
+            if !path.is_absolute() {
+                return Err(err(&format!("{at}.hostPath.path"), format!("{:?} must be an absolute path", h.path)));
+            }
+            let create = match h.kind.as_str() {
+                "" | "Directory" => false,
+                "DirectoryOrCreate" => true,
+                other => {
+                    return Err(err(&format!("{at}.hostPath.type"), format!("{other:?} is not supported for wasm pods (guests see directories): use Directory or DirectoryOrCreate")))
+                }
+            };
+            if !create && !path.is_dir() {
+                return Err(err(&format!("{at}.hostPath.path"), format!("{} is not an existing directory; create it or set type: DirectoryOrCreate", path.display())));
+            }
+            VolumeSource::HostPath { path, create }
+        } else if let Some(c) = &v.config_map {
+            let files = project(
+                "ConfigMap",
+                &c.name,
+                docs.config_maps.get(&c.name).map(|d| &d.1),
+                &c.items,
+                c.default_mode,
+                c.optional,
+                &format!("{at}.configMap"),
+                err,
+            )?;
+            VolumeSource::ConfigMap {
+                name: c.name.clone(),
+                files,
+            }
+        } else {
+            let s = v.secret.as_ref().expect("one source is set");
+            let files = project(
+                "Secret",
+                &s.secret_name,
+                docs.secrets.get(&s.secret_name).map(|d| &d.1),
+                &s.items,
+                s.default_mode,
+                s.optional,
+                &format!("{at}.secret"),
+                err,
+            )?;
+            VolumeSource::Secret {
+                name: s.secret_name.clone(),
+                files,
+            }
+        };
+        volumes.push(VolumePlan {
+            name: v.name.clone(),
+            source,
+        });
+    }
+
+    let mut names = HashSet::new();
+    let mut init_containers = Vec::new();
+    let mut containers = Vec::new();
+    for (list, field, out) in [
+        (&spec.init_containers, "initContainers", &mut init_containers),
+        (&spec.containers, "containers", &mut containers),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            let at = format!("spec.{field}[{i}]");
+            if !is_dns_label(&c.name) {
+                return Err(err(&format!("{at}.name"), format!("{:?} is not a valid container name (lowercase letters, digits, '-')", c.name)));
+            }
+            if !names.insert(c.name.clone()) {
+                return Err(err(&format!("{at}.name"), format!("duplicate container name {:?}; container names must be unique in a pod", c.name)));
+            }
+            out.push(validate_container(c, &at, &volumes, docs, src, err)?);
+        }
+    }
+    let cpu_limit_millis = containers
+        .iter()
+        .map(|c: &ContainerPlan| c.cpu_limit_millis)
+        .sum::<Option<u64>>();
+    Ok(PodPlan {
+        name,
+        namespace,
+        uid: random_uid(),
+        labels: pod.metadata.labels,
+        annotations: pod.metadata.annotations,
+        runtime_class,
+        restart_policy: spec.restart_policy.unwrap_or(RestartPolicy::Always),
+        grace_period_secs: spec
+            .termination_grace_period_seconds
+            .unwrap_or(DEFAULT_GRACE_PERIOD_SECS),
+        init_containers,
+        containers,
+        volumes,
+        cpu_limit_millis,
+        source: None,
+    })
+}
+
+fn random_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn project(
+    kind: &str,
+    name: &str,
+    data: Option<&BTreeMap<String, Vec<u8>>>,
+    items: &[spec::KeyToPath],
+    default_mode: Option<u32>,
+    optional: bool,
+    at: &str,
+    err: &dyn Fn(&str, String) -> ManifestError,
+) -> Result<Vec<VolumeFile>, ManifestError> {
+    let mode = default_mode.unwrap_or(0o644);
+    let Some(data) = data else {
+        if optional {
+            return Ok(Vec::new());
+        }
+        return Err(err(&format!("{at}.{}", if kind == "Secret" { "secretName" } else { "name" }), format!("no {kind} named {name:?} in this manifest; add a kind: {kind} document to the file")));
+    };
+    if items.is_empty() {
+        return Ok(data
+            .iter()
+            .map(|(k, v)| VolumeFile {
+                path: k.clone(),
+                data: v.clone(),
+                mode,
+            })
+            .collect());
+    }
+    let mut files = Vec::new();
+    for (j, it) in items.iter().enumerate() {
+        let Some(v) = data.get(&it.key) else {
+            return Err(err(&format!("{at}.items[{j}].key"), format!("{kind} {name:?} has no key {:?}", it.key)));
+        };
+        if !is_safe_relative(&it.path) {
+            return Err(err(&format!("{at}.items[{j}].path"), format!("{:?} must be a relative path without '..'", it.path)));
+        }
+        files.push(VolumeFile {
+            path: it.path.clone(),
+            data: v.clone(),
+            mode: it.mode.unwrap_or(mode),
+        });
+    }
+    Ok(files)
+}
+
+/// A relative path that cannot climb out of its base.
+pub fn is_safe_relative(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+}
+
+/// Resolves a wasm container's `image` to a file: a path relative to the
+/// manifest, an absolute path, or a `file://` URL.
+pub fn resolve_image(image: &str, base_dir: &Path) -> PathBuf {
+    let p = image.strip_prefix("file://").unwrap_or(image);
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+fn validate_container(
+    c: &spec::Container,
+    at: &str,
+    volumes: &[VolumePlan],
+    docs: &Docs,
+    src: &ManifestSource<'_>,
+    err: &dyn Fn(&str, String) -> ManifestError,
+) -> Result<ContainerPlan, ManifestError> {
+    if c.image.trim().is_empty() {
+        return Err(err(&format!("{at}.image"), "missing; give the path of a .wasm module or component".into()));
+    }
+    let image = resolve_image(&c.image, src.base_dir);
+    if !image.is_file() {
+        return Err(err(&format!("{at}.image"), format!("{} does not exist (wasm images are file paths, relative to the manifest)", image.display())));
+    }
+    let kind = husk_wasm::WasmEngine::check_guest_file(&image)
+        .map_err(|e| err(&format!("{at}.image"), e.to_string()))?;
+
+    let mut env: Vec<EnvEntry> = Vec::new();
+    let set = |env: &mut Vec<EnvEntry>, e: EnvEntry| {
+        env.retain(|x| x.name != e.name);
+        env.push(e);
+    };
+    for (j, f) in c.env_from.iter().enumerate() {
+        let (kind_name, r, map, secret) = match (&f.config_map_ref, &f.secret_ref) {
+            (Some(r), None) => ("ConfigMap", r, &docs.config_maps, false),
+            (None, Some(r)) => ("Secret", r, &docs.secrets, true),
+            _ => return Err(err(&format!("{at}.envFrom[{j}]"), "set exactly one of configMapRef and secretRef".into())),
+        };
+        match map.get(&r.name) {
+            Some((_, data)) => {
+                for (k, v) in data {
+                    set(&mut env, EnvEntry {
+                        name: format!("{}{k}", f.prefix),
+                        value: String::from_utf8_lossy(v).into_owned(),
+                        secret,
+                    });
+                }
+            }
+            None if r.optional => {}
+            None => {
+                let field = if secret { "secretRef" } else { "configMapRef" };
+                return Err(err(&format!("{at}.envFrom[{j}].{field}.name"), format!("no {kind_name} named {:?} in this manifest", r.name)));
+            }
+        }
+    }
+    for (j, e) in c.env.iter().enumerate() {
+        let p = format!("{at}.env[{j}]");
+        if e.name.is_empty() || e.name.contains('=') {
+            return Err(err(&format!("{p}.name"), format!("{:?} is not a valid variable name", e.name)));
+        }
+        let (value, secret) = match (&e.value, &e.value_from) {
+            (Some(v), None) => (Some(v.clone()), false),
+            (None, None) => (Some(String::new()), false),
+            (Some(_), Some(_)) => return Err(err(&p, "set value or valueFrom, not both".into())),
+            (None, Some(from)) => {
+                let (kind_name, r, map, secret, field) =
+                    match (&from.config_map_key_ref, &from.secret_key_ref) {
+                        (Some(r), None) => ("ConfigMap", r, &docs.config_maps, false, "configMapKeyRef"),
+                        (None, Some(r)) => ("Secret", r, &docs.secrets, true, "secretKeyRef"),
+                        _ => return Err(err(&format!("{p}.valueFrom"), "set exactly one of configMapKeyRef and secretKeyRef".into())),
+                    };
+                match map.get(&r.name) {
+                    None if r.optional => (None, secret),
+                    None => return Err(err(&format!("{p}.valueFrom.{field}.name"), format!("no {kind_name} named {:?} in this manifest; add a kind: {kind_name} document", r.name))),
+                    Some((_, data)) => match data.get(&r.key) {
+                        Some(v) => (Some(String::from_utf8_lossy(v).into_owned()), secret),
+                        None if r.optional => (None, secret),
+                        None => return Err(err(&format!("{p}.valueFrom.{field}.key"), format!("{kind_name} {:?} has no key {:?}", r.name, r.key))),
+                    },
+                }
+            }
+        };
+        if let Some(value) = value {
+            let value = expand_vars(&value, &env);
+            set(&mut env, EnvEntry { name: e.name.clone(), value, secret });
+        }
+    }
+
+    let mut mounts = Vec::new();
+    for (j, m) in c.volume_mounts.iter().enumerate() {
+        let p = format!("{at}.volumeMounts[{j}]");
+        let Some(vol) = volumes.iter().find(|v| v.name == m.name) else {
+            return Err(err(&format!("{p}.name"), format!("no volume named {:?}; declare it under spec.volumes", m.name)));
+        };
+        if !m.mount_path.starts_with('/') {
+            return Err(err(&format!("{p}.mountPath"), format!("{:?} must be an absolute path", m.mount_path)));
+        }
+        if m.mount_path.split('/').any(|s| s == "..") {
+            return Err(err(&format!("{p}.mountPath"), format!("{:?} must not contain '..'", m.mount_path)));
+        }
+        if mounts.iter().any(|x: &MountPlan| x.mount_path == m.mount_path) {
+            return Err(err(&format!("{p}.mountPath"), format!("{:?} is mounted twice", m.mount_path)));
+        }
+        let sub_path = if m.sub_path.is_empty() {
+            None
+        } else if is_safe_relative(&m.sub_path) {
+            Some(m.sub_path.clone())
+        } else {
+            return Err(err(&format!("{p}.subPath"), format!("{:?} must be a relative path without '..'", m.sub_path)));
+        };
+        mounts.push(MountPlan {
+            volume: m.name.clone(),
+            mount_path: m.mount_path.clone(),
+            read_only: m.read_only || vol.source.forced_read_only(),
+            sub_path,
+        });
+    }
+
+    let mut ports = Vec::new();
+    for (j, port) in c.ports.iter().enumerate() {
+        let p = format!("{at}.ports[{j}]");
+        if port.container_port == 0 {
+            return Err(err(&format!("{p}.containerPort"), "must be between 1 and 65535".into()));
+        }
+        let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+        if protocol != "TCP" && protocol != "UDP" {
+            return Err(err(&format!("{p}.protocol"), format!("{protocol:?} is not supported; use TCP or UDP")));
+        }
+        ports.push(PortPlan {
+            name: port.name.clone(),
+            container_port: port.container_port,
+            host_port: port.host_port.filter(|h| *h != 0),
+            protocol,
+        });
+    }
+
+    let mut memory_limit = None;
+    let mut cpu_limit_millis = None;
+    for (res, q) in &c.resources.limits {
+        let p = format!("{at}.resources.limits.{res}");
+        match res.as_str() {
+            "memory" => memory_limit = Some(quantity::parse_bytes(&q.0).map_err(|m| err(&p, m))?),
+            "cpu" => cpu_limit_millis = Some(quantity::parse_millicores(&q.0).map_err(|m| err(&p, m))?),
+            "ephemeral-storage" => {
+                quantity::parse_bytes(&q.0).map_err(|m| err(&p, m))?;
+            }
+            other => return Err(err(&p, format!("unknown resource {other:?}; husk enforces cpu and memory"))),
+        }
+    }
+    for (res, q) in &c.resources.requests {
+        let p = format!("{at}.resources.requests.{res}");
+        let r = if res == "cpu" { quantity::parse_millicores(&q.0) } else { quantity::parse_bytes(&q.0) };
+        r.map_err(|m| err(&p, m))?;
+    }
+    if matches!(memory_limit, Some(0)) {
+        return Err(err(&format!("{at}.resources.limits.memory"), "must be greater than zero".into()));
+    }
+
+    if let Some(w) = &c.working_dir {
+        if !w.starts_with('/') {
+            return Err(err(&format!("{at}.workingDir"), format!("{w:?} must be an absolute path")));
+        }
+    }
+
+    let argv0 = image
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| c.name.clone());
+    let mut argv: Vec<String> = if c.command.is_empty() {
+        vec![argv0]
+    } else {
+        c.command.iter().map(|a| expand_vars(a, &env)).collect()
+    };
+    argv.extend(c.args.iter().map(|a| expand_vars(a, &env)));
+
+    Ok(ContainerPlan {
+        name: c.name.clone(),
+        image_ref: c.image.clone(),
+        image: std::fs::canonicalize(&image).unwrap_or(image),
+        guest_kind: kind.as_str().to_owned(),
+        argv,
+        env,
+        working_dir: c.working_dir.clone(),
+        mounts,
+        ports,
+        memory_limit,
+        cpu_limit_millis,
+    })
+}
+
+/// Kubernetes `$(VAR)` expansion: known variables are replaced, unknown
+/// references stay as written, `$$` escapes a dollar.
+pub fn expand_vars(s: &str, env: &[EnvEntry]) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("$(") {
+            match t.find(')') {
+                Some(end) => {
+                    let name = &t[..end];
+                    match env.iter().rev().find(|e| e.name == name) {
+                        Some(e) => out.push_str(&e.value),
+                        None => {
+                            out.push_str("$(");
+                            out.push_str(name);
+                            out.push(')');
+                        }
+                    }
+                    rest = &t[end + 1..];
+                }
+                None => {
+                    out.push_str(tail);
+                    rest = "";
+                }
+            }
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}

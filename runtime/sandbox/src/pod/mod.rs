@@ -1,0 +1,10 @@
+//! The pod model: Kubernetes manifests in, a validated [`PodPlan`] out.
+
+pub mod manifest;
+pub mod plan;
+pub mod quantity;
+pub mod spec;
+
+pub use manifest::{load_manifest_file, parse_manifest, ManifestError, ManifestSource};
+pub use plan::*;
+pub use spec::RestartPolicy;

@@ -1,0 +1,167 @@
+//! The validated pod: what the monitor executes. Every reference is resolved
+//! (image paths are absolute, env values from configMaps and secrets are
+//! filled in, quantities are numbers), so nothing here can fail to parse
+//! later. Secret material is marked so that [`PodPlan::redacted`] can strip it
+//! before anything is written to disk.
+
+use super::spec::RestartPolicy;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 30;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPlan {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub runtime_class: String,
+    pub restart_policy: RestartPolicy,
+    pub grace_period_secs: u64,
+    pub init_containers: Vec<ContainerPlan>,
+    pub containers: Vec<ContainerPlan>,
+    pub volumes: Vec<VolumePlan>,
+    /// Pod-level CPU quota: the sum of the containers' limits when every
+    /// container has one (as the kubelet sizes a pod cgroup).
+    pub cpu_limit_millis: Option<u64>,
+    /// Where the manifest came from, if from a file.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPlan {
+    pub name: String,
+    /// The image as written in the manifest.
+    pub image_ref: String,
+    /// The resolved guest file.
+    pub image: PathBuf,
+    pub guest_kind: String,
+    pub argv: Vec<String>,
+    pub env: Vec<EnvEntry>,
+    pub working_dir: Option<String>,
+    pub mounts: Vec<MountPlan>,
+    pub ports: Vec<PortPlan>,
+    pub memory_limit: Option<u64>,
+    pub cpu_limit_millis: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvEntry {
+    pub name: String,
+    pub value: String,
+    /// True when the value came from a Secret.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MountPlan {
+    pub volume: String,
+    pub mount_path: String,
+    pub read_only: bool,
+    pub sub_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortPlan {
+    pub name: Option<String>,
+    pub container_port: u16,
+    pub host_port: Option<u16>,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePlan {
+    pub name: String,
+    pub source: VolumeSource,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum VolumeSource {
+    EmptyDir {
+        memory: bool,
+        size_limit: Option<u64>,
+    },
+    HostPath {
+        path: PathBuf,
+        create: bool,
+    },
+    ConfigMap {
+        name: String,
+        files: Vec<VolumeFile>,
+    },
+    Secret {
+        name: String,
+        files: Vec<VolumeFile>,
+    },
+}
+
+impl VolumeSource {
+    /// configMap and secret volumes are always mounted read-only.
+    pub fn forced_read_only(&self) -> bool {
+        matches!(
+            self,
+            VolumeSource::ConfigMap { .. } | VolumeSource::Secret { .. }
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeFile {
+    /// Relative path inside the volume.
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+}
+
+impl PodPlan {
+    /// A copy without secret material, safe to write to disk and to show.
+    pub fn redacted(&self) -> PodPlan {
+        let mut p = self.clone();
+        for c in p.init_containers.iter_mut().chain(p.containers.iter_mut()) {
+            for e in &mut c.env {
+                if e.secret {
+                    e.value = "<redacted>".into();
+                }
+            }
+        }
+        for v in &mut p.volumes {
+            if let VolumeSource::Secret { files, .. } = &mut v.source {
+                for f in files {
+                    f.data.clear();
+                }
+            }
+        }
+        p
+    }
+
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerPlan> {
+        self.init_containers.iter().chain(self.containers.iter())
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumePlan> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    pub fn host_ports(&self) -> Vec<(u16, u16, String)> {
+        self.containers
+            .iter()
+            .flat_map(|c| c.ports.iter())
+            .filter_map(|p| {
+                p.host_port
+                    .map(|h| (h, p.container_port, p.protocol.to_lowercase()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,336 @@
+//! Where husk keeps things and the persisted pod records. Runtime state
+//! (sockets, netns files, in-memory volumes) lives under the run root
+//! (`/run/husk`); persistent state (pod records, logs, disk emptyDirs, the
+//! compile cache, IPAM data) under the lib root (`/var/lib/husk`). `--root DIR`
+//! moves both under DIR. Writes of records are atomic (temp file + rename).
+
+use crate::pod::PodPlan;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt record: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no pod named {0:?}; see `husk ps -a`")]
+    NoSuchPod(String),
+    #[error("{0:?} matches several pods ({1}); use the pod id")]
+    Ambiguous(String, String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The two state roots.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    pub run: PathBuf,
+    pub lib: PathBuf,
+    /// Set when `--root` moved both (config and CNI files then live there too).
+    pub custom: Option<PathBuf>,
+}
+
+impl Roots {
+    pub fn new(root: Option<&Path>) -> Self {
+        match root {
+            Some(r) => Roots {
+                run: r.join("run"),
+                lib: r.join("lib"),
+                custom: Some(r.to_owned()),
+            },
+            None => Roots {
+                run: PathBuf::from("/run/husk"),
+                lib: PathBuf::from("/var/lib/husk"),
+                custom: None,
+            },
+        }
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        match &self.custom {
+            Some(r) => r.join("config.toml"),
+            None => PathBuf::from("/etc/husk/config.toml"),
+        }
+    }
+
+    pub fn pod(&self, id: &str) -> PodPaths {
+        PodPaths {
+            id: id.to_owned(),
+            run: self.run.join("pods").join(id),
+            lib: self.lib.join("pods").join(id),
+            netns: self.run.join("netns").join(id),
+        }
+    }
+
+    pub fn wasm_cache(&self) -> PathBuf {
+        self.lib.join("cache").join("wasm")
+    }
+
+    pub fn cni_dir(&self) -> PathBuf {
+        self.lib.join("cni")
+    }
+
+    /// All pod records, oldest first.
+    pub fn list_pods(&self) -> Vec<PodRecord> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.lib.join("pods")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Ok(rec) = PodRecord::load(&self.pod(&id)) {
+                out.push(rec);
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        out
+    }
+
+    /// Finds a pod by name, `namespace/name` or id prefix.
+    pub fn find_pod(&self, key: &str) -> Result<PodRecord, StateError> {
+        let pods = self.list_pods();
+        let by_name: Vec<_> = pods
+            .iter()
+            .filter(|p| {
+                p.plan.name == key || format!("{}/{}", p.plan.namespace, p.plan.name) == key
+            })
+            .collect();
+        if by_name.len() == 1 {
+            return Ok(by_name[0].clone());
+        }
+        if by_name.len() > 1 {
+            let ids: Vec<_> = by_name.iter().map(|p| p.id.clone()).collect();
+            return Err(StateError::Ambiguous(key.into(), ids.join(", ")));
+        }
+        let by_id: Vec<_> = pods
+            .iter()
+            .filter(|p| key.len() >= 4 && p.id.starts_with(key))
+            .collect();
+        match by_id.len() {
+            1 => Ok(by_id[0].clone()),
+            0 => Err(StateError::NoSuchPod(key.into())),
+            _ => Err(StateError::Ambiguous(
+                key.into(),
+                by_id.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", "),
+            )),
+        }
+    }
+}
+
+/// Paths of one pod.
+#[derive(Debug, Clone)]
+pub struct PodPaths {
+    pub id: String,
+    pub run: PathBuf,
+    pub lib: PathBuf,
+    pub netns: PathBuf,
+}
+
+impl PodPaths {
+    pub fn record(&self) -> PathBuf {
+        self.lib.join("pod.json")
+    }
+    pub fn status(&self) -> PathBuf {
+        self.lib.join("status.json")
+    }
+    pub fn monitor_log(&self) -> PathBuf {
+        self.lib.join("monitor.log")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("monitor.sock")
+    }
+    pub fn network_record(&self) -> PathBuf {
+        self.run.join("network.json")
+    }
+    pub fn logs_dir(&self) -> PathBuf {
+        self.lib.join("logs")
+    }
+    /// CRI log file of one container instance (`<name>/<restart>.log`).
+    pub fn log_file(&self, container: &str, restart: u32) -> PathBuf {
+        self.logs_dir().join(container).join(format!("{restart}.log"))
+    }
+    pub fn volumes_run(&self) -> PathBuf {
+        self.run.join("volumes")
+    }
+    pub fn volumes_lib(&self) -> PathBuf {
+        self.lib.join("volumes")
+    }
+}
+
+/// The persisted, redacted description of a pod, written once at creation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    pub id: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Remove the pod when it ends (`run --rm`).
+    #[serde(default)]
+    pub auto_remove: bool,
+    pub plan: PodPlan,
+}
+
+impl PodRecord {
+    pub fn load(paths: &PodPaths) -> Result<Self, StateError> {
+        read_json(&paths.record())
+    }
+
+    pub fn save(&self, paths: &PodPaths) -> Result<(), StateError> {
+        write_json_atomic(&paths.record(), self)
+    }
+}
+
+/// A container's current state, as the kubelet reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum ContainerState {
+    Waiting {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Running {
+        started_at: chrono::DateTime<chrono::Utc>,
+    },
+    Terminated {
+        exit_code: i32,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        started_at: chrono::DateTime<chrono::Utc>,
+        finished_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    pub image: String,
+    pub guest_kind: String,
+    pub state: ContainerState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state: Option<ContainerState>,
+    pub restart_count: u32,
+    pub ready: bool,
+    /// `hit` when compiled code came from the cache, `compiled` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile_cache: Option<String>,
+    pub log_path: PathBuf,
+}
+
+impl ContainerStatus {
+    pub fn is_terminated(&self) -> bool {
+        matches!(self.state, ContainerState::Terminated { .. })
+    }
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.state {
+            ContainerState::Terminated { exit_code, .. } => Some(exit_code),
+            _ => None,
+        }
+    }
+}
+
+/// Pod phase, as Kubernetes names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// The live status of a pod, rewritten by its monitor on every change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub phase: PodPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_pid: Option<u32>,
+    /// True once the monitor has released every host resource and exited.
+    #[serde(default)]
+    pub finished: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    pub init_container_statuses: Vec<ContainerStatus>,
+    pub container_statuses: Vec<ContainerStatus>,
+}
+
+impl PodStatus {
+    pub fn load(paths: &PodPaths) -> Result<Self, StateError> {
+        read_json(&paths.status())
+    }
+    pub fn save(&self, paths: &PodPaths) -> Result<(), StateError> {
+        write_json_atomic(&paths.status(), self)
+    }
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StateError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("state types serialize");
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same dir, fsync,
+/// rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A fresh pod id: 16 hex digits.
+pub fn new_pod_id() -> String {
+    let b: [u8; 8] = rand::random();
+    hex::encode(b)
+}
+
+/// Whether a process with this pid is alive (and not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    // The state letter follows the ")" that closes the command name.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .map(|c| c != 'Z' && c != 'X')
+        .unwrap_or(false)
+}

@@ -1,0 +1,281 @@
+//! Pod volumes on the host: emptyDir (a directory, an ext4 image when it has
+//! a sizeLimit, a tmpfs for `medium: Memory`), hostPath, and configMap /
+//! secret projections (secrets only ever on tmpfs). [`PodVolumes`] owns every
+//! directory and mount it creates and removes them in `teardown`, also when
+//! `setup` fails half-way. hostPath contents are never touched.
+
+use crate::pod::{ContainerPlan, PodPlan, VolumeFile, VolumeSource};
+use crate::state::PodPaths;
+use husk_wasm::Preopen;
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("volume {volume:?}: {msg}")]
+pub struct VolumeError {
+    pub volume: String,
+    pub msg: String,
+}
+
+fn verr(volume: &str, msg: impl std::fmt::Display) -> VolumeError {
+    VolumeError {
+        volume: volume.to_owned(),
+        msg: msg.to_string(),
+    }
+}
+
+/// The host side of a pod's volumes.
+#[derive(Debug, Default)]
+pub struct PodVolumes {
+    dirs: BTreeMap<String, PathBuf>,
+    /// Mount points to unmount, in creation order.
+    mounts: Vec<PathBuf>,
+    /// Directories husk created and removes (never hostPaths).
+    owned_roots: Vec<PathBuf>,
+    /// Open directory handles that pin subPath targets.
+    pinned: Vec<cap_std::fs::Dir>,
+}
+
+fn mount_tmpfs(dir: &Path, size: u64, mode: u32) -> nix::Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={size},mode={mode:o}").as_str()),
+    )
+}
+
+fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl PodVolumes {
+    /// Creates every volume of `plan`. On error, undoes what was done.
+    pub fn setup(plan: &PodPlan, paths: &PodPaths) -> Result<Self, VolumeError> {
+        let mut me = PodVolumes::default();
+        match me.setup_all(plan, paths) {
+            Ok(()) => Ok(me),
+            Err(e) => {
+                me.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    fn own_root(&mut self, dir: PathBuf) -> Result<(), std::io::Error> {
+        if !self.owned_roots.contains(&dir) {
+            std::fs::create_dir_all(&dir)?;
+            self.owned_roots.push(dir);
+        }
+        Ok(())
+    }
+
+    fn setup_all(&mut self, plan: &PodPlan, paths: &PodPaths) -> Result<(), VolumeError> {
+        for v in &plan.volumes {
+            let name = v.name.as_str();
+            let dir = match &v.source {
+                VolumeSource::EmptyDir { memory: true, size_limit } => {
+                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                    let dir = paths.volumes_run().join(name);
+                    std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
+                    // Default as the kernel's: half of RAM.
+                    let size = size_limit.unwrap_or(0);
+                    let opts_size = if size == 0 { u64::MAX } else { size };
+                    if opts_size == u64::MAX {
+                        mount_tmpfs_default(&dir).map_err(|e| verr(name, format!("tmpfs: {e}")))?;
+                    } else {
+                        mount_tmpfs(&dir, opts_size, 0o777).map_err(|e| verr(name, format!("tmpfs: {e}")))?;
+                    }
+                    self.mounts.push(dir.clone());
+                    dir
+                }
+                VolumeSource::EmptyDir { memory: false, size_limit } => {
+                    self.own_root(paths.volumes_lib()).map_err(|e| verr(name, e))?;
+                    let dir = paths.volumes_lib().join(name);
+                    std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
+                    if let Some(limit) = size_limit {
+                        // A sized disk emptyDir is a small ext4 image, so the
+                        // kernel refuses writes past the limit.
+                        let img = paths.volumes_lib().join(format!("{name}.img"));
+                        let f = std::fs::File::create(&img).map_err(|e| verr(name, e))?;
+                        // ext4 needs some room for its own metadata.
+                        f.set_len((*limit).max(1 << 20) + (1 << 20)).map_err(|e| verr(name, e))?;
+                        drop(f);
+                        run_tool(
+                            std::process::Command::new("mkfs.ext4")
+                                .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0"])
+                                .arg(&img),
+                        )
+                        .map_err(|e| verr(name, format!("{e} (install e2fsprogs)")))?;
+                        run_tool(
+                            std::process::Command::new("mount")
+                                .args(["-o", "loop,nosuid,nodev,noexec"])
+                                .arg(&img)
+                                .arg(&dir),
+                        )
+                        .map_err(|e| verr(name, e))?;
+                        self.mounts.push(dir.clone());
+                        let _ = std::fs::remove_dir(dir.join("lost+found"));
+                        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+                    } else {
+                        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+                    }
+                    dir
+                }
+                VolumeSource::HostPath { path, create } => {
+                    if *create {
+                        std::fs::create_dir_all(path).map_err(|e| verr(name, e))?;
+                    }
+                    if !path.is_dir() {
+                        return Err(verr(name, format!("hostPath {} is not a directory", path.display())));
+                    }
+                    path.clone()
+                }
+                VolumeSource::ConfigMap { files, .. } => {
+                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                    let dir = paths.volumes_run().join(name);
+                    std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
+                    write_files(&dir, files).map_err(|e| verr(name, e))?;
+                    dir
+                }
+                VolumeSource::Secret { files, .. } => {
+                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                    let dir = paths.volumes_run().join(name);
+                    std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
+                    let total: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum();
+                    mount_tmpfs(&dir, total.max(1 << 20), 0o755)
+                        .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
+                    self.mounts.push(dir.clone());
+                    write_files(&dir, files).map_err(|e| verr(name, e))?;
+                    dir
+                }
+            };
+            self.dirs.insert(v.name.clone(), dir);
+        }
+        Ok(())
+    }
+
+    /// Host directory of a volume.
+    pub fn host_dir(&self, volume: &str) -> Option<&Path> {
+        self.dirs.get(volume).map(|p| p.as_path())
+    }
+
+    /// The preopens of one container: each mount (subPath resolved inside
+    /// the volume, never through a symlink out of it), plus `.` for its
+    /// workingDir when that lies in a mount.
+    pub fn preopens_for(&mut self, c: &ContainerPlan) -> Result<Vec<Preopen>, VolumeError> {
+        let mut out = Vec::new();
+        for m in &c.mounts {
+            let base = self
+                .dirs
+                .get(&m.volume)
+                .ok_or_else(|| verr(&m.volume, "not set up"))?
+                .clone();
+            let host = match &m.sub_path {
+                None => base,
+                Some(sub) => self.pin_subdir(&m.volume, &base, sub, m.read_only)?,
+            };
+            out.push(Preopen {
+                host,
+                guest: m.mount_path.clone(),
+                read_only: m.read_only,
+            });
+        }
+        if let Some(wd) = &c.working_dir {
+            let best = out
+                .iter()
+                .filter(|p| {
+                    wd == &p.guest
+                        || wd.starts_with(&format!("{}/", p.guest.trim_end_matches('/')))
+                })
+                .max_by_key(|p| p.guest.len())
+                .cloned();
+            if let Some(p) = best {
+                let rel = wd[p.guest.len()..].trim_start_matches('/').to_owned();
+                let host = if rel.is_empty() {
+                    p.host.clone()
+                } else {
+                    self.pin_subdir("workingDir", &p.host, &rel, p.read_only)?
+                };
+                out.push(Preopen {
+                    host,
+                    guest: ".".into(),
+                    read_only: p.read_only,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens `sub` below `base` with cap-std (which refuses `..` and
+    /// symlinks that leave `base`), creating it when missing, and returns a
+    /// /proc/self/fd path to the opened directory so nothing can swap it.
+    fn pin_subdir(&mut self, volume: &str, base: &Path, sub: &str, read_only: bool) -> Result<PathBuf, VolumeError> {
+        let root = cap_std::fs::Dir::open_ambient_dir(base, cap_std::ambient_authority())
+            .map_err(|e| verr(volume, format!("{}: {e}", base.display())))?;
+        if !read_only {
+            root.create_dir_all(sub)
+                .map_err(|e| verr(volume, format!("subPath {sub:?}: {e}")))?;
+        }
+        let dir = root
+            .open_dir(sub)
+            .map_err(|e| verr(volume, format!("subPath {sub:?}: {e}")))?;
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        self.pinned.push(dir);
+        Ok(path)
+    }
+
+    /// Unmounts and removes everything husk created. Idempotent.
+    pub fn teardown(&mut self) {
+        self.pinned.clear();
+        for m in self.mounts.drain(..).rev() {
+            if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(mount = %m.display(), "umount failed: {e}");
+            }
+        }
+        for r in self.owned_roots.drain(..).rev() {
+            if let Err(e) = std::fs::remove_dir_all(&r) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %r.display(), "cannot remove: {e}");
+                }
+            }
+        }
+        self.dirs.clear();
+    }
+}
+
+fn mount_tmpfs_default(dir: &Path) -> nix::Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=777"),
+    )
+}
+
+fn write_files(dir: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
+    for f in files {
+        let p = dir.join(&f.path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, &f.data)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o777))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The wasm sandbox: a pod whose containers are WebAssembly guests run by
+//! one wasmtime engine inside the pod's monitor process. It owns the pod's
+//! host resources (netns + CNI attachment, cgroup, volumes) and releases them
+//! in [`WasmSandbox::teardown`], also when creation fails half-way.
+//!
+//! Networking works by placement: after CNI has wired the netns, the
+//! monitor's main thread enters it *before* any other thread exists, so every
+//! thread wasmtime-wasi later creates sockets from lives in the pod's netns.
+
+mod supervisor;
+
+use crate::cgroup::PodCgroup;
+use crate::config::HuskConfig;
+use crate::network::{self, CniNetwork, PodNetwork};
+use crate::pod::PodPlan;
+use crate::state::{ContainerState, ContainerStatus, PodPaths, PodPhase, PodStatus};
+use crate::volume::PodVolumes;
+use husk_wasm::{CacheOutcome, CompiledGuest, WasmEngine};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub use supervisor::StopRequest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("pod network: {0}")]
+    Network(#[from] network::NetworkError),
+    #[error("pod cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("pod volumes: {0}")]
+    Volume(#[from] crate::volume::VolumeError),
+    #[error("container {container:?}: {source}")]
+    Guest {
+        container: String,
+        source: husk_wasm::WasmError,
+    },
+    #[error("wasm engine: {0}")]
+    Engine(husk_wasm::WasmError),
+    #[error("pod state: {0}")]
+    State(#[from] crate::state::StateError),
+}
+
+/// The pod boundary shared by husk's sandbox kinds: front ends and the
+/// monitor only ever see this.
+pub trait Sandbox: Send + Sync {
+    /// The runtime class this sandbox implements.
+    fn runtime_class(&self) -> &'static str;
+    /// A snapshot of the pod's status.
+    fn status(&self) -> PodStatus;
+    /// Asks every container to end: stdin closes, and after `grace` the
+    /// survivors are killed. Restarts stop.
+    fn request_stop(&self, grace: std::time::Duration);
+}
+
+/// Host resources of a pod, each with exactly one owner.
+struct HostResources {
+    network: Option<PodNetwork>,
+    host_netns: Option<OwnedFd>,
+    cgroup: Option<PodCgroup>,
+    volumes: PodVolumes,
+}
+
+pub struct WasmSandbox {
+    pub(crate) plan: Arc<PodPlan>,
+    pub(crate) paths: PodPaths,
+    pub(crate) engine: Arc<WasmEngine>,
+    pub(crate) guests: Vec<(String, CompiledGuest)>,
+    pub(crate) status: Mutex<PodStatus>,
+    pub(crate) config: HuskConfig,
+    pub(crate) stop: StopRequest,
+    resources: Mutex<HostResources>,
+}
+
+impl WasmSandbox {
+    /// Creates the pod's sandbox: netns + CNI (from the host netns), then
+    /// moves the calling thread into the pod netns, creates the cgroup (and
+    /// moves this process in), the volumes, the engine, and compiles every
+    /// guest (through the cache). Must be called before the process starts
+    /// other threads. On error everything created is removed again.
+    pub fn create(
+        plan: PodPlan,
+        paths: PodPaths,
+        config: HuskConfig,
+        cache_dir: &Path,
+        cni_dir: &Path,
+    ) -> Result<Arc<Self>, SandboxError> {
+        let mut res = HostResources {
+            network: None,
+            host_netns: None,
+            cgroup: None,
+            volumes: PodVolumes::default(),
+        };
+        match Self::create_inner(&plan, &paths, &config, cache_dir, cni_dir, &mut res) {
+            Ok((engine, guests, status)) => Ok(Arc::new(WasmSandbox {
+                plan: Arc::new(plan),
+                paths,
+                engine: Arc::new(engine),
+                guests,
+                status: Mutex::new(status),
+                config,
+                stop: StopRequest::new(),
+                resources: Mutex::new(res),
+            })),
+            Err(e) => {
+                release(&mut res);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn create_inner(
+        plan: &PodPlan,
+        paths: &PodPaths,
+        config: &HuskConfig,
+        cache_dir: &Path,
+        cni_dir: &Path,
+        res: &mut HostResources,
+    ) -> Result<(WasmEngine, Vec<(String, CompiledGuest)>, PodStatus), SandboxError> {
+        std::fs::create_dir_all(&paths.run).map_err(|e| crate::state::StateError::Io {
+            path: paths.run.clone(),
+            source: e,
+        })?;
+        // Network, from the host's namespace.
+        let host_ports = plan.host_ports();
+        let cni = CniNetwork::resolve(&config.network, cni_dir, !host_ports.is_empty())?;
+        let net = PodNetwork::setup(cni, &paths.id, &paths.netns, &plan.name, &plan.namespace, &host_ports)?;
+        crate::state::write_json_atomic(&paths.network_record(), &net.record)?;
+        let pod_ip = net.record.pod_ip();
+        res.network = Some(net);
+        res.host_netns = Some(network::current_netns().map_err(|e| network::NetworkError::Netns {
+            path: "/proc/thread-self/ns/net".into(),
+            msg: e.to_string(),
+        })?);
+        network::enter_netns(&paths.netns)?;
+        network::loopback_up().map_err(|e| network::NetworkError::Netns {
+            path: paths.netns.clone(),
+            msg: format!("cannot bring lo up: {e}"),
+        })?;
+
+        // CPU quota for the whole pod.
+        let mut cgroup_path = None;
+        if let Some(millis) = plan.cpu_limit_millis {
+            let cg = PodCgroup::create(&paths.id, millis)?;
+            cg.add_process(std::process::id())?;
+            cgroup_path = Some(cg.path.display().to_string());
+            res.cgroup = Some(cg);
+        }
+
+        res.volumes = PodVolumes::setup(plan, paths)?;
+
+        let engine = WasmEngine::new(cache_dir).map_err(SandboxError::Engine)?;
+        let mut guests = Vec::new();
+        let mut statuses = Vec::new();
+        for c in plan.all_containers() {
+            let (guest, outcome) = engine.load(&c.image).map_err(|source| SandboxError::Guest {
+                container: c.name.clone(),
+                source,
+            })?;
+            guests.push((c.name.clone(), guest));
+            statuses.push(ContainerStatus {
+                name: c.name.clone(),
+                image: c.image_ref.clone(),
+                guest_kind: c.guest_kind.clone(),
+                state: ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: None,
+                },
+                last_state: None,
+                restart_count: 0,
+                ready: false,
+                compile_cache: Some(
+                    match outcome {
+                        CacheOutcome::Hit => "hit",
+                        CacheOutcome::Compiled => "compiled",
+                    }
+                    .into(),
+                ),
+                log_path: paths.log_file(&c.name, 0),
+            });
+        }
+        let containers = statuses.split_off(plan.init_containers.len());
+        let status = PodStatus {
+            phase: PodPhase::Pending,
+            reason: None,
+            message: None,
+            pod_ip,
+            monitor_pid: Some(std::process::id()),
+            finished: false,
+            started_at: Some(chrono::Utc::now()),
+            finished_at: None,
+            cgroup: cgroup_path,
+            init_container_statuses: statuses,
+            container_statuses: containers,
+        };
+        status.save(paths)?;
+        Ok((engine, guests, status))
+    }
+
+    pub fn plan(&self) -> &PodPlan {
+        &self.plan
+    }
+
+    pub fn paths(&self) -> &PodPaths {
+        &self.paths
+    }
+
+    /// Releases every host resource: volumes, cgroup, CNI DEL and the
+    /// netns (from the host netns). Idempotent.
+    pub fn teardown(&self) {
+        let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        release(&mut res);
+        let _ = std::fs::remove_file(self.paths.network_record());
+    }
+}
+
+fn release(res: &mut HostResources) {
+    res.volumes.teardown();
+    if let Some(cg) = res.cgroup.take() {
+        if let Err(e) = cg.remove() {
+            tracing::warn!("{e}");
+        }
+    }
+    if let Some(fd) = res.host_netns.take() {
+        // CNI plugins must run from the host's namespace.
+        if let Err(e) = network::enter_netns_fd(&fd) {
+            tracing::warn!("cannot return to the host netns: {e}");
+        }
+    }
+    if let Some(mut net) = res.network.take() {
+        if let Err(e) = net.teardown() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+impl Sandbox for WasmSandbox {
+    fn runtime_class(&self) -> &'static str {
+        crate::pod::manifest::RUNTIME_WASM
+    }
+
+    fn status(&self) -> PodStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn request_stop(&self, grace: std::time::Duration) {
+        self.stop.request(grace);
+    }
+}

@@ -1,0 +1,340 @@
+//! Container supervision inside a wasm pod: init containers in order, then
+//! every container concurrently, each restarted by the pod's restartPolicy
+//! with the kubelet's back-off (initial delay doubling to a cap, reset after
+//! ten minutes of good running). It writes the pod status on every change.
+//! It must not touch host resources: the sandbox owns those.
+
+use super::WasmSandbox;
+use crate::cri_log::{self, Stream};
+use crate::pod::{ContainerPlan, RestartPolicy};
+use crate::state::{ContainerState, PodPhase};
+use husk_wasm::{GuestExit, GuestSpec, KillSwitch};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Backoff is reset after a container ran this long (kubelet: 2 × cap).
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// The pod-wide stop request: once set, nothing restarts; stdin of every
+/// guest is closed, and after the grace period every guest is killed.
+#[derive(Clone)]
+pub struct StopRequest {
+    tx: Arc<watch::Sender<Option<Duration>>>,
+    kill: KillSwitch,
+    stdins: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+}
+
+impl StopRequest {
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::channel(None).0),
+            kill: KillSwitch::new(),
+            stdins: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn request(&self, grace: Duration) {
+        let first = self.tx.borrow().is_none();
+        if first {
+            self.tx.send_replace(Some(grace));
+        }
+        // Closing stdin is the wasm guest's SIGTERM.
+        self.stdins.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if grace.is_zero() {
+            self.kill.kill();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.tx.borrow().is_some()
+    }
+
+    async fn requested(&self) -> Duration {
+        let mut rx = self.tx.subscribe();
+        let got = rx.wait_for(|g| g.is_some()).await.map(|g| g.unwrap_or_default());
+        match got {
+            Ok(g) => g,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    fn register_stdin(&self, container: &str, fd: OwnedFd) {
+        let mut s = self.stdins.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|(c, _)| c != container);
+        if !self.is_requested() {
+            s.push((container.to_owned(), fd));
+        }
+    }
+}
+
+impl Default for StopRequest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+impl WasmSandbox {
+    fn update(&self, f: impl FnOnce(&mut crate::state::PodStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut st);
+        st.phase = phase_of(&st, self.plan.init_containers.len());
+        if let Err(e) = st.save(&self.paths) {
+            tracing::warn!("cannot save pod status: {e}");
+        }
+    }
+
+    fn with_container(&self, init: bool, idx: usize, f: impl FnOnce(&mut crate::state::ContainerStatus)) {
+        self.update(|st| {
+            let list = if init {
+                &mut st.init_container_statuses
+            } else {
+                &mut st.container_statuses
+            };
+            f(&mut list[idx]);
+        })
+    }
+
+    /// Runs the pod to its end: all containers finished for good, or a stop
+    /// request honoured. Returns the final phase.
+    pub async fn run(self: &Arc<Self>) -> PodPhase {
+        // The grace-period timer: once stop is requested, kill survivors
+        // when the grace period runs out.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let grace = me.stop.requested().await;
+            tokio::time::sleep(grace).await;
+            me.stop.kill.kill();
+        });
+
+        for (i, _) in self.plan.init_containers.iter().enumerate() {
+            let ok = self.supervise(true, i).await;
+            if !ok {
+                // The pod failed (restartPolicy Never) or is stopping: the
+                // app containers never start.
+                let msg = if self.stop.is_requested() { "pod stopped" } else { "an init container failed" };
+                self.update(|st| {
+                    for c in st.container_statuses.iter_mut() {
+                        c.state = ContainerState::Waiting {
+                            reason: "PodInitializing".into(),
+                            message: Some(msg.into()),
+                        };
+                    }
+                    st.reason = Some("InitFailed".into());
+                });
+                return self.finish();
+            }
+        }
+        let mut tasks = Vec::new();
+        for (i, _) in self.plan.containers.iter().enumerate() {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move { me.supervise(false, i).await }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.finish()
+    }
+
+    fn finish(&self) -> PodPhase {
+        let mut phase = PodPhase::Failed;
+        self.update(|st| {
+            st.finished_at = Some(chrono::Utc::now());
+        });
+        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if st.phase == PodPhase::Succeeded {
+            phase = PodPhase::Succeeded;
+        }
+        phase
+    }
+
+    /// Runs one container until it is done for good. For an init container,
+    /// returns whether it completed successfully.
+    async fn supervise(self: &Arc<Self>, init: bool, idx: usize) -> bool {
+        let plan = self.plan.clone();
+        let c = if init { &plan.init_containers[idx] } else { &plan.containers[idx] };
+        let policy = plan.restart_policy;
+        let initial = Duration::from_millis(self.config.restart.backoff_initial_ms);
+        let cap = Duration::from_millis(self.config.restart.backoff_max_ms);
+        let mut backoff = initial;
+        let mut restarts: u32 = 0;
+        loop {
+            if self.stop.is_requested() {
+                return false;
+            }
+            let started = chrono::Utc::now();
+            let t0 = Instant::now();
+            let log_path = self.paths.log_file(&c.name, restarts);
+            self.with_container(init, idx, |s| {
+                s.state = ContainerState::Running { started_at: started };
+                s.ready = true;
+                s.log_path = log_path.clone();
+            });
+            let exit = self.run_instance(c, restarts).await;
+            let finished = chrono::Utc::now();
+            let code = exit.code();
+            let (reason, message) = match &exit {
+                GuestExit::Exited(0) => ("Completed", None),
+                GuestExit::Exited(_) => ("Error", None),
+                GuestExit::OutOfMemory => (
+                    "OOMKilled",
+                    Some(format!("linear memory grew past the limit of {} bytes", c.memory_limit.unwrap_or(0))),
+                ),
+                GuestExit::Killed => ("Error", Some("killed".to_owned())),
+                GuestExit::Trap(t) => ("Error", Some(format!("trap: {t}"))),
+            };
+            let terminated = ContainerState::Terminated {
+                exit_code: code,
+                reason: reason.into(),
+                message,
+                started_at: started,
+                finished_at: finished,
+            };
+            self.with_container(init, idx, |s| {
+                s.state = terminated.clone();
+                s.ready = false;
+            });
+            let restart = !self.stop.is_requested()
+                && match (init, policy) {
+                    (_, RestartPolicy::Never) => false,
+                    (true, _) => code != 0,
+                    (false, RestartPolicy::Always) => true,
+                    (false, RestartPolicy::OnFailure) => code != 0,
+                };
+            if !restart {
+                return code == 0;
+            }
+            if t0.elapsed() >= BACKOFF_RESET {
+                backoff = initial;
+            }
+            let delay = backoff;
+            self.with_container(init, idx, |s| {
+                s.last_state = Some(terminated.clone());
+                s.state = ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: Some(format!(
+                        "back-off {}ms restarting {} container {}",
+                        delay.as_millis(),
+                        if code == 0 { "completed" } else { "failed" },
+                        c.name
+                    )),
+                };
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.requested() => return false,
+            }
+            backoff = (backoff * 2).min(cap);
+            restarts += 1;
+            self.with_container(init, idx, |s| s.restart_count = restarts);
+        }
+    }
+
+    /// One run of a container: log pumps, stdin, preopens, the guest.
+    async fn run_instance(self: &Arc<Self>, c: &ContainerPlan, restart: u32) -> GuestExit {
+        match self.try_run_instance(c, restart).await {
+            Ok(exit) => exit,
+            Err(msg) => {
+                tracing::warn!(container = %c.name, "{msg}");
+                // Record the failure in the container's own log as well.
+                let path = self.paths.log_file(&c.name, restart);
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let line = format!("{} stderr F husk: {msg}\n", cri_log::timestamp());
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+                GuestExit::Trap(msg)
+            }
+        }
+    }
+
+    async fn try_run_instance(self: &Arc<Self>, c: &ContainerPlan, restart: u32) -> Result<GuestExit, String> {
+        let guest = self
+            .guests
+            .iter()
+            .find(|(n, _)| n == &c.name)
+            .map(|(_, g)| g.clone())
+            .ok_or_else(|| format!("no compiled guest for {}", c.name))?;
+        let log_path = self.paths.log_file(&c.name, restart);
+        std::fs::create_dir_all(log_path.parent().expect("log dir"))
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log = Arc::new(Mutex::new(log));
+        let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+        let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+        let (in_r, in_w) = pipe().map_err(|e| format!("stdin pipe: {e}"))?;
+        let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, s)| {
+            let log = log.clone();
+            std::thread::spawn(move || cri_log::pump(std::fs::File::from(fd), s, log))
+        });
+        self.stop.register_stdin(&c.name, in_w);
+        let preopens = {
+            let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+            res.volumes.preopens_for(c).map_err(|e| e.to_string())?
+        };
+        let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), self.plan.name.clone())];
+        if let Some(wd) = &c.working_dir {
+            env.push(("PWD".into(), wd.clone()));
+        }
+        env.extend(c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
+        let spec = GuestSpec {
+            args: c.argv.clone(),
+            env,
+            preopens,
+            cwd: c.working_dir.clone(),
+            stdin: Some(in_r),
+            stdout: std::fs::File::from(out_w),
+            stderr: std::fs::File::from(err_w),
+            memory_limit: c.memory_limit,
+            network: true,
+        };
+        let kill = self.stop.kill.clone();
+        let result = self.engine.run(&guest, spec, &kill).await;
+        // The guest's pipe ends are closed with its store; wait until the
+        // pumps have written everything.
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in pumps {
+                let _ = p.join();
+            }
+        })
+        .await;
+        result.map_err(|e| e.to_string())
+    }
+}
+
+/// The pod phase implied by its container statuses.
+fn phase_of(st: &crate::state::PodStatus, n_init: usize) -> PodPhase {
+    let init_done = st
+        .init_container_statuses
+        .iter()
+        .all(|c| c.exit_code() == Some(0));
+    let init_failed_for_good = st.reason.as_deref() == Some("InitFailed");
+    if init_failed_for_good {
+        return PodPhase::Failed;
+    }
+    if n_init > 0 && !init_done {
+        return PodPhase::Pending;
+    }
+    let running = st.container_statuses.iter().any(|c| !c.is_terminated());
+    if running {
+        return PodPhase::Running;
+    }
+    if st.container_statuses.iter().all(|c| c.exit_code() == Some(0)) {
+        PodPhase::Succeeded
+    } else {
+        PodPhase::Failed
+    }
+}
