@@ -5,6 +5,7 @@ pub mod config;
 pub mod cri_log;
 pub mod network;
 pub mod pod;
+pub mod recovery;
 pub mod state;
 pub mod volume;
 pub mod wasm;

@@ -1,0 +1,77 @@
+//! The CLI verbs, one file each. Exit codes: 0 success, 1 runtime failure,
+//! 2 usage or validation error (nothing was created).
+
+pub mod inspect;
+pub mod logs;
+pub mod ps;
+pub mod rm;
+pub mod run;
+pub mod stop;
+
+use husk_sandbox::state::{pid_alive, PodRecord, PodStatus, Roots};
+
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+pub fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
+    eprintln!("husk: {msg}");
+    code
+}
+
+/// What the CLI knows of a pod: its record, its status file and whether its
+/// monitor still runs.
+pub struct PodView {
+    pub record: PodRecord,
+    pub status: Option<PodStatus>,
+}
+
+impl PodView {
+    pub fn load(roots: &Roots, record: PodRecord) -> Self {
+        let status = PodStatus::load(&roots.pod(&record.id)).ok();
+        PodView { record, status }
+    }
+
+    pub fn monitor_alive(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.monitor_pid)
+            .is_some_and(pid_alive)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| s.finished)
+    }
+
+    /// Phase as shown to users; `Unknown` when the monitor vanished.
+    pub fn phase_str(&self) -> String {
+        match &self.status {
+            None => "Created".into(),
+            Some(s) if !s.finished && !self.monitor_alive() => "Unknown".into(),
+            Some(s) => format!("{:?}", s.phase),
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.finished() || (self.status.is_some() && !self.monitor_alive())
+    }
+}
+
+/// Waits until the pod's monitor has finished (or vanished).
+pub fn wait_finished(roots: &Roots, id: &str, timeout: std::time::Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    let paths = roots.pod(id);
+    loop {
+        let st = PodStatus::load(&paths).ok();
+        let done = match &st {
+            Some(s) => s.finished || !s.monitor_pid.is_some_and(pid_alive),
+            None => true,
+        };
+        if done {
+            return true;
+        }
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

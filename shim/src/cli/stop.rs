@@ -1,0 +1,49 @@
+//! `husk stop [-t SECONDS] POD…`: graceful stop through the monitor.
+
+use super::{fail, wait_finished, PodView, EXIT_FAILURE};
+use crate::control::{self, Request};
+use husk_sandbox::state::Roots;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct StopArgs {
+    /// Grace period in seconds (default: the pod's terminationGracePeriodSeconds).
+    #[arg(short = 't', long = "time")]
+    time: Option<u64>,
+    #[arg(required = true)]
+    pods: Vec<String>,
+}
+
+/// Asks a pod's monitor to stop and waits until it is gone.
+pub fn stop_pod(roots: &Roots, v: &PodView, grace: Option<u64>) -> Result<(), String> {
+    if v.is_terminal() {
+        return Ok(());
+    }
+    let paths = roots.pod(&v.record.id);
+    let grace_secs = grace.unwrap_or(v.record.plan.grace_period_secs);
+    control::call(&paths.socket(), &Request::Stop { grace_secs: Some(grace_secs) })
+        .map_err(|e| format!("pod {}: cannot reach its monitor: {e}", v.record.plan.name))?;
+    if !wait_finished(roots, &v.record.id, Duration::from_secs(grace_secs + 30)) {
+        return Err(format!("pod {}: did not stop in time", v.record.plan.name));
+    }
+    Ok(())
+}
+
+pub fn run(roots: &Roots, a: StopArgs) -> i32 {
+    let mut code = 0;
+    for key in &a.pods {
+        let rec = match roots.find_pod(key) {
+            Ok(r) => r,
+            Err(e) => {
+                code = fail(EXIT_FAILURE, e);
+                continue;
+            }
+        };
+        let v = PodView::load(roots, rec);
+        match stop_pod(roots, &v, a.time) {
+            Ok(()) => println!("{}", v.record.plan.name),
+            Err(e) => code = fail(EXIT_FAILURE, e),
+        }
+    }
+    code
+}

@@ -1,0 +1,42 @@
+//! The monitor's control socket: one JSON request per connection, one JSON
+//! reply. Callers (the CLI today, huskd and the containerd shim later) find
+//! it at `<run>/pods/<id>/monitor.sock`. The socket only carries requests;
+//! status is also readable from the pod's status file without it.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    /// Stop the pod: stdin closes, survivors are killed after `grace_secs`
+    /// (the pod's terminationGracePeriodSeconds when absent).
+    Stop { grace_secs: Option<u64> },
+    /// The pod's status.
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+/// Sends one request to a monitor and reads its reply.
+pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_vec(req).expect("json");
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

@@ -1,0 +1,63 @@
+//! `husk`: run Kubernetes pods as WebAssembly sandboxes, docker/kubectl-style.
+
+mod cli;
+mod control;
+mod monitor;
+
+use clap::{Parser, Subcommand};
+use husk_sandbox::state::Roots;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "husk", version, about = "Run Kubernetes pods in strongly isolated sandboxes (wasm today, microVMs next)")]
+struct Cli {
+    /// Move both state dirs (/run/husk and /var/lib/husk) under DIR.
+    #[arg(long, global = true, env = "HUSK_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pod from a manifest (-f) or a one-container pod from an image.
+    Run(cli::run::RunArgs),
+    /// List pods and their containers.
+    Ps(cli::ps::PsArgs),
+    /// Print a container's logs.
+    Logs(cli::logs::LogsArgs),
+    /// Show a pod's spec and status as JSON.
+    Inspect(cli::inspect::InspectArgs),
+    /// Stop a pod: containers get their grace period, then are killed.
+    Stop(cli::stop::StopArgs),
+    /// Remove pods (their logs and emptyDirs go with them).
+    Rm(cli::rm::RmArgs),
+    /// The per-pod monitor (started by `husk run`).
+    #[command(hide = true)]
+    Monitor {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let root = cli.root.map(|r| {
+        if r.is_absolute() {
+            r
+        } else {
+            std::env::current_dir().map(|d| d.join(&r)).unwrap_or(r)
+        }
+    });
+    let roots = Roots::new(root.as_deref());
+    let code = match cli.command {
+        Command::Monitor { id } => monitor::main(&roots, &id),
+        Command::Run(a) => cli::run::run(&roots, a),
+        Command::Ps(a) => cli::ps::run(&roots, a),
+        Command::Logs(a) => cli::logs::run(&roots, a),
+        Command::Inspect(a) => cli::inspect::run(&roots, a),
+        Command::Stop(a) => cli::stop::run(&roots, a),
+        Command::Rm(a) => cli::rm::run(&roots, a),
+    };
+    std::process::exit(code);
+}

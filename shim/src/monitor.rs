@@ -1,0 +1,180 @@
+//! The per-pod monitor (`husk monitor --id ID`, started by the CLI, never by
+//! users). One process per pod that outlives its caller: it reads the full
+//! pod plan on stdin (secrets never touch the disk), creates the sandbox,
+//! reports `{"ok":true}` or `{"error":…}` as one line on stdout, then serves
+//! the control socket until the pod ends, releases every host resource and
+//! exits.
+
+use crate::control::{Reply, Request};
+use husk_sandbox::config::HuskConfig;
+use husk_sandbox::pod::PodPlan;
+use husk_sandbox::state::{PodRecord, PodStatus, Roots};
+use husk_sandbox::{Sandbox, WasmSandbox};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+fn report(out: &mut std::fs::File, v: serde_json::Value) {
+    let mut line = v.to_string();
+    line.push('\n');
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// Runs the monitor; returns the process exit code.
+pub fn main(roots: &Roots, id: &str) -> i32 {
+    // The ready line goes to the original stdout; everything else to the log.
+    // SAFETY: dup of our own stdout fd; the result is owned by the File.
+    let ready_fd = unsafe { libc::dup(1) };
+    if ready_fd < 0 {
+        return 1;
+    }
+    // SAFETY: `ready_fd` is a fresh fd we own.
+    let mut ready = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ready_fd) };
+    let paths = roots.pod(id);
+    if let Ok(log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.monitor_log())
+    {
+        // SAFETY: dup2 onto stdout/stderr of this process; `log` stays valid
+        // for the call.
+        unsafe {
+            libc::dup2(log.as_raw_fd(), 1);
+            libc::dup2(log.as_raw_fd(), 2);
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("HUSK_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .try_init();
+
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        report(&mut ready, serde_json::json!({ "error": format!("cannot read the pod plan: {e}") }));
+        return 1;
+    }
+    let plan: PodPlan = match serde_json::from_str(&input) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&mut ready, serde_json::json!({ "error": format!("bad pod plan: {e}") }));
+            return 1;
+        }
+    };
+    drop(input);
+    let config = match HuskConfig::load(&roots.config_file()) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&mut ready, serde_json::json!({ "error": e.to_string() }));
+            return 1;
+        }
+    };
+    let record = PodRecord::load(&paths).ok();
+    let sandbox = match WasmSandbox::create(plan, paths.clone(), config, &roots.wasm_cache(), &roots.cni_dir()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("sandbox creation failed: {e}");
+            report(&mut ready, serde_json::json!({ "error": e.to_string() }));
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("husk-pod")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            sandbox.teardown();
+            report(&mut ready, serde_json::json!({ "error": format!("runtime: {e}") }));
+            return 1;
+        }
+    };
+    let socket = paths.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&socket)
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            sandbox.teardown();
+            report(&mut ready, serde_json::json!({ "error": format!("{}: {e}", socket.display()) }));
+            return 1;
+        }
+    };
+    report(
+        &mut ready,
+        serde_json::json!({ "ok": true, "podIP": sandbox.status().pod_ip, "pid": std::process::id() }),
+    );
+    drop(ready);
+
+    let sb = sandbox.clone();
+    rt.block_on(async move {
+        let server = tokio::spawn(serve(listener, sb.clone()));
+        let signals = tokio::spawn(on_signals(sb.clone()));
+        let phase = sb.run().await;
+        tracing::info!(?phase, "pod finished");
+        server.abort();
+        signals.abort();
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let _ = std::fs::remove_file(&socket);
+    sandbox.teardown();
+    let mut st: PodStatus = sandbox.status();
+    st.finished = true;
+    st.monitor_pid = None;
+    let _ = st.save(&paths);
+    let _ = std::fs::remove_dir_all(&paths.run);
+    if record.is_some_and(|r| r.auto_remove) {
+        let _ = std::fs::remove_dir_all(&paths.lib);
+    }
+    0
+}
+
+async fn on_signals(sb: Arc<WasmSandbox>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else { return };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        sb.request_stop(Duration::from_secs(sb.plan().grace_period_secs));
+    }
+}
+
+async fn serve(listener: tokio::net::UnixListener, sb: Arc<WasmSandbox>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            let Ok(Some(line)) = lines.next_line().await else { return };
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Stop { grace_secs }) => {
+                    let grace = grace_secs.unwrap_or(sb.plan().grace_period_secs);
+                    sb.request_stop(Duration::from_secs(grace));
+                    Reply { ok: true, error: None, status: None }
+                }
+                Ok(Request::Status) => Reply {
+                    ok: true,
+                    error: None,
+                    status: serde_json::to_value(sb.status()).ok(),
+                },
+                Err(e) => Reply { ok: false, error: Some(format!("bad request: {e}")), status: None },
+            };
+            let mut out = serde_json::to_vec(&reply).expect("json");
+            out.push(b'\n');
+            let _ = w.write_all(&out).await;
+        });
+    }
+}
