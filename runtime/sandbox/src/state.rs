@@ -194,7 +194,7 @@ impl PodRecord {
 
 /// A container's current state, as the kubelet reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ContainerState {
     Waiting {
         reason: String,

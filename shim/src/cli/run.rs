@@ -321,9 +321,8 @@ fn exit_code(st: Option<&PodStatus>) -> i32 {
         .init_container_statuses
         .iter()
         .chain(st.container_statuses.iter())
-        .filter_map(|c| match (&c.state, &c.last_state) {
-            (ContainerState::Terminated { exit_code, finished_at, .. }, _) if *exit_code != 0 => Some((*finished_at, *exit_code)),
-            (_, Some(ContainerState::Terminated { exit_code, finished_at, .. })) if *exit_code != 0 => Some((*finished_at, *exit_code)),
+        .filter_map(|c| match &c.state {
+            ContainerState::Terminated { exit_code, finished_at, .. } if *exit_code != 0 => Some((*finished_at, *exit_code)),
             _ => None,
         })
         .collect();

@@ -1,0 +1,200 @@
+//! Test harness: each test gets its own husk root, its own CNI bridge and
+//! /24, drives the real `husk` binary, and at the end checks that nothing is
+//! left behind (netns files, mounts, monitor processes, cgroups, veths on its
+//! bridge) before deleting the bridge.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn guest(name: &str) -> PathBuf {
+    Path::new(env!("HUSK_TEST_GUESTS")).join(name)
+}
+
+pub fn probe() -> PathBuf {
+    guest("probe.wasm")
+}
+
+pub fn probe_p2() -> PathBuf {
+    guest("probe.component.wasm")
+}
+
+pub fn husk_bin() -> PathBuf {
+    // target/<profile>/deps/e2e-… → target/<profile>/husk
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("husk");
+    assert!(bin.exists(), "{} missing: build the workspace (cargo test --workspace)", bin.display());
+    bin
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub bridge: String,
+    pub subnet_prefix: String,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self::with_backoff(100)
+    }
+
+    pub fn with_backoff(initial_ms: u64) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let dir = tempfile::Builder::new().prefix("husk-e2e-").tempdir().unwrap();
+        let bridge = format!("hk{}x{n}", pid % 100000);
+        let subnet_prefix = format!("10.{}.{}", 90 + (pid % 50), n % 250);
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!(
+                "[network]\ncni_conf_dir = \"{}\"\nbridge = \"{bridge}\"\nsubnet = \"{subnet_prefix}.0/24\"\nname = \"{bridge}\"\n\n[restart]\nbackoff_initial_ms = {initial_ms}\nbackoff_max_ms = {}\n",
+                dir.path().join("net.d").display(),
+                initial_ms * 4
+            ),
+        )
+        .unwrap();
+        Env { dir, bridge, subnet_prefix }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(husk_bin());
+        c.arg("--root").arg(self.root());
+        c.env_remove("HUSK_ROOT");
+        c
+    }
+
+    /// Runs husk with args and returns its output.
+    pub fn husk(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Writes a manifest into the test dir and returns its path.
+    pub fn manifest(&self, name: &str, text: &str) -> PathBuf {
+        let text = text
+            .replace("$PROBE_P2", probe_p2().to_str().unwrap())
+            .replace("$PROBE", probe().to_str().unwrap());
+        let p = self.root().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn run_file(&self, file: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.push("-f");
+        args.push(file.to_str().unwrap());
+        self.husk(&args)
+    }
+
+    pub fn inspect(&self, pod: &str) -> serde_json::Value {
+        let out = self.husk(&["inspect", pod]);
+        assert!(out.status.success(), "inspect {pod}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn container<'a>(&self, v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+        let st = &v["status"];
+        st["containerStatuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(st["initContainerStatuses"].as_array().unwrap().iter())
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name} in {v}"))
+    }
+
+    /// Polls inspect until `pred` holds.
+    pub fn wait_for(&self, pod: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let v = self.inspect(pod);
+            if pred(&v) {
+                return v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {v:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pod_dirs(&self) -> usize {
+        std::fs::read_dir(self.root().join("lib/pods")).map(|r| r.count()).unwrap_or(0)
+    }
+
+    /// What this test's root still holds on the host.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.root().join("run/netns")) {
+            for e in rd.flatten() {
+                out.push(format!("netns {}", e.path().display()));
+            }
+        }
+        let root = self.root().to_str().unwrap().to_owned();
+        for l in std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+            if let Some(m) = l.split(' ').nth(4) {
+                if m.starts_with(&root) {
+                    out.push(format!("mount {m}"));
+                }
+            }
+        }
+        if let Ok(o) = Command::new("ip").args(["-o", "link", "show", "master", &self.bridge]).output() {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                out.push(format!("link {l}"));
+            }
+        }
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let s = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if s.contains(" monitor ") && s.contains(&root) {
+                out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
+            }
+        }
+        out
+    }
+
+    /// Removes every pod, then asserts nothing is left.
+    pub fn finish(self) {
+        let ids: Vec<String> = std::fs::read_dir(self.root().join("lib/pods"))
+            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for id in &ids {
+            let out = self.husk(&["rm", "-f", id]);
+            assert!(out.status.success(), "rm -f {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for id in &ids {
+            for h in ["/sys/fs/cgroup/cpu/husk", "/sys/fs/cgroup/husk"] {
+                assert!(!Path::new(h).join(id).exists(), "cgroup of pod {id} left in {h}");
+            }
+        }
+        let left = self.leftovers();
+        assert!(left.is_empty(), "left behind: {left:#?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `cmd` inside the netns pinned at `netns`, entering it with nsenter
+/// (not `ip netns exec`, which remounts /sys).
+pub fn in_netns(netns: &Path, cmd: &[&str]) -> Output {
+    Command::new("nsenter").arg(format!("--net={}", netns.display())).args(cmd).output().unwrap()
+}
