@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds husk and the example guest, then runs the example pod in the
+# foreground. Needs root (netns, mounts) on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")"
+packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/husk-target}"
+cargo build --release -p husk-shim -p husk-tests >/dev/null
+mkdir -p build
+cp "$(ls -d "$CARGO_TARGET_DIR"/release/build/husk-tests-*/out/guests | head -1)"/probe*.wasm build/
+exec "$CARGO_TARGET_DIR/release/husk" run --rm -f shared-pod.yaml

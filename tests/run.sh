@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian/Ubuntu machine: installs what the
+# tests need (CNI plugins, clang + wasi-libc for the C test guests, mount and
+# network tools), then builds and runs every test. Needs root (netns, mounts,
+# cgroups).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32
+          iproute2 iputils-ping iptables e2fsprogs util-linux mount)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/husk-target}"
+cargo fmt --all --check
+# The e2e tests drive the real husk binary: build it first.
+cargo build --release --workspace
+cargo test --release --workspace
