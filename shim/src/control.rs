@@ -38,5 +38,6 @@ pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
     s.write_all(&line)?;
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply)?;
-    serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_str(&reply)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -9,7 +9,11 @@ use husk_sandbox::state::Roots;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "husk", version, about = "Run Kubernetes pods in strongly isolated sandboxes (wasm today, microVMs next)")]
+#[command(
+    name = "husk",
+    version,
+    about = "Run Kubernetes pods in strongly isolated sandboxes (wasm today, microVMs next)"
+)]
 struct Cli {
     /// Move both state dirs (/run/husk and /var/lib/husk) under DIR.
     #[arg(long, global = true, env = "HUSK_ROOT", value_name = "DIR")]

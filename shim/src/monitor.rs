@@ -55,13 +55,19 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
 
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
-        report(&mut ready, serde_json::json!({ "error": format!("cannot read the pod plan: {e}") }));
+        report(
+            &mut ready,
+            serde_json::json!({ "error": format!("cannot read the pod plan: {e}") }),
+        );
         return 1;
     }
     let plan: PodPlan = match serde_json::from_str(&input) {
         Ok(p) => p,
         Err(e) => {
-            report(&mut ready, serde_json::json!({ "error": format!("bad pod plan: {e}") }));
+            report(
+                &mut ready,
+                serde_json::json!({ "error": format!("bad pod plan: {e}") }),
+            );
             return 1;
         }
     };
@@ -74,7 +80,13 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         }
     };
     let record = PodRecord::load(&paths).ok();
-    let sandbox = match WasmSandbox::create(plan, paths.clone(), config, &roots.wasm_cache(), &roots.cni_dir()) {
+    let sandbox = match WasmSandbox::create(
+        plan,
+        paths.clone(),
+        config,
+        &roots.wasm_cache(),
+        &roots.cni_dir(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("sandbox creation failed: {e}");
@@ -91,7 +103,10 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         Ok(rt) => rt,
         Err(e) => {
             sandbox.teardown();
-            report(&mut ready, serde_json::json!({ "error": format!("runtime: {e}") }));
+            report(
+                &mut ready,
+                serde_json::json!({ "error": format!("runtime: {e}") }),
+            );
             return 1;
         }
     };
@@ -105,7 +120,10 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         Ok(l) => l,
         Err(e) => {
             sandbox.teardown();
-            report(&mut ready, serde_json::json!({ "error": format!("{}: {e}", socket.display()) }));
+            report(
+                &mut ready,
+                serde_json::json!({ "error": format!("{}: {e}", socket.display()) }),
+            );
             return 1;
         }
     };
@@ -140,8 +158,12 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
 
 async fn on_signals(sb: Arc<WasmSandbox>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
-    let Ok(mut int) = signal(SignalKind::interrupt()) else { return };
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else {
+        return;
+    };
     loop {
         tokio::select! {
             _ = term.recv() => {}
@@ -153,24 +175,36 @@ async fn on_signals(sb: Arc<WasmSandbox>) {
 
 async fn serve(listener: tokio::net::UnixListener, sb: Arc<WasmSandbox>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let sb = sb.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = tokio::io::BufReader::new(r).lines();
-            let Ok(Some(line)) = lines.next_line().await else { return };
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
             let reply = match serde_json::from_str::<Request>(&line) {
                 Ok(Request::Stop { grace_secs }) => {
                     let grace = grace_secs.unwrap_or(sb.plan().grace_period_secs);
                     sb.request_stop(Duration::from_secs(grace));
-                    Reply { ok: true, error: None, status: None }
+                    Reply {
+                        ok: true,
+                        error: None,
+                        status: None,
+                    }
                 }
                 Ok(Request::Status) => Reply {
                     ok: true,
                     error: None,
                     status: serde_json::to_value(sb.status()).ok(),
                 },
-                Err(e) => Reply { ok: false, error: Some(format!("bad request: {e}")), status: None },
+                Err(e) => Reply {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    status: None,
+                },
             };
             let mut out = serde_json::to_vec(&reply).expect("json");
             out.push(b'\n');

@@ -56,17 +56,34 @@ spec:
     let v = env.inspect("fail");
     assert_eq!(v["status"]["phase"], "Failed");
     assert_eq!(env.container(&v, "a")["state"]["terminated"]["exitCode"], 7);
-    assert_eq!(env.container(&v, "a")["state"]["terminated"]["reason"], "Error");
+    assert_eq!(
+        env.container(&v, "a")["state"]["terminated"]["reason"],
+        "Error"
+    );
     env.finish();
 }
 
 #[test]
 fn p2_component_runs_with_args_and_stdio() {
     let env = Env::new();
-    let out = env.husk(&["run", "--rm", probe_p2().to_str().unwrap(), "echo", "from", "a", "component"]);
+    let out = env.husk(&[
+        "run",
+        "--rm",
+        probe_p2().to_str().unwrap(),
+        "echo",
+        "from",
+        "a",
+        "component",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from a component\n");
-    let out = env.husk(&["run", "--rm", probe_p2().to_str().unwrap(), "stderr", "to-stderr"]);
+    let out = env.husk(&[
+        "run",
+        "--rm",
+        probe_p2().to_str().unwrap(),
+        "stderr",
+        "to-stderr",
+    ]);
     assert_eq!(stdout(&out), "");
     assert_eq!(stderr(&out), "to-stderr\n");
     assert_eq!(env.pod_dirs(), 0, "--rm removes the pod");
@@ -127,13 +144,23 @@ spec:
 
     // Again without the failing init container.
     let text = std::fs::read_to_string(&m).unwrap();
-    let text = text.replace("  initContainers:\n  - {name: ro-write, image: ", "  initContainers:\n  - {name: ro-read, args: [cat, /ro/sub/note], image: ").replace("args: [write, /ro/x, data], ", "");
+    let text = text
+        .replace(
+            "  initContainers:\n  - {name: ro-write, image: ",
+            "  initContainers:\n  - {name: ro-read, args: [cat, /ro/sub/note], image: ",
+        )
+        .replace("args: [write, /ro/x, data], ", "");
     let m2 = env.manifest("pod2.yaml", &text.replace("name: vols", "name: vols2"));
     let out = env.run_file(&m2, &["-d"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v = env.wait_for("vols2", "pod end", |v| v["status"]["finished"] == true);
     let code = |n: &str| env.container(&v, n)["state"]["terminated"]["exitCode"].as_i64();
-    let logs = |n: &str| (stdout(&env.husk(&["logs", "vols2", "-c", n])), stderr(&env.husk(&["logs", "vols2", "-c", n])));
+    let logs = |n: &str| {
+        (
+            stdout(&env.husk(&["logs", "vols2", "-c", n])),
+            stderr(&env.husk(&["logs", "vols2", "-c", n])),
+        )
+    };
     let _ = logs;
     assert_eq!(code("ro-read"), Some(0));
     assert_eq!(code("secret"), Some(0));
@@ -142,16 +169,41 @@ spec:
     assert_eq!(code("rw-write"), Some(0));
     assert_eq!(std::fs::read_to_string(host.join("written")).unwrap(), "ok");
     for escape in ["passwd", "dotdot", "symlink", "dirlink", "subpath-escape"] {
-        assert!(matches!(code(escape), Some(c) if c != 0), "{escape} must not reach outside its mounts: {:?}", logs(escape));
-        assert!(!logs(escape).0.contains("root:"), "{escape} leaked /etc/passwd");
+        assert!(
+            matches!(code(escape), Some(c) if c != 0),
+            "{escape} must not reach outside its mounts: {:?}",
+            logs(escape)
+        );
+        assert!(
+            !logs(escape).0.contains("root:"),
+            "{escape} leaked /etc/passwd"
+        );
     }
-    assert!(logs("subpath-escape").1.contains("subPath"), "the escape is refused by husk before the guest runs");
+    assert!(
+        logs("subpath-escape").1.contains("subPath"),
+        "the escape is refused by husk before the guest runs"
+    );
     assert_eq!(code("subpath"), Some(0));
     assert_eq!(logs("subpath").0, "in subdir\n");
     // Secrets never reach the disk: not in the pod record, not in inspect.
-    let record = std::fs::read_to_string(env.root().join("lib/pods").read_dir().unwrap().next().unwrap().unwrap().path().join("pod.json")).unwrap();
+    let record = std::fs::read_to_string(
+        env.root()
+            .join("lib/pods")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("pod.json"),
+    )
+    .unwrap();
     assert!(!record.contains("admin"));
-    let all = std::fs::read_dir(env.root().join("lib/pods")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path().join("pod.json")).unwrap()).collect::<String>();
+    let all = std::fs::read_dir(env.root().join("lib/pods"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path().join("pod.json")).unwrap())
+        .collect::<String>();
     assert!(!all.contains("admin") && !all.contains("secret-value"));
     env.finish();
 }
@@ -186,14 +238,22 @@ spec:
     let fstype = |dir: &str| {
         mounts
             .lines()
-            .find(|l| l.split(' ').nth(4).is_some_and(|m| m.ends_with(dir) && m.contains(&id)))
+            .find(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.ends_with(dir) && m.contains(&id))
+            })
             .and_then(|l| l.split(" - ").nth(1))
             .and_then(|r| r.split(' ').next())
             .map(str::to_owned)
     };
     assert_eq!(fstype("/volumes/s").as_deref(), Some("tmpfs"));
     assert_eq!(fstype("/volumes/mem").as_deref(), Some("tmpfs"));
-    assert_eq!(fstype("/volumes/disk"), None, "a disk emptyDir is a plain directory");
+    assert_eq!(
+        fstype("/volumes/disk"),
+        None,
+        "a disk emptyDir is a plain directory"
+    );
     let disk = env.root().join("lib/pods").join(&id).join("volumes/disk");
     assert!(disk.is_dir());
     // Graceful stop: stdin closes and the guest exits cleanly within its grace period.
@@ -202,8 +262,14 @@ spec:
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(t0.elapsed() < Duration::from_secs(10));
     let v = env.inspect("tmpfs");
-    assert_eq!(env.container(&v, "waiter")["state"]["terminated"]["exitCode"], 0);
-    assert_eq!(stdout(&env.husk(&["logs", "tmpfs"])), "waiting for stdin to close\nstdin closed, exiting cleanly\n");
+    assert_eq!(
+        env.container(&v, "waiter")["state"]["terminated"]["exitCode"],
+        0
+    );
+    assert_eq!(
+        stdout(&env.husk(&["logs", "tmpfs"])),
+        "waiting for stdin to close\nstdin closed, exiting cleanly\n"
+    );
     assert!(!disk.exists(), "emptyDir is deleted with the pod sandbox");
     env.finish();
 }
@@ -234,9 +300,15 @@ spec:
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("reader | init was here"), "{text}");
-    assert!(text.contains("counter | runs so far: 1") && text.contains("counter | runs so far: 3"), "{text}");
+    assert!(
+        text.contains("counter | runs so far: 1") && text.contains("counter | runs so far: 3"),
+        "{text}"
+    );
     // Back-off: 200 ms then 400 ms before the two restarts.
-    assert!(took >= Duration::from_millis(600), "restarted too fast: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "restarted too fast: {took:?}"
+    );
     let v = env.inspect("restarts");
     let c = env.container(&v, "counter");
     assert_eq!(c["restartCount"], 2);
@@ -259,7 +331,9 @@ fn restart_always_and_never() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: always}\nspec:\n  restartPolicy: Always\n  containers:\n  - {name: c, image: $PROBE, args: [exit, \"0\"]}\n",
     );
     assert!(env.run_file(&m, &["-d"]).status.success());
-    let v = env.wait_for("always", "restarts", |v| env.container(v, "c")["restartCount"].as_u64() >= Some(2));
+    let v = env.wait_for("always", "restarts", |v| {
+        env.container(v, "c")["restartCount"].as_u64() >= Some(2)
+    });
     assert_ne!(v["status"]["finished"], true);
     let out = env.husk(&["rm", "always"]);
     assert_eq!(out.status.code(), Some(1), "rm refuses a running pod");
@@ -273,42 +347,92 @@ fn restart_always_and_never() {
 #[test]
 fn memory_limit_oomkills_and_cpu_loop_can_be_stopped() {
     let env = Env::new();
-    let out = env.husk(&["run", "--name", "oom", "--memory", "16m", probe().to_str().unwrap(), "grow", "64"]);
+    let out = env.husk(&[
+        "run",
+        "--name",
+        "oom",
+        "--memory",
+        "16m",
+        probe().to_str().unwrap(),
+        "grow",
+        "64",
+    ]);
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
     let v = env.inspect("oom");
     let t = &env.container(&v, "main")["state"]["terminated"];
     assert_eq!(t["reason"], "OOMKilled");
     assert_eq!(t["exitCode"], 137);
     // Under the limit it works.
-    let out = env.husk(&["run", "--rm", "--memory", "64m", probe().to_str().unwrap(), "grow", "16"]);
+    let out = env.husk(&[
+        "run",
+        "--rm",
+        "--memory",
+        "64m",
+        probe().to_str().unwrap(),
+        "grow",
+        "16",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 
-    let out = env.husk(&["run", "-d", "--name", "spin", probe().to_str().unwrap(), "spin"]);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "spin",
+        probe().to_str().unwrap(),
+        "spin",
+    ]);
     assert!(out.status.success());
-    env.wait_for("spin", "running", |v| env.container(v, "main")["state"]["running"].is_object());
+    env.wait_for("spin", "running", |v| {
+        env.container(v, "main")["state"]["running"].is_object()
+    });
     let t0 = Instant::now();
     let out = env.husk(&["stop", "-t", "0", "spin"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(t0.elapsed() < Duration::from_secs(5));
     let v = env.inspect("spin");
-    assert_eq!(env.container(&v, "main")["state"]["terminated"]["exitCode"], 137);
+    assert_eq!(
+        env.container(&v, "main")["state"]["terminated"]["exitCode"],
+        137
+    );
     // A guest that ignores stop gets its grace period, then is killed.
-    let out = env.husk(&["run", "-d", "--name", "spin2", probe().to_str().unwrap(), "spin"]);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "spin2",
+        probe().to_str().unwrap(),
+        "spin",
+    ]);
     assert!(out.status.success());
     let t0 = Instant::now();
     assert!(env.husk(&["stop", "-t", "1", "spin2"]).status.success());
     let took = t0.elapsed();
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(6), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
     env.finish();
 }
 
 #[test]
 fn cpu_limit_is_a_pod_cgroup_quota() {
     let env = Env::new();
-    let out = env.husk(&["run", "-d", "--name", "cpu", "--cpus", "0.1", probe().to_str().unwrap(), "spin"]);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "cpu",
+        "--cpus",
+        "0.1",
+        probe().to_str().unwrap(),
+        "spin",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = stdout(&out).trim().to_owned();
-    let v = env.wait_for("cpu", "running", |v| env.container(v, "main")["state"]["running"].is_object());
+    let v = env.wait_for("cpu", "running", |v| {
+        env.container(v, "main")["state"]["running"].is_object()
+    });
     let cg = std::path::PathBuf::from(v["status"]["cgroup"].as_str().expect("pod cgroup"));
     assert!(cg.ends_with(&id));
     let pid = v["status"]["monitorPid"].as_u64().unwrap().to_string();
@@ -316,9 +440,17 @@ fn cpu_limit_is_a_pod_cgroup_quota() {
     assert!(procs.lines().any(|l| l == pid), "monitor in the pod cgroup");
     std::thread::sleep(Duration::from_millis(1500));
     if cg.join("cpu.cfs_quota_us").exists() {
-        assert_eq!(std::fs::read_to_string(cg.join("cpu.cfs_quota_us")).unwrap().trim(), "10000");
+        assert_eq!(
+            std::fs::read_to_string(cg.join("cpu.cfs_quota_us"))
+                .unwrap()
+                .trim(),
+            "10000"
+        );
     } else {
-        assert_eq!(std::fs::read_to_string(cg.join("cpu.max")).unwrap().trim(), "10000 100000");
+        assert_eq!(
+            std::fs::read_to_string(cg.join("cpu.max")).unwrap().trim(),
+            "10000 100000"
+        );
     }
     let stat = std::fs::read_to_string(cg.join("cpu.stat")).unwrap();
     let throttled: u64 = stat
@@ -327,7 +459,10 @@ fn cpu_limit_is_a_pod_cgroup_quota() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(throttled > 0, "a spinning guest under 100m must be throttled: {stat}");
+    assert!(
+        throttled > 0,
+        "a spinning guest under 100m must be throttled: {stat}"
+    );
     assert!(env.husk(&["rm", "-f", "cpu"]).status.success());
     assert!(!cg.exists(), "cgroup removed with the pod");
     env.finish();
@@ -346,11 +481,33 @@ fn compile_cache_second_start_does_not_recompile() {
     bytes.extend_from_slice(b"tag");
     bytes.extend_from_slice(&tag);
     std::fs::write(&img, &bytes).unwrap();
-    assert!(env.husk(&["run", "--name", "first", img.to_str().unwrap(), "echo", "x"]).status.success());
-    assert!(env.husk(&["run", "--name", "second", img.to_str().unwrap(), "echo", "x"]).status.success());
-    assert_eq!(env.container(&env.inspect("first"), "main")["compileCache"], "compiled");
-    assert_eq!(env.container(&env.inspect("second"), "main")["compileCache"], "hit");
-    let cached: Vec<_> = std::fs::read_dir(env.root().join("lib/cache/wasm")).unwrap().flatten().collect();
+    assert!(env
+        .husk(&["run", "--name", "first", img.to_str().unwrap(), "echo", "x"])
+        .status
+        .success());
+    assert!(env
+        .husk(&[
+            "run",
+            "--name",
+            "second",
+            img.to_str().unwrap(),
+            "echo",
+            "x"
+        ])
+        .status
+        .success());
+    assert_eq!(
+        env.container(&env.inspect("first"), "main")["compileCache"],
+        "compiled"
+    );
+    assert_eq!(
+        env.container(&env.inspect("second"), "main")["compileCache"],
+        "hit"
+    );
+    let cached: Vec<_> = std::fs::read_dir(env.root().join("lib/cache/wasm"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert_eq!(cached.len(), 1);
     env.finish();
 }
@@ -360,41 +517,89 @@ fn networking_pod_ips_netns_and_cni_del() {
     let env = Env::new();
     let mut ids = Vec::new();
     for name in ["net-a", "net-b"] {
-        let out = env.husk(&["run", "-d", "--name", name, probe().to_str().unwrap(), "stdin"]);
+        let out = env.husk(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            probe().to_str().unwrap(),
+            "stdin",
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         ids.push(stdout(&out).trim().to_owned());
     }
-    let ps: serde_json::Value = serde_json::from_slice(&env.husk(&["ps", "--format", "json"]).stdout).unwrap();
-    let ips: Vec<String> = ps.as_array().unwrap().iter().map(|p| p["ip"].as_str().unwrap().to_owned()).collect();
+    let ps: serde_json::Value =
+        serde_json::from_slice(&env.husk(&["ps", "--format", "json"]).stdout).unwrap();
+    let ips: Vec<String> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ip"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(ips.len(), 2);
     assert_ne!(ips[0], ips[1]);
     for ip in &ips {
-        assert!(ip.starts_with(&env.subnet_prefix), "{ip} in {}", env.subnet_prefix);
+        assert!(
+            ip.starts_with(&env.subnet_prefix),
+            "{ip} in {}",
+            env.subnet_prefix
+        );
     }
     let table = stdout(&env.husk(&["ps"]));
-    assert!(table.contains(&ips[0]) && table.contains("husk-wasm"), "{table}");
+    assert!(
+        table.contains(&ips[0]) && table.contains("husk-wasm"),
+        "{table}"
+    );
     // The pod netns has eth0 with the pod IP and lo up; pods reach each other.
     let netns_a = env.root().join("run/netns").join(&ids[0]);
     let addr = stdout(&in_netns(&netns_a, &["ip", "-o", "addr"]));
     assert!(addr.contains(&format!("{}/24", ips[0])), "{addr}");
     assert!(addr.contains("127.0.0.1"), "lo is up: {addr}");
     let ping = in_netns(&netns_a, &["ping", "-c", "1", "-W", "2", &ips[1]]);
-    assert!(ping.status.success(), "pod a reaches pod b: {}", stdout(&ping));
+    assert!(
+        ping.status.success(),
+        "pod a reaches pod b: {}",
+        stdout(&ping)
+    );
     // The monitor's threads live in the pod netns.
     let v = env.inspect("net-a");
     let pid = v["status"]["monitorPid"].as_u64().unwrap();
     let ns_of = |p: String| std::fs::read_link(p).unwrap();
-    let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().collect();
-    let pod_ns = ns_of(format!("/proc/{pid}/task/{}/ns/net", threads[0].file_name().to_string_lossy()));
+    let threads: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    let pod_ns = ns_of(format!(
+        "/proc/{pid}/task/{}/ns/net",
+        threads[0].file_name().to_string_lossy()
+    ));
     assert_ne!(pod_ns, ns_of("/proc/self/ns/net".into()));
     for t in &threads {
-        assert_eq!(ns_of(format!("/proc/{pid}/task/{}/ns/net", t.file_name().to_string_lossy())), pod_ns);
+        assert_eq!(
+            ns_of(format!(
+                "/proc/{pid}/task/{}/ns/net",
+                t.file_name().to_string_lossy()
+            )),
+            pod_ns
+        );
     }
-    assert_eq!(std::fs::read_dir(env.root().join("lib/cni/ipam")).unwrap().flatten().next().map(|d| std::fs::read_dir(d.path()).unwrap().count() >= 2), Some(true));
+    assert_eq!(
+        std::fs::read_dir(env.root().join("lib/cni/ipam"))
+            .unwrap()
+            .flatten()
+            .next()
+            .map(|d| std::fs::read_dir(d.path()).unwrap().count() >= 2),
+        Some(true)
+    );
     assert!(env.husk(&["rm", "-f", "net-a", "net-b"]).status.success());
     // CNI DEL released the IPs.
     let ipam = env.root().join("lib/cni/ipam").join(&env.bridge);
-    let left: Vec<_> = std::fs::read_dir(&ipam).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with("10.")).collect();
+    let left: Vec<_> = std::fs::read_dir(&ipam)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("10."))
+        .collect();
     assert!(left.is_empty(), "IP allocations leaked: {left:?}");
     env.finish();
 }
@@ -402,14 +607,24 @@ fn networking_pod_ips_netns_and_cni_del() {
 #[test]
 fn killed_monitor_is_cleaned_up_by_rm() {
     let env = Env::new();
-    let out = env.husk(&["run", "-d", "--name", "crash", probe().to_str().unwrap(), "stdin"]);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "crash",
+        probe().to_str().unwrap(),
+        "stdin",
+    ]);
     assert!(out.status.success());
     let v = env.inspect("crash");
     let pid = v["status"]["monitorPid"].as_u64().unwrap() as i32;
     // SAFETY: kill(2) on the monitor this test started.
     unsafe { libc_kill(pid) };
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!env.leftovers().is_empty(), "a killed monitor leaves its netns");
+    assert!(
+        !env.leftovers().is_empty(),
+        "a killed monitor leaves its netns"
+    );
     let ps = stdout(&env.husk(&["ps"]));
     assert!(ps.contains("Unknown"), "{ps}");
     let out = env.husk(&["rm", "crash"]);
@@ -418,7 +633,10 @@ fn killed_monitor_is_cleaned_up_by_rm() {
 }
 
 unsafe fn libc_kill(pid: i32) {
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
 }
 
 #[test]
@@ -428,11 +646,30 @@ fn working_dir_and_docker_style_flags() {
     std::fs::create_dir_all(host.join("inner")).unwrap();
     std::fs::write(host.join("inner/rel.txt"), "relative ok\n").unwrap();
     let out = env.husk(&[
-        "run", "--rm", "-e", "A=1", "-v", &format!("{}:/w:ro", host.display()), "-w", "/w/inner",
-        probe_p2().to_str().unwrap(), "cat", "rel.txt",
+        "run",
+        "--rm",
+        "-e",
+        "A=1",
+        "-v",
+        &format!("{}:/w:ro", host.display()),
+        "-w",
+        "/w/inner",
+        probe_p2().to_str().unwrap(),
+        "cat",
+        "rel.txt",
     ]);
     assert_eq!(stdout(&out), "relative ok\n", "{}", stderr(&out));
-    let out = env.husk(&["run", "--rm", "-v", &format!("{}:/w:ro", host.display()), "-w", "/w/inner", probe().to_str().unwrap(), "cat", "rel.txt"]);
+    let out = env.husk(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{}:/w:ro", host.display()),
+        "-w",
+        "/w/inner",
+        probe().to_str().unwrap(),
+        "cat",
+        "rel.txt",
+    ]);
     assert_eq!(stdout(&out), "relative ok\n", "p1: {}", stderr(&out));
     env.finish();
 }
@@ -440,20 +677,37 @@ fn working_dir_and_docker_style_flags() {
 #[test]
 fn logs_are_cri_formatted_and_tail_works() {
     let env = Env::new();
-    let out = env.husk(&["run", "--name", "lg", probe().to_str().unwrap(), "echo", "one"]);
+    let out = env.husk(&[
+        "run",
+        "--name",
+        "lg",
+        probe().to_str().unwrap(),
+        "echo",
+        "one",
+    ]);
     assert!(out.status.success());
     let v = env.inspect("lg");
-    let path = env.container(&v, "main")["logPath"].as_str().unwrap().to_owned();
+    let path = env.container(&v, "main")["logPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let text = std::fs::read_to_string(path).unwrap();
     let line = text.lines().next().unwrap();
     let parts: Vec<&str> = line.splitn(4, ' ').collect();
     assert_eq!(&parts[1..], ["stdout", "F", "one"]);
-    assert!(parts[0].ends_with('Z') && parts[0].contains('T') && parts[0].len() >= 30, "RFC3339Nano: {}", parts[0]);
+    assert!(
+        parts[0].ends_with('Z') && parts[0].contains('T') && parts[0].len() >= 30,
+        "RFC3339Nano: {}",
+        parts[0]
+    );
     let m = env.manifest("multi.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: multi}\nspec:\n  restartPolicy: Never\n  containers:\n  - {name: a, image: $PROBE, args: [echo, l1]}\n  - {name: b, image: $PROBE, args: [echo, l2]}\n");
     assert!(env.run_file(&m, &["-d"]).status.success());
     env.wait_for("multi", "end", |v| v["status"]["finished"] == true);
     assert_eq!(stdout(&env.husk(&["logs", "multi", "-c", "b"])), "l2\n");
-    assert_eq!(stdout(&env.husk(&["logs", "multi", "-c", "a", "--tail", "1"])), "l1\n");
+    assert_eq!(
+        stdout(&env.husk(&["logs", "multi", "-c", "a", "--tail", "1"])),
+        "l1\n"
+    );
     let out = env.husk(&["logs", "multi", "-c", "zzz"]);
     assert_eq!(out.status.code(), Some(2));
     env.finish();
@@ -463,7 +717,8 @@ fn logs_are_cri_formatted_and_tail_works() {
 fn bad_input_exits_2_names_the_field_and_creates_nothing() {
     let env = Env::new();
     std::fs::write(env.root().join("not.wasm"), "#!/bin/sh\necho hi\n").unwrap();
-    let pod = |spec: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad}}\nspec:\n{spec}");
+    let pod =
+        |spec: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad}}\nspec:\n{spec}");
     let c = "  containers:\n  - {name: a, image: $PROBE}\n";
     let cases: Vec<(&str, String, &str)> = vec![
         ("malformed", "apiVersion: v1\nkind: Pod\nmetadata: {name: [oops\n".into(), "malformed YAML"),
@@ -485,14 +740,31 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         let out = env.run_file(&m, &[]);
         assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
         let err = stderr(&out);
-        assert!(err.contains(expect), "{name}: expected {expect:?} in {err:?}");
-        assert!(err.contains(&format!("{name}.yaml")), "{name}: the error names the file: {err}");
+        assert!(
+            err.contains(expect),
+            "{name}: expected {expect:?} in {err:?}"
+        );
+        assert!(
+            err.contains(&format!("{name}.yaml")),
+            "{name}: the error names the file: {err}"
+        );
         assert_eq!(env.pod_dirs(), 0, "{name} created a pod");
         assert!(env.leftovers().is_empty(), "{name}: {:?}", env.leftovers());
     }
-    assert!(!env.root().join("run/netns").exists() || std::fs::read_dir(env.root().join("run/netns")).unwrap().count() == 0);
+    assert!(
+        !env.root().join("run/netns").exists()
+            || std::fs::read_dir(env.root().join("run/netns"))
+                .unwrap()
+                .count()
+                == 0
+    );
     // Usage errors exit 2 too.
     assert_eq!(env.husk(&["run"]).status.code(), Some(2));
-    assert_eq!(env.husk(&["run", "--restart", "sometimes", "x.wasm"]).status.code(), Some(2));
+    assert_eq!(
+        env.husk(&["run", "--restart", "sometimes", "x.wasm"])
+            .status
+            .code(),
+        Some(2)
+    );
     env.finish();
 }

@@ -53,8 +53,12 @@ impl PodCgroup {
     /// Creates `<hierarchy>/husk/<pod_id>` with a quota of `millicores`.
     pub fn create(pod_id: &str, millicores: u64) -> Result<Self, CgroupError> {
         let mount = Path::new("/sys/fs/cgroup");
-        let (version, base) = detect(mount)
-            .ok_or_else(|| cerr(mount, "no cpu controller found (neither cgroup v2 cpu nor v1 cpu)"))?;
+        let (version, base) = detect(mount).ok_or_else(|| {
+            cerr(
+                mount,
+                "no cpu controller found (neither cgroup v2 cpu nor v1 cpu)",
+            )
+        })?;
         let parent = base.join("husk");
         std::fs::create_dir_all(&parent).map_err(|e| cerr(&parent, e))?;
         if version == CgroupVersion::V2 {
@@ -71,9 +75,13 @@ impl PodCgroup {
         };
         let quota = (millicores * CFS_PERIOD_US / 1000).max(1000);
         let res = match version {
-            CgroupVersion::V2 => std::fs::write(path.join("cpu.max"), format!("{quota} {CFS_PERIOD_US}")),
-            CgroupVersion::V1 => std::fs::write(path.join("cpu.cfs_period_us"), CFS_PERIOD_US.to_string())
-                .and_then(|_| std::fs::write(path.join("cpu.cfs_quota_us"), quota.to_string())),
+            CgroupVersion::V2 => {
+                std::fs::write(path.join("cpu.max"), format!("{quota} {CFS_PERIOD_US}"))
+            }
+            CgroupVersion::V1 => {
+                std::fs::write(path.join("cpu.cfs_period_us"), CFS_PERIOD_US.to_string())
+                    .and_then(|_| std::fs::write(path.join("cpu.cfs_quota_us"), quota.to_string()))
+            }
         };
         if let Err(e) = res {
             let _ = me.remove();

@@ -4,20 +4,11 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HuskConfig {
     pub network: NetworkConfig,
     pub restart: RestartConfig,
-}
-
-impl Default for HuskConfig {
-    fn default() -> Self {
-        Self {
-            network: NetworkConfig::default(),
-            restart: RestartConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

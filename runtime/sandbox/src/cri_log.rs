@@ -32,7 +32,11 @@ pub fn timestamp() -> String {
 }
 
 /// Copies a pipe into the shared log file until EOF, framing each line.
-pub fn pump(mut src: impl Read, stream: Stream, sink: Arc<Mutex<std::fs::File>>) -> std::io::Result<()> {
+pub fn pump(
+    mut src: impl Read,
+    stream: Stream,
+    sink: Arc<Mutex<std::fs::File>>,
+) -> std::io::Result<()> {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 8192];
     let emit = |text: &[u8], full: bool| -> std::io::Result<()> {

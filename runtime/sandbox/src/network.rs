@@ -349,7 +349,12 @@ impl PodNetwork {
         }
     }
 
-    fn exec(&self, command: &str, plugin: &Value, prev: Option<&Value>) -> Result<Value, NetworkError> {
+    fn exec(
+        &self,
+        command: &str,
+        plugin: &Value,
+        prev: Option<&Value>,
+    ) -> Result<Value, NetworkError> {
         let ty = plugin
             .get("type")
             .and_then(|t| t.as_str())
@@ -425,7 +430,11 @@ impl PodNetwork {
                 .and_then(|v| {
                     let m = v.get("msg")?.as_str()?;
                     let d = v.get("details").and_then(|d| d.as_str()).unwrap_or("");
-                    Some(if d.is_empty() { m.to_owned() } else { format!("{m}: {d}") })
+                    Some(if d.is_empty() {
+                        m.to_owned()
+                    } else {
+                        format!("{m}: {d}")
+                    })
                 })
                 .unwrap_or_else(|| {
                     format!(

@@ -95,7 +95,7 @@ impl Roots {
                 out.push(rec);
             }
         }
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        out.sort_by_key(|a| a.created_at);
         out
     }
 
@@ -124,7 +124,11 @@ impl Roots {
             0 => Err(StateError::NoSuchPod(key.into())),
             _ => Err(StateError::Ambiguous(
                 key.into(),
-                by_id.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", "),
+                by_id
+                    .iter()
+                    .map(|p| p.id.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )),
         }
     }
@@ -160,7 +164,9 @@ impl PodPaths {
     }
     /// CRI log file of one container instance (`<name>/<restart>.log`).
     pub fn log_file(&self, container: &str, restart: u32) -> PathBuf {
-        self.logs_dir().join(container).join(format!("{restart}.log"))
+        self.logs_dir()
+            .join(container)
+            .join(format!("{restart}.log"))
     }
     pub fn volumes_run(&self) -> PathBuf {
         self.run.join("volumes")

@@ -49,7 +49,9 @@ fn mount_tmpfs(dir: &Path, size: u64, mode: u32) -> nix::Result<()> {
 }
 
 fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -86,8 +88,12 @@ impl PodVolumes {
         for v in &plan.volumes {
             let name = v.name.as_str();
             let dir = match &v.source {
-                VolumeSource::EmptyDir { memory: true, size_limit } => {
-                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                VolumeSource::EmptyDir {
+                    memory: true,
+                    size_limit,
+                } => {
+                    self.own_root(paths.volumes_run())
+                        .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
                     // Default as the kernel's: half of RAM.
@@ -96,13 +102,18 @@ impl PodVolumes {
                     if opts_size == u64::MAX {
                         mount_tmpfs_default(&dir).map_err(|e| verr(name, format!("tmpfs: {e}")))?;
                     } else {
-                        mount_tmpfs(&dir, opts_size, 0o777).map_err(|e| verr(name, format!("tmpfs: {e}")))?;
+                        mount_tmpfs(&dir, opts_size, 0o777)
+                            .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
                     }
                     self.mounts.push(dir.clone());
                     dir
                 }
-                VolumeSource::EmptyDir { memory: false, size_limit } => {
-                    self.own_root(paths.volumes_lib()).map_err(|e| verr(name, e))?;
+                VolumeSource::EmptyDir {
+                    memory: false,
+                    size_limit,
+                } => {
+                    self.own_root(paths.volumes_lib())
+                        .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_lib().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
                     if let Some(limit) = size_limit {
@@ -111,11 +122,21 @@ impl PodVolumes {
                         let img = paths.volumes_lib().join(format!("{name}.img"));
                         let f = std::fs::File::create(&img).map_err(|e| verr(name, e))?;
                         // ext4 needs some room for its own metadata.
-                        f.set_len((*limit).max(1 << 20) + (1 << 20)).map_err(|e| verr(name, e))?;
+                        f.set_len((*limit).max(1 << 20) + (1 << 20))
+                            .map_err(|e| verr(name, e))?;
                         drop(f);
                         run_tool(
                             std::process::Command::new("mkfs.ext4")
-                                .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0"])
+                                .args([
+                                    "-q",
+                                    "-F",
+                                    "-m",
+                                    "0",
+                                    "-O",
+                                    "^has_journal",
+                                    "-E",
+                                    "root_owner=0:0",
+                                ])
                                 .arg(&img),
                         )
                         .map_err(|e| verr(name, format!("{e} (install e2fsprogs)")))?;
@@ -128,9 +149,11 @@ impl PodVolumes {
                         .map_err(|e| verr(name, e))?;
                         self.mounts.push(dir.clone());
                         let _ = std::fs::remove_dir(dir.join("lost+found"));
-                        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+                        let _ =
+                            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
                     } else {
-                        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+                        let _ =
+                            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
                     }
                     dir
                 }
@@ -139,19 +162,24 @@ impl PodVolumes {
                         std::fs::create_dir_all(path).map_err(|e| verr(name, e))?;
                     }
                     if !path.is_dir() {
-                        return Err(verr(name, format!("hostPath {} is not a directory", path.display())));
+                        return Err(verr(
+                            name,
+                            format!("hostPath {} is not a directory", path.display()),
+                        ));
                     }
                     path.clone()
                 }
                 VolumeSource::ConfigMap { files, .. } => {
-                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                    self.own_root(paths.volumes_run())
+                        .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
                     write_files(&dir, files).map_err(|e| verr(name, e))?;
                     dir
                 }
                 VolumeSource::Secret { files, .. } => {
-                    self.own_root(paths.volumes_run()).map_err(|e| verr(name, e))?;
+                    self.own_root(paths.volumes_run())
+                        .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
                     let total: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum();
@@ -197,8 +225,7 @@ impl PodVolumes {
             let best = out
                 .iter()
                 .filter(|p| {
-                    wd == &p.guest
-                        || wd.starts_with(&format!("{}/", p.guest.trim_end_matches('/')))
+                    wd == &p.guest || wd.starts_with(&format!("{}/", p.guest.trim_end_matches('/')))
                 })
                 .max_by_key(|p| p.guest.len())
                 .cloned();
@@ -222,7 +249,13 @@ impl PodVolumes {
     /// Opens `sub` below `base` with cap-std (which refuses `..` and
     /// symlinks that leave `base`), creating it when missing, and returns a
     /// /proc/self/fd path to the opened directory so nothing can swap it.
-    fn pin_subdir(&mut self, volume: &str, base: &Path, sub: &str, read_only: bool) -> Result<PathBuf, VolumeError> {
+    fn pin_subdir(
+        &mut self,
+        volume: &str,
+        base: &Path,
+        sub: &str,
+        read_only: bool,
+    ) -> Result<PathBuf, VolumeError> {
         let root = cap_std::fs::Dir::open_ambient_dir(base, cap_std::ambient_authority())
             .map_err(|e| verr(volume, format!("{}: {e}", base.display())))?;
         if !read_only {

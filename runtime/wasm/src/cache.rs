@@ -132,8 +132,8 @@ impl WasmEngine {
                 (CompiledGuest::Module(m), bytes)
             }
             GuestKind::Component => {
-                let c = wasmtime::component::Component::new(&self.engine, &binary)
-                    .map_err(invalid)?;
+                let c =
+                    wasmtime::component::Component::new(&self.engine, &binary).map_err(invalid)?;
                 let bytes = c.serialize().map_err(invalid)?;
                 (CompiledGuest::Component(c), bytes)
             }

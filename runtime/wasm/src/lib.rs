@@ -23,7 +23,9 @@ pub enum WasmError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a WebAssembly module or component (expected the \\0asm header or WAT text)")]
+    #[error(
+        "{path}: not a WebAssembly module or component (expected the \\0asm header or WAT text)"
+    )]
     NotWasm { path: PathBuf },
     #[error("{path}: invalid WebAssembly: {reason}")]
     Invalid { path: PathBuf, reason: String },

@@ -34,7 +34,11 @@ pub fn run(roots: &Roots, a: InspectArgs) -> i32 {
             "status": v.status,
         }));
     }
-    let doc = if out.len() == 1 { out.remove(0) } else { serde_json::Value::Array(out) };
+    let doc = if out.len() == 1 {
+        out.remove(0)
+    } else {
+        serde_json::Value::Array(out)
+    };
     println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
     0
 }

@@ -49,7 +49,12 @@ impl LogFollower {
             paths,
             tracks: containers
                 .into_iter()
-                .map(|(name, restart)| Track { name, restart, offset: 0, pending: Vec::new() })
+                .map(|(name, restart)| Track {
+                    name,
+                    restart,
+                    offset: 0,
+                    pending: Vec::new(),
+                })
                 .collect(),
             prefix,
             timestamps: false,
@@ -86,7 +91,9 @@ impl LogFollower {
     fn read_track(&mut self, i: usize) -> (Vec<LogEntry>, bool) {
         let t = &mut self.tracks[i];
         let path = self.paths.log_file(&t.name, t.restart);
-        let Ok(mut f) = std::fs::File::open(&path) else { return (Vec::new(), false) };
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            return (Vec::new(), false);
+        };
         if f.seek(SeekFrom::Start(t.offset)).is_err() {
             return (Vec::new(), false);
         }
@@ -142,34 +149,44 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
     };
     let v = PodView::load(roots, rec);
     let paths = roots.pod(&v.record.id);
-    let all: Vec<String> = v.record.plan.all_containers().map(|c| c.name.clone()).collect();
+    let all: Vec<String> = v
+        .record
+        .plan
+        .all_containers()
+        .map(|c| c.name.clone())
+        .collect();
     let names = match &a.container {
         Some(c) if all.contains(c) => vec![c.clone()],
         Some(c) => {
             return fail(
                 EXIT_USAGE,
-                format!("pod {} has no container {c:?}; it has: {}", v.record.plan.name, all.join(", ")),
+                format!(
+                    "pod {} has no container {c:?}; it has: {}",
+                    v.record.plan.name,
+                    all.join(", ")
+                ),
             )
         }
-        None => {
-            if v.record.plan.containers.len() == 1 && v.record.plan.init_containers.is_empty() {
-                all.clone()
-            } else {
-                all.clone()
-            }
-        }
+        None => all.clone(),
     };
     let prefix = names.len() > 1;
     let tracks: Vec<(String, u32)> = names
         .iter()
         .map(|n| {
             let latest = latest_restart(&paths, n);
-            let r = if a.previous { latest.saturating_sub(1) } else { latest };
+            let r = if a.previous {
+                latest.saturating_sub(1)
+            } else {
+                latest
+            };
             (n.clone(), r)
         })
         .collect();
     if a.previous && tracks.iter().all(|(n, _)| latest_restart(&paths, n) == 0) {
-        return fail(EXIT_FAILURE, "no previous instance: the container has not restarted");
+        return fail(
+            EXIT_FAILURE,
+            "no previous instance: the container has not restarted",
+        );
     }
     let mut f = LogFollower::new(paths.clone(), tracks.clone(), prefix);
     f.timestamps = a.timestamps;
@@ -189,7 +206,9 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
         let mut g = LogFollower::new(paths.clone(), tracks, prefix);
         g.timestamps = a.timestamps;
         for t in g.tracks.iter_mut() {
-            t.offset = std::fs::metadata(paths.log_file(&t.name, t.restart)).map(|m| m.len()).unwrap_or(0);
+            t.offset = std::fs::metadata(paths.log_file(&t.name, t.restart))
+                .map(|m| m.len())
+                .unwrap_or(0);
         }
         f = g;
     } else {
@@ -199,7 +218,9 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
         }
     }
     loop {
-        let done = PodStatus::load(&paths).map(|s| s.finished || !s.monitor_pid.is_some_and(husk_sandbox::state::pid_alive)).unwrap_or(true);
+        let done = PodStatus::load(&paths)
+            .map(|s| s.finished || !s.monitor_pid.is_some_and(husk_sandbox::state::pid_alive))
+            .unwrap_or(true);
         f.poll();
         if done {
             f.poll();

@@ -15,7 +15,9 @@ pub fn state_str(c: &ContainerStatus) -> String {
     match &c.state {
         ContainerState::Waiting { reason, .. } => reason.clone(),
         ContainerState::Running { .. } => "Running".into(),
-        ContainerState::Terminated { exit_code, reason, .. } => format!("{reason} ({exit_code})"),
+        ContainerState::Terminated {
+            exit_code, reason, ..
+        } => format!("{reason} ({exit_code})"),
     }
 }
 
@@ -42,7 +44,11 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
                 let containers: Vec<_> = p
                     .status
                     .iter()
-                    .flat_map(|s| s.init_container_statuses.iter().chain(s.container_statuses.iter()))
+                    .flat_map(|s| {
+                        s.init_container_statuses
+                            .iter()
+                            .chain(s.container_statuses.iter())
+                    })
                     .map(|c| {
                         serde_json::json!({
                             "name": c.name,
@@ -68,15 +74,23 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
         return 0;
     }
     println!(
-        "{:<16} {:<24} {:<16} {:<10} {:<10} {:<18} {:<8} {:<15} {}",
-        "POD ID", "NAME", "CONTAINER", "RUNTIME", "POD", "STATE", "RESTARTS", "IP", "AGE"
+        "{:<16} {:<24} {:<16} {:<10} {:<10} {:<18} {:<8} {:<15} AGE",
+        "POD ID", "NAME", "CONTAINER", "RUNTIME", "POD", "STATE", "RESTARTS", "IP"
     );
     for p in &pods {
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_else(|| "-".into());
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_else(|| "-".into());
         let containers: Vec<&ContainerStatus> = p
             .status
             .iter()
-            .flat_map(|s| s.init_container_statuses.iter().chain(s.container_statuses.iter()))
+            .flat_map(|s| {
+                s.init_container_statuses
+                    .iter()
+                    .chain(s.container_statuses.iter())
+            })
             .collect();
         let rows: Vec<(String, String, String)> = if containers.is_empty() {
             vec![("-".into(), "-".into(), "-".into())]

@@ -46,7 +46,10 @@ pub fn run(roots: &Roots, a: RmArgs) -> i32 {
             if !a.force {
                 code = fail(
                     EXIT_FAILURE,
-                    format!("pod {} is running; stop it first (husk stop {0}) or use rm -f", v.record.plan.name),
+                    format!(
+                        "pod {} is running; stop it first (husk stop {0}) or use rm -f",
+                        v.record.plan.name
+                    ),
                 );
                 continue;
             }

@@ -6,9 +6,7 @@ use super::logs::LogFollower;
 use super::{fail, EXIT_FAILURE, EXIT_USAGE};
 use crate::control::{self, Request};
 use husk_sandbox::pod::{self, ManifestSource, PodPlan};
-use husk_sandbox::state::{
-    new_pod_id, pid_alive, ContainerState, PodRecord, PodStatus, Roots,
-};
+use husk_sandbox::state::{new_pod_id, pid_alive, ContainerState, PodRecord, PodStatus, Roots};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -63,7 +61,15 @@ pub struct RunArgs {
 /// Docker's memory units (b, k, m, g) mapped to Kubernetes quantities.
 fn docker_memory(s: &str) -> String {
     let lower = s.to_ascii_lowercase();
-    for (suf, k8s) in [("kb", "Ki"), ("mb", "Mi"), ("gb", "Gi"), ("k", "Ki"), ("m", "Mi"), ("g", "Gi"), ("b", "")] {
+    for (suf, k8s) in [
+        ("kb", "Ki"),
+        ("mb", "Mi"),
+        ("gb", "Gi"),
+        ("k", "Ki"),
+        ("m", "Mi"),
+        ("g", "Gi"),
+        ("b", ""),
+    ] {
         if let Some(n) = lower.strip_suffix(suf) {
             if n.chars().all(|c| c.is_ascii_digit() || c == '.') && !n.is_empty() {
                 return format!("{n}{k8s}");
@@ -101,10 +107,16 @@ fn manifest_from_flags(a: &RunArgs) -> Result<serde_yaml::Value, String> {
             [h, c, "rw"] => (*h, *c, false),
             _ => return Err(format!("-v {v:?}: expected HOST:CONTAINER[:ro]")),
         };
-        let host = std::fs::canonicalize(host).unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(host));
+        let host = std::fs::canonicalize(host)
+            .unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(host));
         let vname = format!("vol-{i}");
         volumes.push(serde_yaml::to_value(serde_json::json!({"name": vname, "hostPath": {"path": host, "type": "DirectoryOrCreate"}})).expect("yaml"));
-        mounts.push(serde_yaml::to_value(serde_json::json!({"name": vname, "mountPath": ctr, "readOnly": ro})).expect("yaml"));
+        mounts.push(
+            serde_yaml::to_value(
+                serde_json::json!({"name": vname, "mountPath": ctr, "readOnly": ro}),
+            )
+            .expect("yaml"),
+        );
     }
     let mut ports = Vec::new();
     for p in &a.publish {
@@ -115,7 +127,10 @@ fn manifest_from_flags(a: &RunArgs) -> Result<serde_yaml::Value, String> {
             (Ok(h), Ok(c)) => (h, c),
             _ => return Err(format!("-p {p:?}: ports are numbers from 1 to 65535")),
         };
-        ports.push(serde_yaml::to_value(serde_json::json!({"containerPort": c, "hostPort": h})).expect("yaml"));
+        ports.push(
+            serde_yaml::to_value(serde_json::json!({"containerPort": c, "hostPort": h}))
+                .expect("yaml"),
+        );
     }
     let mut limits = Mapping::new();
     if let Some(m) = &a.memory {
@@ -175,8 +190,14 @@ fn load_plan(a: &RunArgs) -> Result<PodPlan, String> {
     let doc = manifest_from_flags(a)?;
     let text = serde_yaml::to_string(&doc).map_err(|e| e.to_string())?;
     let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    pod::parse_manifest(&text, &ManifestSource { display: "command line".into(), base_dir: &cwd })
-        .map_err(|e| e.to_string())
+    pod::parse_manifest(
+        &text,
+        &ManifestSource {
+            display: "command line".into(),
+            base_dir: &cwd,
+        },
+    )
+    .map_err(|e| e.to_string())
 }
 
 pub fn run(roots: &Roots, a: RunArgs) -> i32 {
@@ -249,7 +270,9 @@ fn start_monitor(roots: &Roots, id: &str, plan: &PodPlan) -> Result<std::process
         cmd.arg("--root").arg(r);
     }
     cmd.arg("monitor").arg("--id").arg(id);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe; it detaches the monitor from the
     // caller's session and terminal so that Ctrl-C and logout don't reach it.
     unsafe {
@@ -258,10 +281,14 @@ fn start_monitor(roots: &Roots, id: &str, plan: &PodPlan) -> Result<std::process
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start the pod monitor: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the pod monitor: {e}"))?;
     let input = serde_json::to_vec(plan).expect("json");
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&input).map_err(|e| format!("cannot hand the pod to its monitor: {e}"))?;
+        stdin
+            .write_all(&input)
+            .map_err(|e| format!("cannot hand the pod to its monitor: {e}"))?;
     }
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
@@ -273,7 +300,11 @@ fn start_monitor(roots: &Roots, id: &str, plan: &PodPlan) -> Result<std::process
         return Ok(child);
     }
     let _ = child.wait();
-    Err(reply.get("error").and_then(|e| e.as_str()).unwrap_or("the pod monitor failed").to_owned())
+    Err(reply
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("the pod monitor failed")
+        .to_owned())
 }
 
 /// Streams the pod's output until it ends; returns the exit code.
@@ -286,7 +317,11 @@ fn follow(roots: &Roots, id: &str, plan: &PodPlan) -> i32 {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let n = interrupts.clone();
         // SAFETY: the handler only touches an atomic counter.
-        let _ = unsafe { signal_hook::low_level::register(sig, move || { n.fetch_add(1, Ordering::SeqCst); }) };
+        let _ = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                n.fetch_add(1, Ordering::SeqCst);
+            })
+        };
     }
     let mut sent = 0;
     loop {
@@ -322,14 +357,24 @@ fn exit_code(st: Option<&PodStatus>) -> i32 {
         .iter()
         .chain(st.container_statuses.iter())
         .filter_map(|c| match &c.state {
-            ContainerState::Terminated { exit_code, finished_at, .. } if *exit_code != 0 => Some((*finished_at, *exit_code)),
+            ContainerState::Terminated {
+                exit_code,
+                finished_at,
+                ..
+            } if *exit_code != 0 => Some((*finished_at, *exit_code)),
             _ => None,
         })
         .collect();
     failed.sort();
     match failed.first() {
         Some((_, code)) => *code,
-        None if st.container_statuses.iter().all(|c| c.exit_code() == Some(0)) => 0,
+        None if st
+            .container_statuses
+            .iter()
+            .all(|c| c.exit_code() == Some(0)) =>
+        {
+            0
+        }
         None => EXIT_FAILURE,
     }
 }

@@ -21,8 +21,13 @@ pub fn stop_pod(roots: &Roots, v: &PodView, grace: Option<u64>) -> Result<(), St
     }
     let paths = roots.pod(&v.record.id);
     let grace_secs = grace.unwrap_or(v.record.plan.grace_period_secs);
-    control::call(&paths.socket(), &Request::Stop { grace_secs: Some(grace_secs) })
-        .map_err(|e| format!("pod {}: cannot reach its monitor: {e}", v.record.plan.name))?;
+    control::call(
+        &paths.socket(),
+        &Request::Stop {
+            grace_secs: Some(grace_secs),
+        },
+    )
+    .map_err(|e| format!("pod {}: cannot reach its monitor: {e}", v.record.plan.name))?;
     if !wait_finished(roots, &v.record.id, Duration::from_secs(grace_secs + 30)) {
         return Err(format!("pod {}: did not stop in time", v.record.plan.name));
     }

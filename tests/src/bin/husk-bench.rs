@@ -23,14 +23,22 @@ fn guests() -> PathBuf {
 }
 
 fn husk() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().join("husk")
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("husk")
 }
 
 fn container_start(n: usize) -> Vec<Duration> {
     let dir = tempfile::tempdir().unwrap();
     let engine = husk_wasm::WasmEngine::new(&dir.path().join("cache")).unwrap();
     let (guest, _) = engine.load(&guests().join("probe.wasm")).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut out = Vec::new();
     for _ in 0..n {
         let (r, w) = nix::unistd::pipe().unwrap();
@@ -87,22 +95,46 @@ fn whole_pod(n: usize) -> (Vec<Duration>, Vec<Duration>) {
     setup_root(dir.path(), "huskbench0", "10.77.0.0/24");
     let probe = guests().join("probe.wasm");
     // Warm the compile cache.
-    husk_cmd(dir.path()).args(["run", "--rm"]).arg(&probe).args(["echo", "x"]).output().unwrap();
+    husk_cmd(dir.path())
+        .args(["run", "--rm"])
+        .arg(&probe)
+        .args(["echo", "x"])
+        .output()
+        .unwrap();
     let mut start = Vec::new();
     let mut full = Vec::new();
     for i in 0..n {
         let name = format!("b{i}");
         let t0 = Instant::now();
-        let out = husk_cmd(dir.path()).args(["run", "-d", "--name", &name]).arg(&probe).args(["stdin"]).output().unwrap();
+        let out = husk_cmd(dir.path())
+            .args(["run", "-d", "--name", &name])
+            .arg(&probe)
+            .args(["stdin"])
+            .output()
+            .unwrap();
         start.push(t0.elapsed());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        husk_cmd(dir.path()).args(["rm", "-f", &name]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        husk_cmd(dir.path())
+            .args(["rm", "-f", &name])
+            .output()
+            .unwrap();
         let t0 = Instant::now();
-        let out = husk_cmd(dir.path()).args(["run", "--rm"]).arg(&probe).args(["echo", "x"]).output().unwrap();
+        let out = husk_cmd(dir.path())
+            .args(["run", "--rm"])
+            .arg(&probe)
+            .args(["echo", "x"])
+            .output()
+            .unwrap();
         full.push(t0.elapsed());
         assert!(out.status.success());
     }
-    let _ = Command::new("ip").args(["link", "del", "huskbench0"]).output();
+    let _ = Command::new("ip")
+        .args(["link", "del", "huskbench0"])
+        .output();
     (start, full)
 }
 
@@ -110,7 +142,12 @@ fn concurrent(n: usize) -> (Duration, f64) {
     let dir = tempfile::tempdir().unwrap();
     setup_root(dir.path(), "huskbench1", "10.78.0.0/24");
     let probe = guests().join("probe.wasm");
-    husk_cmd(dir.path()).args(["run", "--rm"]).arg(&probe).args(["echo", "x"]).output().unwrap();
+    husk_cmd(dir.path())
+        .args(["run", "--rm"])
+        .arg(&probe)
+        .args(["echo", "x"])
+        .output()
+        .unwrap();
     let root = dir.path().to_owned();
     let t0 = Instant::now();
     let handles: Vec<_> = (0..n)
@@ -118,8 +155,17 @@ fn concurrent(n: usize) -> (Duration, f64) {
             let root = root.clone();
             let probe = probe.clone();
             std::thread::spawn(move || {
-                let out = husk_cmd(&root).args(["run", "-d", "--name", &format!("c{i}")]).arg(&probe).args(["stdin"]).output().unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let out = husk_cmd(&root)
+                    .args(["run", "-d", "--name", &format!("c{i}")])
+                    .arg(&probe)
+                    .args(["stdin"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             })
         })
         .collect();
@@ -128,17 +174,30 @@ fn concurrent(n: usize) -> (Duration, f64) {
     }
     let took = t0.elapsed();
     let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-    husk_cmd(&root).args(["rm", "-f"]).args(&names).output().unwrap();
-    let _ = Command::new("ip").args(["link", "del", "huskbench1"]).output();
+    husk_cmd(&root)
+        .args(["rm", "-f"])
+        .args(&names)
+        .output()
+        .unwrap();
+    let _ = Command::new("ip")
+        .args(["link", "del", "huskbench1"])
+        .output();
     (took, n as f64 / took.as_secs_f64())
 }
 
 fn main() {
     let mut cs = container_start(200);
-    println!("container start → first stdout byte (precompiled p1 module, 200 starts): p50 {} p99 {}", ms(pct(&mut cs, 0.5)), ms(pct(&mut cs, 0.99)));
+    println!(
+        "container start → first stdout byte (precompiled p1 module, 200 starts): p50 {} p99 {}",
+        ms(pct(&mut cs, 0.5)),
+        ms(pct(&mut cs, 0.99))
+    );
     let (mut start, mut full) = whole_pod(50);
     println!("whole pod start, `husk run -d` until running (netns + CNI + monitor, 50 pods): p50 {} p99 {}", ms(pct(&mut start, 0.5)), ms(pct(&mut start, 0.99)));
     println!("whole pod run to completion, `husk run --rm` (start + run + CNI DEL + removal, 50 pods): p50 {} p99 {}", ms(pct(&mut full, 0.5)), ms(pct(&mut full, 0.99)));
     let (took, rate) = concurrent(100);
-    println!("100 pods started concurrently: {} total, {rate:.1} pods/s", ms(took));
+    println!(
+        "100 pods started concurrently: {} total, {rate:.1} pods/s",
+        ms(took)
+    );
 }

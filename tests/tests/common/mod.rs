@@ -28,7 +28,11 @@ pub fn husk_bin() -> PathBuf {
     // target/<profile>/deps/e2e-… → target/<profile>/husk
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("husk");
-    assert!(bin.exists(), "{} missing: build the workspace (cargo test --workspace)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace (cargo test --workspace)",
+        bin.display()
+    );
     bin
 }
 
@@ -46,7 +50,10 @@ impl Env {
     pub fn with_backoff(initial_ms: u64) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
-        let dir = tempfile::Builder::new().prefix("husk-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("husk-e2e-")
+            .tempdir()
+            .unwrap();
         let bridge = format!("hk{}x{n}", pid % 100000);
         let subnet_prefix = format!("10.{}.{}", 90 + (pid % 50), n % 250);
         std::fs::write(
@@ -58,7 +65,11 @@ impl Env {
             ),
         )
         .unwrap();
-        Env { dir, bridge, subnet_prefix }
+        Env {
+            dir,
+            bridge,
+            subnet_prefix,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -97,7 +108,11 @@ impl Env {
 
     pub fn inspect(&self, pod: &str) -> serde_json::Value {
         let out = self.husk(&["inspect", pod]);
-        assert!(out.status.success(), "inspect {pod}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inspect {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -113,20 +128,30 @@ impl Env {
     }
 
     /// Polls inspect until `pred` holds.
-    pub fn wait_for(&self, pod: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_for(
+        &self,
+        pod: &str,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let t0 = Instant::now();
         loop {
             let v = self.inspect(pod);
             if pred(&v) {
                 return v;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {v:#}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}: {v:#}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn pod_dirs(&self) -> usize {
-        std::fs::read_dir(self.root().join("lib/pods")).map(|r| r.count()).unwrap_or(0)
+        std::fs::read_dir(self.root().join("lib/pods"))
+            .map(|r| r.count())
+            .unwrap_or(0)
     }
 
     /// What this test's root still holds on the host.
@@ -138,20 +163,28 @@ impl Env {
             }
         }
         let root = self.root().to_str().unwrap().to_owned();
-        for l in std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+        for l in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+        {
             if let Some(m) = l.split(' ').nth(4) {
                 if m.starts_with(&root) {
                     out.push(format!("mount {m}"));
                 }
             }
         }
-        if let Ok(o) = Command::new("ip").args(["-o", "link", "show", "master", &self.bridge]).output() {
+        if let Ok(o) = Command::new("ip")
+            .args(["-o", "link", "show", "master", &self.bridge])
+            .output()
+        {
             for l in String::from_utf8_lossy(&o.stdout).lines() {
                 out.push(format!("link {l}"));
             }
         }
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
             let s = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if s.contains(" monitor ") && s.contains(&root) {
                 out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
@@ -163,15 +196,26 @@ impl Env {
     /// Removes every pod, then asserts nothing is left.
     pub fn finish(self) {
         let ids: Vec<String> = std::fs::read_dir(self.root().join("lib/pods"))
-            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         for id in &ids {
             let out = self.husk(&["rm", "-f", id]);
-            assert!(out.status.success(), "rm -f {id}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "rm -f {id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         for id in &ids {
             for h in ["/sys/fs/cgroup/cpu/husk", "/sys/fs/cgroup/husk"] {
-                assert!(!Path::new(h).join(id).exists(), "cgroup of pod {id} left in {h}");
+                assert!(
+                    !Path::new(h).join(id).exists(),
+                    "cgroup of pod {id} left in {h}"
+                );
             }
         }
         let left = self.leftovers();
@@ -181,7 +225,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
     }
 }
 
@@ -196,5 +242,9 @@ pub fn stderr(o: &Output) -> String {
 /// Runs `cmd` inside the netns pinned at `netns`, entering it with nsenter
 /// (not `ip netns exec`, which remounts /sys).
 pub fn in_netns(netns: &Path, cmd: &[&str]) -> Output {
-    Command::new("nsenter").arg(format!("--net={}", netns.display())).args(cmd).output().unwrap()
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(cmd)
+        .output()
+        .unwrap()
 }

@@ -84,13 +84,8 @@ pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, M
     };
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(de).map_err(|e| {
-            err(
-                &format!("document {n}"),
-                "",
-                format!("malformed YAML: {e}"),
-            )
-        })?;
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
+            .map_err(|e| err(&format!("document {n}"), "", format!("malformed YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
@@ -141,7 +136,11 @@ pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, M
             ));
         }
         if name.is_empty() {
-            return Err(err(&doc, "metadata.name", "missing; every object needs a name".into()));
+            return Err(err(
+                &doc,
+                "metadata.name",
+                "missing; every object needs a name".into(),
+            ));
         }
         match kind {
             "Pod" => {
@@ -162,36 +161,57 @@ pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, M
                     .map(|(k, v)| (k, v.into_bytes()))
                     .collect();
                 for (k, v) in cm.binary_data {
-                    let bytes = decode_b64(&v)
-                        .map_err(|e| err(&doc, &format!("binaryData.{k}"), e))?;
+                    let bytes =
+                        decode_b64(&v).map_err(|e| err(&doc, &format!("binaryData.{k}"), e))?;
                     data.insert(k, bytes);
                 }
-                if docs.config_maps.insert(name.clone(), (doc.clone(), data)).is_some() {
-                    return Err(err(&doc, "metadata.name", format!("a ConfigMap named {name:?} appears twice")));
+                if docs
+                    .config_maps
+                    .insert(name.clone(), (doc.clone(), data))
+                    .is_some()
+                {
+                    return Err(err(
+                        &doc,
+                        "metadata.name",
+                        format!("a ConfigMap named {name:?} appears twice"),
+                    ));
                 }
             }
             _ => {
                 let s: spec::Secret = typed(value, &doc, &file)?;
                 let mut data = BTreeMap::new();
                 for (k, v) in s.data {
-                    let bytes =
-                        decode_b64(&v).map_err(|e| err(&doc, &format!("data.{k}"), e))?;
+                    let bytes = decode_b64(&v).map_err(|e| err(&doc, &format!("data.{k}"), e))?;
                     data.insert(k, bytes);
                 }
                 for (k, v) in s.string_data {
                     data.insert(k, v.into_bytes());
                 }
-                if docs.secrets.insert(name.clone(), (doc.clone(), data)).is_some() {
-                    return Err(err(&doc, "metadata.name", format!("a Secret named {name:?} appears twice")));
+                if docs
+                    .secrets
+                    .insert(name.clone(), (doc.clone(), data))
+                    .is_some()
+                {
+                    return Err(err(
+                        &doc,
+                        "metadata.name",
+                        format!("a Secret named {name:?} appears twice"),
+                    ));
                 }
             }
         }
     }
     let Some((doc, value)) = pod else {
-        return Err(err("file", "", "no kind: Pod document found; add one (apiVersion: v1, kind: Pod)".into()));
+        return Err(err(
+            "file",
+            "",
+            "no kind: Pod document found; add one (apiVersion: v1, kind: Pod)".into(),
+        ));
     };
     let pod: Pod = typed(value, &doc, &file)?;
-    validate_pod(pod, &docs, src, &|path: &str, msg: String| err(&doc, path, msg))
+    validate_pod(pod, &docs, src, &|path: &str, msg: String| {
+        err(&doc, path, msg)
+    })
 }
 
 fn typed<T: serde::de::DeserializeOwned>(
@@ -251,7 +271,10 @@ fn validate_pod(
         .clone()
         .unwrap_or_else(|| "default".into());
     if !is_dns_label(&namespace) {
-        return Err(err("metadata.namespace", format!("{namespace:?} is not a valid namespace name")));
+        return Err(err(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace name"),
+        ));
     }
     let spec = pod.spec;
     let runtime_class = match spec.runtime_class_name.as_deref() {
@@ -270,7 +293,10 @@ fn validate_pod(
         }
     };
     if spec.containers.is_empty() {
-        return Err(err("spec.containers", "a pod needs at least one container".into()));
+        return Err(err(
+            "spec.containers",
+            "a pod needs at least one container".into(),
+        ));
     }
 
     // Volumes first: mounts refer to them.
@@ -279,10 +305,19 @@ fn validate_pod(
     for (i, v) in spec.volumes.iter().enumerate() {
         let at = format!("spec.volumes[{i}]");
         if !is_dns_label(&v.name) {
-            return Err(err(&format!("{at}.name"), format!("{:?} is not a valid volume name (lowercase letters, digits, '-')", v.name)));
+            return Err(err(
+                &format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid volume name (lowercase letters, digits, '-')",
+                    v.name
+                ),
+            ));
         }
         if !vol_names.insert(v.name.clone()) {
-            return Err(err(&format!("{at}.name"), format!("duplicate volume name {:?}", v.name)));
+            return Err(err(
+                &format!("{at}.name"),
+                format!("duplicate volume name {:?}", v.name),
+            ));
         }
         let sources = [
             v.empty_dir.is_some(),
@@ -301,7 +336,10 @@ fn validate_pod(
                 "" => false,
                 "Memory" => true,
                 other => {
-                    return Err(err(&format!("{at}.emptyDir.medium"), format!("unsupported medium {other:?}; use \"\" (disk) or \"Memory\"")))
+                    return Err(err(
+                        &format!("{at}.emptyDir.medium"),
+                        format!("unsupported medium {other:?}; use \"\" (disk) or \"Memory\""),
+                    ))
                 }
             };
             let size_limit = match &e.size_limit {
@@ -315,7 +353,10 @@ fn validate_pod(
         } else if let Some(h) = &v.host_path {
             let path = PathBuf::from(&h.path);
             if !path.is_absolute() {
-                return Err(err(&format!("{at}.hostPath.path"), format!("{:?} must be an absolute path", h.path)));
+                return Err(err(
+                    &format!("{at}.hostPath.path"),
+                    format!("{:?} must be an absolute path", h.path),
+                ));
             }
             let create = match h.kind.as_str() {
                 "" | "Directory" => false,
@@ -325,7 +366,13 @@ fn validate_pod(
                 }
             };
             if !create && !path.is_dir() {
-                return Err(err(&format!("{at}.hostPath.path"), format!("{} is not an existing directory; create it or set type: DirectoryOrCreate", path.display())));
+                return Err(err(
+                    &format!("{at}.hostPath.path"),
+                    format!(
+                        "{} is not an existing directory; create it or set type: DirectoryOrCreate",
+                        path.display()
+                    ),
+                ));
             }
             VolumeSource::HostPath { path, create }
         } else if let Some(c) = &v.config_map {
@@ -370,16 +417,32 @@ fn validate_pod(
     let mut init_containers = Vec::new();
     let mut containers = Vec::new();
     for (list, field, out) in [
-        (&spec.init_containers, "initContainers", &mut init_containers),
+        (
+            &spec.init_containers,
+            "initContainers",
+            &mut init_containers,
+        ),
         (&spec.containers, "containers", &mut containers),
     ] {
         for (i, c) in list.iter().enumerate() {
             let at = format!("spec.{field}[{i}]");
             if !is_dns_label(&c.name) {
-                return Err(err(&format!("{at}.name"), format!("{:?} is not a valid container name (lowercase letters, digits, '-')", c.name)));
+                return Err(err(
+                    &format!("{at}.name"),
+                    format!(
+                        "{:?} is not a valid container name (lowercase letters, digits, '-')",
+                        c.name
+                    ),
+                ));
             }
             if !names.insert(c.name.clone()) {
-                return Err(err(&format!("{at}.name"), format!("duplicate container name {:?}; container names must be unique in a pod", c.name)));
+                return Err(err(
+                    &format!("{at}.name"),
+                    format!(
+                        "duplicate container name {:?}; container names must be unique in a pod",
+                        c.name
+                    ),
+                ));
             }
             out.push(validate_container(c, &at, &volumes, docs, src, err)?);
         }
@@ -410,7 +473,14 @@ fn validate_pod(
 fn random_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -444,10 +514,16 @@ fn project(
     let mut files = Vec::new();
     for (j, it) in items.iter().enumerate() {
         let Some(v) = data.get(&it.key) else {
-            return Err(err(&format!("{at}.items[{j}].key"), format!("{kind} {name:?} has no key {:?}", it.key)));
+            return Err(err(
+                &format!("{at}.items[{j}].key"),
+                format!("{kind} {name:?} has no key {:?}", it.key),
+            ));
         };
         if !is_safe_relative(&it.path) {
-            return Err(err(&format!("{at}.items[{j}].path"), format!("{:?} must be a relative path without '..'", it.path)));
+            return Err(err(
+                &format!("{at}.items[{j}].path"),
+                format!("{:?} must be a relative path without '..'", it.path),
+            ));
         }
         files.push(VolumeFile {
             path: it.path.clone(),
@@ -462,9 +538,12 @@ fn project(
 pub fn is_safe_relative(p: &str) -> bool {
     !p.is_empty()
         && !p.starts_with('/')
-        && Path::new(p)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        && Path::new(p).components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
 }
 
 /// Resolves a wasm container's `image` to a file: a path relative to the
@@ -488,11 +567,20 @@ fn validate_container(
     err: &dyn Fn(&str, String) -> ManifestError,
 ) -> Result<ContainerPlan, ManifestError> {
     if c.image.trim().is_empty() {
-        return Err(err(&format!("{at}.image"), "missing; give the path of a .wasm module or component".into()));
+        return Err(err(
+            &format!("{at}.image"),
+            "missing; give the path of a .wasm module or component".into(),
+        ));
     }
     let image = resolve_image(&c.image, src.base_dir);
     if !image.is_file() {
-        return Err(err(&format!("{at}.image"), format!("{} does not exist (wasm images are file paths, relative to the manifest)", image.display())));
+        return Err(err(
+            &format!("{at}.image"),
+            format!(
+                "{} does not exist (wasm images are file paths, relative to the manifest)",
+                image.display()
+            ),
+        ));
     }
     let kind = husk_wasm::WasmEngine::check_guest_file(&image)
         .map_err(|e| err(&format!("{at}.image"), e.to_string()))?;
@@ -506,29 +594,43 @@ fn validate_container(
         let (kind_name, r, map, secret) = match (&f.config_map_ref, &f.secret_ref) {
             (Some(r), None) => ("ConfigMap", r, &docs.config_maps, false),
             (None, Some(r)) => ("Secret", r, &docs.secrets, true),
-            _ => return Err(err(&format!("{at}.envFrom[{j}]"), "set exactly one of configMapRef and secretRef".into())),
+            _ => {
+                return Err(err(
+                    &format!("{at}.envFrom[{j}]"),
+                    "set exactly one of configMapRef and secretRef".into(),
+                ))
+            }
         };
         match map.get(&r.name) {
             Some((_, data)) => {
                 for (k, v) in data {
-                    set(&mut env, EnvEntry {
-                        name: format!("{}{k}", f.prefix),
-                        value: String::from_utf8_lossy(v).into_owned(),
-                        secret,
-                    });
+                    set(
+                        &mut env,
+                        EnvEntry {
+                            name: format!("{}{k}", f.prefix),
+                            value: String::from_utf8_lossy(v).into_owned(),
+                            secret,
+                        },
+                    );
                 }
             }
             None if r.optional => {}
             None => {
                 let field = if secret { "secretRef" } else { "configMapRef" };
-                return Err(err(&format!("{at}.envFrom[{j}].{field}.name"), format!("no {kind_name} named {:?} in this manifest", r.name)));
+                return Err(err(
+                    &format!("{at}.envFrom[{j}].{field}.name"),
+                    format!("no {kind_name} named {:?} in this manifest", r.name),
+                ));
             }
         }
     }
     for (j, e) in c.env.iter().enumerate() {
         let p = format!("{at}.env[{j}]");
         if e.name.is_empty() || e.name.contains('=') {
-            return Err(err(&format!("{p}.name"), format!("{:?} is not a valid variable name", e.name)));
+            return Err(err(
+                &format!("{p}.name"),
+                format!("{:?} is not a valid variable name", e.name),
+            ));
         }
         let (value, secret) = match (&e.value, &e.value_from) {
             (Some(v), None) => (Some(v.clone()), false),
@@ -537,9 +639,16 @@ fn validate_container(
             (None, Some(from)) => {
                 let (kind_name, r, map, secret, field) =
                     match (&from.config_map_key_ref, &from.secret_key_ref) {
-                        (Some(r), None) => ("ConfigMap", r, &docs.config_maps, false, "configMapKeyRef"),
+                        (Some(r), None) => {
+                            ("ConfigMap", r, &docs.config_maps, false, "configMapKeyRef")
+                        }
                         (None, Some(r)) => ("Secret", r, &docs.secrets, true, "secretKeyRef"),
-                        _ => return Err(err(&format!("{p}.valueFrom"), "set exactly one of configMapKeyRef and secretKeyRef".into())),
+                        _ => {
+                            return Err(err(
+                                &format!("{p}.valueFrom"),
+                                "set exactly one of configMapKeyRef and secretKeyRef".into(),
+                            ))
+                        }
                     };
                 match map.get(&r.name) {
                     None if r.optional => (None, secret),
@@ -554,7 +663,14 @@ fn validate_container(
         };
         if let Some(value) = value {
             let value = expand_vars(&value, &env);
-            set(&mut env, EnvEntry { name: e.name.clone(), value, secret });
+            set(
+                &mut env,
+                EnvEntry {
+                    name: e.name.clone(),
+                    value,
+                    secret,
+                },
+            );
         }
     }
 
@@ -562,23 +678,44 @@ fn validate_container(
     for (j, m) in c.volume_mounts.iter().enumerate() {
         let p = format!("{at}.volumeMounts[{j}]");
         let Some(vol) = volumes.iter().find(|v| v.name == m.name) else {
-            return Err(err(&format!("{p}.name"), format!("no volume named {:?}; declare it under spec.volumes", m.name)));
+            return Err(err(
+                &format!("{p}.name"),
+                format!(
+                    "no volume named {:?}; declare it under spec.volumes",
+                    m.name
+                ),
+            ));
         };
         if !m.mount_path.starts_with('/') {
-            return Err(err(&format!("{p}.mountPath"), format!("{:?} must be an absolute path", m.mount_path)));
+            return Err(err(
+                &format!("{p}.mountPath"),
+                format!("{:?} must be an absolute path", m.mount_path),
+            ));
         }
         if m.mount_path.split('/').any(|s| s == "..") {
-            return Err(err(&format!("{p}.mountPath"), format!("{:?} must not contain '..'", m.mount_path)));
+            return Err(err(
+                &format!("{p}.mountPath"),
+                format!("{:?} must not contain '..'", m.mount_path),
+            ));
         }
-        if mounts.iter().any(|x: &MountPlan| x.mount_path == m.mount_path) {
-            return Err(err(&format!("{p}.mountPath"), format!("{:?} is mounted twice", m.mount_path)));
+        if mounts
+            .iter()
+            .any(|x: &MountPlan| x.mount_path == m.mount_path)
+        {
+            return Err(err(
+                &format!("{p}.mountPath"),
+                format!("{:?} is mounted twice", m.mount_path),
+            ));
         }
         let sub_path = if m.sub_path.is_empty() {
             None
         } else if is_safe_relative(&m.sub_path) {
             Some(m.sub_path.clone())
         } else {
-            return Err(err(&format!("{p}.subPath"), format!("{:?} must be a relative path without '..'", m.sub_path)));
+            return Err(err(
+                &format!("{p}.subPath"),
+                format!("{:?} must be a relative path without '..'", m.sub_path),
+            ));
         };
         mounts.push(MountPlan {
             volume: m.name.clone(),
@@ -592,11 +729,17 @@ fn validate_container(
     for (j, port) in c.ports.iter().enumerate() {
         let p = format!("{at}.ports[{j}]");
         if port.container_port == 0 {
-            return Err(err(&format!("{p}.containerPort"), "must be between 1 and 65535".into()));
+            return Err(err(
+                &format!("{p}.containerPort"),
+                "must be between 1 and 65535".into(),
+            ));
         }
         let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
         if protocol != "TCP" && protocol != "UDP" {
-            return Err(err(&format!("{p}.protocol"), format!("{protocol:?} is not supported; use TCP or UDP")));
+            return Err(err(
+                &format!("{p}.protocol"),
+                format!("{protocol:?} is not supported; use TCP or UDP"),
+            ));
         }
         ports.push(PortPlan {
             name: port.name.clone(),
@@ -612,25 +755,42 @@ fn validate_container(
         let p = format!("{at}.resources.limits.{res}");
         match res.as_str() {
             "memory" => memory_limit = Some(quantity::parse_bytes(&q.0).map_err(|m| err(&p, m))?),
-            "cpu" => cpu_limit_millis = Some(quantity::parse_millicores(&q.0).map_err(|m| err(&p, m))?),
+            "cpu" => {
+                cpu_limit_millis = Some(quantity::parse_millicores(&q.0).map_err(|m| err(&p, m))?)
+            }
             "ephemeral-storage" => {
                 quantity::parse_bytes(&q.0).map_err(|m| err(&p, m))?;
             }
-            other => return Err(err(&p, format!("unknown resource {other:?}; husk enforces cpu and memory"))),
+            other => {
+                return Err(err(
+                    &p,
+                    format!("unknown resource {other:?}; husk enforces cpu and memory"),
+                ))
+            }
         }
     }
     for (res, q) in &c.resources.requests {
         let p = format!("{at}.resources.requests.{res}");
-        let r = if res == "cpu" { quantity::parse_millicores(&q.0) } else { quantity::parse_bytes(&q.0) };
+        let r = if res == "cpu" {
+            quantity::parse_millicores(&q.0)
+        } else {
+            quantity::parse_bytes(&q.0)
+        };
         r.map_err(|m| err(&p, m))?;
     }
     if matches!(memory_limit, Some(0)) {
-        return Err(err(&format!("{at}.resources.limits.memory"), "must be greater than zero".into()));
+        return Err(err(
+            &format!("{at}.resources.limits.memory"),
+            "must be greater than zero".into(),
+        ));
     }
 
     if let Some(w) = &c.working_dir {
         if !w.starts_with('/') {
-            return Err(err(&format!("{at}.workingDir"), format!("{w:?} must be an absolute path")));
+            return Err(err(
+                &format!("{at}.workingDir"),
+                format!("{w:?} must be an absolute path"),
+            ));
         }
     }
 

@@ -125,14 +125,24 @@ impl WasmSandbox {
         // Network, from the host's namespace.
         let host_ports = plan.host_ports();
         let cni = CniNetwork::resolve(&config.network, cni_dir, !host_ports.is_empty())?;
-        let net = PodNetwork::setup(cni, &paths.id, &paths.netns, &plan.name, &plan.namespace, &host_ports)?;
+        let net = PodNetwork::setup(
+            cni,
+            &paths.id,
+            &paths.netns,
+            &plan.name,
+            &plan.namespace,
+            &host_ports,
+        )?;
         crate::state::write_json_atomic(&paths.network_record(), &net.record)?;
         let pod_ip = net.record.pod_ip();
         res.network = Some(net);
-        res.host_netns = Some(network::current_netns().map_err(|e| network::NetworkError::Netns {
-            path: "/proc/thread-self/ns/net".into(),
-            msg: e.to_string(),
-        })?);
+        res.host_netns =
+            Some(
+                network::current_netns().map_err(|e| network::NetworkError::Netns {
+                    path: "/proc/thread-self/ns/net".into(),
+                    msg: e.to_string(),
+                })?,
+            );
         network::enter_netns(&paths.netns)?;
         network::loopback_up().map_err(|e| network::NetworkError::Netns {
             path: paths.netns.clone(),
@@ -154,10 +164,12 @@ impl WasmSandbox {
         let mut guests = Vec::new();
         let mut statuses = Vec::new();
         for c in plan.all_containers() {
-            let (guest, outcome) = engine.load(&c.image).map_err(|source| SandboxError::Guest {
-                container: c.name.clone(),
-                source,
-            })?;
+            let (guest, outcome) = engine
+                .load(&c.image)
+                .map_err(|source| SandboxError::Guest {
+                    container: c.name.clone(),
+                    source,
+                })?;
             guests.push((c.name.clone(), guest));
             statuses.push(ContainerStatus {
                 name: c.name.clone(),
@@ -241,7 +253,10 @@ impl Sandbox for WasmSandbox {
     }
 
     fn status(&self) -> PodStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn request_stop(&self, grace: std::time::Duration) {

@@ -41,7 +41,10 @@ impl StopRequest {
             self.tx.send_replace(Some(grace));
         }
         // Closing stdin is the wasm guest's SIGTERM.
-        self.stdins.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.stdins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if grace.is_zero() {
             self.kill.kill();
         }
@@ -53,7 +56,10 @@ impl StopRequest {
 
     async fn requested(&self) -> Duration {
         let mut rx = self.tx.subscribe();
-        let got = rx.wait_for(|g| g.is_some()).await.map(|g| g.unwrap_or_default());
+        let got = rx
+            .wait_for(|g| g.is_some())
+            .await
+            .map(|g| g.unwrap_or_default());
         match got {
             Ok(g) => g,
             Err(_) => std::future::pending().await,
@@ -89,7 +95,12 @@ impl WasmSandbox {
         }
     }
 
-    fn with_container(&self, init: bool, idx: usize, f: impl FnOnce(&mut crate::state::ContainerStatus)) {
+    fn with_container(
+        &self,
+        init: bool,
+        idx: usize,
+        f: impl FnOnce(&mut crate::state::ContainerStatus),
+    ) {
         self.update(|st| {
             let list = if init {
                 &mut st.init_container_statuses
@@ -117,7 +128,11 @@ impl WasmSandbox {
             if !ok {
                 // The pod failed (restartPolicy Never) or is stopping: the
                 // app containers never start.
-                let msg = if self.stop.is_requested() { "pod stopped" } else { "an init container failed" };
+                let msg = if self.stop.is_requested() {
+                    "pod stopped"
+                } else {
+                    "an init container failed"
+                };
                 self.update(|st| {
                     for c in st.container_statuses.iter_mut() {
                         c.state = ContainerState::Waiting {
@@ -157,7 +172,11 @@ impl WasmSandbox {
     /// returns whether it completed successfully.
     async fn supervise(self: &Arc<Self>, init: bool, idx: usize) -> bool {
         let plan = self.plan.clone();
-        let c = if init { &plan.init_containers[idx] } else { &plan.containers[idx] };
+        let c = if init {
+            &plan.init_containers[idx]
+        } else {
+            &plan.containers[idx]
+        };
         let policy = plan.restart_policy;
         let initial = Duration::from_millis(self.config.restart.backoff_initial_ms);
         let cap = Duration::from_millis(self.config.restart.backoff_max_ms);
@@ -171,7 +190,9 @@ impl WasmSandbox {
             let t0 = Instant::now();
             let log_path = self.paths.log_file(&c.name, restarts);
             self.with_container(init, idx, |s| {
-                s.state = ContainerState::Running { started_at: started };
+                s.state = ContainerState::Running {
+                    started_at: started,
+                };
                 s.ready = true;
                 s.log_path = log_path.clone();
             });
@@ -183,7 +204,10 @@ impl WasmSandbox {
                 GuestExit::Exited(_) => ("Error", None),
                 GuestExit::OutOfMemory => (
                     "OOMKilled",
-                    Some(format!("linear memory grew past the limit of {} bytes", c.memory_limit.unwrap_or(0))),
+                    Some(format!(
+                        "linear memory grew past the limit of {} bytes",
+                        c.memory_limit.unwrap_or(0)
+                    )),
                 ),
                 GuestExit::Killed => ("Error", Some("killed".to_owned())),
                 GuestExit::Trap(t) => ("Error", Some(format!("trap: {t}"))),
@@ -257,7 +281,11 @@ impl WasmSandbox {
         }
     }
 
-    async fn try_run_instance(self: &Arc<Self>, c: &ContainerPlan, restart: u32) -> Result<GuestExit, String> {
+    async fn try_run_instance(
+        self: &Arc<Self>,
+        c: &ContainerPlan,
+        restart: u32,
+    ) -> Result<GuestExit, String> {
         let guest = self
             .guests
             .iter()
@@ -332,7 +360,11 @@ fn phase_of(st: &crate::state::PodStatus, n_init: usize) -> PodPhase {
     if running {
         return PodPhase::Running;
     }
-    if st.container_statuses.iter().all(|c| c.exit_code() == Some(0)) {
+    if st
+        .container_statuses
+        .iter()
+        .all(|c| c.exit_code() == Some(0))
+    {
         PodPhase::Succeeded
     } else {
         PodPhase::Failed
