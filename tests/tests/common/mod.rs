@@ -225,6 +225,12 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A test that failed half-way still removes its pods (best effort).
+        if let Ok(rd) = std::fs::read_dir(self.root().join("lib/pods")) {
+            for e in rd.flatten() {
+                let _ = self.cmd().args(["rm", "-f"]).arg(e.file_name()).output();
+            }
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
