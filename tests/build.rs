@@ -1,9 +1,71 @@
 //! Builds the WebAssembly test guests from tests/guests: each C file with
 //! clang for wasm32-wasi (Debian's wasi-libc), and each also as a WASI
 //! preview2 component through wit-component and the preview1 adapter.
+//! guests/net is a native preview2 guest: its C code calls wasi:sockets
+//! through bindings that wit-bindgen-c generates here from guests/net/wit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+fn clang(args: &[&str], inputs: &[&Path], output: &Path) {
+    let status = Command::new("clang")
+        .args(["--target=wasm32-wasi", "-O2", "-Wall"])
+        .args(args)
+        .arg("-o")
+        .arg(output)
+        .args(inputs)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("cannot run clang ({e}); install clang, lld, wasi-libc and libclang-rt-14-dev-wasm32 (tests/run.sh does)")
+        });
+    assert!(status.success(), "clang failed on {inputs:?}");
+}
+
+fn encode(module: &Path, adapter: &[u8]) -> Vec<u8> {
+    let bytes = std::fs::read(module).unwrap();
+    wit_component::ComponentEncoder::default()
+        .module(&bytes)
+        .unwrap()
+        .adapter("wasi_snapshot_preview1", adapter)
+        .unwrap()
+        .validate(true)
+        .encode()
+        .unwrap()
+}
+
+/// The netprobe guest: C bindings for its world, then a reactor module that
+/// exports wasi:cli/run, then the component.
+fn build_net(src: &Path, out: &Path) {
+    let mut resolve = wit_parser::Resolve::default();
+    let (pkg, _) = resolve.push_dir(src.join("wit")).unwrap();
+    let world = resolve.select_world(&[pkg], Some("netprobe")).unwrap();
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default()
+        .build()
+        .generate(&mut resolve, world, &mut files)
+        .unwrap();
+    let gen = out.join("netprobe-bindings");
+    std::fs::create_dir_all(&gen).unwrap();
+    for (name, contents) in files.iter() {
+        std::fs::write(gen.join(name), contents).unwrap();
+    }
+    let module = out.join("netprobe.core.wasm");
+    let include = format!("-I{}", gen.display());
+    clang(
+        &["-mexec-model=reactor", &include],
+        &[
+            &src.join("netprobe.c"),
+            &gen.join("netprobe.c"),
+            &gen.join("netprobe_component_type.o"),
+        ],
+        &module,
+    );
+    let component = encode(
+        &module,
+        wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+    );
+    std::fs::write(out.join("netprobe.component.wasm"), component).unwrap();
+}
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
@@ -17,28 +79,13 @@ fn main() {
         }
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
         let module = out.join(format!("{stem}.wasm"));
-        let status = Command::new("clang")
-            .args(["--target=wasm32-wasi", "-O2", "-Wall", "-o"])
-            .arg(&module)
-            .arg(&path)
-            .status()
-            .unwrap_or_else(|e| {
-                panic!("cannot run clang ({e}); install clang, lld, wasi-libc and libclang-rt-14-dev-wasm32 (tests/run.sh does)")
-            });
-        assert!(status.success(), "clang failed on {}", path.display());
-        let bytes = std::fs::read(&module).unwrap();
-        let component = wit_component::ComponentEncoder::default()
-            .module(&bytes)
-            .unwrap()
-            .adapter(
-                "wasi_snapshot_preview1",
-                wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
-            )
-            .unwrap()
-            .validate(true)
-            .encode()
-            .unwrap();
+        clang(&[], &[&path], &module);
+        let component = encode(
+            &module,
+            wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+        );
         std::fs::write(out.join(format!("{stem}.component.wasm")), component).unwrap();
     }
+    build_net(&src.join("net"), &out);
     println!("cargo:rustc-env=HUSK_TEST_GUESTS={}", out.display());
 }

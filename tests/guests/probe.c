@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static int cat(const char *path) {
@@ -34,12 +36,52 @@ static int write_file(const char *path, const char *text, const char *mode) {
   return 0;
 }
 
+/* serve COUNT [FILE]: answer COUNT connections on the preopened listening
+ * socket at fd 3 (husk's containerPorts, wasmtime's --tcplisten): wait with
+ * poll, accept, read a line, reply "pong LINE" (plus FILE's first line, to
+ * show that volumes stay visible next to the socket). */
+static int serve(int count, const char *file) {
+  const char *n = getenv("LISTEN_FDS");
+  printf("serving fd 3 (LISTEN_FDS=%s)\n", n ? n : "<unset>");
+  fflush(stdout);
+  char extra[100] = "";
+  if (file) {
+    FILE *f = fopen(file, "r");
+    if (!f) { fprintf(stderr, "open %s: %s\n", file, strerror(errno)); return 1; }
+    if (fgets(extra, sizeof extra, f)) extra[strcspn(extra, "\n")] = 0;
+    fclose(f);
+  }
+  for (int i = 0; i < count; i++) {
+    struct pollfd p = {.fd = 3, .events = POLLIN};
+    if (poll(&p, 1, 30000) != 1) { fprintf(stderr, "poll: %s\n", strerror(errno)); return 1; }
+    int c = accept(3, NULL, NULL);
+    if (c < 0) { fprintf(stderr, "accept: %s\n", strerror(errno)); return 1; }
+    char line[100];
+    size_t len = 0;
+    while (len + 1 < sizeof line) {
+      ssize_t r = read(c, line + len, 1);
+      if (r <= 0 || line[len] == '\n') break;
+      len++;
+    }
+    line[len] = 0;
+    char reply[256];
+    int m = snprintf(reply, sizeof reply, "pong %s%s%s\n", line, file ? " " : "", extra);
+    if (write(c, reply, m) != m) { fprintf(stderr, "write: %s\n", strerror(errno)); return 1; }
+    shutdown(c, SHUT_RDWR);
+    close(c);
+    printf("served %s\n", line);
+    fflush(stdout);
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc < 2) {
-    puts("usage: probe echo|env|cat|write|append|fill|grow|spin|stdin|sleep|count|exit ...");
+    puts("usage: probe echo|env|serve|cat|write|append|fill|grow|spin|stdin|sleep|count|exit ...");
     return 0;
   }
   const char *cmd = argv[1];
+  if (!strcmp(cmd, "serve") && argc > 2) return serve(atoi(argv[2]), argc > 3 ? argv[3] : NULL);
   if (!strcmp(cmd, "echo")) {
     for (int i = 2; i < argc; i++) printf("%s%s", argv[i], i + 1 < argc ? " " : "\n");
     return 0;

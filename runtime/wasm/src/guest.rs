@@ -3,6 +3,7 @@
 //! cap, and drives it to an exit, an out-of-memory stop or a kill. It must not
 //! decide restarts or touch pod state: that is the sandbox's job.
 
+use crate::p1sock::{P1Sockets, SockHost};
 use crate::{CompiledGuest, WasmEngine, WasmError};
 use std::fs::File;
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub struct GuestSpec {
     pub memory_limit: Option<u64>,
     /// Whether the guest may use TCP/UDP sockets (in the process's netns).
     pub network: bool,
+    /// TCP ports a p1 module gets as preopened listening sockets, at fd 3,
+    /// 4, … in this order (`wasmtime run --tcplisten`); `LISTEN_FDS` tells
+    /// the guest how many. Components bind their own sockets and ignore it.
+    pub listen_ports: Vec<u16>,
 }
 
 /// How a guest ended.
@@ -136,6 +141,13 @@ impl ResourceLimiter for MemoryCap {
 struct P1State {
     wasi: WasiP1Ctx,
     cap: MemoryCap,
+    socks: P1Sockets,
+}
+
+impl SockHost for P1State {
+    fn socks(&mut self) -> &mut P1Sockets {
+        &mut self.socks
+    }
 }
 
 struct P2State {
@@ -160,10 +172,27 @@ fn setup_err(what: &str, e: impl std::fmt::Display) -> WasmError {
     }
 }
 
-fn build_ctx(spec: GuestSpec) -> Result<(WasiCtxBuilder, MemoryCap), WasmError> {
+/// The WASI context for `spec`. `placeholders` empty read-only preopens of
+/// `placeholder_dir` come first: they back the p1 socket fds.
+fn build_ctx(
+    spec: GuestSpec,
+    placeholders: usize,
+    placeholder_dir: &std::path::Path,
+) -> Result<(WasiCtxBuilder, MemoryCap), WasmError> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.args);
     b.envs(&spec.env);
+    if placeholders > 0 {
+        b.env("LISTEN_FDS", placeholders.to_string());
+    }
+    for _ in 0..placeholders {
+        b.preopened_dir(
+            placeholder_dir,
+            crate::p1sock::PLACEHOLDER_GUEST_PATH,
+            FsPerms::ReadOnly,
+        )
+        .map_err(|e| setup_err("socket placeholder", format!("{e:#}")))?;
+    }
     for p in &spec.preopens {
         let perms = if p.read_only {
             FsPerms::ReadOnly
@@ -226,7 +255,14 @@ impl WasmEngine {
         if kill.is_killed() {
             return Ok(GuestExit::Killed);
         }
-        let (mut builder, cap) = build_ctx(spec)?;
+        let socks = match guest {
+            CompiledGuest::Module(_) if !spec.listen_ports.is_empty() => {
+                P1Sockets::listen(&spec.listen_ports).map_err(|e| setup_err("ports", e))?
+            }
+            _ => P1Sockets::default(),
+        };
+        let placeholders = socks.len();
+        let (mut builder, cap) = build_ctx(spec, placeholders, &self.placeholder_dir)?;
         let work = async {
             match guest {
                 CompiledGuest::Module(module) => {
@@ -235,6 +271,7 @@ impl WasmEngine {
                         P1State {
                             wasi: builder.build_p1(),
                             cap,
+                            socks,
                         },
                     );
                     store.limiter(|s| &mut s.cap);
@@ -244,7 +281,14 @@ impl WasmEngine {
                     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
                         .map_err(|e| setup_err("WASI p1 linker", e))?;
                     let result = async {
+                        if placeholders > 0 {
+                            crate::p1sock::install(self, &mut linker, &mut store).await?;
+                        }
                         let instance = linker.instantiate_async(&mut store, module).await?;
+                        if placeholders > 0 {
+                            crate::p1sock::attach_memory(self, &mut linker, &mut store, &instance)
+                                .await?;
+                        }
                         let start = instance
                             .get_typed_func::<(), ()>(&mut store, "_start")
                             .map_err(|_| {

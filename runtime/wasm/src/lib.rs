@@ -2,6 +2,7 @@
 
 mod cache;
 mod guest;
+mod p1sock;
 
 pub use cache::{CacheOutcome, CompiledGuest, GuestKind};
 pub use guest::{GuestExit, GuestSpec, KillSwitch, Preopen};
@@ -45,6 +46,9 @@ pub struct WasmEngine {
     engine: wasmtime::Engine,
     cache_dir: PathBuf,
     ticker_stop: Arc<AtomicBool>,
+    /// Empty read-only directory behind the placeholders of p1 sockets.
+    placeholder_dir: PathBuf,
+    p1_helpers: std::sync::OnceLock<p1sock::Helpers>,
 }
 
 impl WasmEngine {
@@ -58,6 +62,11 @@ impl WasmEngine {
             wasmtime::Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
         std::fs::create_dir_all(cache_dir).map_err(|source| WasmError::Cache {
             dir: cache_dir.to_owned(),
+            source,
+        })?;
+        let placeholder_dir = cache_dir.join("empty");
+        std::fs::create_dir_all(&placeholder_dir).map_err(|source| WasmError::Cache {
+            dir: placeholder_dir.clone(),
             source,
         })?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -79,6 +88,8 @@ impl WasmEngine {
             engine,
             cache_dir: cache_dir.to_owned(),
             ticker_stop,
+            placeholder_dir,
+            p1_helpers: std::sync::OnceLock::new(),
         })
     }
 

@@ -54,6 +54,7 @@ fn container_start(n: usize) -> Vec<Duration> {
             stderr: std::fs::File::from(ew),
             memory_limit: Some(64 << 20),
             network: true,
+            listen_ports: vec![],
         };
         let t0 = Instant::now();
         let reader = std::thread::spawn(move || {

@@ -328,6 +328,12 @@ impl WasmSandbox {
             stderr: std::fs::File::from(err_w),
             memory_limit: c.memory_limit,
             network: true,
+            listen_ports: c
+                .ports
+                .iter()
+                .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
+                .map(|p| p.container_port)
+                .collect(),
         };
         let kill = self.stop.kill.clone();
         let result = self.engine.run(&guest, spec, &kill).await;
