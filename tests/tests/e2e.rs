@@ -728,6 +728,7 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         ("vm", pod(&format!("  runtimeClassName: husk-vm\n{c}")), "not available yet"),
         ("missing-image", pod("  containers:\n  - {name: a, image: nowhere.wasm}\n"), "spec.containers[0].image"),
         ("not-wasm", pod(&format!("  containers:\n  - {{name: a, image: {}}}\n", env.root().join("not.wasm").display())), "not a WebAssembly module"),
+        ("dup-port", pod("  containers:\n  - {name: a, image: $PROBE, ports: [{containerPort: 80}]}\n  - {name: b, image: $PROBE, ports: [{containerPort: 80}]}\n"), "spec.containers[1].ports[0].containerPort: 80/TCP is already declared by container \"a\""),
         ("no-volume", pod("  containers:\n  - {name: a, image: $PROBE}\n  - {name: b, image: $PROBE, volumeMounts: [{name: cache, mountPath: /c}]}\n"), "spec.containers[1].volumeMounts[0].name: no volume named \"cache\""),
         ("dup", pod("  containers:\n  - {name: a, image: $PROBE}\n  - {name: a, image: $PROBE}\n"), "spec.containers[1].name: duplicate container name"),
         ("cm-key", format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\ndata: {{a: b}}\n---\n{}", pod("  containers:\n  - {name: a, image: $PROBE, env: [{name: X, valueFrom: {configMapKeyRef: {name: cm, key: nope}}}]}\n")), "spec.containers[0].env[0].valueFrom.configMapKeyRef.key: ConfigMap \"cm\" has no key \"nope\""),
@@ -766,5 +767,108 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
             .code(),
         Some(2)
     );
+    env.finish();
+}
+
+/// Waits for a child process with a deadline.
+fn wait_child(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("{what} did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Reads a child's stdout line by line on a thread.
+fn line_reader(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn foreground_ctrl_c_stops_the_pod_gracefully() {
+    let env = Env::new();
+    let mut child = env
+        .cmd()
+        .args(["run", "--name", "fg", probe().to_str().unwrap(), "stdin"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(child.stdout.take().unwrap());
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the container's first line");
+    assert_eq!(first, "waiting for stdin to close");
+    // Ctrl-C on a terminal sends SIGINT to the foreground process.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_child(&mut child, "husk run after SIGINT");
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(rest, ["stdin closed, exiting cleanly"]);
+    // The guest ended on its stop request, so the run succeeded.
+    assert_eq!(status.code(), Some(0));
+    let v = env.inspect("fg");
+    assert_eq!(v["status"]["finished"], true);
+    let t = &env.container(&v, "main")["state"]["terminated"];
+    assert_eq!(t["exitCode"], 0, "{v:#}");
+    assert_eq!(t["reason"], "Completed");
+    env.finish();
+}
+
+#[test]
+fn logs_follow_streams_until_the_pod_ends() {
+    let env = Env::new();
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "lf",
+        probe().to_str().unwrap(),
+        "stdin",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = env
+        .cmd()
+        .args(["logs", "-f", "lf"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(child.stdout.take().unwrap());
+    assert_eq!(
+        lines
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a first line"),
+        "waiting for stdin to close"
+    );
+    // Still following: nothing more until the pod stops.
+    assert!(lines
+        .recv_timeout(std::time::Duration::from_millis(300))
+        .is_err());
+    assert!(child.try_wait().unwrap().is_none(), "logs -f ended early");
+    assert!(env.husk(&["stop", "lf"]).status.success());
+    let status = wait_child(&mut child, "logs -f after the pod stopped");
+    assert!(status.success());
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(rest, ["stdin closed, exiting cleanly"]);
     env.finish();
 }

@@ -168,12 +168,13 @@ impl P1Sockets {
     pub(crate) fn listen(ports: &[u16]) -> Result<Self, String> {
         let mut socks = P1Sockets::default();
         for (i, port) in ports.iter().enumerate() {
-            let l = TcpListener::bind(("0.0.0.0", *port))
-                .map_err(|e| format!("containerPort {port}: cannot listen on 0.0.0.0:{port}: {e}"))?;
+            let l = TcpListener::bind(("0.0.0.0", *port)).map_err(|e| {
+                format!("containerPort {port}: cannot listen on 0.0.0.0:{port}: {e}")
+            })?;
             l.set_nonblocking(true)
                 .map_err(|e| format!("containerPort {port}: {e}"))?;
-            let afd = register(Sock::Listener(l))
-                .map_err(|e| format!("containerPort {port}: {e}"))?;
+            let afd =
+                register(Sock::Listener(l)).map_err(|e| format!("containerPort {port}: {e}"))?;
             socks.map.insert(
                 3 + i as u32,
                 Entry {
@@ -267,7 +268,9 @@ pub(crate) async fn install<T: SockHost>(
             helper: Module::new(engine.engine(), &helper)?,
         })
     })?;
-    let helper = linker.instantiate_async(&mut *store, &helpers.helper).await?;
+    let helper = linker
+        .instantiate_async(&mut *store, &helpers.helper)
+        .await?;
     store.data_mut().socks().helper = Some(helper);
 
     linker.allow_shadowing(true);
@@ -301,7 +304,9 @@ pub(crate) async fn attach_memory<T: SockHost>(
     linker.allow_shadowing(true);
     linker.define(&*store, "env", "memory", memory)?;
     linker.allow_shadowing(false);
-    let tramp = linker.instantiate_async(&mut *store, &helpers.tramp).await?;
+    let tramp = linker
+        .instantiate_async(&mut *store, &helpers.tramp)
+        .await?;
     store.data_mut().socks().tramp = Some(tramp);
     Ok(())
 }
@@ -326,11 +331,10 @@ async fn pass<T: SockHost>(
     params: &[Val],
     results: &mut [Val],
 ) -> wasmtime::Result<()> {
-    let tramp = caller
-        .data_mut()
-        .socks()
-        .tramp
-        .ok_or_else(|| wasmtime::format_err!("{name} called before the module was instantiated"))?;
+    let tramp =
+        caller.data_mut().socks().tramp.ok_or_else(|| {
+            wasmtime::format_err!("{name} called before the module was instantiated")
+        })?;
     let func: Func = tramp
         .get_func(&mut *caller, name)
         .ok_or_else(|| wasmtime::format_err!("trampoline lacks {name}"))?;
@@ -509,11 +513,7 @@ async fn dispatch<T: SockHost>(
             let Some(iovs) = iovecs(mem.data(&*caller), iov_at, iov_len) else {
                 return Ok(Some(EFAULT));
             };
-            let want = iovs
-                .iter()
-                .map(|v| v.1 as usize)
-                .sum::<usize>()
-                .min(MAX_IO);
+            let want = iovs.iter().map(|v| v.1 as usize).sum::<usize>().min(MAX_IO);
             let Some((sock, nonblock)) = entry(caller, fd) else {
                 return Ok(Some(EBADF));
             };
@@ -721,9 +721,9 @@ async fn poll_oneoff<T: SockHost>(
             raw.push((userdata, tag, word, timeout, flags & 0xffff));
         }
     }
-    let any_socket = raw.iter().any(|&(_, tag, fd, _, _)| {
-        tag != 0 && caller.data_mut().socks().map.contains_key(&fd)
-    });
+    let any_socket = raw
+        .iter()
+        .any(|&(_, tag, fd, _, _)| tag != 0 && caller.data_mut().socks().map.contains_key(&fd));
     if !any_socket {
         pass(caller, "poll_oneoff", params, results).await?;
         return Ok(None);

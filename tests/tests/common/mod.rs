@@ -24,6 +24,11 @@ pub fn probe_p2() -> PathBuf {
     guest("probe.component.wasm")
 }
 
+/// The wasi:sockets test guest (a preview2 component).
+pub fn netprobe() -> PathBuf {
+    guest("netprobe.component.wasm")
+}
+
 pub fn husk_bin() -> PathBuf {
     // target/<profile>/deps/e2e-… → target/<profile>/husk
     let exe = std::env::current_exe().unwrap();
@@ -91,6 +96,7 @@ impl Env {
     /// Writes a manifest into the test dir and returns its path.
     pub fn manifest(&self, name: &str, text: &str) -> PathBuf {
         let text = text
+            .replace("$NETPROBE", netprobe().to_str().unwrap())
             .replace("$PROBE_P2", probe_p2().to_str().unwrap())
             .replace("$PROBE", probe().to_str().unwrap());
         let p = self.root().join(name);

@@ -7,7 +7,7 @@ use super::plan::*;
 use super::quantity;
 use super::spec::{self, Pod, RestartPolicy};
 use base64::Engine as _;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 pub const RUNTIME_WASM: &str = "husk-wasm";
@@ -445,6 +445,35 @@ fn validate_pod(
                 ));
             }
             out.push(validate_container(c, &at, &volumes, docs, src, err)?);
+        }
+    }
+    // The containers of a pod share one netns: a port can be bound once.
+    let mut seen: HashMap<(u16, &str), &str> = HashMap::new();
+    let mut seen_host: HashMap<(u16, &str), &str> = HashMap::new();
+    for (i, c) in containers.iter().enumerate() {
+        for (j, port) in c.ports.iter().enumerate() {
+            let at = format!("spec.containers[{i}].ports[{j}]");
+            let key = (port.container_port, port.protocol.as_str());
+            if let Some(other) = seen.insert(key, &c.name) {
+                return Err(err(
+                    &format!("{at}.containerPort"),
+                    format!(
+                        "{}/{} is already declared by container {other:?}; the containers of a pod share one network namespace",
+                        port.container_port, port.protocol
+                    ),
+                ));
+            }
+            if let Some(h) = port.host_port {
+                if let Some(other) = seen_host.insert((h, port.protocol.as_str()), &c.name) {
+                    return Err(err(
+                        &format!("{at}.hostPort"),
+                        format!(
+                            "{h}/{} is already mapped by container {other:?}",
+                            port.protocol
+                        ),
+                    ));
+                }
+            }
         }
     }
     let cpu_limit_millis = containers
