@@ -12,7 +12,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/husk-target}"
-cargo build --release -p husk-shim -p husk-tests >/dev/null
+cargo build -q --release --workspace
 mkdir -p build
-cp "$(ls -d "$CARGO_TARGET_DIR"/release/build/husk-tests-*/out/guests | head -1)"/probe*.wasm build/
+guests="$(dirname "$(ls -t "$CARGO_TARGET_DIR"/release/build/husk-tests-*/out/guests/netprobe.component.wasm | head -1)")"
+cp "$guests"/probe.wasm "$guests"/probe.component.wasm "$guests"/netprobe.component.wasm build/
 exec "$CARGO_TARGET_DIR/release/husk" run --rm -f shared-pod.yaml
