@@ -294,6 +294,19 @@ impl PodStatus {
     pub fn load(paths: &PodPaths) -> Result<Self, StateError> {
         read_json(&paths.status())
     }
+
+    /// True once nothing about the pod changes any more: its monitor
+    /// finished, or vanished without finishing.
+    pub fn is_over(&self) -> bool {
+        self.finished || !self.monitor_pid.is_some_and(pid_alive)
+    }
+
+    /// Init containers first, then the app containers.
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerStatus> {
+        self.init_container_statuses
+            .iter()
+            .chain(self.container_statuses.iter())
+    }
     pub fn save(&self, paths: &PodPaths) -> Result<(), StateError> {
         write_json_atomic(&paths.status(), self)
     }

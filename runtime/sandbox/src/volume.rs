@@ -7,7 +7,7 @@
 use crate::pod::{ContainerPlan, PodPlan, VolumeFile, VolumeSource};
 use crate::state::PodPaths;
 use husk_wasm::Preopen;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -33,18 +33,25 @@ pub struct PodVolumes {
     mounts: Vec<PathBuf>,
     /// Directories husk created and removes (never hostPaths).
     owned_roots: Vec<PathBuf>,
-    /// Open directory handles that pin subPath targets.
-    pinned: Vec<cap_std::fs::Dir>,
+    /// subPath and workingDir directories opened inside their volume, by
+    /// (base, sub): opened once per pod, reused across container restarts.
+    pinned: HashMap<(PathBuf, String), (cap_std::fs::Dir, PathBuf)>,
 }
 
-fn mount_tmpfs(dir: &Path, size: u64, mode: u32) -> nix::Result<()> {
+/// Mounts a tmpfs on `dir`; without `size`, the kernel's default (half of
+/// RAM) applies.
+fn mount_tmpfs(dir: &Path, size: Option<u64>, mode: u32) -> nix::Result<()> {
     use nix::mount::MsFlags;
+    let opts = match size {
+        Some(size) => format!("size={size},mode={mode:o}"),
+        None => format!("mode={mode:o}"),
+    };
     nix::mount::mount(
         Some("tmpfs"),
         dir,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(format!("size={size},mode={mode:o}").as_str()),
+        Some(opts.as_str()),
     )
 }
 
@@ -96,15 +103,8 @@ impl PodVolumes {
                         .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
-                    // Default as the kernel's: half of RAM.
-                    let size = size_limit.unwrap_or(0);
-                    let opts_size = if size == 0 { u64::MAX } else { size };
-                    if opts_size == u64::MAX {
-                        mount_tmpfs_default(&dir).map_err(|e| verr(name, format!("tmpfs: {e}")))?;
-                    } else {
-                        mount_tmpfs(&dir, opts_size, 0o777)
-                            .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
-                    }
+                    mount_tmpfs(&dir, size_limit.filter(|s| *s > 0), 0o777)
+                        .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
                     self.mounts.push(dir.clone());
                     dir
                 }
@@ -183,7 +183,7 @@ impl PodVolumes {
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
                     let total: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum();
-                    mount_tmpfs(&dir, total.max(1 << 20), 0o755)
+                    mount_tmpfs(&dir, Some(total.max(1 << 20)), 0o755)
                         .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
                     self.mounts.push(dir.clone());
                     write_files(&dir, files).map_err(|e| verr(name, e))?;
@@ -256,6 +256,10 @@ impl PodVolumes {
         sub: &str,
         read_only: bool,
     ) -> Result<PathBuf, VolumeError> {
+        let key = (base.to_owned(), sub.to_owned());
+        if let Some((_, path)) = self.pinned.get(&key) {
+            return Ok(path.clone());
+        }
         let root = cap_std::fs::Dir::open_ambient_dir(base, cap_std::ambient_authority())
             .map_err(|e| verr(volume, format!("{}: {e}", base.display())))?;
         if !read_only {
@@ -267,7 +271,7 @@ impl PodVolumes {
             .map_err(|e| verr(volume, format!("subPath {sub:?}: {e}")))?;
         use std::os::fd::AsRawFd;
         let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-        self.pinned.push(dir);
+        self.pinned.insert(key, (dir, path.clone()));
         Ok(path)
     }
 
@@ -290,17 +294,6 @@ impl PodVolumes {
     }
 }
 
-fn mount_tmpfs_default(dir: &Path) -> nix::Result<()> {
-    use nix::mount::MsFlags;
-    nix::mount::mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("mode=777"),
-    )
-}
-
 fn write_files(dir: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
     for f in files {
         let p = dir.join(&f.path);
@@ -311,4 +304,66 @@ fn write_files(dir: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o777))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::plan::{ContainerPlan, MountPlan};
+
+    fn container(sub: &str, wd: &str) -> ContainerPlan {
+        ContainerPlan {
+            name: "c".into(),
+            image_ref: "g.wasm".into(),
+            image: "g.wasm".into(),
+            guest_kind: "wasi-p1-module".into(),
+            argv: vec![],
+            env: vec![],
+            working_dir: Some(wd.into()),
+            mounts: vec![MountPlan {
+                volume: "v".into(),
+                mount_path: "/m".into(),
+                read_only: false,
+                sub_path: Some(sub.into()),
+            }],
+            ports: vec![],
+            memory_limit: None,
+            cpu_limit_millis: None,
+        }
+    }
+
+    #[test]
+    fn subpaths_are_pinned_once_across_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut vols = PodVolumes::default();
+        vols.dirs.insert("v".into(), tmp.path().to_owned());
+        let c = container("a/b", "/m/w");
+        let first = vols.preopens_for(&c).unwrap();
+        assert!(
+            tmp.path().join("a/b/w").is_dir(),
+            "subPath and workingDir created"
+        );
+        for _ in 0..5 {
+            let again = vols.preopens_for(&c).unwrap();
+            assert_eq!(
+                again.iter().map(|p| &p.host).collect::<Vec<_>>(),
+                first.iter().map(|p| &p.host).collect::<Vec<_>>()
+            );
+        }
+        // One handle for the subPath, one for the workingDir inside it.
+        assert_eq!(vols.pinned.len(), 2);
+        vols.teardown();
+        assert!(vols.pinned.is_empty());
+    }
+
+    #[test]
+    fn subpath_symlink_out_of_the_volume_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("esc")).unwrap();
+        let mut vols = PodVolumes::default();
+        vols.dirs.insert("v".into(), tmp.path().to_owned());
+        let err = vols.preopens_for(&container("esc", "/m")).unwrap_err();
+        assert!(err.to_string().contains("subPath \"esc\""), "{err}");
+    }
 }

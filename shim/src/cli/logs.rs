@@ -4,7 +4,7 @@
 
 use super::{fail, PodView, EXIT_FAILURE, EXIT_USAGE};
 use husk_sandbox::cri_log::{self, LogEntry, Stream};
-use husk_sandbox::state::{PodPaths, PodStatus, Roots};
+use husk_sandbox::state::{PodPaths, Roots};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
@@ -218,9 +218,7 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
         }
     }
     loop {
-        let done = PodStatus::load(&paths)
-            .map(|s| s.finished || !s.monitor_pid.is_some_and(husk_sandbox::state::pid_alive))
-            .unwrap_or(true);
+        let done = super::pod_over(roots, &v.record.id);
         f.poll();
         if done {
             f.poll();

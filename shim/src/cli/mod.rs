@@ -52,21 +52,42 @@ impl PodView {
     }
 
     pub fn is_terminal(&self) -> bool {
-        self.finished() || (self.status.is_some() && !self.monitor_alive())
+        self.status.as_ref().is_some_and(PodStatus::is_over)
     }
+}
+
+/// True once the pod at `id` is over (or has no status to wait for).
+pub fn pod_over(roots: &Roots, id: &str) -> bool {
+    PodStatus::load(&roots.pod(id))
+        .ok()
+        .is_none_or(|s| s.is_over())
+}
+
+/// Applies `act` to each pod named in `keys`; prints errors and returns the
+/// exit code (1 if any pod failed).
+pub fn for_each_pod(
+    roots: &Roots,
+    keys: &[String],
+    mut act: impl FnMut(PodView) -> Result<(), String>,
+) -> i32 {
+    let mut code = 0;
+    for key in keys {
+        let result = roots
+            .find_pod(key)
+            .map_err(|e| e.to_string())
+            .and_then(|rec| act(PodView::load(roots, rec)));
+        if let Err(e) = result {
+            code = fail(EXIT_FAILURE, e);
+        }
+    }
+    code
 }
 
 /// Waits until the pod's monitor has finished (or vanished).
 pub fn wait_finished(roots: &Roots, id: &str, timeout: std::time::Duration) -> bool {
     let t0 = std::time::Instant::now();
-    let paths = roots.pod(id);
     loop {
-        let st = PodStatus::load(&paths).ok();
-        let done = match &st {
-            Some(s) => s.finished || !s.monitor_pid.is_some_and(pid_alive),
-            None => true,
-        };
-        if done {
+        if pod_over(roots, id) {
             return true;
         }
         if t0.elapsed() > timeout {

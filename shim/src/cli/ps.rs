@@ -2,7 +2,7 @@
 //! IP, age), as a table or `--format json`.
 
 use super::PodView;
-use husk_sandbox::state::{ContainerState, ContainerStatus, Roots};
+use husk_sandbox::state::{ContainerState, ContainerStatus, PodStatus, Roots};
 
 #[derive(clap::Args)]
 pub struct PsArgs {
@@ -44,11 +44,7 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
                 let containers: Vec<_> = p
                     .status
                     .iter()
-                    .flat_map(|s| {
-                        s.init_container_statuses
-                            .iter()
-                            .chain(s.container_statuses.iter())
-                    })
+                    .flat_map(PodStatus::all_containers)
                     .map(|c| {
                         serde_json::json!({
                             "name": c.name,
@@ -86,11 +82,7 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
         let containers: Vec<&ContainerStatus> = p
             .status
             .iter()
-            .flat_map(|s| {
-                s.init_container_statuses
-                    .iter()
-                    .chain(s.container_statuses.iter())
-            })
+            .flat_map(PodStatus::all_containers)
             .collect();
         let rows: Vec<(String, String, String)> = if containers.is_empty() {
             vec![("-".into(), "-".into(), "-".into())]

@@ -1,8 +1,8 @@
 //! `husk rm [-f] POD…`: removes finished pods (with -f, stops running ones
 //! first), releasing anything a crashed monitor left behind.
 
+use super::for_each_pod;
 use super::stop::stop_pod;
-use super::{fail, PodView, EXIT_FAILURE};
 use husk_sandbox::state::Roots;
 
 #[derive(clap::Args)]
@@ -32,36 +32,18 @@ pub fn remove_pod(roots: &Roots, id: &str) -> Result<(), String> {
 }
 
 pub fn run(roots: &Roots, a: RmArgs) -> i32 {
-    let mut code = 0;
-    for key in &a.pods {
-        let rec = match roots.find_pod(key) {
-            Ok(r) => r,
-            Err(e) => {
-                code = fail(EXIT_FAILURE, e);
-                continue;
-            }
-        };
-        let v = PodView::load(roots, rec);
+    for_each_pod(roots, &a.pods, |v| {
         if v.monitor_alive() && !v.finished() {
             if !a.force {
-                code = fail(
-                    EXIT_FAILURE,
-                    format!(
-                        "pod {} is running; stop it first (husk stop {0}) or use rm -f",
-                        v.record.plan.name
-                    ),
-                );
-                continue;
+                return Err(format!(
+                    "pod {} is running; stop it first (husk stop {0}) or use rm -f",
+                    v.record.plan.name
+                ));
             }
-            if let Err(e) = stop_pod(roots, &v, Some(0)) {
-                code = fail(EXIT_FAILURE, e);
-                continue;
-            }
+            stop_pod(roots, &v, Some(0))?;
         }
-        match remove_pod(roots, &v.record.id) {
-            Ok(()) => println!("{}", v.record.plan.name),
-            Err(e) => code = fail(EXIT_FAILURE, e),
-        }
-    }
-    code
+        remove_pod(roots, &v.record.id)?;
+        println!("{}", v.record.plan.name);
+        Ok(())
+    })
 }

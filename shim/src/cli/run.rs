@@ -6,7 +6,7 @@ use super::logs::LogFollower;
 use super::{fail, EXIT_FAILURE, EXIT_USAGE};
 use crate::control::{self, Request};
 use husk_sandbox::pod::{self, ManifestSource, PodPlan};
-use husk_sandbox::state::{new_pod_id, pid_alive, ContainerState, PodRecord, PodStatus, Roots};
+use husk_sandbox::state::{new_pod_id, ContainerState, PodRecord, PodStatus, Roots};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -332,15 +332,11 @@ fn follow(roots: &Roots, id: &str, plan: &PodPlan) -> i32 {
             let _ = control::call(&paths.socket(), &Request::Stop { grace_secs: grace });
             sent = n;
         }
-        let st = PodStatus::load(&paths).ok();
-        let done = match &st {
-            Some(s) => s.finished || !s.monitor_pid.is_some_and(pid_alive),
-            None => true,
-        };
+        let done = super::pod_over(roots, id);
         let progressed = follower.poll();
         if done {
             follower.poll();
-            return exit_code(st.as_ref());
+            return exit_code(PodStatus::load(&paths).ok().as_ref());
         }
         if !progressed {
             std::thread::sleep(Duration::from_millis(10));
@@ -353,9 +349,7 @@ fn follow(roots: &Roots, id: &str, plan: &PodPlan) -> i32 {
 fn exit_code(st: Option<&PodStatus>) -> i32 {
     let Some(st) = st else { return EXIT_FAILURE };
     let mut failed: Vec<(chrono::DateTime<chrono::Utc>, i32)> = st
-        .init_container_statuses
-        .iter()
-        .chain(st.container_statuses.iter())
+        .all_containers()
         .filter_map(|c| match &c.state {
             ContainerState::Terminated {
                 exit_code,

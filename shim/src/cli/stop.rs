@@ -1,6 +1,6 @@
 //! `husk stop [-t SECONDS] POD…`: graceful stop through the monitor.
 
-use super::{fail, wait_finished, PodView, EXIT_FAILURE};
+use super::{for_each_pod, wait_finished, PodView};
 use crate::control::{self, Request};
 use husk_sandbox::state::Roots;
 use std::time::Duration;
@@ -35,20 +35,9 @@ pub fn stop_pod(roots: &Roots, v: &PodView, grace: Option<u64>) -> Result<(), St
 }
 
 pub fn run(roots: &Roots, a: StopArgs) -> i32 {
-    let mut code = 0;
-    for key in &a.pods {
-        let rec = match roots.find_pod(key) {
-            Ok(r) => r,
-            Err(e) => {
-                code = fail(EXIT_FAILURE, e);
-                continue;
-            }
-        };
-        let v = PodView::load(roots, rec);
-        match stop_pod(roots, &v, a.time) {
-            Ok(()) => println!("{}", v.record.plan.name),
-            Err(e) => code = fail(EXIT_FAILURE, e),
-        }
-    }
-    code
+    for_each_pod(roots, &a.pods, |v| {
+        stop_pod(roots, &v, a.time)?;
+        println!("{}", v.record.plan.name);
+        Ok(())
+    })
 }
