@@ -507,6 +507,7 @@ fn compile_cache_second_start_does_not_recompile() {
     let cached: Vec<_> = std::fs::read_dir(env.root().join("lib/cache/wasm"))
         .unwrap()
         .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
         .collect();
     assert_eq!(cached.len(), 1);
     env.finish();

@@ -64,7 +64,7 @@ impl WasmEngine {
             dir: cache_dir.to_owned(),
             source,
         })?;
-        let placeholder_dir = cache_dir.join("empty");
+        let placeholder_dir = cache_dir.join(".empty");
         std::fs::create_dir_all(&placeholder_dir).map_err(|source| WasmError::Cache {
             dir: placeholder_dir.clone(),
             source,
