@@ -1,0 +1,311 @@
+//! Pulls through the OCI distribution API (oci-client): manifest or index
+//! (platform chosen for what the caller runs), config, then each layer the
+//! store lacks, streamed into the store and verified against its digest.
+//! Layers already present are reported as "Already exists" and not fetched.
+
+use crate::progress::Progress;
+use crate::reference::{is_sha256, ImageRef};
+use crate::store::{Descriptor, ImageRecord, Store};
+use crate::{ImageError, WASM_LAYER_TYPES};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+const INDEX_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Which image of a multi-platform index the caller wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// linux/amd64, for VM pods.
+    Linux,
+    /// A wasm artifact, for wasm pods.
+    Wasm,
+    /// A wasm artifact if the index has one, else linux/amd64.
+    Any,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure: Vec<String>,
+    /// Basic credentials for the registry.
+    pub auth: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct PullReport {
+    pub record: ImageRecord,
+    pub downloaded: Vec<String>,
+    pub existing: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawIndex {
+    manifests: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEntry {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    platform: Option<RawPlatform>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawPlatform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawManifest {
+    #[serde(default)]
+    media_type: Option<String>,
+    config: Descriptor,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+fn is_wasm_platform(p: &RawPlatform) -> bool {
+    p.architecture.starts_with("wasm") || p.os.starts_with("wasi")
+}
+
+fn reg_err(r: &ImageRef, e: OciDistributionError) -> ImageError {
+    let text = e.to_string();
+    let not_found = matches!(e, OciDistributionError::ImageManifestNotFoundError(_))
+        || text.contains("MANIFEST_UNKNOWN")
+        || text.contains("NAME_UNKNOWN")
+        || text.contains("BLOB_UNKNOWN");
+    if not_found {
+        return ImageError::NotFound {
+            reference: r.name(),
+        };
+    }
+    let reason = match e {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => {
+            format!("authentication failed ({text}); check the credentials")
+        }
+        OciDistributionError::RequestError(ref re) if re.is_connect() || re.is_timeout() => {
+            format!(
+                "cannot reach registry {} ({}); is it running, and is the address right?",
+                r.registry(),
+                std::error::Error::source(re)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| re.to_string())
+            )
+        }
+        _ => text,
+    };
+    ImageError::Registry {
+        reference: r.name(),
+        reason,
+    }
+}
+
+fn client_for(r: &ImageRef, opts: &PullOptions) -> oci_client::Client {
+    let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == r.registry());
+    oci_client::Client::new(ClientConfig {
+        protocol: if plain {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        connect_timeout: Some(std::time::Duration::from_secs(10)),
+        read_timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    })
+}
+
+/// Pulls `r` into `store`.
+pub async fn pull(
+    store: &Store,
+    r: &ImageRef,
+    want: Want,
+    opts: &PullOptions,
+    progress: &mut Progress,
+) -> Result<PullReport, ImageError> {
+    store.clean_tmp();
+    let client = client_for(r, opts);
+    let auth = match &opts.auth {
+        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let accepted: Vec<&str> = INDEX_TYPES.iter().chain(MANIFEST_TYPES).copied().collect();
+    let name = r.name();
+    let (mut raw, _) = client
+        .pull_manifest_raw(r.inner(), &auth, &accepted)
+        .await
+        .map_err(|e| reg_err(r, e))?;
+    let mut digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+    if let Some(want_digest) = r.digest() {
+        if want_digest != digest {
+            return Err(ImageError::DigestMismatch {
+                reference: name,
+                digest: want_digest.to_owned(),
+                got: digest,
+            });
+        }
+    }
+    let mut platform = None;
+    let probe: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
+        reference: name.clone(),
+        reason: format!("the manifest is not JSON: {e}"),
+    })?;
+    let is_index = probe.get("manifests").is_some();
+    if is_index {
+        let idx: RawIndex = serde_json::from_value(probe).map_err(|e| ImageError::Registry {
+            reference: name.clone(),
+            reason: format!("invalid image index: {e}"),
+        })?;
+        let plat = |e: &RawEntry| e.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture));
+        let wasm = idx
+            .manifests
+            .iter()
+            .find(|e| e.platform.as_ref().is_some_and(is_wasm_platform));
+        let linux = idx.manifests.iter().find(|e| {
+            e.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+        });
+        let chosen = match want {
+            Want::Wasm => wasm,
+            Want::Linux => linux,
+            Want::Any => wasm.or(linux),
+        };
+        let Some(entry) = chosen else {
+            return Err(ImageError::NoPlatform {
+                reference: name,
+                wanted: match want {
+                    Want::Wasm => "wasm".into(),
+                    Want::Linux | Want::Any => "linux/amd64".into(),
+                },
+                available: idx
+                    .manifests
+                    .iter()
+                    .map(|e| plat(e).unwrap_or_else(|| "unknown".into()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        if !is_sha256(&entry.digest) || !MANIFEST_TYPES.contains(&entry.media_type.as_str()) && !entry.media_type.is_empty() {
+            return Err(ImageError::BadDigest {
+                reference: name,
+                digest: entry.digest.clone(),
+            });
+        }
+        platform = plat(entry);
+        let child = r.with_digest(&entry.digest);
+        let (bytes, _) = client
+            .pull_manifest_raw(child.inner(), &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| reg_err(r, e))?;
+        // Keep the index too, so the name's digest stays the one the
+        // registry serves for it.
+        store.write_blob_bytes(&name, &digest, &raw)?;
+        raw = bytes;
+        digest = entry.digest.clone();
+    }
+    let manifest: RawManifest = serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
+        reference: name.clone(),
+        reason: format!("invalid image manifest: {e}"),
+    })?;
+    store.write_blob_bytes(&name, &digest, &raw)?;
+
+    let mut report = PullReport {
+        record: ImageRecord {
+            name: name.clone(),
+            digest: digest.clone(),
+            media_type: manifest
+                .media_type
+                .clone()
+                .unwrap_or_else(|| MANIFEST_TYPES[0].to_owned()),
+            config: manifest.config.clone(),
+            layers: manifest.layers.clone(),
+            platform,
+            created: None,
+            pulled_at: chrono::Utc::now(),
+        },
+        downloaded: Vec::new(),
+        existing: Vec::new(),
+    };
+    for d in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
+        if !is_sha256(&d.digest) {
+            return Err(ImageError::BadDigest {
+                reference: name,
+                digest: d.digest.clone(),
+            });
+        }
+    }
+    for d in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
+        let is_layer = !std::ptr::eq(d, &manifest.config);
+        if store.has_blob(&d.digest) {
+            if is_layer {
+                progress.exists(&d.digest);
+            }
+            report.existing.push(d.digest.clone());
+            continue;
+        }
+        let desc = OciDescriptor {
+            media_type: d.media_type.clone(),
+            digest: d.digest.clone(),
+            size: d.size as i64,
+            ..Default::default()
+        };
+        let stream = client
+            .pull_blob_stream(r.inner(), &desc)
+            .await
+            .map_err(|e| reg_err(r, e))?;
+        if is_layer {
+            progress.start(&d.digest, d.size);
+        }
+        let n = store
+            .write_blob(&name, &d.digest, stream.stream, |n| progress.advance(&d.digest, n))
+            .await?;
+        if n != d.size {
+            tracing::warn!(digest = %d.digest, "size {n} differs from the manifest's {}", d.size);
+        }
+        if is_layer {
+            progress.done(&d.digest);
+        }
+        report.downloaded.push(d.digest.clone());
+    }
+    let config: serde_json::Value = std::fs::read(store.blob_path(&manifest.config.digest))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    report.record.created = config
+        .get("created")
+        .and_then(|c| c.as_str())
+        .map(str::to_owned);
+    if report.record.platform.is_none() {
+        let os = config.get("os").and_then(|v| v.as_str());
+        let arch = config.get("architecture").and_then(|v| v.as_str());
+        report.record.platform = match (os, arch) {
+            (Some(o), Some(a)) => Some(format!("{o}/{a}")),
+            _ if report.record.layers.iter().any(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str())) => Some("wasi/wasm".into()),
+            _ => None,
+        };
+    }
+    store.put(report.record.clone())?;
+    progress.message(&format!("Digest: {digest}"));
+    progress.message(&format!("Status: Downloaded newer image for {name}"));
+    Ok(report)
+}
