@@ -36,6 +36,14 @@ enum Command {
     Stop(cli::stop::StopArgs),
     /// Remove pods (their logs and emptyDirs go with them).
     Rm(cli::rm::RmArgs),
+    /// Pull an image from a registry.
+    Pull(cli::images::PullArgs),
+    /// List images.
+    Images(cli::images::ImagesArgs),
+    /// Show an image's layers and how they were made.
+    History(cli::images::HistoryArgs),
+    /// Remove images; blobs no other image uses leave the disk.
+    Rmi(cli::images::RmiArgs),
     /// The per-pod monitor (started by `husk run`).
     #[command(hide = true)]
     Monitor {
@@ -62,6 +70,10 @@ fn main() {
         Command::Inspect(a) => cli::inspect::run(&roots, a),
         Command::Stop(a) => cli::stop::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
+        Command::Pull(a) => cli::images::pull(&roots, a),
+        Command::Images(a) => cli::images::images(&roots, a),
+        Command::History(a) => cli::images::history(&roots, a),
+        Command::Rmi(a) => cli::images::rmi(&roots, a),
     };
     std::process::exit(code);
 }

@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 pub struct Progress {
     mode: Mode,
     bars: HashMap<String, ProgressBar>,
+    stderr: bool,
 }
 
 enum Mode {
@@ -34,6 +35,22 @@ impl Progress {
         Progress {
             mode,
             bars: HashMap::new(),
+            stderr: false,
+        }
+    }
+
+    /// Plain lines go to stderr (for `husk run`, whose stdout is the
+    /// containers').
+    pub fn to_stderr(mut self) -> Self {
+        self.stderr = true;
+        self
+    }
+
+    fn line(&self, text: &str) {
+        if self.stderr {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
         }
     }
 
@@ -44,7 +61,7 @@ impl Progress {
     pub fn message(&self, text: &str) {
         match &self.mode {
             Mode::Quiet => {}
-            Mode::Lines => println!("{text}"),
+            Mode::Lines => self.line(text),
             Mode::Bars(m) => {
                 let _ = m.println(text);
             }
@@ -59,7 +76,7 @@ impl Progress {
     pub fn start(&mut self, digest: &str, size: u64) {
         match &self.mode {
             Mode::Quiet => {}
-            Mode::Lines => println!("{}: Pulling ({size} bytes)", short(digest)),
+            Mode::Lines => self.line(&format!("{}: Pulling ({size} bytes)", short(digest))),
             Mode::Bars(m) => {
                 let bar = m.add(ProgressBar::new(size));
                 bar.set_style(

@@ -89,10 +89,11 @@ fn is_wasm_platform(p: &RawPlatform) -> bool {
 
 fn reg_err(r: &ImageRef, e: OciDistributionError) -> ImageError {
     let text = e.to_string();
+    let lower = text.to_ascii_lowercase().replace('_', " ");
     let not_found = matches!(e, OciDistributionError::ImageManifestNotFoundError(_))
-        || text.contains("MANIFEST_UNKNOWN")
-        || text.contains("NAME_UNKNOWN")
-        || text.contains("BLOB_UNKNOWN");
+        || ["manifest unknown", "name unknown", "blob unknown"]
+            .iter()
+            .any(|code| lower.contains(code));
     if not_found {
         return ImageError::NotFound {
             reference: r.name(),
@@ -165,17 +166,22 @@ pub async fn pull(
         }
     }
     let mut platform = None;
-    let probe: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
-        reference: name.clone(),
-        reason: format!("the manifest is not JSON: {e}"),
-    })?;
+    let probe: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
+            reference: name.clone(),
+            reason: format!("the manifest is not JSON: {e}"),
+        })?;
     let is_index = probe.get("manifests").is_some();
     if is_index {
         let idx: RawIndex = serde_json::from_value(probe).map_err(|e| ImageError::Registry {
             reference: name.clone(),
             reason: format!("invalid image index: {e}"),
         })?;
-        let plat = |e: &RawEntry| e.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture));
+        let plat = |e: &RawEntry| {
+            e.platform
+                .as_ref()
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+        };
         let wasm = idx
             .manifests
             .iter()
@@ -205,7 +211,9 @@ pub async fn pull(
                     .join(", "),
             });
         };
-        if !is_sha256(&entry.digest) || !MANIFEST_TYPES.contains(&entry.media_type.as_str()) && !entry.media_type.is_empty() {
+        if !is_sha256(&entry.digest)
+            || !MANIFEST_TYPES.contains(&entry.media_type.as_str()) && !entry.media_type.is_empty()
+        {
             return Err(ImageError::BadDigest {
                 reference: name,
                 digest: entry.digest.clone(),
@@ -277,7 +285,9 @@ pub async fn pull(
             progress.start(&d.digest, d.size);
         }
         let n = store
-            .write_blob(&name, &d.digest, stream.stream, |n| progress.advance(&d.digest, n))
+            .write_blob(&name, &d.digest, stream.stream, |n| {
+                progress.advance(&d.digest, n)
+            })
             .await?;
         if n != d.size {
             tracing::warn!(digest = %d.digest, "size {n} differs from the manifest's {}", d.size);
@@ -300,7 +310,14 @@ pub async fn pull(
         let arch = config.get("architecture").and_then(|v| v.as_str());
         report.record.platform = match (os, arch) {
             (Some(o), Some(a)) => Some(format!("{o}/{a}")),
-            _ if report.record.layers.iter().any(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str())) => Some("wasi/wasm".into()),
+            _ if report
+                .record
+                .layers
+                .iter()
+                .any(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str())) =>
+            {
+                Some("wasi/wasm".into())
+            }
             _ => None,
         };
     }

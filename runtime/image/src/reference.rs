@@ -74,9 +74,11 @@ impl ImageRef {
 
     /// Whether the registry is on this machine (plain HTTP by default).
     pub fn is_loopback(&self) -> bool {
-        let host = self.registry().rsplit_once(':').map_or(self.registry(), |h| h.0);
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]")
-            || host.starts_with("127.")
+        let host = self
+            .registry()
+            .rsplit_once(':')
+            .map_or(self.registry(), |h| h.0);
+        matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.")
     }
 }
 
@@ -89,7 +91,9 @@ impl std::fmt::Display for ImageRef {
 /// `sha256:` followed by 64 lowercase hex digits.
 pub fn is_sha256(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -114,7 +118,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_syntax() {
-        for bad in ["", " busybox", "UPPER/case", "a@sha256:xyz", "a:b:c:d", "app@md5:abc"] {
+        for bad in [
+            "",
+            " busybox",
+            "UPPER/case",
+            "a@sha256:xyz",
+            "a:b:c:d",
+            "app@md5:abc",
+        ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

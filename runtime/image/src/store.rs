@@ -217,10 +217,19 @@ impl Store {
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ImageError::Registry {
-                reference: reference.to_owned(),
-                reason: format!("download of {digest} failed: {e}"),
-            })?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                // oci-client checks the digest too, and ends the stream
+                // with this error after the last byte: report it as the
+                // mismatch it is, with the digest of what arrived.
+                Err(e) if e.to_string().starts_with("Invalid digest") => break,
+                Err(e) => {
+                    return Err(ImageError::Registry {
+                        reference: reference.to_owned(),
+                        reason: format!("download of {digest} failed: {e}"),
+                    })
+                }
+            };
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(store_err(&tmp.0))?;
             n += chunk.len() as u64;
@@ -278,10 +287,7 @@ impl Store {
         let replaced = old.map(|i| idx.images.remove(i));
         idx.images.push(rec);
         self.write_index(&idx, &lock)?;
-        Ok(match replaced {
-            Some(r) => Some(self.collect(&idx, &[r], &lock)),
-            None => None,
-        })
+        Ok(replaced.map(|r| self.collect(&idx, &[r], &lock)))
     }
 
     /// Removes the image named `name` and every blob nothing else uses.
@@ -384,7 +390,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,10 +399,14 @@ mod tests {
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
     }
 
-    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = std::io::Result<bytes::Bytes>> + Unpin {
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl Stream<Item = std::io::Result<bytes::Bytes>> + Unpin {
         futures_util::stream::iter(
             parts
                 .iter()
@@ -415,13 +424,19 @@ mod tests {
             .block_on(store.write_blob("t", &good, chunks(&[b"hello ", b"world"]), |_| {}))
             .unwrap();
         assert_eq!(n, 11);
-        assert_eq!(std::fs::read(store.blob_path(&good)).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(store.blob_path(&good)).unwrap(),
+            b"hello world"
+        );
         let err = rt()
             .block_on(store.write_blob("t", &digest(b"other"), chunks(&[b"tampered"]), |_| {}))
             .unwrap_err();
         assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
         assert!(!store.has_blob(&digest(b"other")));
-        assert_eq!(std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("tmp")).unwrap().count(),
+            0
+        );
         // A digest that is not sha256 hex never becomes a path.
         let err = rt()
             .block_on(store.write_blob("t", "sha256:../../etc", chunks(&[b"x"]), |_| {}))
@@ -462,8 +477,16 @@ mod tests {
         assert!(store.has_blob(&shared.digest));
         let r = store.remove("b").unwrap();
         assert!(r.deleted.contains(&shared.digest));
-        assert_eq!(std::fs::read_dir(tmp.path().join("blobs/sha256")).unwrap().count(), 0);
-        assert!(matches!(store.remove("b"), Err(ImageError::UnknownImage(_))));
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("blobs/sha256"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(matches!(
+            store.remove("b"),
+            Err(ImageError::UnknownImage(_))
+        ));
     }
 
     #[test]

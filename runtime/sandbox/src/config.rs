@@ -1,5 +1,6 @@
 //! husk's host configuration (`/etc/husk/config.toml`, or `config.toml` in
-//! `--root`): networking and restart back-off. Every key is optional.
+//! `--root`): networking, restart back-off and registries. Every key is
+//! optional.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,15 @@ use std::path::{Path, PathBuf};
 pub struct HuskConfig {
     pub network: NetworkConfig,
     pub restart: RestartConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries reached over plain HTTP (`host:port`); loopback registries
+    /// always are.
+    pub insecure: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

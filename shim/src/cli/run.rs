@@ -180,12 +180,13 @@ fn rand_bytes() -> [u8; 3] {
     [b[0] ^ b[3], b[1] ^ b[4], b[2] ^ b[5]]
 }
 
-fn load_plan(a: &RunArgs) -> Result<PodPlan, String> {
+fn load_plan(roots: &Roots, a: &RunArgs) -> Result<PodPlan, String> {
+    let images = super::images::StoreResolver { roots };
     if let Some(f) = &a.file {
         if !a.image_and_args.is_empty() {
             return Err("give either -f FILE or an IMAGE, not both".into());
         }
-        return pod::load_manifest_file(f).map_err(|e| e.to_string());
+        return pod::load_manifest_file(f, Some(&images)).map_err(|e| e.to_string());
     }
     let doc = manifest_from_flags(a)?;
     let text = serde_yaml::to_string(&doc).map_err(|e| e.to_string())?;
@@ -195,13 +196,14 @@ fn load_plan(a: &RunArgs) -> Result<PodPlan, String> {
         &ManifestSource {
             display: "command line".into(),
             base_dir: &cwd,
+            images: Some(&images),
         },
     )
     .map_err(|e| e.to_string())
 }
 
 pub fn run(roots: &Roots, a: RunArgs) -> i32 {
-    let plan = match load_plan(&a) {
+    let plan = match load_plan(roots, &a) {
         Ok(p) => p,
         Err(e) => return fail(EXIT_USAGE, e),
     };

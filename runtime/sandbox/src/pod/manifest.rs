@@ -31,6 +31,28 @@ pub struct ManifestSource<'a> {
     pub display: String,
     /// Directory that relative image paths are resolved against.
     pub base_dir: &'a Path,
+    /// Turns registry references into wasm files (the image store); without
+    /// it only file paths are accepted.
+    pub images: Option<&'a dyn ImageResolver>,
+}
+
+/// Resolves a registry reference to the wasm module or component file of
+/// the image (pulling it when missing).
+pub trait ImageResolver {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+}
+
+/// Whether a container's `image` names a file rather than a registry
+/// reference: `file://`, an absolute or `./` path, a `.wasm`/`.wat` name,
+/// or a file that exists relative to `base_dir`.
+pub fn is_file_image(image: &str, base_dir: &Path) -> bool {
+    image.starts_with("file://")
+        || image.starts_with('/')
+        || image.starts_with("./")
+        || image.starts_with("../")
+        || image.ends_with(".wasm")
+        || image.ends_with(".wat")
+        || base_dir.join(image).is_file()
 }
 
 struct Docs {
@@ -39,7 +61,10 @@ struct Docs {
 }
 
 /// Parses and validates a manifest file.
-pub fn load_manifest_file(path: &Path) -> Result<PodPlan, ManifestError> {
+pub fn load_manifest_file(
+    path: &Path,
+    images: Option<&dyn ImageResolver>,
+) -> Result<PodPlan, ManifestError> {
     let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
         file: path.display().to_string(),
         doc: "file".into(),
@@ -62,6 +87,7 @@ pub fn load_manifest_file(path: &Path) -> Result<PodPlan, ManifestError> {
         &ManifestSource {
             display: path.display().to_string(),
             base_dir: &base,
+            images,
         },
     )?;
     plan.source = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
@@ -601,7 +627,24 @@ fn validate_container(
             "missing; give the path of a .wasm module or component".into(),
         ));
     }
-    let image = resolve_image(&c.image, src.base_dir);
+    let image = if is_file_image(&c.image, src.base_dir) {
+        resolve_image(&c.image, src.base_dir)
+    } else {
+        match src.images {
+            Some(store) => store
+                .resolve(&c.image)
+                .map_err(|e| err(&format!("{at}.image"), e))?,
+            None => {
+                return Err(err(
+                    &format!("{at}.image"),
+                    format!(
+                    "{:?} is not a file, and no image store is available for registry references",
+                    c.image
+                ),
+                ))
+            }
+        }
+    };
     if !image.is_file() {
         return Err(err(
             &format!("{at}.image"),

@@ -5,6 +5,8 @@ pub mod plan;
 pub mod quantity;
 pub mod spec;
 
-pub use manifest::{load_manifest_file, parse_manifest, ManifestError, ManifestSource};
+pub use manifest::{
+    is_file_image, load_manifest_file, parse_manifest, ImageResolver, ManifestError, ManifestSource,
+};
 pub use plan::*;
 pub use spec::RestartPolicy;

@@ -1,0 +1,353 @@
+//! Image verbs: `husk pull`, `husk images`, `husk history`, `husk rmi`, and
+//! the resolver that turns a wasm container's registry reference into the
+//! file of its wasm layer (pulling it when missing, like `docker run`).
+
+use super::{fail, EXIT_FAILURE, EXIT_USAGE};
+use husk_image::{ImageError, ImageRecord, ImageRef, Progress, PullOptions, Store, Want};
+use husk_sandbox::config::HuskConfig;
+use husk_sandbox::pod::ImageResolver;
+use husk_sandbox::state::Roots;
+use std::path::PathBuf;
+
+fn open_store(roots: &Roots) -> Result<Store, ImageError> {
+    Store::open(&roots.lib.join("images"))
+}
+
+fn pull_options(roots: &Roots) -> PullOptions {
+    let cfg = HuskConfig::load(&roots.config_file()).unwrap_or_default();
+    PullOptions {
+        insecure: cfg.registry.insecure,
+        auth: None,
+    }
+}
+
+fn image_fail(e: ImageError) -> i32 {
+    fail(
+        if e.is_usage() {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        },
+        e,
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn do_pull(
+    roots: &Roots,
+    store: &Store,
+    r: &ImageRef,
+    want: Want,
+    progress: &mut Progress,
+) -> Result<ImageRecord, ImageError> {
+    let opts = pull_options(roots);
+    runtime()
+        .block_on(husk_image::pull(store, r, want, &opts, progress))
+        .map(|rep| rep.record)
+}
+
+/// The image store as seen by manifest validation.
+pub struct StoreResolver<'a> {
+    pub roots: &'a Roots,
+}
+
+impl ImageResolver for StoreResolver<'_> {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+        let store = open_store(self.roots).map_err(|e| e.to_string())?;
+        let r = ImageRef::parse(reference).map_err(|e| e.to_string())?;
+        let rec = match store.find(&r.name()) {
+            Ok(rec) => rec,
+            Err(ImageError::UnknownImage(_)) => {
+                eprintln!("Unable to find image '{}' locally", r.name());
+                let mut progress = Progress::new(false).to_stderr();
+                do_pull(self.roots, &store, &r, Want::Wasm, &mut progress)
+                    .map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let layer = rec.wasm_layer().ok_or_else(|| {
+            format!(
+                "{} is not a wasm artifact (layer media types: {}); a wasm pod needs a layer of type {}",
+                rec.name,
+                rec.layers
+                    .iter()
+                    .map(|l| l.media_type.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                husk_image::WASM_LAYER_TYPES.join(" or ")
+            )
+        })?;
+        Ok(store.blob_path(&layer.digest))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PullArgs {
+    /// Image reference: NAME[:TAG] or NAME@sha256:DIGEST.
+    image: String,
+    /// No progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Which image of a multi-platform index: wasm, linux or any.
+    #[arg(long, default_value = "any")]
+    platform: String,
+}
+
+pub fn pull(roots: &Roots, a: PullArgs) -> i32 {
+    let want = match a.platform.as_str() {
+        "wasm" => Want::Wasm,
+        "linux" | "linux/amd64" => Want::Linux,
+        "any" => Want::Any,
+        other => {
+            return fail(
+                EXIT_USAGE,
+                format!("--platform {other:?}: use wasm, linux or any"),
+            )
+        }
+    };
+    let r = match ImageRef::parse(&a.image) {
+        Ok(r) => r,
+        Err(e) => return image_fail(e),
+    };
+    let store = match open_store(roots) {
+        Ok(s) => s,
+        Err(e) => return image_fail(e),
+    };
+    let mut progress = Progress::new(a.quiet);
+    match do_pull(roots, &store, &r, want, &mut progress) {
+        Ok(rec) => {
+            if a.quiet {
+                println!("{}", rec.name);
+            }
+            0
+        }
+        Err(e) => image_fail(e),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ImagesArgs {
+    /// table or json.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: &[&str] = &["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// (repository, tag) of a normalised name.
+fn repo_tag(name: &str) -> (String, String) {
+    match ImageRef::parse(name) {
+        Ok(r) => (
+            format!("{}/{}", r.registry(), r.repository()),
+            r.tag().unwrap_or("<none>").to_owned(),
+        ),
+        Err(_) => (name.to_owned(), "<none>".into()),
+    }
+}
+
+pub fn images(roots: &Roots, a: ImagesArgs) -> i32 {
+    let store = match open_store(roots) {
+        Ok(s) => s,
+        Err(e) => return image_fail(e),
+    };
+    let (list, users) = match (store.list(), store.blob_users()) {
+        (Ok(l), Ok(u)) => (l, u),
+        (Err(e), _) | (_, Err(e)) => return image_fail(e),
+    };
+    let shared = |rec: &ImageRecord| -> u64 {
+        rec.layers
+            .iter()
+            .filter(|l| users.get(&l.digest).copied().unwrap_or(0) > 1)
+            .map(|l| l.size)
+            .sum()
+    };
+    match a.format.as_str() {
+        "json" => {
+            let v: Vec<_> = list
+                .iter()
+                .map(|r| {
+                    let (repo, tag) = repo_tag(&r.name);
+                    serde_json::json!({
+                        "name": r.name,
+                        "repository": repo,
+                        "tag": tag,
+                        "digest": r.digest,
+                        "size": r.size(),
+                        "sharedSize": shared(r),
+                        "platform": r.platform,
+                        "created": r.created,
+                        "pulledAt": r.pulled_at,
+                        "layers": r.layers,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            0
+        }
+        "table" => {
+            println!(
+                "{:<40} {:<12} {:<19} {:<10} {:<12} CREATED",
+                "REPOSITORY", "TAG", "DIGEST", "SIZE", "SHARED SIZE"
+            );
+            for r in &list {
+                let (repo, tag) = repo_tag(&r.name);
+                println!(
+                    "{:<40} {:<12} {:<19} {:<10} {:<12} {}",
+                    repo,
+                    tag,
+                    &r.digest[..r.digest.len().min(19)],
+                    human(r.size()),
+                    human(shared(r)),
+                    r.created.as_deref().unwrap_or("-")
+                );
+            }
+            0
+        }
+        other => fail(EXIT_USAGE, format!("--format {other:?}: use table or json")),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    image: String,
+}
+
+pub fn history(roots: &Roots, a: HistoryArgs) -> i32 {
+    let store = match open_store(roots) {
+        Ok(s) => s,
+        Err(e) => return image_fail(e),
+    };
+    let rec = match store.find(&a.image) {
+        Ok(r) => r,
+        Err(e) => return image_fail(e),
+    };
+    let config: serde_json::Value = std::fs::read(store.blob_path(&rec.config.digest))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let history = config
+        .get("history")
+        .and_then(|h| h.as_array())
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "{:<19} {:<32} {:<10} CREATED BY",
+        "LAYER", "CREATED", "SIZE"
+    );
+    let mut layers = rec.layers.iter();
+    if history.is_empty() {
+        for l in layers {
+            println!(
+                "{:<19} {:<32} {:<10} -",
+                &l.digest[..19],
+                "-",
+                human(l.size)
+            );
+        }
+        return 0;
+    }
+    // Newest first, as docker does; empty layers have no blob.
+    let mut rows = Vec::new();
+    for h in &history {
+        let empty = h.get("empty_layer").and_then(|e| e.as_bool()) == Some(true);
+        let layer = if empty { None } else { layers.next() };
+        rows.push((
+            layer.map_or("<missing>".into(), |l| l.digest[..19].to_owned()),
+            h.get("created")
+                .and_then(|c| c.as_str())
+                .unwrap_or("-")
+                .to_owned(),
+            human(layer.map_or(0, |l| l.size)),
+            h.get("created_by")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_owned(),
+        ));
+    }
+    for (l, c, s, by) in rows.iter().rev() {
+        println!("{l:<19} {c:<32} {s:<10} {by}");
+    }
+    0
+}
+
+#[derive(clap::Args)]
+pub struct RmiArgs {
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// Remove even if a pod uses the image.
+    #[arg(short, long)]
+    force: bool,
+}
+
+/// Pods whose containers run `rec`.
+fn users_of(roots: &Roots, store: &Store, rec: &ImageRecord) -> Vec<String> {
+    let wasm = rec.wasm_layer().map(|l| store.blob_path(&l.digest));
+    roots
+        .list_pods()
+        .into_iter()
+        .filter(|p| {
+            p.plan.all_containers().any(|c| {
+                Some(&c.image) == wasm.as_ref()
+                    || ImageRef::parse(&c.image_ref).is_ok_and(|r| r.name() == rec.name)
+            })
+        })
+        .map(|p| p.plan.name)
+        .collect()
+}
+
+pub fn rmi(roots: &Roots, a: RmiArgs) -> i32 {
+    let store = match open_store(roots) {
+        Ok(s) => s,
+        Err(e) => return image_fail(e),
+    };
+    let mut code = 0;
+    for key in &a.images {
+        let rec = match store.find(key) {
+            Ok(r) => r,
+            Err(e) => {
+                code = image_fail(e);
+                continue;
+            }
+        };
+        let users = users_of(roots, &store, &rec);
+        if !users.is_empty() && !a.force {
+            code = image_fail(ImageError::InUse {
+                image: rec.name,
+                pods: users.join(", "),
+            });
+            continue;
+        }
+        match store.remove(&rec.name) {
+            Ok(rep) => {
+                for u in &rep.untagged {
+                    println!("Untagged: {u}");
+                }
+                for d in &rep.deleted {
+                    println!("Deleted: {d}");
+                }
+                println!("Freed: {}", human(rep.freed));
+            }
+            Err(e) => code = image_fail(e),
+        }
+    }
+    code
+}

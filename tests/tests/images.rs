@@ -1,0 +1,410 @@
+//! Images end to end against a real registry on loopback (Debian's
+//! docker-registry, started per test on a free port): wasm artifacts pulled
+//! and run as pods, layer sharing, multi-platform indexes, rmi giving the
+//! bytes back, a registry that serves corrupted bytes, and bad input.
+
+mod common;
+use common::*;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Reference;
+use sha2::Digest as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+
+/// A docker-registry process serving a fresh directory on 127.0.0.1.
+struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Self {
+        let bin = Path::new("/usr/bin/docker-registry");
+        assert!(
+            bin.exists(),
+            "docker-registry missing: apt-get install docker-registry (tests/run.sh does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client() -> oci_client::Client {
+    oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    })
+}
+
+/// Pushes a wasm artifact (one `application/wasm` layer); returns the
+/// manifest URL's digest-less reference.
+fn push_wasm(reference: &str, wasm: &[u8], config_extra: &str) {
+    let r: Reference = reference.parse().unwrap();
+    let layer = ImageLayer::new(wasm.to_vec(), "application/wasm".into(), None);
+    let config = Config::new(
+        format!(
+            "{{\"architecture\":\"wasm\",\"os\":\"wasip1\",\"created\":\"2026-11-01T00:00:00Z\"{config_extra}}}"
+        )
+        .into_bytes(),
+        WASM_CONFIG.into(),
+        None,
+    );
+    rt().block_on(client().push(&r, &[layer], config, &RegistryAuth::Anonymous, None))
+        .unwrap();
+}
+
+fn images_json(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.husk(&["images", "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn blob_count(env: &Env) -> usize {
+    std::fs::read_dir(env.root().join("lib/images/blobs/sha256"))
+        .map(|r| r.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn wasm_artifact_pull_run_history_and_rmi() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let name = format!("{}/tests/probe:v1", reg.host());
+    push_wasm(&name, &wasm, ",\"history\":[{\"created\":\"2026-11-01T00:00:00Z\",\"created_by\":\"clang --target=wasm32-wasi probe.c\"}]");
+
+    let out = env.husk(&["pull", &name]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("Pull complete"), "{text}");
+    assert!(text.contains("Digest: sha256:"), "{text}");
+    let imgs = images_json(&env);
+    assert_eq!(imgs.len(), 1);
+    assert_eq!(imgs[0]["name"], name);
+    assert_eq!(imgs[0]["platform"], "wasip1/wasm");
+    assert!(imgs[0]["size"].as_u64().unwrap() >= wasm.len() as u64);
+    let table = stdout(&env.husk(&["images"]));
+    assert!(
+        table.contains(&format!("{}/tests/probe", reg.host())) && table.contains("v1"),
+        "{table}"
+    );
+    let hist = stdout(&env.husk(&["history", &name]));
+    assert!(
+        hist.contains("clang --target=wasm32-wasi probe.c"),
+        "{hist}"
+    );
+
+    // A second pull downloads nothing.
+    let again = stdout(&env.husk(&["pull", &name]));
+    assert!(
+        again.contains("Already exists") && !again.contains("Pull complete"),
+        "{again}"
+    );
+
+    // Run it by reference, docker style and from a manifest.
+    let out = env.husk(&["run", "--rm", &name, "echo", "from", "a", "registry"]);
+    assert_eq!(stdout(&out), "from a registry\n", "{}", stderr(&out));
+    let m = env.manifest(
+        "pod.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: user}}\nspec:\n  containers:\n  - {{name: main, image: \"{name}\", args: [stdin]}}\n"),
+    );
+    assert!(env.run_file(&m, &["-d"]).status.success());
+
+    // rmi refuses while a pod uses the image, then frees every byte.
+    let out = env.husk(&["rmi", &name]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("used by pod user"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(blob_count(&env) >= 3);
+    assert!(env.husk(&["rm", "-f", "user"]).status.success());
+    let out = env.husk(&["rmi", &name]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains(&format!("Untagged: {name}")) && text.contains("Freed:"),
+        "{text}"
+    );
+    assert_eq!(blob_count(&env), 0, "blobs left after rmi");
+    assert!(images_json(&env).is_empty());
+    env.finish();
+}
+
+#[test]
+fn layers_are_shared_between_images() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let a = format!("{}/tests/a:1", reg.host());
+    let b = format!("{}/tests/b:1", reg.host());
+    push_wasm(&a, &wasm, ",\"labels\":{\"n\":\"a\"}");
+    push_wasm(&b, &wasm, ",\"labels\":{\"n\":\"b\"}");
+    assert!(env.husk(&["pull", &a]).status.success());
+    let out = stdout(&env.husk(&["pull", &b]));
+    assert!(
+        out.contains("Already exists"),
+        "the wasm layer is shared: {out}"
+    );
+    let imgs = images_json(&env);
+    assert!(
+        imgs.iter()
+            .all(|i| i["sharedSize"].as_u64() == Some(wasm.len() as u64)),
+        "{imgs:?}"
+    );
+    let layer = imgs[0]["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let layer_path = env
+        .root()
+        .join("lib/images/blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let out = stdout(&env.husk(&["rmi", &a]));
+    assert!(!out.contains(&layer), "shared layer deleted with a: {out}");
+    assert!(layer_path.exists());
+    let out = stdout(&env.husk(&["rmi", &b]));
+    assert!(out.contains(&layer), "{out}");
+    assert!(!layer_path.exists());
+    env.finish();
+}
+
+#[test]
+fn multi_platform_index_picks_what_the_pod_runs() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let wasm_ref = format!("{}/tests/multi:wasm", reg.host());
+    push_wasm(&wasm_ref, &wasm, "");
+    // A linux/amd64 image with one (tiny) tar layer.
+    let linux_ref: Reference = format!("{}/tests/multi:linux", reg.host()).parse().unwrap();
+    let layer = ImageLayer::new(
+        vec![0u8; 1024],
+        "application/vnd.oci.image.layer.v1.tar".into(),
+        None,
+    );
+    let config = Config::new(
+        b"{\"architecture\":\"amd64\",\"os\":\"linux\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec(),
+        "application/vnd.oci.image.config.v1+json".into(),
+        None,
+    );
+    rt().block_on(client().push(&linux_ref, &[layer], config, &RegistryAuth::Anonymous, None))
+        .unwrap();
+    let manifest_of = |tag: &str| {
+        let url = format!("http://{}/v2/tests/multi/manifests/{tag}", reg.host());
+        let mut s = TcpStream::connect(("127.0.0.1", reg.port)).unwrap();
+        write!(
+            s,
+            "GET {url} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+            reg.host()
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let body = resp[split..].to_vec();
+        (
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+            body.len(),
+        )
+    };
+    let (wd, ws) = manifest_of("wasm");
+    let (ld, ls) = manifest_of("linux");
+    let index = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\"manifests\":[{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"{ld}\",\"size\":{ls},\"platform\":{{\"architecture\":\"amd64\",\"os\":\"linux\"}}}},{{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"{wd}\",\"size\":{ws},\"platform\":{{\"architecture\":\"wasm\",\"os\":\"wasip1\"}}}}]}}"
+    );
+    let multi: Reference = format!("{}/tests/multi:latest", reg.host())
+        .parse()
+        .unwrap();
+    rt().block_on(client().push_manifest_raw(
+        &multi,
+        index.into_bytes(),
+        reqwest::header::HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+    ))
+    .unwrap();
+    let name = multi.whole();
+    // A wasm pod pulls the wasm image of the index and runs it.
+    let out = env.husk(&["run", "--rm", &name, "echo", "picked", "wasm"]);
+    assert_eq!(stdout(&out), "picked wasm\n", "{}", stderr(&out));
+    assert_eq!(images_json(&env)[0]["platform"], "wasip1/wasm");
+    assert_eq!(images_json(&env)[0]["digest"], wd);
+    // Asking for linux gets the other one.
+    let out = env.husk(&["pull", "--platform", "linux", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(images_json(&env)[0]["platform"], "linux/amd64");
+    assert_eq!(images_json(&env)[0]["digest"], ld);
+    // A linux image is not something a wasm pod can run.
+    let out = env.husk(&["run", "--rm", &name, "echo"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is not a wasm artifact"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.husk(&["rmi", &name]).status.success());
+    env.finish();
+}
+
+/// Forwards HTTP to the registry, one request per connection, and flips the
+/// last byte of every blob body it passes on.
+fn corrupting_proxy(upstream: u16) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut down) = conn else { break };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(down.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line.to_ascii_lowercase().starts_with("connection:") {
+                        continue;
+                    }
+                    let end = line == "\r\n";
+                    if end {
+                        head.push_str("Connection: close\r\n");
+                    }
+                    head.push_str(&line);
+                    if end {
+                        break;
+                    }
+                }
+                let is_blob = head
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.contains("/blobs/sha256:"));
+                let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                up.write_all(head.as_bytes()).unwrap();
+                let mut resp = Vec::new();
+                let _ = up.read_to_end(&mut resp);
+                let split = resp
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(resp.len(), |p| p + 4);
+                if is_blob && resp.len() > split && head.starts_with("GET") {
+                    let last = resp.len() - 1;
+                    resp[last] ^= 0xff;
+                }
+                let _ = down.write_all(&resp);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn corrupted_bytes_and_bad_input_leave_the_store_unchanged() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    push_wasm(&format!("{}/tests/probe:v1", reg.host()), &wasm, "");
+    let proxy = corrupting_proxy(reg.port);
+    let out = env.husk(&["pull", &format!("127.0.0.1:{proxy}/tests/probe:v1")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not match its digest"),
+        "{}",
+        stderr(&out)
+    );
+    let tmp_left = std::fs::read_dir(env.root().join("lib/images/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(tmp_left, 0, "partial download left");
+    assert!(images_json(&env).is_empty());
+    // Only the (verified) manifest may have been kept; no config or layer.
+    assert!(blob_count(&env) <= 1);
+
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["pull", "Bad/Name"], 2, "invalid image reference"),
+        (&["pull", "app@sha256:nothex"], 2, "invalid image reference"),
+        (
+            &["pull", &format!("{}/tests/absent:v1", reg.host())],
+            1,
+            "not found in the registry",
+        ),
+        (
+            &["pull", "127.0.0.1:1/tests/probe:v1"],
+            1,
+            "cannot reach registry 127.0.0.1:1",
+        ),
+        (&["rmi", "nothing:here"], 1, "no such image"),
+        (&["history", "nothing:here"], 1, "no such image"),
+        (
+            &["run", "--rm", &format!("{}/tests/absent:v1", reg.host())],
+            2,
+            "spec.containers[0].image",
+        ),
+    ];
+    for (args, code, msg) in cases {
+        let out = env.husk(args);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(msg), "{args:?}: {}", stderr(&out));
+    }
+    assert!(images_json(&env).is_empty());
+    assert!(blob_count(&env) <= 1);
+    env.finish();
+}
