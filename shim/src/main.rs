@@ -44,6 +44,8 @@ enum Command {
     History(cli::images::HistoryArgs),
     /// Remove images; blobs no other image uses leave the disk.
     Rmi(cli::images::RmiArgs),
+    /// Give an image another name.
+    Tag(cli::images::TagArgs),
     /// The per-pod monitor (started by `husk run`).
     #[command(hide = true)]
     Monitor {
@@ -74,6 +76,7 @@ fn main() {
         Command::Images(a) => cli::images::images(&roots, a),
         Command::History(a) => cli::images::history(&roots, a),
         Command::Rmi(a) => cli::images::rmi(&roots, a),
+        Command::Tag(a) => cli::images::tag(&roots, a),
     };
     std::process::exit(code);
 }

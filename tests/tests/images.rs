@@ -12,6 +12,7 @@ use oci_client::Reference;
 use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
 
@@ -240,9 +241,10 @@ fn multi_platform_index_picks_what_the_pod_runs() {
     env.finish();
 }
 
-/// Forwards HTTP to the registry, one request per connection, and flips the
-/// last byte of every blob body it passes on.
-fn corrupting_proxy(upstream: u16) -> u16 {
+/// Forwards HTTP to the registry, one request per connection; with
+/// `corrupt` it flips the last byte of every blob body it passes on, with
+/// `pause` it sleeps that long after each 64 KiB it sends.
+fn proxy(upstream: u16, corrupt: bool, pause: Duration) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -280,11 +282,16 @@ fn corrupting_proxy(upstream: u16) -> u16 {
                     .windows(4)
                     .position(|w| w == b"\r\n\r\n")
                     .map_or(resp.len(), |p| p + 4);
-                if is_blob && resp.len() > split && head.starts_with("GET") {
+                if corrupt && is_blob && resp.len() > split && head.starts_with("GET") {
                     let last = resp.len() - 1;
                     resp[last] ^= 0xff;
                 }
-                let _ = down.write_all(&resp);
+                for chunk in resp.chunks(64 << 10) {
+                    if down.write_all(chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                }
             });
         }
     });
@@ -297,7 +304,7 @@ fn corrupted_bytes_and_bad_input_leave_the_store_unchanged() {
     let env = Env::new();
     let wasm = std::fs::read(probe()).unwrap();
     push_wasm(&format!("{}/tests/probe:v1", reg.host()), &wasm, "");
-    let proxy = corrupting_proxy(reg.port);
+    let proxy = proxy(reg.port, true, Duration::ZERO);
     let out = env.husk(&["pull", &format!("127.0.0.1:{proxy}/tests/probe:v1")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -341,5 +348,95 @@ fn corrupted_bytes_and_bad_input_leave_the_store_unchanged() {
     }
     assert!(images_json(&env).is_empty());
     assert!(blob_count(&env) <= 1);
+    env.finish();
+}
+
+#[test]
+fn mirrors_tags_and_an_interrupted_pull() {
+    let reg = Registry::start();
+    let env = Env::new();
+    // A 4 MiB layer that a slow proxy serves in about two seconds; it stays
+    // valid wasm because a custom section swallows the padding.
+    let mut wasm = std::fs::read(probe()).unwrap();
+    let pad = (4 << 20) - wasm.len() - 16;
+    wasm.push(0);
+    let mut len = pad + 2;
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        wasm.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    wasm.push(1);
+    wasm.push(b'p');
+    wasm.extend(std::iter::repeat_n(0u8, pad));
+    push_wasm(&format!("{}/mirrored/probe:v1", reg.host()), &wasm, "");
+    let slow = proxy(reg.port, false, Duration::from_millis(30));
+    std::fs::write(
+        env.root().join("config.toml"),
+        format!(
+            "{}\n[registry]\nmirrors = {{ \"registry.k8s.io\" = \"http://127.0.0.1:{slow}\" }}\n",
+            std::fs::read_to_string(env.root().join("config.toml")).unwrap()
+        ),
+    )
+    .unwrap();
+    let name = "registry.k8s.io/mirrored/probe:v1";
+    // kill -9 in the middle of the layer download.
+    let mut child = env
+        .cmd()
+        .args(["pull", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = env.root().join("lib/images/tmp");
+    let t0 = Instant::now();
+    loop {
+        let partial = std::fs::read_dir(&tmp)
+            .map(|r| r.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
+            .unwrap_or(false);
+        if partial {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the download never started"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "pull ended too early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(images_json(&env).is_empty(), "a killed pull left an image");
+    // The retry redoes the download, drops the dead pull's file, and names
+    // the image after the registry, not the mirror.
+    let out = env.husk(&["pull", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let imgs = images_json(&env);
+    assert_eq!(imgs.len(), 1);
+    assert_eq!(imgs[0]["name"], name);
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "tmp files left"
+    );
+    let out = env.husk(&["run", "--rm", name, "echo", "via", "mirror"]);
+    assert_eq!(stdout(&out), "via mirror\n", "{}", stderr(&out));
+    // tag: a second name for the same content; removing one keeps the blobs.
+    assert!(env
+        .husk(&["tag", name, "local/probe:stable"])
+        .status
+        .success());
+    let imgs = images_json(&env);
+    assert_eq!(imgs.len(), 2);
+    assert_eq!(imgs[0]["digest"], imgs[1]["digest"]);
+    let before = blob_count(&env);
+    let out = stdout(&env.husk(&["rmi", name]));
+    assert!(!out.contains("Deleted"), "{out}");
+    assert_eq!(blob_count(&env), before);
+    assert!(env.husk(&["rmi", "local/probe:stable"]).status.success());
+    assert_eq!(blob_count(&env), 0);
     env.finish();
 }

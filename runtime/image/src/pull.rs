@@ -38,6 +38,9 @@ pub enum Want {
 pub struct PullOptions {
     /// Registries reached over plain HTTP besides loopback ones.
     pub insecure: Vec<String>,
+    /// Registry host → mirror URL (`http://127.0.0.1:5000`), as containerd's
+    /// hosts.toml: content comes from the mirror, names stay the registry's.
+    pub mirrors: std::collections::BTreeMap<String, String>,
     /// Basic credentials for the registry.
     pub auth: Option<(String, String)>,
 }
@@ -87,7 +90,9 @@ fn is_wasm_platform(p: &RawPlatform) -> bool {
     p.architecture.starts_with("wasm") || p.os.starts_with("wasi")
 }
 
-fn reg_err(r: &ImageRef, e: OciDistributionError) -> ImageError {
+/// `r` is the name the user gave; errors about reaching the registry name
+/// the host actually contacted (`src`, the mirror when there is one).
+fn reg_err(r: &ImageRef, src: &ImageRef, e: OciDistributionError) -> ImageError {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase().replace('_', " ");
     let not_found = matches!(e, OciDistributionError::ImageManifestNotFoundError(_))
@@ -107,7 +112,7 @@ fn reg_err(r: &ImageRef, e: OciDistributionError) -> ImageError {
         OciDistributionError::RequestError(ref re) if re.is_connect() || re.is_timeout() => {
             format!(
                 "cannot reach registry {} ({}); is it running, and is the address right?",
-                r.registry(),
+                src.registry(),
                 std::error::Error::source(re)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| re.to_string())
@@ -121,8 +126,37 @@ fn reg_err(r: &ImageRef, e: OciDistributionError) -> ImageError {
     }
 }
 
-fn client_for(r: &ImageRef, opts: &PullOptions) -> oci_client::Client {
-    let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == r.registry());
+/// Where content for `r` comes from: its registry, or its mirror; and
+/// whether that is plain HTTP.
+fn source_of(r: &ImageRef, opts: &PullOptions) -> Result<(ImageRef, bool), ImageError> {
+    let Some(url) = opts.mirrors.get(r.registry()) else {
+        let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == r.registry());
+        return Ok((r.clone(), plain));
+    };
+    let bad = |reason: &str| ImageError::Registry {
+        reference: r.name(),
+        reason: format!("mirror {url:?} for {}: {reason}", r.registry()),
+    };
+    let (plain, host) = match url.split_once("://") {
+        Some(("http", h)) => (true, h),
+        Some(("https", h)) => (false, h),
+        _ => return Err(bad("use http://HOST[:PORT] or https://HOST[:PORT]")),
+    };
+    let host = host.trim_end_matches('/');
+    let mut text = format!("{host}/{}", r.repository());
+    if let Some(t) = r.tag() {
+        text.push(':');
+        text.push_str(t);
+    }
+    if let Some(d) = r.digest() {
+        text.push('@');
+        text.push_str(d);
+    }
+    let src = ImageRef::parse(&text).map_err(|e| bad(&e.to_string()))?;
+    Ok((src, plain))
+}
+
+fn client_for(plain: bool) -> oci_client::Client {
     oci_client::Client::new(ClientConfig {
         protocol: if plain {
             ClientProtocol::Http
@@ -144,7 +178,8 @@ pub async fn pull(
     progress: &mut Progress,
 ) -> Result<PullReport, ImageError> {
     store.clean_tmp();
-    let client = client_for(r, opts);
+    let (src, plain) = source_of(r, opts)?;
+    let client = client_for(plain);
     let auth = match &opts.auth {
         Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
         None => RegistryAuth::Anonymous,
@@ -152,9 +187,9 @@ pub async fn pull(
     let accepted: Vec<&str> = INDEX_TYPES.iter().chain(MANIFEST_TYPES).copied().collect();
     let name = r.name();
     let (mut raw, _) = client
-        .pull_manifest_raw(r.inner(), &auth, &accepted)
+        .pull_manifest_raw(src.inner(), &auth, &accepted)
         .await
-        .map_err(|e| reg_err(r, e))?;
+        .map_err(|e| reg_err(r, &src, e))?;
     let mut digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
     if let Some(want_digest) = r.digest() {
         if want_digest != digest {
@@ -220,11 +255,11 @@ pub async fn pull(
             });
         }
         platform = plat(entry);
-        let child = r.with_digest(&entry.digest);
+        let child = src.with_digest(&entry.digest);
         let (bytes, _) = client
             .pull_manifest_raw(child.inner(), &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| reg_err(r, e))?;
+            .map_err(|e| reg_err(r, &src, e))?;
         // Keep the index too, so the name's digest stays the one the
         // registry serves for it.
         store.write_blob_bytes(&name, &digest, &raw)?;
@@ -278,9 +313,9 @@ pub async fn pull(
             ..Default::default()
         };
         let stream = client
-            .pull_blob_stream(r.inner(), &desc)
+            .pull_blob_stream(src.inner(), &desc)
             .await
-            .map_err(|e| reg_err(r, e))?;
+            .map_err(|e| reg_err(r, &src, e))?;
         if is_layer {
             progress.start(&d.digest, d.size);
         }

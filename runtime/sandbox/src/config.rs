@@ -19,6 +19,9 @@ pub struct RegistryConfig {
     /// Registries reached over plain HTTP (`host:port`); loopback registries
     /// always are.
     pub insecure: Vec<String>,
+    /// Registry host → mirror URL, e.g. `"registry.k8s.io" =
+    /// "http://127.0.0.1:5000"`: content is fetched from the mirror.
+    pub mirrors: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,6 +17,7 @@ fn pull_options(roots: &Roots) -> PullOptions {
     let cfg = HuskConfig::load(&roots.config_file()).unwrap_or_default();
     PullOptions {
         insecure: cfg.registry.insecure,
+        mirrors: cfg.registry.mirrors,
         auth: None,
     }
 }
@@ -287,6 +288,29 @@ pub fn history(roots: &Roots, a: HistoryArgs) -> i32 {
         println!("{l:<19} {c:<32} {s:<10} {by}");
     }
     0
+}
+
+#[derive(clap::Args)]
+pub struct TagArgs {
+    /// An image in the store.
+    source: String,
+    /// The new name.
+    target: String,
+}
+
+pub fn tag(roots: &Roots, a: TagArgs) -> i32 {
+    let result = (|| {
+        let store = open_store(roots)?;
+        let target = ImageRef::parse(&a.target)?;
+        let mut rec = store.find(&a.source)?;
+        rec.name = target.name();
+        store.put(rec)?;
+        Ok::<_, ImageError>(())
+    })();
+    match result {
+        Ok(()) => 0,
+        Err(e) => image_fail(e),
+    }
 }
 
 #[derive(clap::Args)]
