@@ -46,6 +46,10 @@ enum Command {
     Rmi(cli::images::RmiArgs),
     /// Give an image another name.
     Tag(cli::images::TagArgs),
+    /// Store credentials for a registry (checked first).
+    Login(cli::images::LoginArgs),
+    /// Forget a registry's credentials.
+    Logout(cli::images::LogoutArgs),
     /// The per-pod monitor (started by `husk run`).
     #[command(hide = true)]
     Monitor {
@@ -77,6 +81,8 @@ fn main() {
         Command::History(a) => cli::images::history(&roots, a),
         Command::Rmi(a) => cli::images::rmi(&roots, a),
         Command::Tag(a) => cli::images::tag(&roots, a),
+        Command::Login(a) => cli::images::login(&roots, a),
+        Command::Logout(a) => cli::images::logout(&roots, a),
     };
     std::process::exit(code);
 }

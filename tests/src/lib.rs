@@ -15,6 +15,16 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A registry that wants HTTP basic auth (htpasswd, bcrypt).
+    pub fn with_auth(user: &str, password: &str) -> Self {
+        let hash = bcrypt::hash(password, 5).unwrap();
+        Self::start_with(Some(format!("{user}:{hash}\n")))
+    }
+
+    fn start_with(htpasswd: Option<String>) -> Self {
         let bin = Path::new("/usr/bin/docker-registry");
         assert!(
             bin.exists(),
@@ -27,9 +37,20 @@ impl Registry {
             .unwrap()
             .port();
         let cfg = dir.path().join("config.yml");
+        let auth = match htpasswd {
+            Some(lines) => {
+                let f = dir.path().join("htpasswd");
+                std::fs::write(&f, lines).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
+                    f.display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &cfg,
-            format!(
+            auth + &format!(
                 "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
                 dir.path().join("data").display()
             ),

@@ -33,6 +33,10 @@ fn client() -> oci_client::Client {
 /// Pushes a wasm artifact (one `application/wasm` layer); returns the
 /// manifest URL's digest-less reference.
 fn push_wasm(reference: &str, wasm: &[u8], config_extra: &str) {
+    push_wasm_as(reference, wasm, config_extra, &RegistryAuth::Anonymous)
+}
+
+fn push_wasm_as(reference: &str, wasm: &[u8], config_extra: &str, auth: &RegistryAuth) {
     let r: Reference = reference.parse().unwrap();
     let layer = ImageLayer::new(wasm.to_vec(), "application/wasm".into(), None);
     let config = Config::new(
@@ -43,7 +47,7 @@ fn push_wasm(reference: &str, wasm: &[u8], config_extra: &str) {
         WASM_CONFIG.into(),
         None,
     );
-    rt().block_on(client().push(&r, &[layer], config, &RegistryAuth::Anonymous, None))
+    rt().block_on(client().push(&r, &[layer], config, auth, None))
         .unwrap();
 }
 
@@ -438,5 +442,61 @@ fn mirrors_tags_and_an_interrupted_pull() {
     assert_eq!(blob_count(&env), before);
     assert!(env.husk(&["rmi", "local/probe:stable"]).status.success());
     assert_eq!(blob_count(&env), 0);
+    env.finish();
+}
+
+#[test]
+fn login_stores_credentials_that_pulls_use() {
+    let reg = Registry::with_auth("alice", "wonder land");
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let name = format!("{}/private/probe:v1", reg.host());
+    push_wasm_as(
+        &name,
+        &wasm,
+        "",
+        &RegistryAuth::Basic("alice".into(), "wonder land".into()),
+    );
+    let auth_file = env.root().join("lib/auth.json");
+    // Anonymous: refused, nothing stored.
+    let out = env.husk(&["pull", &name]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(images_json(&env).is_empty());
+    // Wrong password: refused, nothing written.
+    let login = |pass: &str| {
+        let mut child = env
+            .cmd()
+            .args(["login", &reg.host(), "-u", "alice", "--password-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{pass}").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = login("guess");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("wrong user name or password"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!auth_file.exists());
+    let out = login("wonder land");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "Login Succeeded\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = env.husk(&["pull", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.husk(&["run", "--rm", &name, "echo", "authenticated"]);
+    assert_eq!(stdout(&out), "authenticated\n", "{}", stderr(&out));
+    assert!(env.husk(&["logout", &reg.host()]).status.success());
+    assert!(env.husk(&["rmi", &name]).status.success());
+    assert_eq!(env.husk(&["pull", &name]).status.code(), Some(1));
     env.finish();
 }

@@ -4,6 +4,7 @@
 //! shared between images. Both sandboxes take their images from here: wasm
 //! pods the wasm layer of a wasm artifact, VM pods (later) unpacked layers.
 
+pub mod auth;
 pub mod progress;
 pub mod pull;
 pub mod reference;

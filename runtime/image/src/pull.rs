@@ -41,8 +41,8 @@ pub struct PullOptions {
     /// Registry host → mirror URL (`http://127.0.0.1:5000`), as containerd's
     /// hosts.toml: content comes from the mirror, names stay the registry's.
     pub mirrors: std::collections::BTreeMap<String, String>,
-    /// Basic credentials for the registry.
-    pub auth: Option<(String, String)>,
+    /// Credentials file of `husk login` (docker's config.json is read too).
+    pub auth_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -126,11 +126,17 @@ fn reg_err(r: &ImageRef, src: &ImageRef, e: OciDistributionError) -> ImageError 
     }
 }
 
+/// Whether `registry` is reached over plain HTTP: loopback, or configured
+/// as insecure.
+pub fn is_plain(registry: &str, opts: &PullOptions) -> bool {
+    crate::reference::is_loopback_host(registry) || opts.insecure.iter().any(|i| i == registry)
+}
+
 /// Where content for `r` comes from: its registry, or its mirror; and
 /// whether that is plain HTTP.
 fn source_of(r: &ImageRef, opts: &PullOptions) -> Result<(ImageRef, bool), ImageError> {
     let Some(url) = opts.mirrors.get(r.registry()) else {
-        let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == r.registry());
+        let plain = is_plain(r.registry(), opts);
         return Ok((r.clone(), plain));
     };
     let bad = |reason: &str| ImageError::Registry {
@@ -180,8 +186,12 @@ pub async fn pull(
     store.clean_tmp();
     let (src, plain) = source_of(r, opts)?;
     let client = client_for(plain);
-    let auth = match &opts.auth {
-        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+    let creds = opts
+        .auth_file
+        .as_deref()
+        .and_then(|f| crate::auth::lookup(f, src.registry()));
+    let auth = match creds {
+        Some((u, p)) => RegistryAuth::Basic(u, p),
         None => RegistryAuth::Anonymous,
     };
     let accepted: Vec<&str> = INDEX_TYPES.iter().chain(MANIFEST_TYPES).copied().collect();

@@ -74,11 +74,7 @@ impl ImageRef {
 
     /// Whether the registry is on this machine (plain HTTP by default).
     pub fn is_loopback(&self) -> bool {
-        let host = self
-            .registry()
-            .rsplit_once(':')
-            .map_or(self.registry(), |h| h.0);
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.")
+        is_loopback_host(self.registry())
     }
 }
 
@@ -86,6 +82,12 @@ impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
     }
+}
+
+/// Whether `registry` (`host[:port]`) is this machine.
+pub fn is_loopback_host(registry: &str) -> bool {
+    let host = registry.rsplit_once(':').map_or(registry, |h| h.0);
+    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
 }
 
 /// `sha256:` followed by 64 lowercase hex digits.

@@ -18,8 +18,12 @@ fn pull_options(roots: &Roots) -> PullOptions {
     PullOptions {
         insecure: cfg.registry.insecure,
         mirrors: cfg.registry.mirrors,
-        auth: None,
+        auth_file: Some(auth_file(roots)),
     }
+}
+
+fn auth_file(roots: &Roots) -> PathBuf {
+    roots.lib.join("auth.json")
 }
 
 fn image_fail(e: ImageError) -> i32 {
@@ -374,4 +378,70 @@ pub fn rmi(roots: &Roots, a: RmiArgs) -> i32 {
         }
     }
     code
+}
+
+#[derive(clap::Args)]
+pub struct LoginArgs {
+    /// Registry host[:port].
+    registry: String,
+    #[arg(short, long)]
+    username: String,
+    /// The password (prefer --password-stdin: arguments are visible in ps).
+    #[arg(short, long, conflicts_with = "password_stdin")]
+    password: Option<String>,
+    /// Read the password from stdin.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+pub fn login(roots: &Roots, a: LoginArgs) -> i32 {
+    let password = match (&a.password, a.password_stdin) {
+        (Some(p), _) => p.clone(),
+        (None, true) => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                return fail(EXIT_FAILURE, format!("cannot read the password: {e}"));
+            }
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+        (None, false) => {
+            return fail(
+                EXIT_USAGE,
+                "give the password with --password-stdin (or -p)",
+            )
+        }
+    };
+    let plain = husk_image::pull::is_plain(&a.registry, &pull_options(roots));
+    let checked = runtime().block_on(husk_image::auth::verify(
+        &a.registry,
+        plain,
+        &a.username,
+        &password,
+    ));
+    if let Err(e) = checked {
+        return image_fail(e);
+    }
+    match husk_image::auth::store(&auth_file(roots), &a.registry, &a.username, &password) {
+        Ok(()) => {
+            println!("Login Succeeded");
+            0
+        }
+        Err(e) => image_fail(e),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct LogoutArgs {
+    registry: String,
+}
+
+pub fn logout(roots: &Roots, a: LogoutArgs) -> i32 {
+    match husk_image::auth::remove(&auth_file(roots), &a.registry) {
+        Ok(true) => {
+            println!("Removing login credentials for {}", a.registry);
+            0
+        }
+        Ok(false) => fail(EXIT_FAILURE, format!("not logged in to {}", a.registry)),
+        Err(e) => image_fail(e),
+    }
 }
