@@ -46,6 +46,8 @@ enum Command {
     Rmi(cli::images::RmiArgs),
     /// Give an image another name.
     Tag(cli::images::TagArgs),
+    /// Unpack a Linux image into its per-layer snapshots; prints them.
+    Unpack(cli::images::UnpackArgs),
     /// Store credentials for a registry (checked first).
     Login(cli::images::LoginArgs),
     /// Forget a registry's credentials.
@@ -81,6 +83,7 @@ fn main() {
         Command::History(a) => cli::images::history(&roots, a),
         Command::Rmi(a) => cli::images::rmi(&roots, a),
         Command::Tag(a) => cli::images::tag(&roots, a),
+        Command::Unpack(a) => cli::images::unpack(&roots, a),
         Command::Login(a) => cli::images::login(&roots, a),
         Command::Logout(a) => cli::images::logout(&roots, a),
     };

@@ -233,6 +233,11 @@ fn multi_platform_index_picks_what_the_pod_runs() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(images_json(&env)[0]["platform"], "linux/amd64");
     assert_eq!(images_json(&env)[0]["digest"], ld);
+    // Its layer (an empty tar) unpacks into a snapshot; rmi removes it.
+    let out = env.husk(&["unpack", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap = std::path::PathBuf::from(stdout(&out).trim());
+    assert!(snap.is_dir() && snap.starts_with(env.root()), "{snap:?}");
     // A linux image is not something a wasm pod can run.
     let out = env.husk(&["run", "--rm", &name, "echo"]);
     assert_eq!(out.status.code(), Some(2));
@@ -242,6 +247,7 @@ fn multi_platform_index_picks_what_the_pod_runs() {
         stderr(&out)
     );
     assert!(env.husk(&["rmi", &name]).status.success());
+    assert!(!snap.exists(), "snapshot left after rmi");
     env.finish();
 }
 
@@ -461,6 +467,7 @@ fn login_stores_credentials_that_pulls_use() {
     // Anonymous: refused, nothing stored.
     let out = env.husk(&["pull", &name]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("husk login"), "{}", stderr(&out));
     assert!(images_json(&env).is_empty());
     // Wrong password: refused, nothing written.
     let login = |pass: &str| {

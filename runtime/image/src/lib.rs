@@ -9,6 +9,7 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod store;
+pub mod unpack;
 
 pub use progress::Progress;
 pub use pull::{pull, PullOptions, PullReport, Want};
@@ -54,6 +55,8 @@ pub enum ImageError {
     },
     #[error("no such image: {0} (see `husk images`, or `husk pull` it)")]
     UnknownImage(String),
+    #[error("layer {layer}: {msg}; the layer was not unpacked")]
+    Hostile { layer: String, msg: String },
     #[error("image {image} is used by pod {pods}; remove the pod first or use rmi -f")]
     InUse { image: String, pods: String },
 }

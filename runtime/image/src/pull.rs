@@ -107,7 +107,10 @@ fn reg_err(r: &ImageRef, src: &ImageRef, e: OciDistributionError) -> ImageError 
     let reason = match e {
         OciDistributionError::AuthenticationFailure(_)
         | OciDistributionError::UnauthorizedError { .. } => {
-            format!("authentication failed ({text}); check the credentials")
+            format!(
+                "authentication failed ({text}); log in with `husk login {} -u USER --password-stdin`",
+                src.registry()
+            )
         }
         OciDistributionError::RequestError(ref re) if re.is_connect() || re.is_timeout() => {
             format!(

@@ -180,15 +180,26 @@ impl Store {
     /// Removes download files left by processes that died (kill -9 during a
     /// pull): they never count as content.
     pub fn clean_tmp(&self) {
-        let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else {
-            return;
+        let dead = |tag: &str| {
+            tag.split('-')
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists())
         };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid: Option<u32> = name.split('-').next().and_then(|p| p.parse().ok());
-            let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
+        for e in std::fs::read_dir(self.root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if dead(&e.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let snapshots = std::fs::read_dir(self.root.join("snapshots"));
+        for e in snapshots.into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix(".tmp-").is_some_and(dead) {
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
@@ -319,6 +330,10 @@ impl Store {
                     report.freed += m.len();
                     report.deleted.push(d.to_owned());
                 }
+            }
+            let snap = self.snapshot_path(d);
+            if snap.is_dir() {
+                let _ = std::fs::remove_dir_all(&snap);
             }
         }
         report

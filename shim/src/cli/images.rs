@@ -295,6 +295,30 @@ pub fn history(roots: &Roots, a: HistoryArgs) -> i32 {
 }
 
 #[derive(clap::Args)]
+pub struct UnpackArgs {
+    image: String,
+}
+
+/// Unpacks a Linux image's layers into snapshots and prints their
+/// directories, lowest layer first (what a VM pod's root is overlaid from).
+pub fn unpack(roots: &Roots, a: UnpackArgs) -> i32 {
+    let result = (|| {
+        let store = open_store(roots)?;
+        let rec = store.find(&a.image)?;
+        store.unpack(&rec)
+    })();
+    match result {
+        Ok(dirs) => {
+            for d in dirs {
+                println!("{}", d.display());
+            }
+            0
+        }
+        Err(e) => image_fail(e),
+    }
+}
+
+#[derive(clap::Args)]
 pub struct TagArgs {
     /// An image in the store.
     source: String,
