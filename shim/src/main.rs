@@ -46,6 +46,10 @@ enum Command {
     Rmi(cli::images::RmiArgs),
     /// Give an image another name.
     Tag(cli::images::TagArgs),
+    /// Load images from an OCI layout (dir or tar) or a docker archive.
+    Load(cli::images::LoadArgs),
+    /// Save images as an OCI layout (dir, or FILE.tar with docker's manifest.json).
+    Save(cli::images::SaveArgs),
     /// Unpack a Linux image into its per-layer snapshots; prints them.
     Unpack(cli::images::UnpackArgs),
     /// Store credentials for a registry (checked first).
@@ -83,6 +87,8 @@ fn main() {
         Command::History(a) => cli::images::history(&roots, a),
         Command::Rmi(a) => cli::images::rmi(&roots, a),
         Command::Tag(a) => cli::images::tag(&roots, a),
+        Command::Load(a) => cli::images::load(&roots, a),
+        Command::Save(a) => cli::images::save(&roots, a),
         Command::Unpack(a) => cli::images::unpack(&roots, a),
         Command::Login(a) => cli::images::login(&roots, a),
         Command::Logout(a) => cli::images::logout(&roots, a),

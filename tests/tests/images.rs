@@ -327,8 +327,8 @@ fn corrupted_bytes_and_bad_input_leave_the_store_unchanged() {
         .count();
     assert_eq!(tmp_left, 0, "partial download left");
     assert!(images_json(&env).is_empty());
-    // Only the (verified) manifest may have been kept; no config or layer.
-    assert!(blob_count(&env) <= 1);
+    // What the failed pull had stored (manifest, config) is gone again.
+    assert_eq!(blob_count(&env), 0);
 
     let cases: &[(&[&str], i32, &str)] = &[
         (&["pull", "Bad/Name"], 2, "invalid image reference"),
@@ -357,7 +357,7 @@ fn corrupted_bytes_and_bad_input_leave_the_store_unchanged() {
         assert!(stderr(&out).contains(msg), "{args:?}: {}", stderr(&out));
     }
     assert!(images_json(&env).is_empty());
-    assert!(blob_count(&env) <= 1);
+    assert_eq!(blob_count(&env), 0);
     env.finish();
 }
 
@@ -505,5 +505,104 @@ fn login_stores_credentials_that_pulls_use() {
     assert!(env.husk(&["logout", &reg.host()]).status.success());
     assert!(env.husk(&["rmi", &name]).status.success());
     assert_eq!(env.husk(&["pull", &name]).status.code(), Some(1));
+    env.finish();
+}
+
+#[test]
+fn save_and_load_oci_layouts_and_docker_archives() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let name = format!("{}/offline/probe:v2", reg.host());
+    push_wasm(&name, &wasm, "");
+    assert!(env.husk(&["pull", "-q", &name]).status.success());
+    let dir = env.root().join("saved-layout");
+    let tarball = env.root().join("saved.tar");
+    for out in [&dir, &tarball] {
+        let o = env.husk(&["save", "-o", out.to_str().unwrap(), &name]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(dir.join("oci-layout").is_file() && dir.join("index.json").is_file());
+    assert!(env.husk(&["rmi", &name]).status.success());
+    assert_eq!(blob_count(&env), 0);
+    for input in [&dir, &tarball] {
+        let o = env.husk(&["load", "-i", input.to_str().unwrap()]);
+        assert_eq!(
+            stdout(&o),
+            format!("Loaded image: {name}\n"),
+            "{}",
+            stderr(&o)
+        );
+        let o = env.husk(&["run", "--rm", &name, "echo", "offline"]);
+        assert_eq!(stdout(&o), "offline\n", "{}", stderr(&o));
+        assert!(env.husk(&["rmi", &name]).status.success());
+    }
+    // A tampered layout is refused and the store stays empty.
+    let blob = std::fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let o = env.husk(&["load", "-i", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("does not match its digest"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(images_json(&env).is_empty());
+    assert_eq!(blob_count(&env), 0, "a failed load left blobs");
+
+    // A docker archive as `docker save` (before 25) writes it.
+    let layer = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(6);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/motd", &b"hello\n"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let config = br#"{"architecture":"amd64","os":"linux","created":"2026-01-02T03:04:05Z","rootfs":{"type":"layers","diff_ids":[]},"history":[{"created_by":"COPY motd /etc/motd"}]}"#;
+    let manifest = br#"[{"Config":"cfg.json","RepoTags":["example.com/tools/box:1.0"],"Layers":["l1/layer.tar"]}]"#;
+    let archive = env.root().join("docker.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+        for (path, data) in [
+            ("manifest.json", &manifest[..]),
+            ("cfg.json", &config[..]),
+            ("l1/layer.tar", &layer[..]),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        b.finish().unwrap();
+    }
+    let o = env.husk(&["load", "-i", archive.to_str().unwrap()]);
+    assert_eq!(
+        stdout(&o),
+        "Loaded image: example.com/tools/box:1.0\n",
+        "{}",
+        stderr(&o)
+    );
+    let imgs = images_json(&env);
+    assert_eq!(imgs[0]["platform"], "linux/amd64");
+    let hist = stdout(&env.husk(&["history", "example.com/tools/box:1.0"]));
+    assert!(hist.contains("COPY motd /etc/motd"), "{hist}");
+    let o = env.husk(&["unpack", "example.com/tools/box:1.0"]);
+    let snap = std::path::PathBuf::from(stdout(&o).trim());
+    assert_eq!(std::fs::read(snap.join("etc/motd")).unwrap(), b"hello\n");
+    assert!(env
+        .husk(&["rmi", "example.com/tools/box:1.0"])
+        .status
+        .success());
+    assert_eq!(blob_count(&env), 0);
     env.finish();
 }

@@ -4,6 +4,7 @@
 //! shared between images. Both sandboxes take their images from here: wasm
 //! pods the wasm layer of a wasm artifact, VM pods (later) unpacked layers.
 
+pub mod archive;
 pub mod auth;
 pub mod progress;
 pub mod pull;
@@ -55,6 +56,8 @@ pub enum ImageError {
     },
     #[error("no such image: {0} (see `husk images`, or `husk pull` it)")]
     UnknownImage(String),
+    #[error("{path}: {msg}")]
+    Archive { path: PathBuf, msg: String },
     #[error("layer {layer}: {msg}; the layer was not unpacked")]
     Hostile { layer: String, msg: String },
     #[error("image {image} is used by pod {pods}; remove the pod first or use rmi -f")]

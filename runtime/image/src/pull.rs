@@ -178,8 +178,25 @@ fn client_for(plain: bool) -> oci_client::Client {
     })
 }
 
-/// Pulls `r` into `store`.
+/// Pulls `r` into `store`. On failure, blobs it added and no image uses are
+/// removed again.
 pub async fn pull(
+    store: &Store,
+    r: &ImageRef,
+    want: Want,
+    opts: &PullOptions,
+    progress: &mut Progress,
+) -> Result<PullReport, ImageError> {
+    store.commit();
+    let result = pull_inner(store, r, want, opts, progress).await;
+    match &result {
+        Ok(_) => store.commit(),
+        Err(_) => store.rollback(),
+    }
+    result
+}
+
+async fn pull_inner(
     store: &Store,
     r: &ImageRef,
     want: Want,

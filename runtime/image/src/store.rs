@@ -79,6 +79,8 @@ pub struct RemoveReport {
 
 pub struct Store {
     root: PathBuf,
+    /// Blobs this process added since the last `commit`/`rollback`.
+    written: std::sync::Mutex<Vec<String>>,
 }
 
 /// The exclusive lock on the index, released on drop.
@@ -94,6 +96,7 @@ impl Store {
         }
         Ok(Store {
             root: root.to_owned(),
+            written: Default::default(),
         })
     }
 
@@ -193,6 +196,7 @@ impl Store {
         {
             if dead(&e.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_file(e.path());
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
         let snapshots = std::fs::read_dir(self.root.join("snapshots"));
@@ -256,6 +260,7 @@ impl Store {
         }
         file.sync_all().map_err(store_err(&tmp.0))?;
         tmp.persist(&self.blob_path(digest))?;
+        self.journal(digest);
         Ok(n)
     }
 
@@ -285,7 +290,39 @@ impl Store {
         }
         let tmp = TmpFile::new(&self.root)?;
         write_file_synced(&tmp.0, bytes).map_err(store_err(&tmp.0))?;
-        tmp.persist(&self.blob_path(digest))
+        tmp.persist(&self.blob_path(digest))?;
+        self.journal(digest);
+        Ok(())
+    }
+
+    fn journal(&self, digest: &str) {
+        if let Ok(mut w) = self.written.lock() {
+            w.push(digest.to_owned());
+        }
+    }
+
+    /// Forgets the blobs written so far: they belong to images now.
+    pub fn commit(&self) {
+        if let Ok(mut w) = self.written.lock() {
+            w.clear();
+        }
+    }
+
+    /// Deletes the blobs this process wrote since the last commit that no
+    /// image references: a failed pull or load leaves the store as it was.
+    pub fn rollback(&self) {
+        let written = match self.written.lock() {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(_) => return,
+        };
+        let Ok(lock) = self.lock() else { return };
+        let Ok(idx) = self.read_index() else { return };
+        let keep: std::collections::HashSet<&str> =
+            idx.images.iter().flat_map(|i| i.blobs()).collect();
+        for d in written.iter().filter(|d| !keep.contains(d.as_str())) {
+            let _ = std::fs::remove_file(self.blob_path(d));
+        }
+        drop(lock);
     }
 
     /// Adds `rec`, replacing any image of the same name; returns the

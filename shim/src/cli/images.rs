@@ -295,6 +295,51 @@ pub fn history(roots: &Roots, a: HistoryArgs) -> i32 {
 }
 
 #[derive(clap::Args)]
+pub struct LoadArgs {
+    /// An OCI image-layout directory, or a tar of one or of a docker archive.
+    #[arg(short, long)]
+    input: PathBuf,
+}
+
+pub fn load(roots: &Roots, a: LoadArgs) -> i32 {
+    let result = open_store(roots).and_then(|s| husk_image::archive::load(&s, &a.input));
+    match result {
+        Ok(recs) => {
+            for r in recs {
+                println!("Loaded image: {}", r.name);
+            }
+            0
+        }
+        Err(e) => image_fail(e),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SaveArgs {
+    /// Destination: a directory (OCI image layout) or FILE.tar.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+pub fn save(roots: &Roots, a: SaveArgs) -> i32 {
+    let result = (|| {
+        let store = open_store(roots)?;
+        let recs = a
+            .images
+            .iter()
+            .map(|i| store.find(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        husk_image::archive::save(&store, &recs, &a.output)
+    })();
+    match result {
+        Ok(()) => 0,
+        Err(e) => image_fail(e),
+    }
+}
+
+#[derive(clap::Args)]
 pub struct UnpackArgs {
     image: String,
 }
