@@ -46,6 +46,11 @@ enum Command {
     Rmi(cli::images::RmiArgs),
     /// Give an image another name.
     Tag(cli::images::TagArgs),
+    /// Find repositories (and their tags) in a registry's catalog.
+    Search(cli::images::SearchArgs),
+    /// Image housekeeping.
+    #[command(subcommand)]
+    Image(cli::images::ImageCommand),
     /// Load images from an OCI layout (dir or tar) or a docker archive.
     Load(cli::images::LoadArgs),
     /// Save images as an OCI layout (dir, or FILE.tar with docker's manifest.json).
@@ -87,6 +92,8 @@ fn main() {
         Command::History(a) => cli::images::history(&roots, a),
         Command::Rmi(a) => cli::images::rmi(&roots, a),
         Command::Tag(a) => cli::images::tag(&roots, a),
+        Command::Search(a) => cli::images::search(&roots, a),
+        Command::Image(c) => cli::images::image(&roots, c),
         Command::Load(a) => cli::images::load(&roots, a),
         Command::Save(a) => cli::images::save(&roots, a),
         Command::Unpack(a) => cli::images::unpack(&roots, a),

@@ -606,3 +606,65 @@ fn save_and_load_oci_layouts_and_docker_archives() {
     assert_eq!(blob_count(&env), 0);
     env.finish();
 }
+
+#[test]
+fn search_inspect_and_prune() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    for r in ["tests/probe:v1", "tests/probe:v2", "other/thing:1"] {
+        push_wasm(&format!("{}/{r}", reg.host()), &wasm, "");
+    }
+    let out = env.husk(&[
+        "search",
+        "probe",
+        "--registry",
+        &reg.host(),
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hits.as_array().unwrap().len(), 1, "{hits}");
+    assert_eq!(hits[0]["repository"], format!("{}/tests/probe", reg.host()));
+    let mut tags: Vec<_> = hits[0]["tags"].as_array().unwrap().clone();
+    tags.sort_by_key(|t| t.to_string());
+    assert_eq!(tags, ["v1", "v2"]);
+
+    let name = format!("{}/tests/probe:v1", reg.host());
+    assert!(env.husk(&["pull", "-q", &name]).status.success());
+    let v: serde_json::Value =
+        serde_json::from_slice(&env.husk(&["inspect", &name]).stdout).unwrap();
+    assert_eq!(v["config"]["architecture"], "wasm");
+    assert_eq!(v["manifest"]["layers"][0]["mediaType"], "application/wasm");
+
+    // prune -a keeps what a pod uses.
+    let m = env.manifest(
+        "pod.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: holder}}\nspec:\n  containers:\n  - {{name: main, image: \"{name}\", args: [stdin]}}\n"),
+    );
+    assert!(env.run_file(&m, &["-d"]).status.success());
+    let out = stdout(&env.husk(&["image", "prune", "-a"]));
+    assert!(!out.contains("Untagged"), "{out}");
+    assert_eq!(images_json(&env).len(), 1);
+    assert!(env.husk(&["rm", "-f", "holder"]).status.success());
+    // Orphan blobs (a pull killed after writing them): old ones go, fresh
+    // ones may belong to a pull in flight and stay.
+    let blobs = env.root().join("lib/images/blobs/sha256");
+    let old = blobs.join("0".repeat(64));
+    let fresh = blobs.join("1".repeat(64));
+    std::fs::write(&old, b"orphan").unwrap();
+    std::fs::write(&fresh, b"orphan").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    let out = stdout(&env.husk(&["image", "prune", "-a"]));
+    assert!(out.contains(&format!("Untagged: {name}")), "{out}");
+    assert!(!old.exists() && fresh.exists());
+    std::fs::remove_file(&fresh).unwrap();
+    assert_eq!(blob_count(&env), 0);
+    env.finish();
+}

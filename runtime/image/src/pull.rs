@@ -391,3 +391,61 @@ async fn pull_inner(
     progress.message(&format!("Status: Downloaded newer image for {name}"));
     Ok(report)
 }
+
+/// A repository of a registry's catalog and its tags.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchHit {
+    pub repository: String,
+    pub tags: Vec<String>,
+}
+
+/// Repositories of `registry` whose name contains `term`, with their tags
+/// (the registry's `/v2/_catalog`, which Docker Hub does not serve).
+pub async fn search(
+    registry: &str,
+    term: &str,
+    opts: &PullOptions,
+) -> Result<Vec<SearchHit>, ImageError> {
+    let probe = ImageRef::parse(&format!("{registry}/catalog"))?;
+    let src = probe.clone();
+    let client = client_for(is_plain(registry, opts));
+    let auth = match opts
+        .auth_file
+        .as_deref()
+        .and_then(|f| crate::auth::lookup(f, registry))
+    {
+        Some((u, p)) => RegistryAuth::Basic(u, p),
+        None => RegistryAuth::Anonymous,
+    };
+    let mut repos = Vec::new();
+    let mut last: Option<String> = None;
+    loop {
+        let page = client
+            .catalog(probe.inner(), &auth, Some(500), last.as_deref())
+            .await
+            .map_err(|e| reg_err(&probe, &src, e))?;
+        let n = page.repositories.len();
+        last = page.repositories.last().cloned();
+        repos.extend(page.repositories);
+        if n < 500 {
+            break;
+        }
+    }
+    let term = term.to_ascii_lowercase();
+    let mut hits = Vec::new();
+    for repo in repos
+        .into_iter()
+        .filter(|r| r.to_ascii_lowercase().contains(&term))
+    {
+        let r = ImageRef::parse(&format!("{registry}/{repo}"))?;
+        let tags = client
+            .list_tags(r.inner(), &auth, None, None)
+            .await
+            .map_err(|e| reg_err(&r, &r, e))?;
+        hits.push(SearchHit {
+            repository: format!("{registry}/{repo}"),
+            tags: tags.tags,
+        });
+    }
+    Ok(hits)
+}

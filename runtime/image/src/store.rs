@@ -376,6 +376,47 @@ impl Store {
         report
     }
 
+    /// Removes every image `keep` rejects, then blobs no image references
+    /// that are older than `grace` (younger ones may belong to a pull in
+    /// flight in another process), and dead processes' temporary files.
+    pub fn prune(
+        &self,
+        mut keep: impl FnMut(&ImageRecord) -> bool,
+        grace: std::time::Duration,
+    ) -> Result<RemoveReport, ImageError> {
+        self.clean_tmp();
+        let lock = self.lock()?;
+        let mut idx = self.read_index()?;
+        let (kept, gone): (Vec<_>, Vec<_>) = idx.images.drain(..).partition(|i| keep(i));
+        idx.images = kept;
+        self.write_index(&idx, &lock)?;
+        let mut report = self.collect(&idx, &gone, &lock);
+        report.untagged = gone.into_iter().map(|g| g.name).collect();
+        let referenced: std::collections::HashSet<&str> =
+            idx.images.iter().flat_map(|i| i.blobs()).collect();
+        let blobs = self.root.join("blobs/sha256");
+        for e in std::fs::read_dir(&blobs)
+            .map_err(store_err(&blobs))?
+            .flatten()
+        {
+            let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+            let Ok(meta) = e.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= grace);
+            if !referenced.contains(digest.as_str())
+                && old
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                report.freed += meta.len();
+                report.deleted.push(digest);
+            }
+        }
+        Ok(report)
+    }
+
     /// For each blob digest, how many images reference it.
     pub fn blob_users(&self) -> Result<std::collections::HashMap<String, usize>, ImageError> {
         let mut m = std::collections::HashMap::new();

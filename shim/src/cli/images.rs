@@ -514,3 +514,95 @@ pub fn logout(roots: &Roots, a: LogoutArgs) -> i32 {
         Err(e) => image_fail(e),
     }
 }
+
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// Part of a repository name.
+    term: String,
+    /// The registry to search (host[:port]); it must serve /v2/_catalog.
+    #[arg(long)]
+    registry: String,
+    /// table or json.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+pub fn search(roots: &Roots, a: SearchArgs) -> i32 {
+    let hits = match runtime().block_on(husk_image::pull::search(
+        &a.registry,
+        &a.term,
+        &pull_options(roots),
+    )) {
+        Ok(h) => h,
+        Err(e) => return image_fail(e),
+    };
+    match a.format.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&hits).expect("json")),
+        "table" => {
+            println!("{:<50} TAGS", "NAME");
+            for h in &hits {
+                println!("{:<50} {}", h.repository, h.tags.join(", "));
+            }
+        }
+        other => return fail(EXIT_USAGE, format!("--format {other:?}: use table or json")),
+    }
+    0
+}
+
+#[derive(clap::Subcommand)]
+pub enum ImageCommand {
+    /// Remove images no pod uses (with -a; without, only unreferenced blobs
+    /// and leftovers of interrupted pulls).
+    Prune {
+        /// Remove every image that no pod uses.
+        #[arg(short, long)]
+        all: bool,
+    },
+}
+
+pub fn image(roots: &Roots, cmd: ImageCommand) -> i32 {
+    match cmd {
+        ImageCommand::Prune { all } => {
+            let store = match open_store(roots) {
+                Ok(s) => s,
+                Err(e) => return image_fail(e),
+            };
+            let keep = |rec: &ImageRecord| !all || !users_of(roots, &store, rec).is_empty();
+            match store.prune(keep, std::time::Duration::from_secs(600)) {
+                Ok(rep) => {
+                    for u in &rep.untagged {
+                        println!("Untagged: {u}");
+                    }
+                    for d in &rep.deleted {
+                        println!("Deleted: {d}");
+                    }
+                    println!("Total reclaimed space: {}", human(rep.freed));
+                    0
+                }
+                Err(e) => image_fail(e),
+            }
+        }
+    }
+}
+
+/// An image's record, manifest and config as JSON, if `key` names one.
+pub fn inspect_image(roots: &Roots, key: &str) -> Option<serde_json::Value> {
+    let store = open_store(roots).ok()?;
+    let rec = store.find(key).ok()?;
+    let read = |d: &str| -> serde_json::Value {
+        std::fs::read(store.blob_path(d))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    Some(serde_json::json!({
+        "name": rec.name,
+        "digest": rec.digest,
+        "platform": rec.platform,
+        "created": rec.created,
+        "pulledAt": rec.pulled_at,
+        "size": rec.size(),
+        "manifest": read(&rec.digest),
+        "config": read(&rec.config.digest),
+    }))
+}

@@ -1,4 +1,5 @@
-//! `husk inspect POD…`: the pod's (redacted) spec and live status as JSON.
+//! `husk inspect POD|IMAGE…`: a pod's (redacted) spec and live status, or an
+//! image's record, manifest and config, as JSON.
 
 use super::{fail, PodView, EXIT_FAILURE};
 use husk_sandbox::state::Roots;
@@ -15,7 +16,14 @@ pub fn run(roots: &Roots, a: InspectArgs) -> i32 {
     for key in &a.pods {
         let rec = match roots.find_pod(key) {
             Ok(r) => r,
-            Err(e) => return fail(EXIT_FAILURE, e),
+            Err(e) => match super::images::inspect_image(roots, key) {
+                // Not a pod: an image of that name, as `docker inspect` does.
+                Some(v) => {
+                    out.push(v);
+                    continue;
+                }
+                None => return fail(EXIT_FAILURE, format!("{e} (and no image of that name)")),
+            },
         };
         let v = PodView::load(roots, rec);
         let p = &v.record.plan;
