@@ -242,7 +242,7 @@ fn multi_platform_index_picks_what_the_pod_runs() {
     let out = env.husk(&["run", "--rm", &name, "echo"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("is not a wasm artifact"),
+        stderr(&out).contains("is not a wasm image"),
         "{}",
         stderr(&out)
     );
@@ -666,5 +666,69 @@ fn search_inspect_and_prune() {
     assert!(!old.exists() && fresh.exists());
     std::fs::remove_file(&fresh).unwrap();
     assert_eq!(blob_count(&env), 0);
+    env.finish();
+}
+
+#[test]
+fn spin_runwasi_and_entrypoint_images_run() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    let component = std::fs::read(probe_p2()).unwrap();
+    // Spin's and runwasi's layer media types.
+    for (repo, media, bytes) in [
+        ("spin", "application/vnd.wasm.content.layer.v1+wasm", &wasm),
+        (
+            "runwasi",
+            "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+            &component,
+        ),
+    ] {
+        let name = format!("{}/kinds/{repo}:1", reg.host());
+        let r: Reference = name.parse().unwrap();
+        let layer = ImageLayer::new(bytes.clone(), media.into(), None);
+        let config = Config::new(b"{}".to_vec(), WASM_CONFIG.into(), None);
+        rt().block_on(client().push(&r, &[layer], config, &RegistryAuth::Anonymous, None))
+            .unwrap();
+        let out = env.husk(&["run", "--rm", &name, "echo", repo]);
+        assert_eq!(stdout(&out), format!("{repo}\n"), "{}", stderr(&out));
+    }
+    // An ordinary image whose entrypoint is a .wasm file in a tar layer,
+    // under a second layer that whites out another file.
+    let tar_layer = |files: &[(&str, &[u8])]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        ImageLayer::new(
+            b.into_inner().unwrap(),
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        )
+    };
+    let layers = [
+        tar_layer(&[("app/probe.wasm", &wasm[..]), ("app/old.wasm", &wasm[..])]),
+        tar_layer(&[("app/.wh.old.wasm", &b""[..])]),
+    ];
+    let name = format!("{}/kinds/entry:1", reg.host());
+    let config = Config::new(
+        br#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/app/probe.wasm"]},"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
+        "application/vnd.oci.image.config.v1+json".into(),
+        None,
+    );
+    rt().block_on(client().push(
+        &name.parse().unwrap(),
+        &layers,
+        config,
+        &RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+    let out = env.husk(&["run", "--rm", &name, "echo", "entrypoint"]);
+    assert_eq!(stdout(&out), "entrypoint\n", "{}", stderr(&out));
     env.finish();
 }

@@ -76,9 +76,10 @@ impl ImageResolver for StoreResolver<'_> {
             }
             Err(e) => return Err(e.to_string()),
         };
-        let layer = rec.wasm_layer().ok_or_else(|| {
-            format!(
-                "{} is not a wasm artifact (layer media types: {}); a wasm pod needs a layer of type {}",
+        match store.wasm_file(&rec).map_err(|e| e.to_string())? {
+            Some(p) => Ok(p),
+            None => Err(format!(
+                "{} is not a wasm image (layer media types: {}); a wasm pod needs a layer of type {}, or an image whose entrypoint is a .wasm file",
                 rec.name,
                 rec.layers
                     .iter()
@@ -86,9 +87,8 @@ impl ImageResolver for StoreResolver<'_> {
                     .collect::<Vec<_>>()
                     .join(", "),
                 husk_image::WASM_LAYER_TYPES.join(" or ")
-            )
-        })?;
-        Ok(store.blob_path(&layer.digest))
+            )),
+        }
     }
 }
 
