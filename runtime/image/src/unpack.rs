@@ -275,6 +275,47 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The wasm module or component an image runs: its wasm layer (a wasm
+    /// artifact), or else the `.wasm` file its config's entrypoint (or cmd)
+    /// names, found in the unpacked layers, topmost first. `None` when the
+    /// image is neither.
+    pub fn wasm_file(&self, rec: &ImageRecord) -> Result<Option<PathBuf>, ImageError> {
+        if let Some(l) = rec.wasm_layer() {
+            return Ok(Some(self.blob_path(&l.digest)));
+        }
+        let cfg: serde_json::Value = std::fs::read(self.blob_path(&rec.config.digest))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let first = |k: &str| {
+            cfg.get("config")
+                .and_then(|c| c.get(k))
+                .and_then(|e| e.as_array())
+                .and_then(|a| a.first())
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        };
+        let Some(entry) = first("Entrypoint").or_else(|| first("Cmd")) else {
+            return Ok(None);
+        };
+        if !entry.ends_with(".wasm") {
+            return Ok(None);
+        }
+        let rel = clean(&rec.name, Path::new(&entry))?;
+        for snap in self.unpack(rec)?.iter().rev() {
+            let p = snap.join(&rel);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_file() => return Ok(Some(p)),
+                // A whiteout (or anything else) in a higher layer hides it.
+                Ok(_) => return Ok(None),
+                Err(_) => continue,
+            }
+        }
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,46 +498,5 @@ mod tests {
         // Unpacked once: a second call finds the snapshot.
         std::fs::write(snaps[0].join("marker"), b"").unwrap();
         assert!(store.unpack(&rec).unwrap()[0].join("marker").exists());
-    }
-}
-
-impl Store {
-    /// The wasm module or component an image runs: its wasm layer (a wasm
-    /// artifact), or else the `.wasm` file its config's entrypoint (or cmd)
-    /// names, found in the unpacked layers, topmost first. `None` when the
-    /// image is neither.
-    pub fn wasm_file(&self, rec: &ImageRecord) -> Result<Option<PathBuf>, ImageError> {
-        if let Some(l) = rec.wasm_layer() {
-            return Ok(Some(self.blob_path(&l.digest)));
-        }
-        let cfg: serde_json::Value = std::fs::read(self.blob_path(&rec.config.digest))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let first = |k: &str| {
-            cfg.get("config")
-                .and_then(|c| c.get(k))
-                .and_then(|e| e.as_array())
-                .and_then(|a| a.first())
-                .and_then(|s| s.as_str())
-                .map(str::to_owned)
-        };
-        let Some(entry) = first("Entrypoint").or_else(|| first("Cmd")) else {
-            return Ok(None);
-        };
-        if !entry.ends_with(".wasm") {
-            return Ok(None);
-        }
-        let rel = clean(&rec.name, Path::new(&entry))?;
-        for snap in self.unpack(rec)?.iter().rev() {
-            let p = snap.join(&rel);
-            match std::fs::symlink_metadata(&p) {
-                Ok(m) if m.file_type().is_file() => return Ok(Some(p)),
-                // A whiteout (or anything else) in a higher layer hides it.
-                Ok(_) => return Ok(None),
-                Err(_) => continue,
-            }
-        }
-        Ok(None)
     }
 }
