@@ -66,7 +66,13 @@ fn keys(registry: &str) -> Vec<String> {
 
 /// Credentials for `registry`: husk's file, then docker's.
 pub fn lookup(husk_file: &Path, registry: &str) -> Option<(String, String)> {
-    let files = std::iter::once(husk_file.to_owned()).chain(docker_config());
+    lookup_in(
+        std::iter::once(husk_file.to_owned()).chain(docker_config()),
+        registry,
+    )
+}
+
+fn lookup_in(files: impl Iterator<Item = PathBuf>, registry: &str) -> Option<(String, String)> {
     for f in files {
         let auth = read(&f);
         for k in keys(registry) {
@@ -162,5 +168,32 @@ mod tests {
         assert!(remove(&f, "127.0.0.1:5000").unwrap());
         assert!(!remove(&f, "127.0.0.1:5000").unwrap());
         assert_eq!(read(&f).auths.len(), 0);
+    }
+
+    #[test]
+    fn docker_config_json_is_honoured_after_husks_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let husk = dir.path().join("auth.json");
+        let docker = dir.path().join("config.json");
+        std::fs::write(
+            &docker,
+            r#"{"auths":{"https://reg.example:5000":{"auth":"Ym9iOmh1bnRlcjI="},"other.example":{"username":"u","password":"p"}}}"#,
+        )
+        .unwrap();
+        let files = || [husk.clone(), docker.clone()].into_iter();
+        assert_eq!(
+            lookup_in(files(), "reg.example:5000"),
+            Some(("bob".into(), "hunter2".into()))
+        );
+        assert_eq!(
+            lookup_in(files(), "other.example"),
+            Some(("u".into(), "p".into()))
+        );
+        store(&husk, "reg.example:5000", "alice", "x").unwrap();
+        assert_eq!(
+            lookup_in(files(), "reg.example:5000"),
+            Some(("alice".into(), "x".into()))
+        );
+        assert_eq!(lookup_in(files(), "nowhere.example"), None);
     }
 }
