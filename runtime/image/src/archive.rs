@@ -295,12 +295,7 @@ fn load_docker(store: &Store, source: &Path, dir: &Path) -> Result<Vec<ImageReco
 /// docker archive. On failure, blobs it added and no image uses are removed.
 pub fn load(store: &Store, source: &Path) -> Result<Vec<ImageRecord>, ImageError> {
     store.commit();
-    let result = load_inner(store, source);
-    match &result {
-        Ok(_) => store.commit(),
-        Err(_) => store.rollback(),
-    }
-    result
+    store.settle(load_inner(store, source))
 }
 
 fn load_inner(store: &Store, source: &Path) -> Result<Vec<ImageRecord>, ImageError> {

@@ -188,12 +188,7 @@ pub async fn pull(
     progress: &mut Progress,
 ) -> Result<PullReport, ImageError> {
     store.commit();
-    let result = pull_inner(store, r, want, opts, progress).await;
-    match &result {
-        Ok(_) => store.commit(),
-        Err(_) => store.rollback(),
-    }
-    result
+    store.settle(pull_inner(store, r, want, opts, progress).await)
 }
 
 async fn pull_inner(

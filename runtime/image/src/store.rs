@@ -301,6 +301,16 @@ impl Store {
         }
     }
 
+    /// Ends an operation that began with [`Store::commit`]: keeps its blobs
+    /// if it succeeded, rolls them back if not.
+    pub fn settle<T>(&self, result: Result<T, ImageError>) -> Result<T, ImageError> {
+        match &result {
+            Ok(_) => self.commit(),
+            Err(_) => self.rollback(),
+        }
+        result
+    }
+
     /// Forgets the blobs written so far: they belong to images now.
     pub fn commit(&self) {
         if let Ok(mut w) = self.written.lock() {

@@ -395,6 +395,17 @@ pub struct RmiArgs {
     force: bool,
 }
 
+/// Prints what a removal did, docker style.
+fn print_removal(rep: &husk_image::RemoveReport, total: &str) {
+    for u in &rep.untagged {
+        println!("Untagged: {u}");
+    }
+    for d in &rep.deleted {
+        println!("Deleted: {d}");
+    }
+    println!("{total}: {}", human(rep.freed));
+}
+
 /// Pods whose containers run `rec`.
 fn users_of(roots: &Roots, store: &Store, rec: &ImageRecord) -> Vec<String> {
     let wasm = rec.wasm_layer().map(|l| store.blob_path(&l.digest));
@@ -434,15 +445,7 @@ pub fn rmi(roots: &Roots, a: RmiArgs) -> i32 {
             continue;
         }
         match store.remove(&rec.name) {
-            Ok(rep) => {
-                for u in &rep.untagged {
-                    println!("Untagged: {u}");
-                }
-                for d in &rep.deleted {
-                    println!("Deleted: {d}");
-                }
-                println!("Freed: {}", human(rep.freed));
-            }
+            Ok(rep) => print_removal(&rep, "Freed"),
             Err(e) => code = image_fail(e),
         }
     }
@@ -570,13 +573,7 @@ pub fn image(roots: &Roots, cmd: ImageCommand) -> i32 {
             let keep = |rec: &ImageRecord| !all || !users_of(roots, &store, rec).is_empty();
             match store.prune(keep, std::time::Duration::from_secs(600)) {
                 Ok(rep) => {
-                    for u in &rep.untagged {
-                        println!("Untagged: {u}");
-                    }
-                    for d in &rep.deleted {
-                        println!("Deleted: {d}");
-                    }
-                    println!("Total reclaimed space: {}", human(rep.freed));
+                    print_removal(&rep, "Total reclaimed space");
                     0
                 }
                 Err(e) => image_fail(e),

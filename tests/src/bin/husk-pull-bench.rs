@@ -21,6 +21,25 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+fn push(name: &str, layers: &[ImageLayer], config: Config) {
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(client.push(
+            &name.parse().unwrap(),
+            layers,
+            config,
+            &RegistryAuth::Anonymous,
+            None,
+        ))
+        .expect("push");
+}
+
 fn main() {
     let reg = Registry::start();
     let name = format!("{}/bench/big:v1", reg.host());
@@ -47,22 +66,7 @@ fn main() {
         "application/vnd.oci.image.config.v1+json".into(),
         None,
     );
-    let client = oci_client::Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    });
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(client.push(
-            &name.parse().unwrap(),
-            &layers,
-            config,
-            &RegistryAuth::Anonymous,
-            None,
-        ))
-        .expect("push");
+    push(&name, &layers, config);
     drop(layers);
     let husk = std::env::current_exe()
         .unwrap()
@@ -129,22 +133,15 @@ fn main() {
             )
         })
         .collect();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(client.push(
-            &tar_name.parse().unwrap(),
-            &tars,
-            Config::new(
-                b"{\"architecture\":\"amd64\",\"os\":\"linux\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec(),
-                "application/vnd.oci.image.config.v1+json".into(),
-                None,
-            ),
-            &RegistryAuth::Anonymous,
+    push(
+        &tar_name,
+        &tars,
+        Config::new(
+            b"{\"architecture\":\"amd64\",\"os\":\"linux\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec(),
+            "application/vnd.oci.image.config.v1+json".into(),
             None,
-        ))
-        .expect("push");
+        ),
+    );
     drop(tars);
     let mut unpack_times = Vec::new();
     for _ in 0..RUNS {
