@@ -252,15 +252,30 @@ fn multi_platform_index_picks_what_the_pod_runs() {
     env.finish();
 }
 
-/// Forwards HTTP to the registry, one request per connection; with
-/// `corrupt` it flips the last byte of every blob body it passes on, with
-/// `pause` it sleeps that long after each 64 KiB it sends.
-fn proxy(upstream: u16, corrupt: bool, pause: Duration) -> u16 {
+/// What a test gateway does with one request (its head, with
+/// `Connection: close`).
+enum Reply {
+    /// Pass it to the registry; flip the last byte of a blob body if
+    /// `corrupt`; sleep `pause` after each 64 KiB sent back.
+    Forward {
+        head: String,
+        corrupt: bool,
+        pause: Duration,
+    },
+    /// Answer it here.
+    Answer(String),
+}
+
+/// An HTTP gateway in front of the registry, one request per connection;
+/// `decide` gets the request head and the gateway's own port.
+fn gateway(upstream: u16, decide: impl Fn(String, u16) -> Reply + Send + Sync + 'static) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    let decide = std::sync::Arc::new(decide);
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut down) = conn else { break };
+            let decide = decide.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(down.try_clone().unwrap());
                 let mut head = String::new();
@@ -281,6 +296,17 @@ fn proxy(upstream: u16, corrupt: bool, pause: Duration) -> u16 {
                         break;
                     }
                 }
+                let (head, corrupt, pause) = match decide(head, port) {
+                    Reply::Answer(text) => {
+                        let _ = down.write_all(text.as_bytes());
+                        return;
+                    }
+                    Reply::Forward {
+                        head,
+                        corrupt,
+                        pause,
+                    } => (head, corrupt, pause),
+                };
                 let is_blob = head
                     .lines()
                     .next()
@@ -307,6 +333,73 @@ fn proxy(upstream: u16, corrupt: bool, pause: Duration) -> u16 {
         }
     });
     port
+}
+
+/// Forwards to the registry, corrupting blobs and/or slowly.
+fn proxy(upstream: u16, corrupt: bool, pause: Duration) -> u16 {
+    gateway(upstream, move |head, _| Reply::Forward {
+        head,
+        corrupt,
+        pause,
+    })
+}
+
+/// A registry that wants bearer tokens, as Docker Hub and most hosted
+/// registries do: a token service at /token trades `user:pass` (basic) for
+/// a token, and only requests carrying it reach the registry. Debian has no
+/// token server (docker-registry validates tokens but does not issue them),
+/// so this test gateway issues them.
+fn bearer_gate(upstream: u16, user: &str, pass: &str) -> u16 {
+    use base64::Engine as _;
+    let basic = format!(
+        "authorization: basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+    .to_ascii_lowercase();
+    gateway(upstream, move |head, port| {
+        let lower = head.to_ascii_lowercase();
+        let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+        let json = |status: &str, body: &str, extra: &str| {
+            Reply::Answer(format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+                body.len()
+            ))
+        };
+        if path.starts_with("/token") {
+            return if lower.contains(&basic) {
+                json(
+                    "200 OK",
+                    r#"{"token":"tok-husk","access_token":"tok-husk","expires_in":300}"#,
+                    "",
+                )
+            } else {
+                json(
+                    "401 Unauthorized",
+                    r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+                    "",
+                )
+            };
+        }
+        if lower.contains("authorization: bearer tok-husk") {
+            let head = head
+                .lines()
+                .filter(|l| !l.to_ascii_lowercase().starts_with("authorization:"))
+                .map(|l| format!("{l}\r\n"))
+                .collect::<String>();
+            return Reply::Forward {
+                head,
+                corrupt: false,
+                pause: Duration::ZERO,
+            };
+        }
+        json(
+            "401 Unauthorized",
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+            &format!(
+                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"husk-test\"\r\n"
+            ),
+        )
+    })
 }
 
 #[test]
@@ -731,5 +824,40 @@ fn spin_runwasi_and_entrypoint_images_run() {
     .unwrap();
     let out = env.husk(&["run", "--rm", &name, "echo", "entrypoint"]);
     assert_eq!(stdout(&out), "entrypoint\n", "{}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn bearer_token_registries() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let wasm = std::fs::read(probe()).unwrap();
+    push_wasm(&format!("{}/tokens/probe:v1", reg.host()), &wasm, "");
+    let gate = bearer_gate(reg.port, "carol", "t0ken pass");
+    let name = format!("127.0.0.1:{gate}/tokens/probe:v1");
+    let out = env.husk(&["pull", &name]);
+    assert_eq!(out.status.code(), Some(1), "anonymous pull got through");
+    let login = |pass: &str| {
+        env.husk(&[
+            "login",
+            &format!("127.0.0.1:{gate}"),
+            "-u",
+            "carol",
+            "-p",
+            pass,
+        ])
+    };
+    let out = login("wrong");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("wrong user name or password"),
+        "{}",
+        stderr(&out)
+    );
+    let out = login("t0ken pass");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.husk(&["run", "--rm", &name, "echo", "bearer"]);
+    assert_eq!(stdout(&out), "bearer\n", "{}", stderr(&out));
+    assert!(env.husk(&["rmi", &name]).status.success());
     env.finish();
 }

@@ -126,7 +126,20 @@ fn write_private(path: &Path, auth: &AuthFile) -> Result<(), ImageError> {
     std::fs::rename(&tmp, path).map_err(store_err(path))
 }
 
-/// Checks credentials against the registry's `/v2/` endpoint.
+/// The `key="value"` parameters of a `WWW-Authenticate: Bearer …` header.
+fn bearer_params(header: &str) -> Option<BTreeMap<String, String>> {
+    let rest = header.trim().strip_prefix("Bearer ")?;
+    let mut out = BTreeMap::new();
+    for part in rest.split(',') {
+        let (k, v) = part.trim().split_once('=')?;
+        out.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
+    }
+    Some(out)
+}
+
+/// Checks credentials against the registry's `/v2/` endpoint; for a
+/// registry that wants bearer tokens, by getting one from its token service
+/// (as `docker login` does).
 pub async fn verify(registry: &str, plain: bool, user: &str, pass: &str) -> Result<(), ImageError> {
     let url = format!("{}://{registry}/v2/", if plain { "http" } else { "https" });
     let err = |reason: String| ImageError::Registry {
@@ -140,7 +153,35 @@ pub async fn verify(registry: &str, plain: bool, user: &str, pass: &str) -> Resu
         .send()
         .await
         .map_err(|e| err(format!("cannot reach {url}: {e}")))?;
-    match resp.status().as_u16() {
+    let status = resp.status().as_u16();
+    let bearer = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|h| h.to_str().ok())
+        .and_then(bearer_params);
+    let status = match (status, bearer) {
+        (401, Some(p)) => {
+            let realm = p
+                .get("realm")
+                .ok_or_else(|| err("the registry's bearer challenge names no realm".into()))?;
+            let mut query = Vec::new();
+            if let Some(s) = p.get("service") {
+                query.push(("service", s.as_str()));
+            }
+            reqwest::Client::new()
+                .get(realm)
+                .query(&query)
+                .basic_auth(user, Some(pass))
+                .timeout(std::time::Duration::from_secs(15))
+                .send()
+                .await
+                .map_err(|e| err(format!("cannot reach the token service {realm}: {e}")))?
+                .status()
+                .as_u16()
+        }
+        (s, _) => s,
+    };
+    match status {
         200..=299 => Ok(()),
         401 | 403 => Err(err("login failed: wrong user name or password".into())),
         s => Err(err(format!("login failed: {url} answered HTTP {s}"))),
