@@ -67,6 +67,38 @@ fn build_net(src: &Path, out: &Path) {
     std::fs::write(out.join("netprobe.component.wasm"), component).unwrap();
 }
 
+/// The freestanding VMM test guests: assembly with a PVH note, linked with
+/// lld into ELF files loaded at 1 MiB.
+fn build_vmm_guests(src: &Path, out: &Path) {
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "S") {
+            continue;
+        }
+        let elf = out.join(format!(
+            "{}.elf",
+            path.file_stem().unwrap().to_string_lossy()
+        ));
+        let status = Command::new("clang")
+            .args([
+                "--target=x86_64-unknown-none-elf",
+                "-nostdlib",
+                "-ffreestanding",
+                "-fuse-ld=lld",
+                "-static",
+                "-Wl,-Ttext=0x100000",
+                "-Wl,--build-id=none",
+                "-Wl,-z,max-page-size=4096",
+                "-o",
+            ])
+            .arg(&elf)
+            .arg(&path)
+            .status()
+            .expect("clang");
+        assert!(status.success(), "clang failed on {}", path.display());
+    }
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
     std::fs::create_dir_all(&out).unwrap();
@@ -87,5 +119,6 @@ fn main() {
         std::fs::write(out.join(format!("{stem}.component.wasm")), component).unwrap();
     }
     build_net(&src.join("net"), &out);
+    build_vmm_guests(&src.join("vmm"), &out);
     println!("cargo:rustc-env=HUSK_TEST_GUESTS={}", out.display());
 }

@@ -1,0 +1,442 @@
+//! husk-vmm: a KVM microVM monitor built on the rust-vmm crates.
+//!
+//! This first cut boots an ELF kernel through its PVH entry (linux-loader
+//! parses the Xen PVH note and loads the segments; the `hvm_start_info`
+//! block and e820-style memory map go where the entry expects them), with
+//! guest memory from vm-memory, CPUID from KVM_GET_SUPPORTED_CPUID
+//! (filtered), the in-kernel irqchip (PIT optional), an 8250 serial console on
+//! COM1 from vm-superio (to a file or stdout, interrupts through an
+//! irqfd), and the i8042 reset line. One thread per vCPU.
+//!
+//! How a run ends is a [`VmExit`] the caller can tell apart: the guest reset
+//! the machine (the test guests' normal end), it triple-faulted, KVM could
+//! not emulate an instruction, or the VMM failed.
+
+use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the `hvm_start_info` block, the memory map and the command line go.
+const START_INFO: u64 = 0x6000;
+const MEMMAP: u64 = 0x7000;
+const CMDLINE: u64 = 0x20000;
+const CMDLINE_MAX: usize = 4096;
+/// Kernels load at 1 MiB and above.
+const HIMEM: u64 = 0x10_0000;
+const COM1: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_CMD: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+const E820_RAM: u32 = 1;
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Serial console: a file path; stdout when absent.
+    #[serde(default)]
+    pub serial: Option<PathBuf>,
+    /// Emulate the i8254 PIT in the kernel. Off by default: a kernel with
+    /// kvm-clock and the LAPIC timer does not need it, and its kernel
+    /// thread costs ~5 ms per VM to create and tear down.
+    #[serde(default)]
+    pub pit: bool,
+}
+
+fn default_mem() -> u64 {
+    128
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("kernel {path}: {msg}")]
+    Kernel { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl VmError {
+    /// Exit status of the `husk-vmm` process for this error.
+    pub fn status(&self) -> i32 {
+        match self {
+            VmError::Config(_) | VmError::Kernel { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine through the i8042 (or asked KVM to).
+    Reset,
+    /// The guest powered off (a KVM system event).
+    Poweroff,
+    /// A triple fault: KVM_EXIT_SHUTDOWN.
+    TripleFault,
+    /// KVM could not run or emulate the guest.
+    EmulationFailure(String),
+}
+
+impl VmExit {
+    /// Exit status of the `husk-vmm` process: 0 reset or poweroff, 3 triple
+    /// fault, 4 emulation failure (1 VMM error and 2 bad configuration come
+    /// from [`VmError`]).
+    pub fn status(&self) -> i32 {
+        match self {
+            VmExit::Reset | VmExit::Poweroff => 0,
+            VmExit::TripleFault => 3,
+            VmExit::EmulationFailure(_) => 4,
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        match self {
+            VmExit::Reset => "reset".into(),
+            VmExit::Poweroff => "poweroff".into(),
+            VmExit::TripleFault => "triple-fault".into(),
+            VmExit::EmulationFailure(m) => format!("emulation-failure: {m}"),
+        }
+    }
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), VmError> {
+        if self.mem_mib < 16 {
+            return Err(VmError::Config(format!(
+                "mem_mib {} is too small (at least 16)",
+                self.mem_mib
+            )));
+        }
+        if self.mem_mib > 64 * 1024 {
+            return Err(VmError::Config(format!(
+                "mem_mib {} is more than 64 GiB",
+                self.mem_mib
+            )));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.vcpus == 0 || usize::from(self.vcpus) > cores {
+            return Err(VmError::Config(format!(
+                "vcpus {} must be between 1 and this host's {cores} cores",
+                self.vcpus
+            )));
+        }
+        if self.vcpus > 1 {
+            return Err(VmError::Config(
+                "more than one vCPU needs the MP table, which this build does not write yet".into(),
+            ));
+        }
+        if !self.kernel.is_file() {
+            return Err(VmError::Kernel {
+                path: self.kernel.clone(),
+                msg: "no such file".into(),
+            });
+        }
+        if self.cmdline.len() >= CMDLINE_MAX {
+            return Err(VmError::Config(format!(
+                "cmdline is {} bytes, the limit is {}",
+                self.cmdline.len(),
+                CMDLINE_MAX - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Raises the serial interrupt through an irqfd.
+struct IrqLine(EventFd);
+
+impl vm_superio::Trigger for IrqLine {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+type Serial = vm_superio::Serial<IrqLine, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// CPUID from KVM, filtered: the APIC id of the vCPU in leaf 1 and leaf
+/// 0xb, and no arch-capabilities (MSR 0x10a cannot be set on these hosts).
+fn cpuid_for(kvm: &Kvm, id: u8) -> Result<kvm_bindings::CpuId, VmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
+            }
+            7 if e.index == 0 => {
+                e.edx &= !(1 << 29);
+            }
+            0xb => {
+                e.edx = u32::from(id);
+            }
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
+
+fn flat_segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// PVH entry state: 32-bit protected mode, flat segments, paging off,
+/// `rbx` = the start-info block.
+fn setup_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), VmError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    sregs.cs = flat_segment(0x8, true);
+    let data = flat_segment(0x10, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = 0x11; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: entry.raw_value(),
+        rbx: START_INFO,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+}
+
+fn load_kernel(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<GuestAddress, VmError> {
+    let kerr = |msg: String| VmError::Kernel {
+        path: cfg.kernel.clone(),
+        msg,
+    };
+    let mut f = std::fs::File::open(&cfg.kernel).map_err(|e| kerr(e.to_string()))?;
+    let loaded = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM)))
+        .map_err(|e| kerr(format!("not a loadable ELF kernel: {e}")))?;
+    let entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(a) => a,
+        _ => {
+            return Err(kerr(
+                "has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)".into(),
+            ))
+        }
+    };
+    let mut cmdline = cfg.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    vm_memory::Bytes::write_slice(mem, &cmdline, GuestAddress(CMDLINE))
+        .map_err(|e| VmError::Other(format!("cmdline: {e}")))?;
+    let memmap = [hvm_memmap_table_entry {
+        addr: 0,
+        size: cfg.mem_mib << 20,
+        type_: E820_RAM,
+        reserved: 0,
+    }];
+    let start = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE,
+        memmap_paddr: MEMMAP,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start, GuestAddress(START_INFO));
+    params.set_sections(&memmap, GuestAddress(MEMMAP));
+    PvhBootConfigurator::write_bootparams(&params, mem)
+        .map_err(|e| VmError::Other(format!("PVH start info: {e}")))?;
+    Ok(entry)
+}
+
+/// Creates the VM, boots the kernel and runs it until it ends.
+/// `on_running` is called once the vCPUs are about to enter the guest.
+pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError> {
+    cfg.validate()?;
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (cfg.mem_mib << 20) as usize)])
+            .map_err(|e| VmError::Other(format!("guest memory: {e}")))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Other(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is mapped for the lifetime of `mem`, which
+        // outlives the VM (both end with this function).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    if cfg.pit {
+        vm.create_pit2(kvm_pit_config::default())
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    }
+    let entry = load_kernel(cfg, &mem)?;
+
+    let irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let out: Box<dyn Write + Send> = match &cfg.serial {
+        Some(p) => Box::new(
+            std::fs::File::create(p)
+                .map_err(|e| VmError::Config(format!("serial {}: {e}", p.display())))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let serial: Arc<Mutex<Serial>> = Arc::new(Mutex::new(vm_superio::Serial::new(
+        IrqLine(irq.try_clone().map_err(|e| VmError::Other(e.to_string()))?),
+        out,
+    )));
+
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&cpuid_for(&kvm, id)?)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if id == 0 {
+            setup_vcpu(&vcpu, entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+    on_running();
+    let stop = Arc::new(AtomicBool::new(false));
+    let result = std::thread::scope(|s| {
+        let handles: Vec<_> = vcpus
+            .into_iter()
+            .map(|mut vcpu| {
+                let serial = serial.clone();
+                let stop = stop.clone();
+                s.spawn(move || {
+                    let r = vcpu_loop(&mut vcpu, &serial);
+                    stop.store(true, Ordering::SeqCst);
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(VmError::Other("vCPU thread panicked".into())))
+            })
+            .next()
+            .unwrap_or_else(|| Err(VmError::Other("no vCPU".into())))
+    });
+    let _ = vm.unregister_irqfd(&irq, COM1_IRQ);
+    drop(vm);
+    drop(mem);
+    result
+}
+
+fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Mutex<Serial>) -> Result<VmExit, VmError> {
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if (COM1..COM1 + 8).contains(&port) {
+                    if let (Ok(mut s), Some(b)) = (serial.lock(), data.first()) {
+                        let _ = s.write((port - COM1) as u8, *b);
+                    }
+                } else if port == I8042_CMD && data.first() == Some(&I8042_RESET) {
+                    return Ok(VmExit::Reset);
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                let v = if (COM1..COM1 + 8).contains(&port) {
+                    serial.lock().map_or(0, |mut s| s.read((port - COM1) as u8))
+                } else {
+                    0xff
+                };
+                data.iter_mut().for_each(|b| *b = v);
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => data.iter_mut().for_each(|b| *b = 0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Hlt) => return Ok(VmExit::Poweroff),
+            Ok(VcpuExit::Shutdown) => return Ok(VmExit::TripleFault),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Ok(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                    VmExit::Reset
+                } else {
+                    VmExit::Poweroff
+                })
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Ok(VmExit::EmulationFailure("KVM internal error".into()))
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                return Ok(VmExit::EmulationFailure(format!(
+                    "VM entry failed (hardware reason {reason:#x})"
+                )))
+            }
+            Ok(other) => {
+                return Ok(VmExit::EmulationFailure(format!(
+                    "unhandled exit {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                return Err(VmError::Kvm {
+                    what: "KVM_RUN",
+                    source: e,
+                })
+            }
+        }
+    }
+}

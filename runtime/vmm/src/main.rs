@@ -1,0 +1,98 @@
+//! `husk-vmm`: boots one microVM from flags or a JSON config file. Prints
+//! `{"event":"running",…}` and `{"event":"exit",…}` lines on stderr. Exit
+//! status: 0 reset/poweroff, 1 VMM error, 2 bad configuration, 3 triple
+//! fault, 4 emulation failure.
+
+use clap::Parser;
+use husk_vmm::{VmConfig, VmError};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
+struct Args {
+    /// JSON file with the whole configuration (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ELF kernel with a PVH entry note.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem: Option<u64>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Serial console to this file (default: stdout).
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Emulate the i8254 PIT (off by default).
+    #[arg(long)]
+    pit: bool,
+}
+
+fn config(a: Args) -> Result<VmConfig, VmError> {
+    let mut cfg: serde_json::Value = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read(p).map_err(|e| VmError::Config(format!("{}: {e}", p.display())))?;
+            serde_json::from_slice(&text)
+                .map_err(|e| VmError::Config(format!("{}: {e}", p.display())))?
+        }
+        None => serde_json::json!({}),
+    };
+    let set = |cfg: &mut serde_json::Value, k: &str, v: serde_json::Value| {
+        cfg[k] = v;
+    };
+    if let Some(k) = a.kernel {
+        set(&mut cfg, "kernel", serde_json::json!(k));
+    }
+    if let Some(c) = a.cmdline {
+        set(&mut cfg, "cmdline", serde_json::json!(c));
+    }
+    if let Some(m) = a.mem {
+        set(&mut cfg, "mem_mib", serde_json::json!(m));
+    }
+    if let Some(v) = a.vcpus {
+        set(&mut cfg, "vcpus", serde_json::json!(v));
+    }
+    if let Some(s) = a.serial {
+        set(&mut cfg, "serial", serde_json::json!(s));
+    }
+    if a.pit {
+        set(&mut cfg, "pit", serde_json::json!(true));
+    }
+    if cfg.get("kernel").is_none() {
+        return Err(VmError::Config("no kernel: give --kernel FILE".into()));
+    }
+    serde_json::from_value(cfg).map_err(|e| VmError::Config(e.to_string()))
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = config(args).and_then(|cfg| {
+        husk_vmm::run(&cfg, || {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "running", "pid": std::process::id()})
+            );
+        })
+    });
+    match result {
+        Ok(exit) => {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "exit", "reason": exit.reason(), "status": exit.status()})
+            );
+            std::process::exit(exit.status());
+        }
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "exit", "reason": "error", "status": e.status(), "error": e.to_string()})
+            );
+            std::process::exit(e.status());
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! husk-vmm end to end with freestanding test guests (tests/guests/vmm):
+//! they run in well under a second even under PVM's instruction emulator.
+//! Each test prints one `SKIPPED: no /dev/kvm` line where KVM is missing.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vmm_bin() -> std::path::PathBuf {
+    husk_bin().with_file_name("husk-vmm")
+}
+
+fn have_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    println!("SKIPPED: no /dev/kvm ({test})");
+    false
+}
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(vmm_bin()).args(args).output().unwrap()
+}
+
+fn events(o: &Output) -> Vec<serde_json::Value> {
+    stderr(o)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn null_kernel_prints_its_marker_and_resets() {
+    if !have_kvm("null_kernel_prints_its_marker_and_resets") {
+        return;
+    }
+    let stub = guest("stub.elf");
+    for (mem, pit) in [("64", false), ("1024", false), ("256", true)] {
+        let mut args = vec!["--kernel", stub.to_str().unwrap(), "--mem", mem];
+        if pit {
+            args.push("--pit");
+        }
+        let out = vmm(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "husk-vmm: null kernel up\n");
+        let ev = events(&out);
+        assert_eq!(ev[0]["event"], "running");
+        assert_eq!(ev[1]["event"], "exit");
+        assert_eq!(ev[1]["reason"], "reset");
+    }
+    // The serial console can go to a file instead.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console");
+    let out = vmm(&[
+        "--kernel",
+        stub.to_str().unwrap(),
+        "--serial",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "husk-vmm: null kernel up\n"
+    );
+}
+
+#[test]
+fn a_triple_fault_ends_with_its_own_status() {
+    if !have_kvm("a_triple_fault_ends_with_its_own_status") {
+        return;
+    }
+    let out = vmm(&["--kernel", guest("triple-fault.elf").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(events(&out).last().unwrap()["reason"], "triple-fault");
+}
+
+#[test]
+fn bad_configuration_exits_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(&cfg, br#"{"kernel": "/nowhere", "mem_mib": 64, "typo": 1}"#).unwrap();
+    let stub = guest("stub.elf");
+    let stub = stub.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "no kernel"),
+        (&["--kernel", "/nowhere/vmlinux"], "no such file"),
+        (
+            &["--kernel", junk.to_str().unwrap()],
+            "not a loadable ELF kernel",
+        ),
+        (&["--kernel", stub, "--mem", "0"], "mem_mib 0 is too small"),
+        (
+            &["--kernel", stub, "--vcpus", "0"],
+            "vcpus 0 must be between 1",
+        ),
+        (
+            &["--kernel", stub, "--vcpus", "200"],
+            "vcpus 200 must be between 1",
+        ),
+        (&["--config", cfg.to_str().unwrap()], "unknown field `typo`"),
+    ];
+    for (args, msg) in cases {
+        let out = vmm(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(msg), "{args:?}: {}", stderr(&out));
+    }
+}
