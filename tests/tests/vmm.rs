@@ -49,12 +49,19 @@ fn null_kernel_prints_its_marker_and_resets() {
         assert_eq!(ev[1]["event"], "exit");
         assert_eq!(ev[1]["reason"], "reset");
     }
-    // The serial console can go to a file instead.
+    // The serial console can go to a file instead; an initramfs and a
+    // command line go along.
     let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, b"070701 an initramfs").unwrap();
     let log = dir.path().join("console");
     let out = vmm(&[
         "--kernel",
         stub.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
         "--serial",
         log.to_str().unwrap(),
     ]);
@@ -90,7 +97,11 @@ fn bad_configuration_exits_2_with_a_clear_message() {
         (&["--kernel", "/nowhere/vmlinux"], "no such file"),
         (
             &["--kernel", junk.to_str().unwrap()],
-            "not a loadable ELF kernel",
+            "neither an ELF kernel nor a bzImage",
+        ),
+        (
+            &["--kernel", stub, "--initrd", junk.to_str().unwrap()],
+            "not a cpio archive",
         ),
         (&["--kernel", stub, "--mem", "0"], "mem_mib 0 is too small"),
         (

@@ -1,8 +1,8 @@
 //! husk-vmm: a KVM microVM monitor built on the rust-vmm crates.
 //!
-//! This first cut boots an ELF kernel through its PVH entry (linux-loader
-//! parses the Xen PVH note and loads the segments; the `hvm_start_info`
-//! block and e820-style memory map go where the entry expects them), with
+//! This first cut boots an ELF kernel through its PVH entry or a bzImage
+//! through the 32-bit Linux boot protocol (see [`boot`]), with an
+//! initramfs and a command line, with
 //! guest memory from vm-memory, CPUID from KVM_GET_SUPPORTED_CPUID
 //! (filtered), the in-kernel irqchip (PIT optional), an 8250 serial console on
 //! COM1 from vm-superio (to a file or stdout, interrupts through an
@@ -14,11 +14,6 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use linux_loader::configurator::pvh::PvhBootConfigurator;
-use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,24 +21,22 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Where the `hvm_start_info` block, the memory map and the command line go.
-const START_INFO: u64 = 0x6000;
-const MEMMAP: u64 = 0x7000;
-const CMDLINE: u64 = 0x20000;
-const CMDLINE_MAX: usize = 4096;
-/// Kernels load at 1 MiB and above.
-const HIMEM: u64 = 0x10_0000;
+pub mod boot;
+
+use boot::CMDLINE_MAX;
+
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 const I8042_CMD: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
-const E820_RAM: u32 = 1;
-const PVH_MAGIC: u32 = 0x336e_c578;
 
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub kernel: PathBuf,
+    /// initramfs (cpio, plain or compressed).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
     #[serde(default = "default_mem")]
@@ -229,12 +222,15 @@ fn flat_segment(selector: u16, code: bool) -> kvm_segment {
     }
 }
 
-/// PVH entry state: 32-bit protected mode, flat segments, paging off,
-/// `rbx` = the start-info block.
-fn setup_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), VmError> {
+/// Entry state of both boot paths: 32-bit protected mode, paging off, the
+/// boot GDT loaded, flat `__BOOT_CS`/`__BOOT_DS`; `rbx` (PVH start info) or
+/// `rsi` (zero page) as the entry wants.
+fn setup_vcpu(vcpu: &VcpuFd, entry: boot::Entry) -> Result<(), VmError> {
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    sregs.cs = flat_segment(0x8, true);
-    let data = flat_segment(0x10, false);
+    sregs.gdt.base = boot::GDT;
+    sregs.gdt.limit = (8 * boot::GDT_ENTRIES.len() - 1) as u16;
+    sregs.cs = flat_segment(0x10, true);
+    let data = flat_segment(0x18, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -245,53 +241,13 @@ fn setup_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), VmError> {
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     let regs = kvm_regs {
-        rip: entry.raw_value(),
-        rbx: START_INFO,
+        rip: entry.rip,
+        rbx: entry.rbx,
+        rsi: entry.rsi,
         rflags: 0x2,
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
-}
-
-fn load_kernel(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<GuestAddress, VmError> {
-    let kerr = |msg: String| VmError::Kernel {
-        path: cfg.kernel.clone(),
-        msg,
-    };
-    let mut f = std::fs::File::open(&cfg.kernel).map_err(|e| kerr(e.to_string()))?;
-    let loaded = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM)))
-        .map_err(|e| kerr(format!("not a loadable ELF kernel: {e}")))?;
-    let entry = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(a) => a,
-        _ => {
-            return Err(kerr(
-                "has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)".into(),
-            ))
-        }
-    };
-    let mut cmdline = cfg.cmdline.as_bytes().to_vec();
-    cmdline.push(0);
-    vm_memory::Bytes::write_slice(mem, &cmdline, GuestAddress(CMDLINE))
-        .map_err(|e| VmError::Other(format!("cmdline: {e}")))?;
-    let memmap = [hvm_memmap_table_entry {
-        addr: 0,
-        size: cfg.mem_mib << 20,
-        type_: E820_RAM,
-        reserved: 0,
-    }];
-    let start = hvm_start_info {
-        magic: PVH_MAGIC,
-        version: 1,
-        cmdline_paddr: CMDLINE,
-        memmap_paddr: MEMMAP,
-        memmap_entries: memmap.len() as u32,
-        ..Default::default()
-    };
-    let mut params = BootParams::new(&start, GuestAddress(START_INFO));
-    params.set_sections(&memmap, GuestAddress(MEMMAP));
-    PvhBootConfigurator::write_bootparams(&params, mem)
-        .map_err(|e| VmError::Other(format!("PVH start info: {e}")))?;
-    Ok(entry)
 }
 
 /// Creates the VM, boots the kernel and runs it until it ends.
@@ -326,7 +282,7 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
         vm.create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
-    let entry = load_kernel(cfg, &mem)?;
+    let entry = boot::load(cfg, &mem)?;
 
     let irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;

@@ -13,9 +13,12 @@ struct Args {
     /// JSON file with the whole configuration (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// ELF kernel with a PVH entry note.
+    /// Kernel: an ELF with a PVH entry note, or a bzImage.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// initramfs (cpio archive, plain or compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest memory in MiB.
@@ -46,6 +49,9 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
     };
     if let Some(k) = a.kernel {
         set(&mut cfg, "kernel", serde_json::json!(k));
+    }
+    if let Some(i) = a.initrd {
+        set(&mut cfg, "initrd", serde_json::json!(i));
     }
     if let Some(c) = a.cmdline {
         set(&mut cfg, "cmdline", serde_json::json!(c));
