@@ -67,18 +67,47 @@ fn build_net(src: &Path, out: &Path) {
     std::fs::write(out.join("netprobe.component.wasm"), component).unwrap();
 }
 
-/// The freestanding VMM test guests: assembly with a PVH note, linked with
-/// lld into ELF files loaded at 1 MiB.
+/// The freestanding VMM test guests, linked with lld into ELF files loaded
+/// at 1 MiB: `.S` files are whole guests; `.c` files are compiled for i386
+/// and assembled after `entry.inc` (the PVH note and entry) in .code32
+/// mode, since the ELF must be 64-bit while the PVH entry is 32-bit.
 fn build_vmm_guests(src: &Path, out: &Path) {
     for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "S") {
-            continue;
+        let mut path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("S") => {}
+            Some("c") => {
+                let asm = out.join(format!("{stem}.i386.s"));
+                let status = Command::new("clang")
+                    .args([
+                        "--target=i386-unknown-none-elf",
+                        "-ffreestanding",
+                        "-fno-pic",
+                        "-fno-builtin",
+                        "-fno-stack-protector",
+                        "-mno-sse",
+                        "-mno-mmx",
+                        "-O1",
+                        "-Wall",
+                        "-S",
+                        "-o",
+                    ])
+                    .arg(&asm)
+                    .arg(&path)
+                    .status()
+                    .expect("clang");
+                assert!(status.success(), "clang failed on {}", path.display());
+                let combined = out.join(format!("{stem}.S"));
+                let text = std::fs::read_to_string(src.join("entry.inc")).unwrap()
+                    + "\n        .code32\n"
+                    + &std::fs::read_to_string(&asm).unwrap();
+                std::fs::write(&combined, text).unwrap();
+                path = combined;
+            }
+            _ => continue,
         }
-        let elf = out.join(format!(
-            "{}.elf",
-            path.file_stem().unwrap().to_string_lossy()
-        ));
+        let elf = out.join(format!("{stem}.elf"));
         let status = Command::new("clang")
             .args([
                 "--target=x86_64-unknown-none-elf",

@@ -105,6 +105,10 @@ fn bad_configuration_exits_2_with_a_clear_message() {
         ),
         (&["--kernel", stub, "--mem", "0"], "mem_mib 0 is too small"),
         (
+            &["--kernel", stub, "--mem", "4096"],
+            "reaches the device window",
+        ),
+        (
             &["--kernel", stub, "--vcpus", "0"],
             "vcpus 0 must be between 1",
         ),
@@ -119,4 +123,34 @@ fn bad_configuration_exits_2_with_a_clear_message() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(msg), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn virtio_rng_hands_the_guest_random_bytes() {
+    if !have_kvm("virtio_rng_hands_the_guest_random_bytes") {
+        return;
+    }
+    let rng = guest("rng.elf");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--kernel", rng.to_str().unwrap(), "--mem", "64"];
+        args.extend_from_slice(extra);
+        let out = vmm(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let first = run(&[]);
+    let second = run(&[]);
+    let hex = |s: &str| {
+        let line = s
+            .strip_prefix("rng: 16 ")
+            .unwrap_or_else(|| panic!("{s:?}"));
+        line.trim().to_owned()
+    };
+    let (a, b) = (hex(&first), hex(&second));
+    assert_eq!(a.len(), 32);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_ne!(a, "0".repeat(32));
+    assert_ne!(a, b, "two VMs got the same bytes");
+    // Without the device the guest finds nothing at its address.
+    assert_eq!(run(&["--no-rng"]), "rng: no virtio-rng device\n");
 }

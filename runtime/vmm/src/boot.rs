@@ -281,6 +281,7 @@ mod tests {
             vcpus: 1,
             serial: None,
             pit: false,
+            rng: false,
         }
     }
 

@@ -22,6 +22,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod boot;
+pub mod virtio;
 
 use boot::CMDLINE_MAX;
 
@@ -51,6 +52,13 @@ pub struct VmConfig {
     /// thread costs ~5 ms per VM to create and tear down.
     #[serde(default)]
     pub pit: bool,
+    /// A virtio-rng device, so a guest never starves for entropy.
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mem() -> u64 {
@@ -133,10 +141,12 @@ impl VmConfig {
                 self.mem_mib
             )));
         }
-        if self.mem_mib > 64 * 1024 {
+        if self.mem_mib << 20 > virtio::MMIO_BASE {
             return Err(VmError::Config(format!(
-                "mem_mib {} is more than 64 GiB",
-                self.mem_mib
+                "mem_mib {} reaches the device window at {:#x}; at most {} MiB for now",
+                self.mem_mib,
+                virtio::MMIO_BASE,
+                virtio::MMIO_BASE >> 20
             )));
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -282,7 +292,38 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
         vm.create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
-    let entry = boot::load(cfg, &mem)?;
+    // Devices on virtio-mmio, announced on the command line.
+    let mut bus = virtio::Bus::default();
+    let mut cmdline = cfg.cmdline.clone();
+    let mut device_irqs = Vec::new();
+    if cfg.rng {
+        let (base, gsi) = (virtio::MMIO_BASE, virtio::FIRST_IRQ);
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+        let t = virtio::MmioTransport::new(
+            Box::new(virtio::Rng),
+            mem.clone(),
+            evt.try_clone().map_err(|e| VmError::Other(e.to_string()))?,
+        );
+        bus.add(base, t);
+        device_irqs.push((evt, gsi));
+        cmdline = format!("{cmdline} virtio_mmio.device=4K@{base:#x}:{gsi}")
+            .trim()
+            .to_owned();
+    }
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(VmError::Config(format!(
+            "cmdline with the device announcements is {} bytes, the limit is {}",
+            cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    let boot_cfg = VmConfig {
+        cmdline,
+        ..cfg.clone()
+    };
+    let entry = boot::load(&boot_cfg, &mem)?;
 
     let irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
@@ -320,8 +361,9 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             .map(|mut vcpu| {
                 let serial = serial.clone();
                 let stop = stop.clone();
+                let bus = &bus;
                 s.spawn(move || {
-                    let r = vcpu_loop(&mut vcpu, &serial);
+                    let r = vcpu_loop(&mut vcpu, &serial, bus);
                     stop.store(true, Ordering::SeqCst);
                     r
                 })
@@ -337,12 +379,20 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             .unwrap_or_else(|| Err(VmError::Other("no vCPU".into())))
     });
     let _ = vm.unregister_irqfd(&irq, COM1_IRQ);
+    for (evt, gsi) in &device_irqs {
+        let _ = vm.unregister_irqfd(evt, *gsi);
+    }
+    drop(bus);
     drop(vm);
     drop(mem);
     result
 }
 
-fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Mutex<Serial>) -> Result<VmExit, VmError> {
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    serial: &Mutex<Serial>,
+    bus: &virtio::Bus,
+) -> Result<VmExit, VmError> {
     loop {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -362,8 +412,14 @@ fn vcpu_loop(vcpu: &mut VcpuFd, serial: &Mutex<Serial>) -> Result<VmExit, VmErro
                 };
                 data.iter_mut().for_each(|b| *b = v);
             }
-            Ok(VcpuExit::MmioRead(_, data)) => data.iter_mut().for_each(|b| *b = 0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !bus.read(addr, data) {
+                    data.iter_mut().for_each(|b| *b = 0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.write(addr, data);
+            }
             Ok(VcpuExit::Hlt) => return Ok(VmExit::Poweroff),
             Ok(VcpuExit::Shutdown) => return Ok(VmExit::TripleFault),
             Ok(VcpuExit::SystemEvent(kind, _)) => {

@@ -32,6 +32,9 @@ struct Args {
     /// Emulate the i8254 PIT (off by default).
     #[arg(long)]
     pit: bool,
+    /// No virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
 }
 
 fn config(a: Args) -> Result<VmConfig, VmError> {
@@ -64,6 +67,9 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
     }
     if let Some(s) = a.serial {
         set(&mut cfg, "serial", serde_json::json!(s));
+    }
+    if a.no_rng {
+        set(&mut cfg, "rng", serde_json::json!(false));
     }
     if a.pit {
         set(&mut cfg, "pit", serde_json::json!(true));
