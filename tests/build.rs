@@ -94,6 +94,7 @@ fn build_vmm_guests(src: &Path, out: &Path) {
                         "-o",
                     ])
                     .arg(&asm)
+                    .arg(format!("-I{}", src.display()))
                     .arg(&path)
                     .status()
                     .expect("clang");

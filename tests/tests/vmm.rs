@@ -154,3 +154,49 @@ fn virtio_rng_hands_the_guest_random_bytes() {
     // Without the device the guest finds nothing at its address.
     assert_eq!(run(&["--no-rng"]), "rng: no virtio-rng device\n");
 }
+
+#[test]
+fn virtio_blk_reads_writes_flushes_and_honours_read_only() {
+    if !have_kvm("virtio_blk_reads_writes_flushes_and_honours_read_only") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let make_disk = |name: &str| {
+        let p = dir.path().join(name);
+        let mut bytes = b"HUSK DISK MARKER line one\nsecond line\n".to_vec();
+        bytes.resize(1 << 20, 0);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let blk = guest("blk.elf");
+    let rw = make_disk("rw.img");
+    let out = vmm(&[
+        "--kernel",
+        blk.to_str().unwrap(),
+        "--no-rng",
+        "--disk",
+        rw.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "blk: capacity 2048\nblk: sector 0: HUSK DISK MARKER line one\nblk: write ok\nblk: flush ok\nblk: read back ok\nblk: past the end: status 1\n"
+    );
+    let after = std::fs::read(&rw).unwrap();
+    let expect: Vec<u8> = (0..512).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(&after[512..1024], &expect[..], "sector 1 on the host file");
+
+    let ro = make_disk("ro.img");
+    let before = std::fs::read(&ro).unwrap();
+    let arg = format!("{},ro", ro.display());
+    let out = vmm(&["--kernel", blk.to_str().unwrap(), "--disk", &arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("blk: write refused (status 1)"), "{text}");
+    assert!(text.contains("blk: read back differs"), "{text}");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        before,
+        "a read-only disk changed"
+    );
+}

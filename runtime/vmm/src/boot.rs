@@ -282,6 +282,7 @@ mod tests {
             serial: None,
             pit: false,
             rng: false,
+            disks: vec![],
         }
     }
 

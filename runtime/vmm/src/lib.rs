@@ -55,6 +55,17 @@ pub struct VmConfig {
     /// A virtio-rng device, so a guest never starves for entropy.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// virtio-blk disks backed by files.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 fn default_true() -> bool {
@@ -166,6 +177,17 @@ impl VmConfig {
                 path: self.kernel.clone(),
                 msg: "no such file".into(),
             });
+        }
+        if self.disks.len() + usize::from(self.rng) > 8 {
+            return Err(VmError::Config("at most 8 virtio devices".into()));
+        }
+        for d in &self.disks {
+            if !d.path.is_file() {
+                return Err(VmError::Config(format!(
+                    "disk {}: no such file",
+                    d.path.display()
+                )));
+            }
         }
         if self.cmdline.len() >= CMDLINE_MAX {
             return Err(VmError::Config(format!(
@@ -296,13 +318,23 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
     let mut bus = virtio::Bus::default();
     let mut cmdline = cfg.cmdline.clone();
     let mut device_irqs = Vec::new();
+    let mut devices: Vec<Box<dyn virtio::Device>> = Vec::new();
     if cfg.rng {
-        let (base, gsi) = (virtio::MMIO_BASE, virtio::FIRST_IRQ);
+        devices.push(Box::new(virtio::Rng));
+    }
+    for d in &cfg.disks {
+        let blk = virtio::Block::open(&d.path, d.read_only)
+            .map_err(|e| VmError::Config(format!("disk {}: {e}", d.path.display())))?;
+        devices.push(Box::new(blk));
+    }
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
+        let gsi = virtio::FIRST_IRQ + i as u32;
         let evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
         vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
         let t = virtio::MmioTransport::new(
-            Box::new(virtio::Rng),
+            device,
             mem.clone(),
             evt.try_clone().map_err(|e| VmError::Other(e.to_string()))?,
         );

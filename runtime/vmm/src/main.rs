@@ -35,6 +35,9 @@ struct Args {
     /// No virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// A virtio-blk disk: PATH or PATH,ro (repeatable).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
 }
 
 fn config(a: Args) -> Result<VmConfig, VmError> {
@@ -67,6 +70,17 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
     }
     if let Some(s) = a.serial {
         set(&mut cfg, "serial", serde_json::json!(s));
+    }
+    if !a.disks.is_empty() {
+        let disks: Vec<_> = a
+            .disks
+            .iter()
+            .map(|d| match d.strip_suffix(",ro") {
+                Some(p) => serde_json::json!({"path": p, "read_only": true}),
+                None => serde_json::json!({"path": d}),
+            })
+            .collect();
+        set(&mut cfg, "disks", serde_json::json!(disks));
     }
     if a.no_rng {
         set(&mut cfg, "rng", serde_json::json!(false));

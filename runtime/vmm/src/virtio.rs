@@ -246,6 +246,182 @@ impl Device for Rng {
     }
 }
 
+/// virtio-blk backed by a file: read, write (refused on a read-only disk),
+/// flush (fdatasync) and get-id. Every request is checked against the
+/// disk's size; data moves in 64 KiB pieces, so a hostile length never
+/// becomes a large allocation.
+pub struct Block {
+    file: std::fs::File,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; 20],
+}
+
+const BLK_F_RO: u64 = 1 << 5;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_T_FLUSH: u32 = 4;
+const BLK_T_GET_ID: u32 = 8;
+const BLK_S_OK: u8 = 0;
+const BLK_S_IOERR: u8 = 1;
+const BLK_S_UNSUPP: u8 = 2;
+const SECTOR: u64 = 512;
+
+impl Block {
+    pub fn open(path: &std::path::Path, read_only: bool) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let mut id = [0u8; 20];
+        let name = path.file_name().unwrap_or_default().as_encoded_bytes();
+        let n = name.len().min(20);
+        id[..n].copy_from_slice(&name[..n]);
+        Ok(Block {
+            file,
+            sectors: len / SECTOR,
+            read_only,
+            id,
+        })
+    }
+
+    /// Serves one request chain; returns the bytes written into the guest.
+    fn serve(
+        &mut self,
+        descs: &[virtio_queue::desc::split::Descriptor],
+        mem: &GuestMemoryMmap,
+    ) -> (u32, Option<GuestAddress>, u8) {
+        use std::os::unix::fs::FileExt;
+        let Some((status, body)) = descs.split_last() else {
+            return (0, None, BLK_S_IOERR);
+        };
+        if !status.is_write_only() || status.len() < 1 {
+            return (0, None, BLK_S_IOERR);
+        }
+        let status_at = Some(status.addr());
+        let Some((head, data)) = body.split_first() else {
+            return (0, status_at, BLK_S_IOERR);
+        };
+        if head.is_write_only() || head.len() < 16 {
+            return (0, status_at, BLK_S_IOERR);
+        }
+        let (Ok(kind), Ok(sector)) = (
+            mem.read_obj::<u32>(head.addr()),
+            mem.read_obj::<u64>(GuestAddress(head.addr().0 + 8)),
+        ) else {
+            return (0, status_at, BLK_S_IOERR);
+        };
+        match kind {
+            BLK_T_IN | BLK_T_OUT => {
+                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+                let end = sector
+                    .checked_mul(SECTOR)
+                    .and_then(|s| s.checked_add(total));
+                if end.is_none_or(|e| e > self.sectors * SECTOR) {
+                    return (0, status_at, BLK_S_IOERR);
+                }
+                if kind == BLK_T_OUT && self.read_only {
+                    return (0, status_at, BLK_S_IOERR);
+                }
+                let mut offset = sector * SECTOR;
+                let mut written = 0u32;
+                let mut buf = vec![0u8; 64 << 10];
+                for d in data {
+                    if d.is_write_only() != (kind == BLK_T_IN) {
+                        return (written, status_at, BLK_S_IOERR);
+                    }
+                    let mut left = u64::from(d.len());
+                    let mut at = d.addr().0;
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        let ok = if kind == BLK_T_IN {
+                            self.file.read_exact_at(&mut buf[..n], offset).is_ok()
+                                && mem.write_slice(&buf[..n], GuestAddress(at)).is_ok()
+                        } else {
+                            mem.read_slice(&mut buf[..n], GuestAddress(at)).is_ok()
+                                && self.file.write_all_at(&buf[..n], offset).is_ok()
+                        };
+                        if !ok {
+                            return (written, status_at, BLK_S_IOERR);
+                        }
+                        if kind == BLK_T_IN {
+                            written += n as u32;
+                        }
+                        left -= n as u64;
+                        at += n as u64;
+                        offset += n as u64;
+                    }
+                }
+                (written, status_at, BLK_S_OK)
+            }
+            BLK_T_FLUSH => {
+                if self.read_only || self.file.sync_data().is_ok() {
+                    (0, status_at, BLK_S_OK)
+                } else {
+                    (0, status_at, BLK_S_IOERR)
+                }
+            }
+            BLK_T_GET_ID => match data.first() {
+                Some(d) if d.is_write_only() => {
+                    let n = (d.len() as usize).min(self.id.len());
+                    match mem.write_slice(&self.id[..n], d.addr()) {
+                        Ok(()) => (n as u32, status_at, BLK_S_OK),
+                        Err(_) => (0, status_at, BLK_S_IOERR),
+                    }
+                }
+                _ => (0, status_at, BLK_S_IOERR),
+            },
+            _ => (0, status_at, BLK_S_UNSUPP),
+        }
+    }
+}
+
+impl Device for Block {
+    fn device_type(&self) -> u32 {
+        2
+    }
+
+    fn features(&self) -> u64 {
+        BLK_F_FLUSH | if self.read_only { BLK_F_RO } else { 0 }
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256]
+    }
+
+    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            // At most the queue size, by virtio-queue's bound on chains.
+            let descs: Vec<_> = chain.collect();
+            let (written, status_at, status) = self.serve(&descs, mem);
+            if let Some(at) = status_at {
+                let _ = mem.write_obj(status, at);
+            }
+            if queue
+                .add_used(mem, head, written + u32::from(status_at.is_some()))
+                .is_err()
+            {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64, in 512-byte sectors) at offset 0; the rest zero.
+        let cap = self.sectors.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset as usize + i;
+            *b = cap.get(at).copied().unwrap_or(0);
+        }
+    }
+}
+
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -401,6 +577,62 @@ mod tests {
         let mut q = queue(&m);
         assert!(!Rng.process(0, &mut q, &m));
         assert_eq!(used(&m).0, 0);
+    }
+
+    #[test]
+    fn hostile_block_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let run = |descs: &[(u64, u32, u16)], header: (u32, u64)| {
+            let m = mem();
+            m.write_obj(header.0, GuestAddress(0x9000)).unwrap();
+            m.write_obj(header.1, GuestAddress(0x9008)).unwrap();
+            for (i, (addr, len, flags)) in descs.iter().enumerate() {
+                let next = if i + 1 < descs.len() { 1 } else { 0 };
+                desc(&m, i as u64, *addr, *len, flags | next, i as u16 + 1);
+            }
+            offer(&m, 1);
+            let mut q = queue(&m);
+            let mut b = Block::open(&path, false).unwrap();
+            assert!(b.process(0, &mut q, &m));
+            let status: u8 = m.read_obj(GuestAddress(0xa000)).unwrap();
+            (status, m)
+        };
+        let hdr = (0x9000, 16, 0);
+        let st = (0xa000, 1, 2);
+        // A read past the end of the 8-sector disk.
+        assert_eq!(
+            run(&[hdr, (0x8000, 512, 2), st], (BLK_T_IN, 8)).0,
+            BLK_S_IOERR
+        );
+        // A sector number that overflows when multiplied.
+        assert_eq!(
+            run(&[hdr, (0x8000, 512, 2), st], (BLK_T_IN, u64::MAX / 2)).0,
+            BLK_S_IOERR
+        );
+        // A length larger than the disk.
+        assert_eq!(
+            run(&[hdr, (0x8000, 8192, 2), st], (BLK_T_IN, 0)).0,
+            BLK_S_IOERR
+        );
+        // A length past the end of guest memory never reaches the device
+        // (virtio-queue ends the chain there); nothing is written.
+        let (_, m) = run(&[hdr, (0xf_ff00, u32::MAX, 2), st], (BLK_T_IN, 0));
+        let untouched: u8 = m.read_obj(GuestAddress(0xf_ff00)).unwrap();
+        assert_eq!(untouched, 0);
+        // A read whose data buffer is not writable.
+        assert_eq!(
+            run(&[hdr, (0x8000, 512, 0), st], (BLK_T_IN, 0)).0,
+            BLK_S_IOERR
+        );
+        // Unknown request types.
+        assert_eq!(run(&[hdr, st], (77, 0)).0, BLK_S_UNSUPP);
+        // A good read, for contrast.
+        let (s, m) = run(&[hdr, (0x8000, 512, 2), st], (BLK_T_IN, 7));
+        assert_eq!(s, BLK_S_OK);
+        let got: u8 = m.read_obj(GuestAddress(0x8000)).unwrap();
+        assert_eq!(got, 7);
     }
 
     #[test]
