@@ -200,3 +200,125 @@ fn virtio_blk_reads_writes_flushes_and_honours_read_only() {
         "a read-only disk changed"
     );
 }
+
+/// A netns for one test, deleted on drop.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(name: &str) -> Self {
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        TestNetns(name.to_owned())
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// In `netns`: waits for `tap`, receives one frame of ethertype 0x88b5 on
+/// it and answers its sender with `reply`. Returns the frame received.
+fn answer_one_frame(netns: String, tap: String, reply: &'static [u8]) -> Vec<u8> {
+    let ns = std::fs::File::open(&netns).unwrap();
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let cname = std::ffi::CString::new(tap).unwrap();
+    let t0 = std::time::Instant::now();
+    let ifindex = loop {
+        // SAFETY: a valid C string.
+        let i = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if i != 0 {
+            break i;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "the tap never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let proto = (0x88b5u16).to_be();
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    assert!(fd >= 0);
+    // SAFETY: fd is ours.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: addr is a valid sockaddr_ll of the given size.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0);
+    let tv = libc::timeval {
+        tv_sec: 20,
+        tv_usec: 0,
+    };
+    // SAFETY: tv is a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    assert!(n > 14, "no frame from the guest");
+    buf.truncate(n as usize);
+    let mut frame = buf[6..12].to_vec();
+    frame.extend_from_slice(&[2, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+    frame.extend_from_slice(reply);
+    // SAFETY: frame is readable for its length.
+    let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
+    assert_eq!(sent, frame.len() as isize);
+    drop(sock);
+    buf
+}
+
+#[test]
+fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
+    if !have_kvm("virtio_net_carries_frames_to_and_from_a_tap_in_a_netns") {
+        return;
+    }
+    let id = std::process::id() % 100000;
+    let ns = TestNetns::new(&format!("hkvm{id}"));
+    let tap = format!("hkvt{id}");
+    let responder = {
+        let (path, tap) = (ns.path(), tap.clone());
+        std::thread::spawn(move || answer_one_frame(path, tap, b"husk-net pong"))
+    };
+    let net = format!("tap={tap},netns={},mac=02:00:00:aa:bb:cc", ns.path());
+    let out = vmm(&[
+        "--kernel",
+        guest("net.elf").to_str().unwrap(),
+        "--no-rng",
+        "--net",
+        &net,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "net: got husk-net pong\n");
+    let frame = responder.join().unwrap();
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0xaa, 0xbb, 0xcc], "source MAC");
+    assert_eq!(&frame[14..], b"husk-net ping from 020000aabbcc");
+    // The tap went away with the VM.
+    let links = Command::new("ip")
+        .args(["-n", &ns.0, "-o", "link"])
+        .output()
+        .unwrap();
+    assert!(!stdout(&links).contains(&tap), "{}", stdout(&links));
+}

@@ -283,6 +283,7 @@ mod tests {
             pit: false,
             rng: false,
             disks: vec![],
+            net: None,
         }
     }
 

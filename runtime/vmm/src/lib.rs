@@ -13,7 +13,7 @@
 //! not emulate an instruction, or the VMM failed.
 
 use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod boot;
+pub mod tap;
 pub mod virtio;
 
 use boot::CMDLINE_MAX;
@@ -58,6 +59,22 @@ pub struct VmConfig {
     /// virtio-blk disks backed by files.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net backed by a tap.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap device name (created if missing, removed with the VM if so).
+    pub tap: String,
+    /// Network namespace (a path like /run/netns/NAME) to find it in.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff` (default 02:00:00:00:00:01).
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -178,7 +195,22 @@ impl VmConfig {
                 msg: "no such file".into(),
             });
         }
-        if self.disks.len() + usize::from(self.rng) > 8 {
+        if let Some(n) = &self.net {
+            if let Some(m) = &n.mac {
+                if tap::parse_mac(m).is_none() {
+                    return Err(VmError::Config(format!(
+                        "net mac {m:?}: use aa:bb:cc:dd:ee:ff"
+                    )));
+                }
+            }
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(VmError::Config(format!(
+                    "net tap {:?} must be 1 to 15 bytes",
+                    n.tap
+                )));
+            }
+        }
+        if self.disks.len() + usize::from(self.rng) + usize::from(self.net.is_some()) > 8 {
             return Err(VmError::Config("at most 8 virtio devices".into()));
         }
         for d in &self.disks {
@@ -327,6 +359,25 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             .map_err(|e| VmError::Config(format!("disk {}: {e}", d.path.display())))?;
         devices.push(Box::new(blk));
     }
+    if let Some(n) = &cfg.net {
+        let mac = n
+            .mac
+            .as_deref()
+            .and_then(tap::parse_mac)
+            .unwrap_or([2, 0, 0, 0, 0, 1]);
+        let tap = tap::open(&n.tap, n.netns.as_deref()).map_err(|e| {
+            VmError::Config(format!(
+                "net tap {}{}: {e}",
+                n.tap,
+                n.netns
+                    .as_ref()
+                    .map(|p| format!(" in {}", p.display()))
+                    .unwrap_or_default()
+            ))
+        })?;
+        devices.push(Box::new(virtio::Net::new(tap, mac)));
+    }
+    let mut notify: Vec<(EventFd, usize, usize)> = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {
         let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
         let gsi = virtio::FIRST_IRQ + i as u32;
@@ -338,6 +389,14 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             mem.clone(),
             evt.try_clone().map_err(|e| VmError::Other(e.to_string()))?,
         );
+        // QueueNotify writes go to eventfds the device thread waits on.
+        for q in 0..t.queue_count() {
+            let n = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+            vm.register_ioevent(&n, &IoEventAddress::Mmio(base + 0x50), q as u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            notify.push((n, i, q));
+        }
         bus.add(base, t);
         device_irqs.push((evt, gsi));
         cmdline = format!("{cmdline} virtio_mmio.device=4K@{base:#x}:{gsi}")
@@ -387,28 +446,40 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
     }
     on_running();
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
     let result = std::thread::scope(|s| {
+        let events = s.spawn(|| device_loop(&bus, &notify, &stop_evt));
         let handles: Vec<_> = vcpus
             .into_iter()
             .map(|mut vcpu| {
                 let serial = serial.clone();
                 let stop = stop.clone();
                 let bus = &bus;
+                let stop_evt = &stop_evt;
                 s.spawn(move || {
                     let r = vcpu_loop(&mut vcpu, &serial, bus);
                     stop.store(true, Ordering::SeqCst);
+                    let _ = stop_evt.write(1);
                     r
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(VmError::Other("vCPU thread panicked".into())))
-            })
-            .next()
-            .unwrap_or_else(|| Err(VmError::Other("no vCPU".into())))
+        // The first vCPU to finish decides how the VM ended.
+        let mut first: Option<Result<VmExit, VmError>> = None;
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(VmError::Other("vCPU thread panicked".into())));
+            first.get_or_insert(r);
+        }
+        let _ = stop_evt.write(1);
+        let first = first.unwrap_or_else(|| Err(VmError::Other("no vCPU".into())));
+        match events.join() {
+            Ok(Ok(())) => first,
+            Ok(Err(e)) => first.and(Err(e)),
+            Err(_) => first.and(Err(VmError::Other("device thread panicked".into()))),
+        }
     });
     let _ = vm.unregister_irqfd(&irq, COM1_IRQ);
     for (evt, gsi) in &device_irqs {
@@ -418,6 +489,78 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
     drop(vm);
     drop(mem);
     result
+}
+
+/// The device thread: waits on every queue's notify eventfd and every
+/// backend fd (edge-triggered: a device drains its backend when it runs),
+/// until `stop` fires.
+fn device_loop(
+    bus: &virtio::Bus,
+    notify: &[(EventFd, usize, usize)],
+    stop: &EventFd,
+) -> Result<(), VmError> {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let ep = |e: std::io::Error| VmError::Other(format!("epoll: {e}"));
+    let epoll = Epoll::new().map_err(ep)?;
+    const STOP: u64 = u64::MAX;
+    const BACKEND: u64 = 1 << 32;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )
+        .map_err(ep)?;
+    for (k, (evt, _, _)) in notify.iter().enumerate() {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, k as u64),
+            )
+            .map_err(ep)?;
+    }
+    let devices: Vec<_> = bus.devices().map(|(_, t)| t).collect();
+    for (i, t) in devices.iter().enumerate() {
+        let fd = t.lock().ok().and_then(|t| t.backend_fd());
+        if let Some(fd) = fd {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, BACKEND | i as u64),
+                )
+                .map_err(ep)?;
+        }
+    }
+    let mut events = vec![EpollEvent::default(); 32];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ep(e)),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                STOP => return Ok(()),
+                d if d & BACKEND != 0 => {
+                    if let Some(Ok(mut t)) = devices.get((d & !BACKEND) as usize).map(|t| t.lock())
+                    {
+                        t.backend_event();
+                    }
+                }
+                k => {
+                    if let Some((evt, dev, q)) = notify.get(k as usize) {
+                        let _ = evt.read();
+                        if let Some(Ok(mut t)) = devices.get(*dev).map(|t| t.lock()) {
+                            t.notify(*q);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn vcpu_loop(

@@ -38,6 +38,9 @@ struct Args {
     /// A virtio-blk disk: PATH or PATH,ro (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// virtio-net over a tap: tap=NAME[,netns=PATH][,mac=aa:bb:cc:dd:ee:ff].
+    #[arg(long)]
+    net: Option<String>,
 }
 
 fn config(a: Args) -> Result<VmConfig, VmError> {
@@ -81,6 +84,19 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
             })
             .collect();
         set(&mut cfg, "disks", serde_json::json!(disks));
+    }
+    if let Some(n) = &a.net {
+        let mut net = serde_json::Map::new();
+        for part in n.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                VmError::Config(format!("--net {n:?}: use tap=NAME[,netns=PATH][,mac=MAC]"))
+            })?;
+            if !["tap", "netns", "mac"].contains(&k) {
+                return Err(VmError::Config(format!("--net: unknown key {k:?}")));
+            }
+            net.insert(k.to_owned(), serde_json::json!(v));
+        }
+        set(&mut cfg, "net", serde_json::Value::Object(net));
     }
     if a.no_rng {
         set(&mut cfg, "rng", serde_json::json!(false));

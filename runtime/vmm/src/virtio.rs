@@ -42,6 +42,14 @@ pub trait Device: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// A host fd the event loop watches for this device (a tap).
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The backend fd is readable; returns whether anything was used.
+    fn backend_ready(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
 }
 
 /// One device on the virtio-mmio bus.
@@ -185,7 +193,34 @@ impl MmioTransport {
         }
     }
 
-    fn notify(&mut self, index: usize) {
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+    }
+
+    fn raise(&mut self) {
+        self.interrupt_status |= INT_USED_RING;
+        let _ = self.irq.write(1);
+    }
+
+    /// The backend fd became readable.
+    pub fn backend_event(&mut self) {
+        if !self.driver_ok() {
+            return;
+        }
+        if self.device.backend_ready(&mut self.queues, &self.mem) {
+            self.raise();
+        }
+    }
+
+    pub fn notify(&mut self, index: usize) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
             return;
         }
@@ -196,8 +231,7 @@ impl MmioTransport {
             return;
         }
         if self.device.process(index, q, &self.mem) {
-            self.interrupt_status |= INT_USED_RING;
-            let _ = self.irq.write(1);
+            self.raise();
         }
     }
 }
@@ -422,6 +456,129 @@ impl Device for Block {
     }
 }
 
+/// virtio-net over a tap device (opened with IFF_VNET_HDR, so the 12-byte
+/// virtio-net header passes through unchanged). Queue 0 receives, queue 1
+/// transmits. A frame read from the tap while the guest has no receive
+/// buffer waits until it offers one.
+pub struct Net {
+    tap: std::fs::File,
+    mac: [u8; 6],
+    pending: Option<Vec<u8>>,
+}
+
+const NET_F_MAC: u64 = 1 << 5;
+/// virtio-net header (12 bytes with VERSION_1) plus a 64 KiB frame.
+const NET_MAX_FRAME: usize = 12 + 65550;
+
+impl Net {
+    pub fn new(tap: std::fs::File, mac: [u8; 6]) -> Self {
+        Net {
+            tap,
+            mac,
+            pending: None,
+        }
+    }
+
+    /// Copies pending frames into receive buffers while both exist.
+    fn deliver(&mut self, rx: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        use std::io::Read;
+        let mut used = false;
+        loop {
+            if self.pending.is_none() {
+                let mut buf = vec![0u8; NET_MAX_FRAME];
+                match self.tap.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        buf.truncate(n);
+                        self.pending = Some(buf);
+                    }
+                    _ => break,
+                }
+            }
+            let Some(chain) = rx.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let frame = self.pending.take().unwrap_or_default();
+            let mut off = 0usize;
+            for d in chain.writable() {
+                if off == frame.len() {
+                    break;
+                }
+                let n = (d.len() as usize).min(frame.len() - off);
+                if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
+                    break;
+                }
+                off += n;
+            }
+            if rx.add_used(mem, head, off as u32).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}
+
+impl Device for Net {
+    fn device_type(&self) -> u32 {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256, 256]
+    }
+
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        use std::io::Write;
+        if index == 0 {
+            return self.deliver(queue, mem);
+        }
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut frame = Vec::new();
+            for d in chain.readable() {
+                let n = (d.len() as usize).min(NET_MAX_FRAME - frame.len());
+                let start = frame.len();
+                frame.resize(start + n, 0);
+                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
+                    frame.truncate(start);
+                    break;
+                }
+            }
+            if frame.len() > 12 {
+                let _ = self.tap.write(&frame);
+            }
+            if queue.add_used(mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.tap))
+    }
+
+    fn backend_ready(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        match queues.first_mut() {
+            Some(rx) if rx.ready() => self.deliver(rx, mem),
+            _ => false,
+        }
+    }
+}
+
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -448,6 +605,10 @@ pub struct Bus {
 impl Bus {
     pub fn add(&mut self, base: u64, t: MmioTransport) {
         self.devices.push((base, Mutex::new(t)));
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = (u64, &Mutex<MmioTransport>)> {
+        self.devices.iter().map(|(b, t)| (*b, t))
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {

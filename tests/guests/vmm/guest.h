@@ -34,6 +34,7 @@ struct vq {
   volatile struct avail avail __attribute__((aligned(2)));
   volatile struct used used __attribute__((aligned(4)));
   u32 base;
+  u32 index;
   u16 last_used;
 };
 
@@ -48,11 +49,9 @@ static u32 find_device(u32 id) {
   return 0;
 }
 
-/* Status handshake with VERSION_1 plus `features` (low word), queue 0 of
- * 8 entries. Returns 0 on success. */
-static int virtio_init(struct vq *q, u32 base, u32 features) {
-  q->base = base;
-  q->last_used = 0;
+/* Status handshake up to FEATURES_OK with VERSION_1 plus `features` (low
+ * word). Returns 0 on success. */
+static int virtio_begin(u32 base, u32 features) {
   *reg(base, 0x070) = 0;
   *reg(base, 0x070) = 1;
   *reg(base, 0x070) = 1 | 2;
@@ -61,8 +60,15 @@ static int virtio_init(struct vq *q, u32 base, u32 features) {
   *reg(base, 0x024) = 0;
   *reg(base, 0x020) = features;
   *reg(base, 0x070) = 1 | 2 | 8;
-  if ((*reg(base, 0x070) & 8) == 0) return -1;
-  *reg(base, 0x030) = 0;
+  return (*reg(base, 0x070) & 8) ? 0 : -1;
+}
+
+/* Sets up queue `index` with 8 entries. Returns 0 on success. */
+static int virtio_queue(struct vq *q, u32 base, u32 index) {
+  q->base = base;
+  q->index = index;
+  q->last_used = 0;
+  *reg(base, 0x030) = index;
   if (*reg(base, 0x034) < 8) return -2;
   *reg(base, 0x038) = 8;
   *reg(base, 0x080) = (u32)q->desc;
@@ -72,17 +78,31 @@ static int virtio_init(struct vq *q, u32 base, u32 features) {
   *reg(base, 0x0a0) = (u32)&q->used;
   *reg(base, 0x0a4) = 0;
   *reg(base, 0x044) = 1;
-  *reg(base, 0x070) = 1 | 2 | 8 | 4;
   return 0;
+}
+
+static void virtio_ready(u32 base) { *reg(base, 0x070) = 1 | 2 | 8 | 4; }
+
+/* One-queue devices: handshake, queue 0, DRIVER_OK. */
+static int virtio_init(struct vq *q, u32 base, u32 features) {
+  if (virtio_begin(base, features)) return -1;
+  if (virtio_queue(q, base, 0)) return -2;
+  virtio_ready(base);
+  return 0;
+}
+
+/* Makes the chain at `head` available and notifies the device. */
+static void virtio_offer(struct vq *q, u16 head) {
+  u16 slot = q->avail.idx % 8;
+  q->avail.ring[slot] = head;
+  q->avail.idx = q->avail.idx + 1;
+  *reg(q->base, 0x050) = q->index;
 }
 
 /* Offers the chain starting at descriptor `head`, notifies, and waits for
  * it to be used. Returns the used length, or -1 when nothing came back. */
 static int virtio_submit(struct vq *q, u16 head) {
-  u16 slot = q->avail.idx % 8;
-  q->avail.ring[slot] = head;
-  q->avail.idx = q->avail.idx + 1;
-  *reg(q->base, 0x050) = 0;
+  virtio_offer(q, head);
   for (u32 spin = 0; q->used.idx == q->last_used; spin++) {
     if (spin > 10000000) return -1;
   }
