@@ -322,3 +322,72 @@ fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
         .unwrap();
     assert!(!stdout(&links).contains(&tap), "{}", stdout(&links));
 }
+
+/// Starts husk-vmm, waits for `line` on the console, sends SIGTERM, and
+/// returns (exit status, console, stderr, seconds from signal to exit).
+fn stop_after(kernel: &str, line: &str, extra: &[&str]) -> (Option<i32>, String, String, f64) {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", kernel, "--no-rng"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut console = String::new();
+    while !console.contains(line) {
+        let mut l = String::new();
+        assert!(
+            out.read_line(&mut l).unwrap() > 0,
+            "console ended: {console}"
+        );
+        console.push_str(&l);
+    }
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    console.push_str(&rest);
+    let status = child.wait().unwrap();
+    let took = t0.elapsed().as_secs_f64();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), console, err, took)
+}
+
+#[test]
+fn sigterm_asks_the_guest_and_stops_it_after_the_timeout() {
+    if !have_kvm("sigterm_asks_the_guest_and_stops_it_after_the_timeout") {
+        return;
+    }
+    // A guest that listens: ctrl-alt-del arrives on the i8042, it resets.
+    let (code, console, err, _) = stop_after(
+        guest("waitstop.elf").to_str().unwrap(),
+        "waiting for ctrl-alt-del",
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        console.contains("key 1d\nkey 38\nkey e0\nkey 53\ngot ctrl-alt-del after 4 scancodes"),
+        "{console}"
+    );
+    // A guest that does not: stopped after the timeout, with status 5.
+    let (code, console, err, took) = stop_after(
+        guest("spin.elf").to_str().unwrap(),
+        "spinning",
+        &["--stop-timeout", "0.5"],
+    );
+    assert_eq!(code, Some(5), "{console} {err}");
+    assert!(err.contains("\"reason\":\"killed\""), "{err}");
+    assert!((0.4..10.0).contains(&took), "stopped after {took} s");
+}

@@ -62,6 +62,14 @@ pub struct VmConfig {
     /// virtio-net backed by a tap.
     #[serde(default)]
     pub net: Option<NetConfig>,
+    /// After a stop request (ctrl-alt-del sent to the guest), how long the
+    /// guest has to reset or power off before its vCPUs are stopped.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_ms: u64,
+}
+
+fn default_stop_timeout() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -137,17 +145,20 @@ pub enum VmExit {
     TripleFault,
     /// KVM could not run or emulate the guest.
     EmulationFailure(String),
+    /// The guest did not stop within the stop timeout and was stopped.
+    Killed,
 }
 
 impl VmExit {
     /// Exit status of the `husk-vmm` process: 0 reset or poweroff, 3 triple
-    /// fault, 4 emulation failure (1 VMM error and 2 bad configuration come
-    /// from [`VmError`]).
+    /// fault, 4 emulation failure, 5 stopped after the stop timeout (1 VMM
+    /// error and 2 bad configuration come from [`VmError`]).
     pub fn status(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::Poweroff => 0,
             VmExit::TripleFault => 3,
             VmExit::EmulationFailure(_) => 4,
+            VmExit::Killed => 5,
         }
     }
 
@@ -157,6 +168,7 @@ impl VmExit {
             VmExit::Poweroff => "poweroff".into(),
             VmExit::TripleFault => "triple-fault".into(),
             VmExit::EmulationFailure(m) => format!("emulation-failure: {m}"),
+            VmExit::Killed => "killed".into(),
         }
     }
 }
@@ -231,6 +243,34 @@ impl VmConfig {
         Ok(())
     }
 }
+
+/// The i8042's keyboard side, as far as a stop request needs it: scancodes
+/// queued for the data port, an interrupt on IRQ 1, and the reset line.
+struct I8042 {
+    queue: std::collections::VecDeque<u8>,
+    irq: EventFd,
+}
+
+const I8042_DATA: u16 = 0x60;
+const KBD_IRQ: u32 = 1;
+/// Ctrl (make), Alt (make), Del (extended make): what a keyboard sends for
+/// ctrl-alt-del; Linux answers it with a reboot (Firecracker does the same).
+const CTRL_ALT_DEL: [u8; 4] = [0x1d, 0x38, 0xe0, 0x53];
+
+impl I8042 {
+    fn status(&self) -> u8 {
+        // System flag, plus output-buffer-full while scancodes wait.
+        0x04 | u8::from(!self.queue.is_empty())
+    }
+
+    fn ctrl_alt_del(&mut self) {
+        self.queue.extend(CTRL_ALT_DEL);
+        let _ = self.irq.write(1);
+    }
+}
+
+/// Interrupts a vCPU thread's KVM_RUN.
+const KICK_SIGNAL: i32 = libc::SIGUSR2;
 
 /// Raises the serial interrupt through an irqfd.
 struct IrqLine(EventFd);
@@ -316,7 +356,14 @@ fn setup_vcpu(vcpu: &VcpuFd, entry: boot::Entry) -> Result<(), VmError> {
 
 /// Creates the VM, boots the kernel and runs it until it ends.
 /// `on_running` is called once the vCPUs are about to enter the guest.
-pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError> {
+/// When `stop_requested` becomes true (a signal handler sets it), the guest
+/// is sent ctrl-alt-del; if it has not ended `stop_timeout_ms` later, its
+/// vCPUs are stopped and the run ends as [`VmExit::Killed`].
+pub fn run(
+    cfg: &VmConfig,
+    on_running: impl FnOnce(),
+    stop_requested: &AtomicBool,
+) -> Result<VmExit, VmError> {
     cfg.validate()?;
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -432,6 +479,22 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
         out,
     )));
 
+    let kbd_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+    vm.register_irqfd(&kbd_irq, KBD_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let i8042 = Mutex::new(I8042 {
+        queue: Default::default(),
+        irq: kbd_irq
+            .try_clone()
+            .map_err(|e| VmError::Other(e.to_string()))?,
+    });
+    // SAFETY: the handler does nothing; it only makes KVM_RUN return EINTR.
+    unsafe { signal_hook::low_level::register(KICK_SIGNAL, || {}) }
+        .map_err(|e| VmError::Other(format!("signal handler: {e}")))?;
+    let killed = AtomicBool::new(false);
+    let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
+
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let vcpu = vm
@@ -455,16 +518,49 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             .map(|mut vcpu| {
                 let serial = serial.clone();
                 let stop = stop.clone();
-                let bus = &bus;
-                let stop_evt = &stop_evt;
+                let (bus, stop_evt, i8042, killed, threads) =
+                    (&bus, &stop_evt, &i8042, &killed, &threads);
                 s.spawn(move || {
-                    let r = vcpu_loop(&mut vcpu, &serial, bus);
+                    if let Ok(mut t) = threads.lock() {
+                        // SAFETY: pthread_self has no preconditions.
+                        t.push(unsafe { libc::pthread_self() });
+                    }
+                    let r = vcpu_loop(&mut vcpu, &serial, bus, i8042, killed);
                     stop.store(true, Ordering::SeqCst);
                     let _ = stop_evt.write(1);
                     r
                 })
             })
             .collect();
+        let watcher = {
+            let (stop, i8042, killed, threads) = (&stop, &i8042, &killed, &threads);
+            let timeout = std::time::Duration::from_millis(cfg.stop_timeout_ms);
+            s.spawn(move || {
+                let tick = std::time::Duration::from_millis(10);
+                let mut asked: Option<std::time::Instant> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    match asked {
+                        None if stop_requested.load(Ordering::SeqCst) => {
+                            if let Ok(mut k) = i8042.lock() {
+                                k.ctrl_alt_del();
+                            }
+                            asked = Some(std::time::Instant::now());
+                        }
+                        Some(t) if t.elapsed() >= timeout => {
+                            killed.store(true, Ordering::SeqCst);
+                            for &t in threads.lock().map(|t| t.clone()).unwrap_or_default().iter() {
+                                // SAFETY: the thread is a live vCPU thread of
+                                // this scope (it is joined after this loop
+                                // sees `stop`); the handler is a no-op.
+                                unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
+                            }
+                        }
+                        _ => {}
+                    }
+                    std::thread::sleep(tick);
+                }
+            })
+        };
         // The first vCPU to finish decides how the VM ended.
         let mut first: Option<Result<VmExit, VmError>> = None;
         for h in handles {
@@ -474,6 +570,7 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
             first.get_or_insert(r);
         }
         let _ = stop_evt.write(1);
+        let _ = watcher.join();
         let first = first.unwrap_or_else(|| Err(VmError::Other("no vCPU".into())));
         match events.join() {
             Ok(Ok(())) => first,
@@ -482,6 +579,7 @@ pub fn run(cfg: &VmConfig, on_running: impl FnOnce()) -> Result<VmExit, VmError>
         }
     });
     let _ = vm.unregister_irqfd(&irq, COM1_IRQ);
+    let _ = vm.unregister_irqfd(&kbd_irq, KBD_IRQ);
     for (evt, gsi) in &device_irqs {
         let _ = vm.unregister_irqfd(evt, *gsi);
     }
@@ -567,8 +665,13 @@ fn vcpu_loop(
     vcpu: &mut VcpuFd,
     serial: &Mutex<Serial>,
     bus: &virtio::Bus,
+    i8042: &Mutex<I8042>,
+    killed: &AtomicBool,
 ) -> Result<VmExit, VmError> {
     loop {
+        if killed.load(Ordering::SeqCst) {
+            return Ok(VmExit::Killed);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if (COM1..COM1 + 8).contains(&port) {
@@ -582,6 +685,14 @@ fn vcpu_loop(
             Ok(VcpuExit::IoIn(port, data)) => {
                 let v = if (COM1..COM1 + 8).contains(&port) {
                     serial.lock().map_or(0, |mut s| s.read((port - COM1) as u8))
+                } else if port == I8042_CMD {
+                    i8042.lock().map_or(0, |k| k.status())
+                } else if port == I8042_DATA {
+                    i8042
+                        .lock()
+                        .ok()
+                        .and_then(|mut k| k.queue.pop_front())
+                        .unwrap_or(0)
                 } else {
                     0xff
                 };

@@ -1,7 +1,7 @@
 //! `husk-vmm`: boots one microVM from flags or a JSON config file. Prints
 //! `{"event":"running",…}` and `{"event":"exit",…}` lines on stderr. Exit
 //! status: 0 reset/poweroff, 1 VMM error, 2 bad configuration, 3 triple
-//! fault, 4 emulation failure.
+//! fault, 4 emulation failure, 5 stopped after the stop timeout.
 
 use clap::Parser;
 use husk_vmm::{VmConfig, VmError};
@@ -41,6 +41,10 @@ struct Args {
     /// virtio-net over a tap: tap=NAME[,netns=PATH][,mac=aa:bb:cc:dd:ee:ff].
     #[arg(long)]
     net: Option<String>,
+    /// Seconds the guest gets to stop after SIGTERM/SIGINT (ctrl-alt-del)
+    /// before its vCPUs are stopped (default 5).
+    #[arg(long, value_name = "SECONDS")]
+    stop_timeout: Option<f64>,
 }
 
 fn config(a: Args) -> Result<VmConfig, VmError> {
@@ -98,6 +102,18 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
         }
         set(&mut cfg, "net", serde_json::Value::Object(net));
     }
+    if let Some(t) = a.stop_timeout {
+        if !(0.0..=3600.0).contains(&t) {
+            return Err(VmError::Config(format!(
+                "--stop-timeout {t}: use 0 to 3600 seconds"
+            )));
+        }
+        set(
+            &mut cfg,
+            "stop_timeout_ms",
+            serde_json::json!((t * 1000.0) as u64),
+        );
+    }
     if a.no_rng {
         set(&mut cfg, "rng", serde_json::json!(false));
     }
@@ -112,13 +128,22 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
 
 fn main() {
     let args = Args::parse();
+    // SIGTERM or SIGINT: ask the guest to stop (ctrl-alt-del), then stop it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
     let result = config(args).and_then(|cfg| {
-        husk_vmm::run(&cfg, || {
-            eprintln!(
-                "{}",
-                serde_json::json!({"event": "running", "pid": std::process::id()})
-            );
-        })
+        husk_vmm::run(
+            &cfg,
+            || {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"event": "running", "pid": std::process::id()})
+                );
+            },
+            &stop,
+        )
     });
     match result {
         Ok(exit) => {
