@@ -391,3 +391,59 @@ fn sigterm_asks_the_guest_and_stops_it_after_the_timeout() {
     assert!(err.contains("\"reason\":\"killed\""), "{err}");
     assert!((0.4..10.0).contains(&took), "stopped after {took} s");
 }
+
+#[test]
+fn vsock_connections_both_ways_over_unix_sockets() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !have_kvm("vsock_connections_both_ways_over_unix_sockets") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    // Guest to host: the guest's connection to port 6000 lands here.
+    let listener = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
+    let host_side = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 20];
+        c.read_exact(&mut buf).unwrap();
+        c.write_all(b"hello back").unwrap();
+        buf.to_vec()
+    });
+    let child = Command::new(vmm_bin())
+        .args(["--kernel", guest("vsock.elf").to_str().unwrap(), "--no-rng"])
+        .arg("--vsock")
+        .arg(format!("cid=7,uds={}", uds.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Host to guest: CONNECT, OK, then data both ways.
+    let t0 = std::time::Instant::now();
+    while !uds.exists() {
+        assert!(t0.elapsed().as_secs() < 20, "no vsock socket");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    s.write_all(b"ping over vsock").unwrap();
+    let mut pong = [0u8; 15];
+    r.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong over vsock");
+    drop(r);
+    drop(s);
+    assert_eq!(host_side.join().unwrap(), b"hello from the guest");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "vsock: cid 7\nvsock: host said hello back\nvsock: got ping over vsock\nvsock: done\n"
+    );
+    assert!(!uds.exists(), "the vsock socket was left behind");
+}

@@ -284,6 +284,7 @@ mod tests {
             rng: false,
             disks: vec![],
             net: None,
+            vsock: None,
             stop_timeout_ms: 5000,
         }
     }

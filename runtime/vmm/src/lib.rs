@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod boot;
 pub mod tap;
 pub mod virtio;
+pub mod vsock;
 
 use boot::CMDLINE_MAX;
 
@@ -62,6 +63,9 @@ pub struct VmConfig {
     /// virtio-net backed by a tap.
     #[serde(default)]
     pub net: Option<NetConfig>,
+    /// virtio-vsock with the hybrid unix-socket backend.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// After a stop request (ctrl-alt-del sent to the guest), how long the
     /// guest has to reset or power off before its vCPUs are stopped.
     #[serde(default = "default_stop_timeout")]
@@ -70,6 +74,16 @@ pub struct VmConfig {
 
 fn default_stop_timeout() -> u64 {
     5000
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub cid: u64,
+    /// Unix socket for host-initiated connections; guest connections to
+    /// port P go to `<uds>_<P>`.
+    pub uds: PathBuf,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -222,7 +236,26 @@ impl VmConfig {
                 )));
             }
         }
-        if self.disks.len() + usize::from(self.rng) + usize::from(self.net.is_some()) > 8 {
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(VmError::Config(format!(
+                    "vsock cid {} must be between 3 and 2^32-1",
+                    v.cid
+                )));
+            }
+            if v.uds.exists() {
+                return Err(VmError::Config(format!(
+                    "vsock uds {} exists; remove it or choose another path",
+                    v.uds.display()
+                )));
+            }
+        }
+        if self.disks.len()
+            + usize::from(self.rng)
+            + usize::from(self.net.is_some())
+            + usize::from(self.vsock.is_some())
+            > 8
+        {
             return Err(VmError::Config("at most 8 virtio devices".into()));
         }
         for d in &self.disks {
@@ -423,6 +456,11 @@ pub fn run(
             ))
         })?;
         devices.push(Box::new(virtio::Net::new(tap, mac)));
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = vsock::Vsock::new(v.cid, v.uds.clone())
+            .map_err(|e| VmError::Config(format!("vsock uds {}: {e}", v.uds.display())))?;
+        devices.push(Box::new(dev));
     }
     let mut notify: Vec<(EventFd, usize, usize)> = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {

@@ -41,6 +41,10 @@ struct Args {
     /// virtio-net over a tap: tap=NAME[,netns=PATH][,mac=aa:bb:cc:dd:ee:ff].
     #[arg(long)]
     net: Option<String>,
+    /// virtio-vsock: cid=N,uds=PATH (guest connections to port P go to
+    /// PATH_P; host connections write "CONNECT <port>\n" to PATH).
+    #[arg(long)]
+    vsock: Option<String>,
     /// Seconds the guest gets to stop after SIGTERM/SIGINT (ctrl-alt-del)
     /// before its vCPUs are stopped (default 5).
     #[arg(long, value_name = "SECONDS")]
@@ -101,6 +105,28 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
             net.insert(k.to_owned(), serde_json::json!(v));
         }
         set(&mut cfg, "net", serde_json::Value::Object(net));
+    }
+    if let Some(v) = &a.vsock {
+        let mut m = serde_json::Map::new();
+        for part in v.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => {
+                    let cid: u64 = c.parse().map_err(|_| {
+                        VmError::Config(format!("--vsock cid {c:?} is not a number"))
+                    })?;
+                    m.insert("cid".into(), serde_json::json!(cid));
+                }
+                Some(("uds", p)) => {
+                    m.insert("uds".into(), serde_json::json!(p));
+                }
+                _ => {
+                    return Err(VmError::Config(format!(
+                        "--vsock {v:?}: use cid=N,uds=PATH"
+                    )))
+                }
+            }
+        }
+        set(&mut cfg, "vsock", serde_json::Value::Object(m));
     }
     if let Some(t) = a.stop_timeout {
         if !(0.0..=3600.0).contains(&t) {

@@ -35,9 +35,10 @@ pub trait Device: Send {
         0
     }
     fn queue_max_sizes(&self) -> &[u16];
-    /// Serves what the guest put in queue `index`; returns whether anything
-    /// was used (so the interrupt is raised).
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Serves what the guest put in queue `index` (of `queues`, all the
+    /// device's queues); returns whether anything was used (so the
+    /// interrupt is raised).
+    fn process(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// Device configuration space, read at `offset`.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -224,13 +225,10 @@ impl MmioTransport {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
             return;
         }
-        let Some(q) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !q.ready() {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
         }
-        if self.device.process(index, q, &self.mem) {
+        if self.device.process(index, &mut self.queues, &self.mem) {
             self.raise();
         }
     }
@@ -249,7 +247,10 @@ impl Device for Rng {
         &[256]
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -425,7 +426,10 @@ impl Device for Block {
         &[256]
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -532,8 +536,11 @@ impl Device for Net {
         &[256, 256]
     }
 
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         use std::io::Write;
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
         if index == 0 {
             return self.deliver(queue, mem);
         }
@@ -698,7 +705,7 @@ mod tests {
         desc(&m, 0, 0x8000, 64, 2, 0);
         offer(&m, 1);
         let mut q = queue(&m);
-        assert!(Rng.process(0, &mut q, &m));
+        assert!(Rng.process(0, std::slice::from_mut(&mut q), &m));
         assert_eq!(used(&m), (1, 64));
         let mut got = [0u8; 64];
         m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
@@ -712,7 +719,7 @@ mod tests {
         desc(&m, 0, 0x4000_0000, 16, 2, 0);
         offer(&m, 1);
         let mut q = queue(&m);
-        Rng.process(0, &mut q, &m);
+        Rng.process(0, std::slice::from_mut(&mut q), &m);
         assert_eq!(used(&m), (1, 0));
 
         // A chain that loops on itself ends (virtio-queue bounds it).
@@ -720,7 +727,7 @@ mod tests {
         desc(&m, 0, 0x8000, 16, 2 | 1, 0);
         offer(&m, 1);
         let mut q = queue(&m);
-        Rng.process(0, &mut q, &m);
+        Rng.process(0, std::slice::from_mut(&mut q), &m);
         assert!(used(&m).1 <= 16 * 8, "{:?}", used(&m));
 
         // An absurd length that runs off the end of memory stops there.
@@ -728,7 +735,7 @@ mod tests {
         desc(&m, 0, 0xf_f000, u32::MAX, 2, 0);
         offer(&m, 1);
         let mut q = queue(&m);
-        Rng.process(0, &mut q, &m);
+        Rng.process(0, std::slice::from_mut(&mut q), &m);
         assert_eq!(used(&m), (1, 0x1000));
 
         // An avail index far past the queue size is refused.
@@ -736,7 +743,7 @@ mod tests {
         desc(&m, 0, 0x8000, 16, 2, 0);
         offer(&m, 1000);
         let mut q = queue(&m);
-        assert!(!Rng.process(0, &mut q, &m));
+        assert!(!Rng.process(0, std::slice::from_mut(&mut q), &m));
         assert_eq!(used(&m).0, 0);
     }
 
@@ -756,7 +763,7 @@ mod tests {
             offer(&m, 1);
             let mut q = queue(&m);
             let mut b = Block::open(&path, false).unwrap();
-            assert!(b.process(0, &mut q, &m));
+            assert!(b.process(0, std::slice::from_mut(&mut q), &m));
             let status: u8 = m.read_obj(GuestAddress(0xa000)).unwrap();
             (status, m)
         };
