@@ -221,7 +221,7 @@ impl Vsock {
     }
 
     /// One packet from the guest.
-    fn from_guest(&mut self, h: Hdr, data: Vec<u8>) {
+    fn guest_packet(&mut self, h: Hdr, data: Vec<u8>) {
         let key = (h.dst_port, h.src_port);
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
             if h.op != OP_RST {
@@ -495,7 +495,7 @@ impl Device for Vsock {
                         self.reset((h.dst_port, h.src_port));
                         continue;
                     }
-                    self.from_guest(h, data);
+                    self.guest_packet(h, data);
                 }
                 // Answers (and data the new credit allows) go out now.
                 self.pump(queues, mem) | used
@@ -545,26 +545,26 @@ mod tests {
         let uds = dir.path().join("v.sock");
         let mut v = Vsock::new(5, uds.clone()).unwrap();
         // A forged source CID.
-        v.from_guest(pkt(9, OP_REQUEST, 0), vec![]);
+        v.guest_packet(pkt(9, OP_REQUEST, 0), vec![]);
         // Data on a connection that does not exist.
-        v.from_guest(pkt(5, OP_RW, 3), b"abc".to_vec());
+        v.guest_packet(pkt(5, OP_RW, 3), b"abc".to_vec());
         // A connection to a port nobody listens on.
-        v.from_guest(pkt(5, OP_REQUEST, 0), vec![]);
+        v.guest_packet(pkt(5, OP_REQUEST, 0), vec![]);
         // A datagram type.
         let mut dgram = pkt(5, OP_REQUEST, 0);
         dgram.kind = 2;
-        v.from_guest(dgram, vec![]);
+        v.guest_packet(dgram, vec![]);
         assert!(v.conns.is_empty());
         assert_eq!(v.to_guest.len(), 4);
         assert!(v.to_guest.iter().all(|(h, _)| h.op == OP_RST));
         // A guest that sends past its credit is reset.
         let l = std::os::unix::net::UnixListener::bind(format!("{}_2000", uds.display())).unwrap();
         v.to_guest.clear();
-        v.from_guest(pkt(5, OP_REQUEST, 0), vec![]);
+        v.guest_packet(pkt(5, OP_REQUEST, 0), vec![]);
         let _peer = l.accept().unwrap();
         assert_eq!(v.to_guest.pop_front().map(|p| p.0.op), Some(OP_RESPONSE));
         let flood = vec![0u8; BUF_ALLOC as usize + 1];
-        v.from_guest(pkt(5, OP_RW, flood.len() as u32), flood);
+        v.guest_packet(pkt(5, OP_RW, flood.len() as u32), flood);
         assert!(v.conns.is_empty(), "over-credit connection kept");
         assert_eq!(v.to_guest.pop_back().map(|p| p.0.op), Some(OP_RST));
         drop(v);
