@@ -42,6 +42,37 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 /// The EBDA and legacy ROM area below 1 MiB stay reserved.
 const EBDA: u64 = 0x9fc00;
 
+/// RAM below 4 GiB ends where the 32-bit device gap begins.
+pub const GAP_START: u64 = 0xc000_0000;
+/// RAM beyond the gap continues at 4 GiB.
+pub const HIGH_START: u64 = 0x1_0000_0000;
+
+/// Guest RAM for `mem_mib`: (start, size) regions around the device gap.
+pub fn ram_regions(mem_mib: u64) -> Vec<(u64, u64)> {
+    let total = mem_mib << 20;
+    let low = total.min(GAP_START);
+    let mut r = vec![(0, low)];
+    if total > low {
+        r.push((HIGH_START, total - low));
+    }
+    r
+}
+
+/// The e820 map: low RAM with the EBDA/ROM hole reserved, then RAM above
+/// 4 GiB when there is any.
+fn e820(mem_mib: u64) -> Vec<(u64, u64, u32)> {
+    let regions = ram_regions(mem_mib);
+    let mut map = vec![
+        (0, EBDA, E820_RAM),
+        (EBDA, HIMEM - EBDA, E820_RESERVED),
+        (HIMEM, regions[0].1 - HIMEM, E820_RAM),
+    ];
+    if let Some(&(start, size)) = regions.get(1) {
+        map.push((start, size, E820_RAM));
+    }
+    map
+}
+
 /// Where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
@@ -104,7 +135,7 @@ fn load_initrd(
                 .into(),
         ));
     }
-    let top = (cfg.mem_mib << 20).min(INITRD_LIMIT);
+    let top = ram_regions(cfg.mem_mib)[0].1.min(INITRD_LIMIT);
     let size = data.len() as u64;
     let addr = top
         .checked_sub(size)
@@ -163,26 +194,15 @@ fn load_pvh(
         }
     };
     let initrd = load_initrd(cfg, mem, loaded.kernel_end)?;
-    let memmap = [
-        hvm_memmap_table_entry {
-            addr: 0,
-            size: EBDA,
-            type_: E820_RAM,
+    let memmap: Vec<hvm_memmap_table_entry> = e820(cfg.mem_mib)
+        .into_iter()
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
             reserved: 0,
-        },
-        hvm_memmap_table_entry {
-            addr: EBDA,
-            size: HIMEM - EBDA,
-            type_: E820_RESERVED,
-            reserved: 0,
-        },
-        hvm_memmap_table_entry {
-            addr: HIMEM,
-            size: (cfg.mem_mib << 20) - HIMEM,
-            type_: E820_RAM,
-            reserved: 0,
-        },
-    ];
+        })
+        .collect();
     let mut start = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
@@ -241,11 +261,7 @@ fn load_bzimage(
         hdr,
         ..Default::default()
     };
-    let e820 = [
-        (0, EBDA, E820_RAM),
-        (EBDA, HIMEM - EBDA, E820_RESERVED),
-        (HIMEM, (cfg.mem_mib << 20) - HIMEM, E820_RAM),
-    ];
+    let e820 = e820(cfg.mem_mib);
     for (i, (addr, size, kind)) in e820.iter().enumerate() {
         zp.e820_table[i] = boot_e820_entry {
             addr: *addr,
@@ -413,6 +429,22 @@ mod tests {
         let mut payload = [0u8; 4];
         m.read_slice(&mut payload, GuestAddress(HIMEM)).unwrap();
         assert_eq!(payload, [0x90; 4]);
+    }
+
+    #[test]
+    fn memory_above_the_gap_continues_at_4_gib() {
+        assert_eq!(ram_regions(1024), vec![(0, 1 << 30)]);
+        assert_eq!(
+            ram_regions(5 * 1024),
+            vec![(0, GAP_START), (HIGH_START, (5 << 30) - GAP_START)]
+        );
+        let map = e820(5 * 1024);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[2], (HIMEM, GAP_START - HIMEM, E820_RAM));
+        assert_eq!(map[3], (HIGH_START, (5 << 30) - GAP_START, E820_RAM));
+        // The device window is in the gap, never RAM.
+        let dev = crate::virtio::MMIO_BASE;
+        assert!(map.iter().all(|(a, s, _)| dev < *a || dev >= a + s));
     }
 
     #[test]

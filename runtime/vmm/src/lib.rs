@@ -195,12 +195,10 @@ impl VmConfig {
                 self.mem_mib
             )));
         }
-        if self.mem_mib << 20 > virtio::MMIO_BASE {
+        if self.mem_mib > 64 * 1024 {
             return Err(VmError::Config(format!(
-                "mem_mib {} reaches the device window at {:#x}; at most {} MiB for now",
-                self.mem_mib,
-                virtio::MMIO_BASE,
-                virtio::MMIO_BASE >> 20
+                "mem_mib {} is more than 64 GiB",
+                self.mem_mib
             )));
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -400,9 +398,13 @@ pub fn run(
     cfg.validate()?;
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (cfg.mem_mib << 20) as usize)])
-            .map_err(|e| VmError::Other(format!("guest memory: {e}")))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(
+        &boot::ram_regions(cfg.mem_mib)
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| VmError::Other(format!("guest memory: {e}")))?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
