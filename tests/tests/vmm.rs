@@ -450,3 +450,42 @@ fn vsock_connections_both_ways_over_unix_sockets() {
     );
     assert!(!uds.exists(), "the vsock socket was left behind");
 }
+
+#[test]
+fn a_second_vcpu_comes_up_and_reports() {
+    if !have_kvm("a_second_vcpu_comes_up_and_reports") {
+        return;
+    }
+    let smp = guest("smp.elf");
+    let out = vmm(&[
+        "--kernel",
+        smp.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--no-rng",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "smp: mp table lists 2 cpus\nap: up\nsmp: second vcpu reported\n"
+    );
+    // With one vCPU the MP table lists one, and the VM still ends cleanly.
+    let out = vmm(&[
+        "--kernel",
+        smp.to_str().unwrap(),
+        "--vcpus",
+        "1",
+        "--no-rng",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "smp: mp table lists 1 cpus\n");
+    // The null kernel with two vCPUs: the idle AP is stopped with the VM.
+    let out = vmm(&[
+        "--kernel",
+        guest("stub.elf").to_str().unwrap(),
+        "--vcpus",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "husk-vmm: null kernel up\n");
+}

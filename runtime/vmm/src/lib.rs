@@ -22,6 +22,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod boot;
+pub mod mptable;
 pub mod tap;
 pub mod virtio;
 pub mod vsock;
@@ -207,11 +208,6 @@ impl VmConfig {
                 "vcpus {} must be between 1 and this host's {cores} cores",
                 self.vcpus
             )));
-        }
-        if self.vcpus > 1 {
-            return Err(VmError::Config(
-                "more than one vCPU needs the MP table, which this build does not write yet".into(),
-            ));
         }
         if !self.kernel.is_file() {
             return Err(VmError::Kernel {
@@ -502,6 +498,7 @@ pub fn run(
         ..cfg.clone()
     };
     let entry = boot::load(&boot_cfg, &mem)?;
+    mptable::write(&mem, cfg.vcpus).map_err(|e| VmError::Other(format!("MP table: {e}")))?;
 
     let irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
@@ -551,6 +548,10 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let stop_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+    // The first vCPU to end decides how the VM ended; the others are kicked
+    // out of KVM_RUN.
+    let decider: Mutex<Option<Result<VmExit, VmError>>> = Mutex::new(None);
+    let running = std::sync::atomic::AtomicUsize::new(vcpus.len());
     let result = std::thread::scope(|s| {
         let events = s.spawn(|| device_loop(&bus, &notify, &stop_evt));
         let handles: Vec<_> = vcpus
@@ -558,57 +559,69 @@ pub fn run(
             .map(|mut vcpu| {
                 let serial = serial.clone();
                 let stop = stop.clone();
-                let (bus, stop_evt, i8042, killed, threads) =
-                    (&bus, &stop_evt, &i8042, &killed, &threads);
+                let (bus, stop_evt, i8042, killed, threads, decider, running) = (
+                    &bus, &stop_evt, &i8042, &killed, &threads, &decider, &running,
+                );
                 s.spawn(move || {
                     if let Ok(mut t) = threads.lock() {
                         // SAFETY: pthread_self has no preconditions.
                         t.push(unsafe { libc::pthread_self() });
                     }
-                    let r = vcpu_loop(&mut vcpu, &serial, bus, i8042, killed);
-                    stop.store(true, Ordering::SeqCst);
+                    let r = vcpu_loop(&mut vcpu, &serial, bus, i8042, killed, &stop);
+                    if !stop.swap(true, Ordering::SeqCst) {
+                        if let Ok(mut d) = decider.lock() {
+                            *d = Some(r);
+                        }
+                    }
                     let _ = stop_evt.write(1);
-                    r
+                    running.fetch_sub(1, Ordering::SeqCst);
                 })
             })
             .collect();
         let watcher = {
-            let (stop, i8042, killed, threads) = (&stop, &i8042, &killed, &threads);
+            let (stop, i8042, killed, threads, running) =
+                (&stop, &i8042, &killed, &threads, &running);
             let timeout = std::time::Duration::from_millis(cfg.stop_timeout_ms);
             s.spawn(move || {
                 let tick = std::time::Duration::from_millis(10);
                 let mut asked: Option<std::time::Instant> = None;
-                while !stop.load(Ordering::SeqCst) {
-                    match asked {
-                        None if stop_requested.load(Ordering::SeqCst) => {
-                            if let Ok(mut k) = i8042.lock() {
-                                k.ctrl_alt_del();
+                while running.load(Ordering::SeqCst) > 0 {
+                    if !stop.load(Ordering::SeqCst) {
+                        match asked {
+                            None if stop_requested.load(Ordering::SeqCst) => {
+                                if let Ok(mut k) = i8042.lock() {
+                                    k.ctrl_alt_del();
+                                }
+                                asked = Some(std::time::Instant::now());
                             }
-                            asked = Some(std::time::Instant::now());
-                        }
-                        Some(t) if t.elapsed() >= timeout => {
-                            killed.store(true, Ordering::SeqCst);
-                            for &t in threads.lock().map(|t| t.clone()).unwrap_or_default().iter() {
-                                // SAFETY: the thread is a live vCPU thread of
-                                // this scope (it is joined after this loop
-                                // sees `stop`); the handler is a no-op.
-                                unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
+                            Some(t) if t.elapsed() >= timeout => {
+                                killed.store(true, Ordering::SeqCst);
                             }
+                            _ => {}
                         }
-                        _ => {}
+                    }
+                    if stop.load(Ordering::SeqCst) || killed.load(Ordering::SeqCst) {
+                        for &t in threads.lock().map(|t| t.clone()).unwrap_or_default().iter() {
+                            // SAFETY: the thread is a vCPU thread of this
+                            // scope, joined only after `running` drops to 0,
+                            // so it is alive; the handler is a no-op.
+                            unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
+                        }
                     }
                     std::thread::sleep(tick);
                 }
             })
         };
-        // The first vCPU to finish decides how the VM ended.
-        let mut first: Option<Result<VmExit, VmError>> = None;
         for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(VmError::Other("vCPU thread panicked".into())));
-            first.get_or_insert(r);
+            let _ = h.join();
         }
+        let first = decider.lock().ok().and_then(|mut d| d.take()).map(|r| {
+            if killed.load(Ordering::SeqCst) {
+                Ok(VmExit::Killed)
+            } else {
+                r
+            }
+        });
         let _ = stop_evt.write(1);
         let _ = watcher.join();
         let first = first.unwrap_or_else(|| Err(VmError::Other("no vCPU".into())));
@@ -707,10 +720,15 @@ fn vcpu_loop(
     bus: &virtio::Bus,
     i8042: &Mutex<I8042>,
     killed: &AtomicBool,
+    ended: &AtomicBool,
 ) -> Result<VmExit, VmError> {
     loop {
         if killed.load(Ordering::SeqCst) {
             return Ok(VmExit::Killed);
+        }
+        if ended.load(Ordering::SeqCst) {
+            // Another vCPU ended the VM; this one's result does not count.
+            return Ok(VmExit::Poweroff);
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
