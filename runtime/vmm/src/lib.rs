@@ -552,6 +552,8 @@ pub fn run(
     // out of KVM_RUN.
     let decider: Mutex<Option<Result<VmExit, VmError>>> = Mutex::new(None);
     let running = std::sync::atomic::AtomicUsize::new(vcpus.len());
+    // vCPU threads say here when they end, so the watcher wakes at once.
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
     let result = std::thread::scope(|s| {
         let events = s.spawn(|| device_loop(&bus, &notify, &stop_evt));
         let handles: Vec<_> = vcpus
@@ -559,6 +561,7 @@ pub fn run(
             .map(|mut vcpu| {
                 let serial = serial.clone();
                 let stop = stop.clone();
+                let ended_tx = ended_tx.clone();
                 let (bus, stop_evt, i8042, killed, threads, decider, running) = (
                     &bus, &stop_evt, &i8042, &killed, &threads, &decider, &running,
                 );
@@ -575,6 +578,7 @@ pub fn run(
                     }
                     let _ = stop_evt.write(1);
                     running.fetch_sub(1, Ordering::SeqCst);
+                    let _ = ended_tx.send(());
                 })
             })
             .collect();
@@ -608,7 +612,7 @@ pub fn run(
                             unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
                         }
                     }
-                    std::thread::sleep(tick);
+                    let _ = ended_rx.recv_timeout(tick);
                 }
             })
         };
