@@ -77,6 +77,7 @@ fn build_vmm_guests(src: &Path, out: &Path) {
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
         match path.extension().and_then(|e| e.to_str()) {
             Some("S") => {}
+            // pvh.inc and entry.inc are included, not built.
             Some("c") => {
                 let asm = out.join(format!("{stem}.i386.s"));
                 let status = Command::new("clang")
@@ -122,6 +123,7 @@ fn build_vmm_guests(src: &Path, out: &Path) {
                 "-o",
             ])
             .arg(&elf)
+            .arg(format!("-I{}", src.display()))
             .arg(&path)
             .status()
             .expect("clang");

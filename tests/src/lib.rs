@@ -3,7 +3,7 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A docker-registry process serving a fresh directory on 127.0.0.1.
@@ -88,4 +88,24 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `husk --root ROOT`, with the husk binary built next to the caller.
+pub fn husk_at(root: &Path) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let mut c = Command::new(exe.with_file_name("husk"));
+    c.arg("--root").arg(root);
+    c
+}
+
+/// Runs `cmd` and panics with its stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

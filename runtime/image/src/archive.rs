@@ -393,13 +393,17 @@ pub fn save(store: &Store, images: &[ImageRecord], dest: &Path) -> Result<(), Im
         if as_tar {
             w("manifest.json", &serde_json::Value::Array(docker))?;
             let tmp_tar = dest.with_extension("tar.partial");
-            let f = std::fs::File::create(&tmp_tar).map_err(store_err(&tmp_tar))?;
-            let mut b = tar::Builder::new(f);
-            b.append_dir_all(".", &dir).map_err(store_err(&tmp_tar))?;
-            b.into_inner()
-                .and_then(|f| f.sync_all())
-                .map_err(store_err(&tmp_tar))?;
-            std::fs::rename(&tmp_tar, dest).map_err(store_err(dest))?;
+            let written = std::fs::File::create(&tmp_tar).and_then(|f| {
+                let mut b = tar::Builder::new(f);
+                b.append_dir_all(".", &dir)?;
+                b.into_inner()?.sync_all()?;
+                std::fs::rename(&tmp_tar, dest)
+            });
+            if let Err(e) = written {
+                // Never leave a half-written tarball next to the target.
+                let _ = std::fs::remove_file(&tmp_tar);
+                return Err(store_err(dest)(e));
+            }
         }
         Ok(())
     })();

@@ -314,10 +314,8 @@ type Serial = vm_superio::Serial<IrqLine, vm_superio::serial::NoEvents, Box<dyn 
 
 /// CPUID from KVM, filtered: the APIC id of the vCPU in leaf 1 and leaf
 /// 0xb, and no arch-capabilities (MSR 0x10a cannot be set on these hosts).
-fn cpuid_for(kvm: &Kvm, id: u8) -> Result<kvm_bindings::CpuId, VmError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+fn cpuid_for(supported: &kvm_bindings::CpuId, id: u8) -> kvm_bindings::CpuId {
+    let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -332,7 +330,7 @@ fn cpuid_for(kvm: &Kvm, id: u8) -> Result<kvm_bindings::CpuId, VmError> {
             _ => {}
         }
     }
-    Ok(cpuid)
+    cpuid
 }
 
 fn flat_segment(selector: u16, code: bool) -> kvm_segment {
@@ -532,12 +530,16 @@ pub fn run(
     let killed = AtomicBool::new(false);
     let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
 
+    // Asked once; each vCPU gets a copy with its own APIC id.
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&cpuid_for(&kvm, id)?)
+        vcpu.set_cpuid2(&cpuid_for(&supported_cpuid, id))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         if id == 0 {
             setup_vcpu(&vcpu, entry)?;

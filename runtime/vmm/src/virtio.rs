@@ -26,6 +26,62 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FAILED: u32 = 0x80;
 const INT_USED_RING: u32 = 1;
 
+/// A descriptor chain of this VMM's guest memory.
+pub type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemoryMmap>;
+
+/// Pops every available chain, hands it to `serve` (which returns the
+/// bytes it wrote into the guest), and marks it used. Returns whether any
+/// chain was used.
+pub fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: impl FnMut(Chain<'_>) -> u32,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let written = serve(chain);
+        if queue.add_used(mem, head, written).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
+/// The chain's readable bytes, at most `max` of them (what the guest may
+/// send in one request is bounded before anything is allocated).
+pub fn gather(chain: Chain<'_>, mem: &GuestMemoryMmap, max: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for d in chain.readable() {
+        let n = (d.len() as usize).min(max - bytes.len());
+        let start = bytes.len();
+        bytes.resize(start + n, 0);
+        if mem.read_slice(&mut bytes[start..], d.addr()).is_err() {
+            bytes.truncate(start);
+            break;
+        }
+    }
+    bytes
+}
+
+/// Writes `bytes` across the chain's writable descriptors; returns how
+/// many fit.
+pub fn scatter(chain: Chain<'_>, mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
+    let mut off = 0;
+    for d in chain.writable() {
+        if off == bytes.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(bytes.len() - off);
+        if mem.write_slice(&bytes[off..off + n], d.addr()).is_err() {
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
 /// What a virtio device does; the transport does the rest.
 pub trait Device: Send {
     /// virtio device id (4 = entropy).
@@ -251,9 +307,7 @@ impl Device for Rng {
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        serve_chains(queue, mem, |chain| {
             let mut written = 0u32;
             for d in chain.writable() {
                 // Bounded: one descriptor is at most 4 GiB by type, and the
@@ -272,12 +326,8 @@ impl Device for Rng {
                     at = GuestAddress(at.0 + n as u64);
                 }
             }
-            if queue.add_used(mem, head, written).is_err() {
-                break;
-            }
-            used = true;
-        }
-        used
+            written
+        })
     }
 }
 
@@ -430,24 +480,15 @@ impl Device for Block {
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        serve_chains(queue, mem, |chain| {
             // At most the queue size, by virtio-queue's bound on chains.
             let descs: Vec<_> = chain.collect();
             let (written, status_at, status) = self.serve(&descs, mem);
             if let Some(at) = status_at {
                 let _ = mem.write_obj(status, at);
             }
-            if queue
-                .add_used(mem, head, written + u32::from(status_at.is_some()))
-                .is_err()
-            {
-                break;
-            }
-            used = true;
-        }
-        used
+            written + u32::from(status_at.is_some())
+        })
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -503,17 +544,7 @@ impl Net {
             };
             let head = chain.head_index();
             let frame = self.pending.take().unwrap_or_default();
-            let mut off = 0usize;
-            for d in chain.writable() {
-                if off == frame.len() {
-                    break;
-                }
-                let n = (d.len() as usize).min(frame.len() - off);
-                if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
-                    break;
-                }
-                off += n;
-            }
+            let off = scatter(chain, mem, &frame);
             if rx.add_used(mem, head, off as u32).is_err() {
                 break;
             }
@@ -544,28 +575,13 @@ impl Device for Net {
         if index == 0 {
             return self.deliver(queue, mem);
         }
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let mut frame = Vec::new();
-            for d in chain.readable() {
-                let n = (d.len() as usize).min(NET_MAX_FRAME - frame.len());
-                let start = frame.len();
-                frame.resize(start + n, 0);
-                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
-                    frame.truncate(start);
-                    break;
-                }
-            }
+        serve_chains(queue, mem, |chain| {
+            let frame = gather(chain, mem, NET_MAX_FRAME);
             if frame.len() > 12 {
                 let _ = self.tap.write(&frame);
             }
-            if queue.add_used(mem, head, 0).is_err() {
-                break;
-            }
-            used = true;
-        }
-        used
+            0
+        })
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -12,14 +12,14 @@
 //! gets its connection reset. The device owns an epoll of its listener and
 //! streams; that epoll is the backend fd the device thread watches.
 
-use crate::virtio::Device;
+use crate::virtio::{gather, scatter, serve_chains, Device};
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 const HOST_CID: u64 = 2;
@@ -401,17 +401,7 @@ impl Vsock {
             let head = chain.head_index();
             let mut bytes = h.bytes().to_vec();
             bytes.extend_from_slice(data);
-            let mut off = 0;
-            for d in chain.writable() {
-                if off == bytes.len() {
-                    break;
-                }
-                let n = (d.len() as usize).min(bytes.len() - off);
-                if mem.write_slice(&bytes[off..off + n], d.addr()).is_err() {
-                    break;
-                }
-                off += n;
-            }
+            let off = scatter(chain, mem, &bytes);
             // A buffer too small for the packet: the packet is dropped
             // (a guest that offers tiny buffers only hurts itself).
             let _ = rx.add_used(mem, head, off as u32);
@@ -468,22 +458,12 @@ impl Device for Vsock {
                 let Some(queue) = queues.get_mut(1) else {
                     return false;
                 };
-                let mut used = false;
-                while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                    let head = chain.head_index();
-                    let mut bytes = Vec::new();
-                    for d in chain.readable() {
-                        let room = HDR + MAX_PKT as usize - bytes.len();
-                        let n = (d.len() as usize).min(room);
-                        let start = bytes.len();
-                        bytes.resize(start + n, 0);
-                        if mem.read_slice(&mut bytes[start..], d.addr()).is_err() {
-                            bytes.truncate(start);
-                            break;
-                        }
-                    }
-                    let _ = queue.add_used(mem, head, 0);
-                    used = true;
+                let mut packets = Vec::new();
+                let used = serve_chains(queue, mem, |chain| {
+                    packets.push(gather(chain, mem, HDR + MAX_PKT as usize));
+                    0
+                });
+                for mut bytes in packets {
                     if bytes.len() < HDR {
                         continue;
                     }

@@ -300,7 +300,10 @@ pub(crate) async fn attach_memory<T: SockHost>(
     let memory = guest
         .get_export(&mut *store, "memory")
         .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
-    let helpers = engine.p1_socket_helpers(|| unreachable!("helpers compiled by install"))?;
+    let helpers = engine
+        .p1_helpers
+        .get()
+        .ok_or_else(|| wasmtime::format_err!("p1 socket helpers: install() was not called"))?;
     linker.allow_shadowing(true);
     linker.define(&*store, "env", "memory", memory)?;
     linker.allow_shadowing(false);

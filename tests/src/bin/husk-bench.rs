@@ -3,6 +3,7 @@
 //! started at once. Run: `cargo run --release -p husk-tests --bin husk-bench`
 //! (as root; needs the CNI plugins). Prints p50/p99 figures.
 
+use husk_tests::{husk_at, run_ok};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,14 +21,6 @@ fn ms(d: Duration) -> String {
 
 fn guests() -> PathBuf {
     PathBuf::from(env!("HUSK_TEST_GUESTS"))
-}
-
-fn husk() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("husk")
 }
 
 fn container_start(n: usize) -> Vec<Duration> {
@@ -85,10 +78,14 @@ fn setup_root(dir: &Path, bridge: &str, subnet: &str) {
     .unwrap();
 }
 
-fn husk_cmd(root: &Path) -> Command {
-    let mut c = Command::new(husk());
-    c.arg("--root").arg(root);
-    c
+/// Runs the probe once in `root`, so the compile cache is warm.
+fn warm(root: &Path, probe: &Path) {
+    run_ok(
+        husk_at(root)
+            .args(["run", "--rm"])
+            .arg(probe)
+            .args(["echo", "x"]),
+    );
 }
 
 fn whole_pod(n: usize) -> (Vec<Duration>, Vec<Duration>) {
@@ -96,18 +93,13 @@ fn whole_pod(n: usize) -> (Vec<Duration>, Vec<Duration>) {
     setup_root(dir.path(), "huskbench0", "10.77.0.0/24");
     let probe = guests().join("probe.wasm");
     // Warm the compile cache.
-    husk_cmd(dir.path())
-        .args(["run", "--rm"])
-        .arg(&probe)
-        .args(["echo", "x"])
-        .output()
-        .unwrap();
+    warm(dir.path(), &probe);
     let mut start = Vec::new();
     let mut full = Vec::new();
     for i in 0..n {
         let name = format!("b{i}");
         let t0 = Instant::now();
-        let out = husk_cmd(dir.path())
+        let out = husk_at(dir.path())
             .args(["run", "-d", "--name", &name])
             .arg(&probe)
             .args(["stdin"])
@@ -119,12 +111,12 @@ fn whole_pod(n: usize) -> (Vec<Duration>, Vec<Duration>) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        husk_cmd(dir.path())
+        husk_at(dir.path())
             .args(["rm", "-f", &name])
             .output()
             .unwrap();
         let t0 = Instant::now();
-        let out = husk_cmd(dir.path())
+        let out = husk_at(dir.path())
             .args(["run", "--rm"])
             .arg(&probe)
             .args(["echo", "x"])
@@ -143,12 +135,7 @@ fn concurrent(n: usize) -> (Duration, f64) {
     let dir = tempfile::tempdir().unwrap();
     setup_root(dir.path(), "huskbench1", "10.78.0.0/24");
     let probe = guests().join("probe.wasm");
-    husk_cmd(dir.path())
-        .args(["run", "--rm"])
-        .arg(&probe)
-        .args(["echo", "x"])
-        .output()
-        .unwrap();
+    warm(dir.path(), &probe);
     let root = dir.path().to_owned();
     let t0 = Instant::now();
     let handles: Vec<_> = (0..n)
@@ -156,16 +143,11 @@ fn concurrent(n: usize) -> (Duration, f64) {
             let root = root.clone();
             let probe = probe.clone();
             std::thread::spawn(move || {
-                let out = husk_cmd(&root)
-                    .args(["run", "-d", "--name", &format!("c{i}")])
-                    .arg(&probe)
-                    .args(["stdin"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
+                run_ok(
+                    husk_at(&root)
+                        .args(["run", "-d", "--name", &format!("c{i}")])
+                        .arg(&probe)
+                        .args(["stdin"]),
                 );
             })
         })
@@ -175,7 +157,7 @@ fn concurrent(n: usize) -> (Duration, f64) {
     }
     let took = t0.elapsed();
     let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-    husk_cmd(&root)
+    husk_at(&root)
         .args(["rm", "-f"])
         .args(&names)
         .output()

@@ -6,7 +6,7 @@
 //! Run: `cargo run --release -p husk-tests --bin husk-pull-bench` (needs
 //! docker-registry and skopeo: apt-get install docker-registry skopeo).
 
-use husk_tests::Registry;
+use husk_tests::{husk_at, run_ok, Registry};
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use std::process::Command;
@@ -19,6 +19,16 @@ const RUNS: usize = 3;
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// Fills `buf` with incompressible bytes (xorshift64).
+fn fill(buf: &mut [u8], x: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
 }
 
 fn push(name: &str, layers: &[ImageLayer], config: Config) {
@@ -48,12 +58,7 @@ fn main() {
     let layers: Vec<ImageLayer> = (0..LAYERS)
         .map(|_| {
             let mut data = vec![0u8; LAYER_MIB << 20];
-            for chunk in data.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-            }
+            fill(&mut data, &mut x);
             ImageLayer::new(
                 data,
                 "application/vnd.oci.image.layer.v1.tar+gzip".into(),
@@ -68,27 +73,12 @@ fn main() {
     );
     push(&name, &layers, config);
     drop(layers);
-    let husk = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("husk");
     let mut husk_times = Vec::new();
     let mut skopeo_times = Vec::new();
     for _ in 0..RUNS {
         let root = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
-        let out = Command::new(&husk)
-            .arg("--root")
-            .arg(root.path())
-            .args(["pull", "-q", &name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(husk_at(root.path()).args(["pull", "-q", &name]));
         husk_times.push(t0.elapsed());
 
         let dest = tempfile::tempdir().unwrap();
@@ -113,12 +103,7 @@ fn main() {
             let mut b = tar::Builder::new(Vec::new());
             for f in 0..LAYER_MIB {
                 let mut data = vec![0u8; 1 << 20];
-                for chunk in data.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-                }
+                fill(&mut data, &mut x);
                 let mut h = tar::Header::new_gnu();
                 h.set_size(data.len() as u64);
                 h.set_mode(0o644);
@@ -146,22 +131,9 @@ fn main() {
     let mut unpack_times = Vec::new();
     for _ in 0..RUNS {
         let root = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = Command::new(&husk)
-                .arg("--root")
-                .arg(root.path())
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&["pull", "-q", &tar_name]);
+        run_ok(husk_at(root.path()).args(["pull", "-q", &tar_name]));
         let t0 = Instant::now();
-        run(&["unpack", &tar_name]);
+        run_ok(husk_at(root.path()).args(["unpack", &tar_name]));
         unpack_times.push(t0.elapsed());
     }
     let u = median(unpack_times);
