@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian/Ubuntu machine: installs what the
 # tests need (CNI plugins, clang + wasi-libc for the C test guests, mount and
-# network tools), then builds and runs every test. Needs root (netns, mounts,
-# cgroups).
+# network tools, QEMU for the guest kernels), builds the guest kernels and
+# test initramfs (images/build.sh, cached: the first run takes ~4 min more),
+# then builds and runs every test. Needs root (netns, mounts, cgroups).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32
           iproute2 iputils-ping iptables e2fsprogs util-linux mount
-          libssl-dev pkg-config docker-registry)
+          libssl-dev pkg-config docker-registry qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,6 +20,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+bash images/build.sh all
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/husk-target}"
 cargo fmt --all --check

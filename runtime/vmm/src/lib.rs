@@ -22,17 +22,17 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod boot;
+pub mod i8042;
 pub mod mptable;
 pub mod tap;
 pub mod virtio;
 pub mod vsock;
 
 use boot::CMDLINE_MAX;
+use i8042::I8042;
 
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
-const I8042_CMD: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
 
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,31 +271,6 @@ impl VmConfig {
     }
 }
 
-/// The i8042's keyboard side, as far as a stop request needs it: scancodes
-/// queued for the data port, an interrupt on IRQ 1, and the reset line.
-struct I8042 {
-    queue: std::collections::VecDeque<u8>,
-    irq: EventFd,
-}
-
-const I8042_DATA: u16 = 0x60;
-const KBD_IRQ: u32 = 1;
-/// Ctrl (make), Alt (make), Del (extended make): what a keyboard sends for
-/// ctrl-alt-del; Linux answers it with a reboot (Firecracker does the same).
-const CTRL_ALT_DEL: [u8; 4] = [0x1d, 0x38, 0xe0, 0x53];
-
-impl I8042 {
-    fn status(&self) -> u8 {
-        // System flag, plus output-buffer-full while scancodes wait.
-        0x04 | u8::from(!self.queue.is_empty())
-    }
-
-    fn ctrl_alt_del(&mut self) {
-        self.queue.extend(CTRL_ALT_DEL);
-        let _ = self.irq.write(1);
-    }
-}
-
 /// Interrupts a vCPU thread's KVM_RUN.
 const KICK_SIGNAL: i32 = libc::SIGUSR2;
 
@@ -425,7 +400,6 @@ pub fn run(
     // Devices on virtio-mmio, announced on the command line.
     let mut bus = virtio::Bus::default();
     let mut cmdline = cfg.cmdline.clone();
-    let mut device_irqs = Vec::new();
     let mut devices: Vec<Box<dyn virtio::Device>> = Vec::new();
     if cfg.rng {
         devices.push(Box::new(virtio::Rng));
@@ -465,11 +439,7 @@ pub fn run(
         let evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
         vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-        let t = virtio::MmioTransport::new(
-            device,
-            mem.clone(),
-            evt.try_clone().map_err(|e| VmError::Other(e.to_string()))?,
-        );
+        let t = virtio::MmioTransport::new(device, mem.clone(), evt);
         // QueueNotify writes go to eventfds the device thread waits on.
         for q in 0..t.queue_count() {
             let n = EventFd::new(libc::EFD_NONBLOCK)
@@ -479,7 +449,6 @@ pub fn run(
             notify.push((n, i, q));
         }
         bus.add(base, t);
-        device_irqs.push((evt, gsi));
         cmdline = format!("{cmdline} virtio_mmio.device=4K@{base:#x}:{gsi}")
             .trim()
             .to_owned();
@@ -509,21 +478,14 @@ pub fn run(
         ),
         None => Box::new(std::io::stdout()),
     };
-    let serial: Arc<Mutex<Serial>> = Arc::new(Mutex::new(vm_superio::Serial::new(
-        IrqLine(irq.try_clone().map_err(|e| VmError::Other(e.to_string()))?),
-        out,
-    )));
+    let serial: Arc<Mutex<Serial>> =
+        Arc::new(Mutex::new(vm_superio::Serial::new(IrqLine(irq), out)));
 
     let kbd_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&kbd_irq, KBD_IRQ)
+    vm.register_irqfd(&kbd_irq, i8042::KBD_IRQ)
         .map_err(kvm_err("KVM_IRQFD"))?;
-    let i8042 = Mutex::new(I8042 {
-        queue: Default::default(),
-        irq: kbd_irq
-            .try_clone()
-            .map_err(|e| VmError::Other(e.to_string()))?,
-    });
+    let i8042 = Mutex::new(I8042::new(kbd_irq));
     // SAFETY: the handler does nothing; it only makes KVM_RUN return EINTR.
     unsafe { signal_hook::low_level::register(KICK_SIGNAL, || {}) }
         .map_err(|e| VmError::Other(format!("signal handler: {e}")))?;
@@ -637,11 +599,7 @@ pub fn run(
             Err(_) => first.and(Err(VmError::Other("device thread panicked".into()))),
         }
     });
-    let _ = vm.unregister_irqfd(&irq, COM1_IRQ);
-    let _ = vm.unregister_irqfd(&kbd_irq, KBD_IRQ);
-    for (evt, gsi) in &device_irqs {
-        let _ = vm.unregister_irqfd(evt, *gsi);
-    }
+    // The irqfds and ioeventfds go with the VM fd.
     drop(bus);
     drop(vm);
     drop(mem);
@@ -742,21 +700,24 @@ fn vcpu_loop(
                     if let (Ok(mut s), Some(b)) = (serial.lock(), data.first()) {
                         let _ = s.write((port - COM1) as u8, *b);
                     }
-                } else if port == I8042_CMD && data.first() == Some(&I8042_RESET) {
-                    return Ok(VmExit::Reset);
+                } else if port == i8042::CMD_PORT || port == i8042::DATA_PORT {
+                    let action = match (i8042.lock(), data.first()) {
+                        (Ok(mut k), Some(&b)) if port == i8042::CMD_PORT => k.write_cmd(b),
+                        (Ok(mut k), Some(&b)) => k.write_data(b),
+                        _ => i8042::Action::None,
+                    };
+                    if action == i8042::Action::Reset {
+                        return Ok(VmExit::Reset);
+                    }
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 let v = if (COM1..COM1 + 8).contains(&port) {
                     serial.lock().map_or(0, |mut s| s.read((port - COM1) as u8))
-                } else if port == I8042_CMD {
+                } else if port == i8042::CMD_PORT {
                     i8042.lock().map_or(0, |k| k.status())
-                } else if port == I8042_DATA {
-                    i8042
-                        .lock()
-                        .ok()
-                        .and_then(|mut k| k.queue.pop_front())
-                        .unwrap_or(0)
+                } else if port == i8042::DATA_PORT {
+                    i8042.lock().map_or(0, |mut k| k.read_data())
                 } else {
                     0xff
                 };

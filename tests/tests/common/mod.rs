@@ -29,6 +29,26 @@ pub fn netprobe() -> PathBuf {
     guest("netprobe.component.wasm")
 }
 
+/// Where images/build.sh put the guest kernels and test initramfs.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("HUSK_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/husk-images")
+        })
+}
+
+/// One output of images/build.sh; it must exist.
+pub fn image(name: &str) -> PathBuf {
+    let p = images_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run images/build.sh (tests/run.sh does)",
+        p.display()
+    );
+    p
+}
+
 pub fn husk_bin() -> PathBuf {
     // target/<profile>/deps/e2e-… → target/<profile>/husk
     let exe = std::env::current_exe().unwrap();
