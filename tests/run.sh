@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32
           iproute2 iputils-ping iptables e2fsprogs util-linux mount
-          libssl-dev pkg-config docker-registry qemu-system-x86)
+          libssl-dev pkg-config docker-registry qemu-system-x86 busybox-static)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,6 +27,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/husk-target}"
 cargo fmt --all --check
 # The e2e tests drive the real husk binary: build it first.
 cargo build --release --workspace
+# The guest agent is PID 1 of a microVM: a static binary (glibc, crt-static).
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

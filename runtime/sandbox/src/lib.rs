@@ -7,6 +7,7 @@ pub mod network;
 pub mod pod;
 pub mod recovery;
 pub mod state;
+pub mod vm;
 pub mod volume;
 pub mod wasm;
 

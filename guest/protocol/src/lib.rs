@@ -1,0 +1,245 @@
+//! The protocol between husk on the host and husk-agent, PID 1 inside a
+//! microVM pod: the only crate both sides share. It owns the message types
+//! and their framing, and does no I/O of its own beyond reading and writing
+//! frames on a stream it is given (a virtio-serial port, a vsock or a unix
+//! socket).
+//!
+//! A frame is a 4-byte big-endian length and that many bytes of JSON. The
+//! host speaks first with [`Request::Hello`]; the agent answers with its own
+//! version, and the host refuses an agent whose [`VERSION`] differs
+//! ([`check_hello`]). Every request gets exactly one response, in order.
+//! Byte strings (stdin, stdout, stderr) travel as base64.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// The protocol version; bumped on every incompatible change.
+pub const VERSION: u32 = 1;
+/// The name of the virtio-serial port the agent listens on (QEMU).
+pub const PORT_NAME: &str = "husk.agent";
+/// The vsock port the agent listens on (husk-vmm).
+pub const VSOCK_PORT: u32 = 1024;
+/// The largest frame either side accepts: a hostile or broken peer cannot
+/// make the other allocate more.
+pub const MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream failed or ended in the middle of a frame.
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the stream between frames.
+    #[error("agent connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("agent speaks protocol version {agent}, husk speaks {VERSION}: use the agent built with this husk")]
+    Version { agent: u32 },
+    #[error("unexpected answer from the agent: {0}")]
+    Unexpected(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The first request on a connection. The answer carries the same
+    /// nonce, so a host that had to repeat its hello (a virtio-serial port
+    /// drops what arrives before the guest opens it) can tell the answers
+    /// apart.
+    Hello { version: u32, nonce: u64 },
+    /// Runs a process to its end and returns its output.
+    Exec(ExecRequest),
+    /// Syncs file systems and powers the VM off (a reset, which the VMM
+    /// turns into its exit).
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// argv[0] is the program: an absolute path, or a name looked up in PATH.
+    pub argv: Vec<String>,
+    /// `NAME=value` pairs; the process gets these and nothing else.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, with = "b64")]
+    pub stdin: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Hello {
+        version: u32,
+        nonce: u64,
+        /// The guest kernel's release (`uname -r`).
+        kernel: String,
+    },
+    Exited(ExecResult),
+    /// The request could not be carried out; the message says why.
+    Error {
+        message: String,
+    },
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResult {
+    /// The exit code, when the process exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    #[serde(with = "b64")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "b64")]
+    pub stderr: Vec<u8>,
+}
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ProtocolError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; [`ProtocolError::Closed`] when the stream ends cleanly
+/// between frames.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, ProtocolError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Err(ProtocolError::Closed),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Checks the agent's answer to the hello with `nonce`: `Ok(Some(kernel
+/// release))` when it is that answer, `Ok(None)` for the answer to an
+/// earlier hello (skip it), an error for anything else or another version.
+pub fn check_hello(answer: Response, nonce: u64) -> Result<Option<String>, ProtocolError> {
+    match answer {
+        Response::Hello { version, .. } if version != VERSION => {
+            Err(ProtocolError::Version { agent: version })
+        }
+        Response::Hello {
+            nonce: n, kernel, ..
+        } if n == nonce => Ok(Some(kernel)),
+        Response::Hello { .. } => Ok(None),
+        other => Err(ProtocolError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_binary_payloads() {
+        let req = Request::Exec(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), "cat".into()],
+            env: vec!["A=b".into()],
+            cwd: Some("/".into()),
+            stdin: vec![0, 1, 2, 255],
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req).unwrap();
+        write_frame(&mut buf, &Response::ShuttingDown).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame::<Request>(&mut r).unwrap(), req);
+        assert_eq!(
+            read_frame::<Response>(&mut r).unwrap(),
+            Response::ShuttingDown
+        );
+        assert!(matches!(
+            read_frame::<Response>(&mut r),
+            Err(ProtocolError::Closed)
+        ));
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_without_allocating() {
+        // A length over the limit.
+        let mut r = &[0xffu8, 0xff, 0xff, 0xff, b'{'][..];
+        assert!(matches!(
+            read_frame::<Request>(&mut r),
+            Err(ProtocolError::TooLarge(_))
+        ));
+        // A truncated body, a truncated length, and JSON of the wrong shape.
+        let mut r = &[0u8, 0, 0, 10, b'{'][..];
+        assert!(matches!(
+            read_frame::<Request>(&mut r),
+            Err(ProtocolError::Io(_))
+        ));
+        let mut r = &[0u8, 0][..];
+        assert!(matches!(
+            read_frame::<Request>(&mut r),
+            Err(ProtocolError::Io(_))
+        ));
+        let body = br#"{"type":"exec","argv":"not a list"}"#;
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        assert!(matches!(
+            read_frame::<Request>(&mut &frame[..]),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn hello_checks_the_version_and_skips_answers_to_earlier_hellos() {
+        let hello = |version, nonce| Response::Hello {
+            version,
+            nonce,
+            kernel: "6.1.0".into(),
+        };
+        assert_eq!(
+            check_hello(hello(VERSION, 7), 7).unwrap().as_deref(),
+            Some("6.1.0")
+        );
+        assert_eq!(check_hello(hello(VERSION, 6), 7).unwrap(), None);
+        let err = check_hello(hello(VERSION + 1, 7), 7).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("use the agent built with this husk"));
+        assert!(check_hello(Response::ShuttingDown, 7).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The microVM side of husk's sandboxes (#5, first part): what a VM pod
+//! needs on the host to boot a guest kernel with husk-agent as its init and
+//! talk to it. [`initramfs`] packs the agent (and whatever else the guest
+//! needs) into a newc archive, [`qemu`] runs the VM under QEMU (KVM or TCG)
+//! and owns its process and run directory, [`agent`] is the client of
+//! husk-protocol. It must not know about pods: the VM pod sandbox is built
+//! on these.
+
+pub mod agent;
+pub mod initramfs;
+pub mod qemu;

@@ -1,0 +1,233 @@
+//! QEMU as a VM pod's hypervisor, for hosts where husk-vmm cannot run a
+//! Linux guest: `-accel tcg` where KVM is missing or is PVM (a non-PVM
+//! kernel's user space cannot make system calls there), `-accel kvm`
+//! elsewhere. One QemuVm owns one QEMU process and its run directory (the
+//! agent's socket, the console log); dropping it kills the process and
+//! removes the directory. Debian's qemu-system-x86, `-M microvm`: virtio on
+//! MMIO, no firmware, no PCI.
+
+use super::agent::AgentClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// A bzImage (kernel B: its drivers built in; kernel A: with its
+    /// modules in the initrd).
+    pub kernel: PathBuf,
+    /// The initramfs, with husk-agent as /init.
+    pub initrd: PathBuf,
+    /// Added to the command line husk sets (console, reboot, panic).
+    pub cmdline: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    /// Describe the devices with ACPI tables (kernel A: Debian builds its
+    /// virtio_mmio without command-line devices) instead of on the kernel
+    /// command line and an MP table (kernel B, which has no ACPI).
+    pub acpi: bool,
+    /// Block devices, in order (vda, vdb, …), and whether read-only.
+    pub disks: Vec<(PathBuf, bool)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("VM run directory {0}: {1}")]
+    RunDir(PathBuf, std::io::Error),
+    #[error("cannot start qemu-system-x86_64 ({0}); install Debian's qemu-system-x86")]
+    Spawn(std::io::Error),
+    #[error("{what} {path}: not found")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("the VM ended before its agent answered; console:\n{0}")]
+    Ended(String),
+    #[error("the guest agent: {0}")]
+    Agent(#[from] husk_protocol::ProtocolError),
+}
+
+pub struct QemuVm {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+const AGENT_SOCKET: &str = "agent.sock";
+const CONSOLE: &str = "console.log";
+
+impl QemuVm {
+    /// Starts the VM; `run_dir` must not exist: the VM creates and owns it.
+    pub fn start(cfg: &QemuConfig, run_dir: &Path) -> Result<Self, QemuError> {
+        for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
+            if !path.is_file() {
+                return Err(QemuError::Missing {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        for (d, _) in &cfg.disks {
+            if !d.exists() {
+                return Err(QemuError::Missing {
+                    what: "disk",
+                    path: d.clone(),
+                });
+            }
+        }
+        std::fs::create_dir(run_dir).map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?;
+        // From here on the directory is ours: a failed start removes it.
+        let mut vm = QemuVm {
+            child: None,
+            dir: run_dir.to_owned(),
+        };
+        let console = std::fs::File::create(run_dir.join(CONSOLE))
+            .map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        let machine = if cfg.acpi {
+            "microvm"
+        } else {
+            "microvm,acpi=off"
+        };
+        let (accel, cpu) = match cfg.accel {
+            Accel::Tcg => ("tcg", "max"),
+            Accel::Kvm => ("kvm", "host,-arch-capabilities"),
+        };
+        cmd.args(["-M", machine, "-accel", accel, "-cpu", cpu])
+            .args([
+                "-m",
+                &cfg.mem_mib.to_string(),
+                "-smp",
+                &cfg.vcpus.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args(["-serial", "stdio", "-device", "i8042"])
+            .arg("-kernel")
+            .arg(&cfg.kernel)
+            .arg("-initrd")
+            .arg(&cfg.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 reboot=k panic=-1 quiet {}", cfg.cmdline).trim_end());
+        for (i, (path, ro)) in cfg.disks.iter().enumerate() {
+            cmd.arg("-drive").arg(format!(
+                "id=d{i},file={},format=raw,if=none,readonly={}",
+                path.display(),
+                if *ro { "on" } else { "off" }
+            ));
+            cmd.args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
+        }
+        cmd.args([
+            "-device",
+            "virtio-rng-device",
+            "-device",
+            "virtio-serial-device",
+        ])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            run_dir.join(AGENT_SOCKET).display()
+        ))
+        .args([
+            "-device",
+            &format!(
+                "virtserialport,chardev=agent,name={}",
+                husk_protocol::PORT_NAME
+            ),
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(
+                console
+                    .try_clone()
+                    .map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?,
+            )
+            .stderr(console);
+        vm.child = Some(cmd.spawn().map_err(QemuError::Spawn)?);
+        Ok(vm)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The guest's console so far (kernel messages, the agent's log, and
+    /// QEMU's own errors).
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join(CONSOLE)).unwrap_or_default()
+    }
+
+    /// Connects to the agent, waiting up to `timeout` for the guest to boot.
+    pub fn agent(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<AgentClient<std::os::unix::net::UnixStream>, QemuError> {
+        let deadline = Instant::now() + timeout;
+        let path = self.dir.join(AGENT_SOCKET);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline && self.running() => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) if self.running() => return Err(husk_protocol::ProtocolError::Io(e).into()),
+                Err(_) => return Err(QemuError::Ended(self.console())),
+            }
+        };
+        AgentClient::connect(stream, deadline).map_err(|e| {
+            // A VM that died drops the connection just before its process
+            // ends: give it a moment, so the error says what happened.
+            let t0 = Instant::now();
+            while self.running() && t0.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.running() {
+                e.into()
+            } else {
+                QemuError::Ended(self.console())
+            }
+        })
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits for QEMU to exit by itself (after the agent's shutdown);
+    /// true when it did within `timeout` with status 0.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(c) = self.child.as_mut() {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status.success();
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,191 @@
+//! husk-agent as PID 1 of a microVM, driven over husk-protocol: the guest
+//! kernels from images/build.sh boot under QEMU (TCG, as VM pods run on
+//! this PVM host) with an initramfs that husk packs from the static agent
+//! and busybox; the host runs processes in the guest through the agent and
+//! shuts the VM down. tests/run.sh builds the static agent
+//! (`--target x86_64-unknown-linux-gnu` with crt-static).
+
+mod common;
+use common::*;
+use husk_protocol::ExecRequest;
+use husk_sandbox::vm::initramfs::Initramfs;
+use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn static_agent() -> PathBuf {
+    // target/release/deps/vm_agent-… → target/x86_64-unknown-linux-gnu/release/husk-agent
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
+    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu (tests/run.sh does)",
+        agent.display()
+    );
+    agent
+}
+
+/// The agent as /init, busybox as /bin/sh, and kernel A's modules when
+/// `modules` is given.
+fn initramfs(dir: &Path, modules: Option<&Path>) -> PathBuf {
+    let mut a = Initramfs::default();
+    a.copy("init", &static_agent()).unwrap();
+    a.dir("bin")
+        .copy("bin/busybox", Path::new("/bin/busybox"))
+        .expect("/bin/busybox (tests/run.sh installs busybox-static)");
+    a.symlink("bin/sh", "busybox");
+    if let Some(m) = modules {
+        a.dir("lib").dir("lib/modules");
+        for e in std::fs::read_dir(m).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            a.copy(&format!("lib/modules/{name}"), &e.path()).unwrap();
+        }
+    }
+    let path = dir.join("initramfs.cpio");
+    a.write_to(&mut std::fs::File::create(&path).unwrap())
+        .unwrap();
+    path
+}
+
+fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -> QemuVm {
+    let cfg = QemuConfig {
+        kernel: image(kernel),
+        initrd: initramfs(dir, modules),
+        cmdline: String::new(),
+        mem_mib: 256,
+        vcpus: 1,
+        accel: Accel::Tcg,
+        acpi: modules.is_some(),
+        disks: disk.map(|d| vec![(d.to_owned(), true)]).unwrap_or_default(),
+    };
+    QemuVm::start(&cfg, &dir.join("run")).unwrap()
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_agent_runs_processes_in_kernel_b_and_powers_the_vm_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut data = b"a known line on a virtio-blk disk\n".to_vec();
+    data.resize(64 * 1024, 0);
+    std::fs::write(&disk, &data).unwrap();
+    let mut vm = boot("kernel-b.bzImage", None, dir.path(), Some(&disk));
+    let mut agent = vm
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert!(agent.kernel().starts_with("6."), "{}", agent.kernel());
+
+    // Output, exit code, stdin and an environment of exactly what was given.
+    let r = agent
+        .exec(ExecRequest {
+            stdin: b"from the host".to_vec(),
+            env: vec!["PATH=/bin".into(), "GREETING=hello".into()],
+            ..sh("cat; echo; echo $GREETING ${HOME:-no-home}; echo oops >&2; exit 7")
+        })
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "from the host\nhello no-home\n"
+    );
+    assert_eq!(r.stderr, b"oops\n");
+    assert_eq!(r.code, Some(7));
+
+    // The guest the agent set up: PID 1, its mounts, the disk.
+    let r = agent
+        .exec(sh(
+            "echo pid1=$(cat /proc/1/comm); grep -c cgroup2 /proc/mounts; head -c 33 /dev/vda",
+        ))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "pid1=init\n1\na known line on a virtio-blk disk"
+    );
+
+    // A process killed by a signal, and errors that name what was wrong.
+    let r = agent.exec(sh("kill -9 $$")).unwrap();
+    assert_eq!((r.code, r.signal), (None, Some(9)));
+    let e = agent
+        .exec(ExecRequest {
+            argv: vec!["/bin/nonexistent".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("/bin/nonexistent"), "{e}");
+
+    agent.shutdown().unwrap();
+    assert!(vm.wait(Duration::from_secs(30)), "{}", vm.console());
+    drop(vm);
+    assert!(
+        !dir.path().join("run").exists(),
+        "the run directory is removed"
+    );
+}
+
+#[test]
+fn the_agent_loads_kernel_a_modules_before_it_needs_its_port() {
+    // Kernel A's virtio_console is a module: the agent must load it (from
+    // the initramfs, in modules.load order) before its port appears.
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = boot(
+        "kernel-a.bzImage",
+        Some(&image("kernel-a.modules")),
+        dir.path(),
+        None,
+    );
+    let mut agent = vm
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert!(agent.kernel().contains("cloud-amd64"), "{}", agent.kernel());
+    let r = agent
+        .exec(sh(
+            "grep -c '^virtio' /proc/modules; ls /sys/bus/virtio/drivers",
+        ))
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("virtio_console"), "{out}");
+    assert!(out.contains("virtio_rng"), "{out}");
+    agent.shutdown().unwrap();
+    assert!(vm.wait(Duration::from_secs(30)), "{}", vm.console());
+}
+
+#[test]
+fn a_vm_that_cannot_start_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = QemuConfig {
+        kernel: dir.path().join("no-such-kernel"),
+        initrd: dir.path().join("no-such-initrd"),
+        cmdline: String::new(),
+        mem_mib: 256,
+        vcpus: 1,
+        accel: Accel::Tcg,
+        acpi: false,
+        disks: vec![],
+    };
+    let err = QemuVm::start(&cfg, &dir.path().join("run")).err().unwrap();
+    assert!(err.to_string().contains("no-such-kernel"), "{err}");
+    assert!(!dir.path().join("run").exists());
+    // A kernel that is not one: QEMU ends, and the error carries its words.
+    std::fs::write(dir.path().join("bad"), b"not a kernel").unwrap();
+    let mut vm = QemuVm::start(
+        &QemuConfig {
+            kernel: dir.path().join("bad"),
+            initrd: dir.path().join("bad"),
+            ..cfg
+        },
+        &dir.path().join("run"),
+    )
+    .unwrap();
+    let err = vm.agent(Duration::from_secs(20)).err().unwrap();
+    assert!(err.to_string().contains("VM ended"), "{err}");
+    drop(vm);
+    assert!(!dir.path().join("run").exists());
+}
