@@ -7,7 +7,8 @@
 
 mod common;
 use common::*;
-use husk_protocol::ExecRequest;
+use husk_protocol::StartRequest;
+use husk_sandbox::vm::agent::{AgentClient, Finished};
 use husk_sandbox::vm::initramfs::Initramfs;
 use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
 use std::path::{Path, PathBuf};
@@ -63,12 +64,22 @@ fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -
     QemuVm::start(&cfg, &dir.join("run")).unwrap()
 }
 
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
+fn sh(id: &str, script: &str) -> StartRequest {
+    StartRequest {
+        id: id.into(),
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: vec!["PATH=/bin".into()],
         ..Default::default()
     }
+}
+
+/// Runs a shell script in the guest to its end.
+fn run(agent: &AgentClient, id: &str, script: &str) -> Finished {
+    agent
+        .start(sh(id, script))
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap()
 }
 
 #[test]
@@ -79,19 +90,25 @@ fn the_agent_runs_processes_in_kernel_b_and_powers_the_vm_off() {
     data.resize(64 * 1024, 0);
     std::fs::write(&disk, &data).unwrap();
     let mut vm = boot("kernel-b.bzImage", None, dir.path(), Some(&disk));
-    let mut agent = vm
+    let agent = vm
         .agent(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
     assert!(agent.kernel().starts_with("6."), "{}", agent.kernel());
 
     // Output, exit code, stdin and an environment of exactly what was given.
-    let r = agent
-        .exec(ExecRequest {
-            stdin: b"from the host".to_vec(),
+    let p = agent
+        .start(StartRequest {
+            stdin: true,
             env: vec!["PATH=/bin".into(), "GREETING=hello".into()],
-            ..sh("cat; echo; echo $GREETING ${HOME:-no-home}; echo oops >&2; exit 7")
+            ..sh(
+                "greet",
+                "cat; echo; echo $GREETING ${HOME:-no-home}; echo oops >&2; exit 7",
+            )
         })
         .unwrap();
+    p.write_stdin(b"from ", false).unwrap();
+    p.write_stdin(b"the host", true).unwrap();
+    let r = p.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
         "from the host\nhello no-home\n"
@@ -100,25 +117,44 @@ fn the_agent_runs_processes_in_kernel_b_and_powers_the_vm_off() {
     assert_eq!(r.code, Some(7));
 
     // The guest the agent set up: PID 1, its mounts, the disk.
-    let r = agent
-        .exec(sh(
-            "echo pid1=$(cat /proc/1/comm); grep -c cgroup2 /proc/mounts; head -c 33 /dev/vda",
-        ))
-        .unwrap();
+    let r = run(
+        &agent,
+        "look",
+        "echo pid1=$(cat /proc/1/comm); grep -c cgroup2 /proc/mounts; head -c 33 /dev/vda",
+    );
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
         "pid1=init\n1\na known line on a virtio-blk disk"
     );
 
+    // Two processes at once: a server that streams until signalled, while
+    // another runs to its end.
+    let server = agent
+        .start(sh(
+            "ticker",
+            "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+        ))
+        .unwrap();
+    match server.next_event(Duration::from_secs(30)).unwrap() {
+        husk_protocol::Event::Output { data, .. } => assert_eq!(data, b"up\n"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(run(&agent, "meanwhile", "echo done").stdout, b"done\n");
+    server.signal(15).unwrap();
+    let r = server.wait(Duration::from_secs(30)).unwrap();
+    assert_eq!((r.code, r.stdout), (Some(0), b"bye\n".to_vec()));
+
     // A process killed by a signal, and errors that name what was wrong.
-    let r = agent.exec(sh("kill -9 $$")).unwrap();
+    let r = run(&agent, "killed", "kill -9 $$");
     assert_eq!((r.code, r.signal), (None, Some(9)));
     let e = agent
-        .exec(ExecRequest {
+        .start(StartRequest {
+            id: "missing".into(),
             argv: vec!["/bin/nonexistent".into()],
             ..Default::default()
         })
-        .unwrap_err();
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/bin/nonexistent"), "{e}");
 
     agent.shutdown().unwrap();
@@ -141,15 +177,15 @@ fn the_agent_loads_kernel_a_modules_before_it_needs_its_port() {
         dir.path(),
         None,
     );
-    let mut agent = vm
+    let agent = vm
         .agent(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
     assert!(agent.kernel().contains("cloud-amd64"), "{}", agent.kernel());
-    let r = agent
-        .exec(sh(
-            "grep -c '^virtio' /proc/modules; ls /sys/bus/virtio/drivers",
-        ))
-        .unwrap();
+    let r = run(
+        &agent,
+        "mods",
+        "grep -c '^virtio' /proc/modules; ls /sys/bus/virtio/drivers",
+    );
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains("virtio_console"), "{out}");
     assert!(out.contains("virtio_rng"), "{out}");

@@ -5,19 +5,17 @@
 //! shut down. It must stay small and static (it is the whole user space of
 //! the guest until containers start) and trusts nothing but its own host
 //! connection.
-//!
-//! `husk-agent --serve PATH` serves one connection on an existing stream
-//! (a device or a unix socket) without setting anything up: how the host
-//! side is tested without a VM.
+//! The protocol handling (`serve`) works on any stream, and is unit-tested
+//! over a socket pair.
 
-use husk_protocol::{
-    read_frame, write_frame, ExecRequest, ExecResult, ProtocolError, Request, Response,
-};
+use husk_protocol::{read_frame, write_frame, Event, ProtocolError, Request, StartRequest, Stream};
+use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn log(msg: &str) {
@@ -144,94 +142,249 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-fn exec(req: &ExecRequest) -> Response {
-    let Some(program) = req.argv.first() else {
-        return Response::Error {
-            message: "exec: argv is empty".into(),
+/// The agent's side of one connection: where events go (one writer,
+/// shared by the threads that report output and exits) and the processes
+/// it runs, by the host's id.
+struct Session<W: Write + Send + 'static> {
+    out: Arc<Mutex<W>>,
+    procs: Arc<Mutex<HashMap<String, Proc>>>,
+}
+
+struct Proc {
+    pid: u32,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl<W: Write + Send + 'static> Session<W> {
+    fn new(out: W) -> Self {
+        Session {
+            out: Arc::new(Mutex::new(out)),
+            procs: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn send(&self, ev: &Event) -> Result<(), ProtocolError> {
+        send(&self.out, ev)
+    }
+
+    fn error(&self, id: Option<&str>, message: String) -> Result<(), ProtocolError> {
+        self.send(&Event::Error {
+            id: id.map(str::to_owned),
+            message,
+        })
+    }
+
+    fn start(&self, req: &StartRequest) -> Result<(), ProtocolError> {
+        let id = req.id.as_str();
+        let Some(program) = req.argv.first() else {
+            return self.error(Some(id), "start: argv is empty".into());
         };
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..]).env_clear();
-    for kv in &req.env {
-        match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                cmd.env(k, v);
-            }
-            _ => {
-                return Response::Error {
-                    message: format!("exec: env entry {kv:?} is not NAME=value"),
+        let mut procs = lock(&self.procs);
+        if procs.contains_key(id) {
+            return self.error(
+                Some(id),
+                format!("start: a process with id {id:?} is running"),
+            );
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..]).env_clear();
+        for kv in &req.env {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    cmd.env(k, v);
+                }
+                _ => {
+                    return self.error(
+                        Some(id),
+                        format!("start: env entry {kv:?} is not NAME=value"),
+                    )
                 }
             }
         }
-    }
-    if let Some(cwd) = &req.cwd {
-        cmd.current_dir(cwd);
-    }
-    cmd.stdin(Stdio::piped())
+        if let Some(cwd) = &req.cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd.stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return Response::Error {
-                message: format!("exec {program}: {e}"),
-            }
-        }
-    };
-    // Feed stdin from its own thread so a process that writes before it
-    // reads cannot deadlock against us.
-    let stdin = child.stdin.take().map(|mut w| {
-        let data = req.stdin.clone();
-        std::thread::spawn(move || {
-            let _ = w.write_all(&data);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return self.error(Some(id), format!("start {program}: {e}")),
+        };
+        let pid = child.id();
+        procs.insert(
+            id.to_owned(),
+            Proc {
+                pid,
+                stdin: child.stdin.take(),
+            },
+        );
+        drop(procs);
+        self.send(&Event::Started {
+            id: id.to_owned(),
+            pid,
+        })?;
+        // One thread per output stream; the waiter reports the exit after
+        // both have drained, so Exited is the last event of the id.
+        let pumps: Vec<_> = [
+            (
+                Stream::Stdout,
+                child
+                    .stdout
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn Read + Send>),
+            ),
+            (
+                Stream::Stderr,
+                child
+                    .stderr
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn Read + Send>),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(stream, r)| r.map(|r| (stream, r)))
+        .map(|(stream, mut r)| {
+            let (out, id) = (self.out.clone(), id.to_owned());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let ev = Event::Output {
+                                id: id.clone(),
+                                stream,
+                                data: buf[..n].to_vec(),
+                            };
+                            if send(&out, &ev).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
         })
-    });
-    let out = child.wait_with_output();
-    if let Some(t) = stdin {
-        let _ = t.join();
+        .collect();
+        let (out, procs, id, pid) = (self.out.clone(), self.procs.clone(), id.to_owned(), pid);
+        std::thread::spawn(move || {
+            for p in pumps {
+                let _ = p.join();
+            }
+            // Wait without reaping, then reap under the table's lock: a pid
+            // in the table is never one the kernel could have reused.
+            // SAFETY: waitid fills a zeroed siginfo_t for our own child.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT);
+            }
+            let status = {
+                let mut procs = lock(&procs);
+                procs.remove(&id);
+                child.wait()
+            };
+            let ev = match status {
+                Ok(s) => Event::Exited {
+                    id,
+                    code: s.code(),
+                    signal: s.signal(),
+                },
+                Err(e) => Event::Error {
+                    id: Some(id),
+                    message: format!("wait: {e}"),
+                },
+            };
+            let _ = send(&out, &ev);
+        });
+        Ok(())
     }
-    match out {
-        Ok(o) => Response::Exited(ExecResult {
-            code: o.status.code(),
-            signal: o.status.signal(),
-            stdout: o.stdout,
-            stderr: o.stderr,
-        }),
-        Err(e) => Response::Error {
-            message: format!("exec {program}: {e}"),
-        },
+
+    fn stdin(&self, id: &str, data: &[u8], eof: bool) -> Result<(), ProtocolError> {
+        let mut procs = lock(&self.procs);
+        let Some(p) = procs.get_mut(id) else {
+            return self.error(Some(id), format!("stdin: no process {id:?}"));
+        };
+        let Some(w) = p.stdin.as_mut() else {
+            return self.error(Some(id), format!("stdin: process {id:?} has no open stdin"));
+        };
+        // A process that stopped reading gets EPIPE; that is its business.
+        let _ = w.write_all(data);
+        if eof {
+            p.stdin = None;
+        }
+        Ok(())
+    }
+
+    fn signal(&self, id: &str, signal: i32) -> Result<(), ProtocolError> {
+        let pid = lock(&self.procs).get(id).map(|p| p.pid);
+        let Some(pid) = pid else {
+            return self.error(Some(id), format!("signal: no process {id:?}"));
+        };
+        // SAFETY: kill takes plain integers; a pid in the table is a child
+        // not yet reaped (it leaves the table as it is reaped), so not reused.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return self.error(Some(id), format!("signal {signal}: {e}"));
+        }
+        Ok(())
+    }
+
+    fn kill_all(&self) {
+        for p in lock(&self.procs).values() {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn send<W: Write>(out: &Mutex<W>, ev: &Event) -> Result<(), ProtocolError> {
+    write_frame(&mut *lock(out), ev)
+}
+
 /// Serves one connection; returns true when the host asked for shutdown.
-fn serve(stream: &mut (impl std::io::Read + Write)) -> Result<bool, ProtocolError> {
+fn serve<R: Read, W: Write + Send + 'static>(
+    input: &mut R,
+    output: W,
+) -> Result<bool, ProtocolError> {
+    let session = Session::new(output);
     loop {
-        let req: Request = match read_frame(stream) {
+        let req: Request = match read_frame(input) {
             Ok(r) => r,
-            Err(ProtocolError::Closed) => return Ok(false),
+            Err(ProtocolError::Closed) => {
+                session.kill_all();
+                return Ok(false);
+            }
             Err(ProtocolError::Malformed(e)) => {
-                write_frame(
-                    stream,
-                    &Response::Error {
-                        message: format!("malformed request: {e}"),
-                    },
-                )?;
+                session.error(None, format!("malformed request: {e}"))?;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                session.kill_all();
+                return Err(e);
+            }
         };
-        let resp = match &req {
-            Request::Hello { nonce, .. } => Response::Hello {
+        match &req {
+            Request::Hello { nonce, .. } => session.send(&Event::Hello {
                 version: husk_protocol::VERSION,
                 nonce: *nonce,
                 kernel: kernel_release(),
-            },
-            Request::Exec(e) => exec(e),
-            Request::Shutdown => Response::ShuttingDown,
-        };
-        write_frame(stream, &resp)?;
-        if req == Request::Shutdown {
-            return Ok(true);
+            })?,
+            Request::Start(s) => session.start(s)?,
+            Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
+            Request::Signal { id, signal } => session.signal(id, *signal)?,
+            Request::Shutdown => {
+                session.kill_all();
+                session.send(&Event::ShuttingDown)?;
+                return Ok(true);
+            }
         }
     }
 }
@@ -249,31 +402,8 @@ fn power_off() -> ! {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--serve") {
-        let Some(path) = args.get(2) else {
-            eprintln!("usage: husk-agent --serve PATH");
-            std::process::exit(2);
-        };
-        let stream = std::os::unix::net::UnixStream::connect(path)
-            .map(|s| Box::new(s) as Box<dyn ReadWrite>);
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("husk-agent: {path}: {e}");
-                std::process::exit(1);
-            }
-        };
-        match serve(&mut stream) {
-            Ok(_) => std::process::exit(0),
-            Err(e) => {
-                eprintln!("husk-agent: {e}");
-                std::process::exit(1);
-            }
-        }
-    }
     if std::process::id() != 1 {
-        eprintln!("husk-agent runs as PID 1 of a microVM (or: husk-agent --serve PATH)");
+        eprintln!("husk-agent runs as PID 1 of a microVM");
         std::process::exit(2);
     }
     setup();
@@ -286,18 +416,19 @@ fn main() {
         power_off();
     };
     loop {
-        let mut dev = match std::fs::OpenOptions::new()
+        let dev = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&port)
-        {
+            .and_then(|d| Ok((d.try_clone()?, d)));
+        let (mut input, output) = match dev {
             Ok(d) => d,
             Err(e) => {
                 log(&format!("{}: {e}", port.display()));
                 power_off();
             }
         };
-        match serve(&mut dev) {
+        match serve(&mut input, output) {
             Ok(true) => power_off(),
             // The host went away (a virtio-serial port reads EOF while
             // nobody is connected): wait for it to come back.
@@ -309,9 +440,6 @@ fn main() {
         }
     }
 }
-
-trait ReadWrite: std::io::Read + Write {}
-impl<T: std::io::Read + Write> ReadWrite for T {}
 
 #[cfg(test)]
 mod tests {
@@ -327,37 +455,130 @@ mod tests {
         assert_eq!(module_params(c, "virtio-rng"), "");
     }
 
+    /// Runs `serve` over a socket pair and returns the host's end.
+    fn session() -> std::os::unix::net::UnixStream {
+        let (host, agent) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut input = agent.try_clone().unwrap();
+            let _ = serve(&mut input, agent);
+        });
+        host
+    }
+
+    /// Events for `id` until its Exited, as (stdout, stderr, exit).
+    fn collect(host: &mut std::os::unix::net::UnixStream, id: &str) -> (Vec<u8>, Vec<u8>, Event) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match read_frame::<Event>(host).unwrap() {
+                Event::Output {
+                    id: i,
+                    stream,
+                    data,
+                } if i == id => match stream {
+                    Stream::Stdout => out.extend(data),
+                    Stream::Stderr => err.extend(data),
+                },
+                e @ Event::Exited { .. } => return (out, err, e),
+                Event::Started { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     #[test]
-    fn exec_runs_a_process_with_only_the_given_env() {
-        let r = exec(&ExecRequest {
-            argv: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "cat; echo \"$A\" >&2; exit 3".into(),
-            ],
-            env: vec!["A=from env".into()],
-            cwd: Some("/".into()),
-            stdin: b"from stdin".to_vec(),
-        });
+    fn processes_stream_output_take_stdin_and_report_their_exit() {
+        let mut host = session();
+        write_frame(
+            &mut host,
+            &Request::Start(StartRequest {
+                id: "a".into(),
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "cat; echo \"$A\" >&2; exit 3".into(),
+                ],
+                env: vec!["A=from env".into()],
+                cwd: Some("/".into()),
+                stdin: true,
+            }),
+        )
+        .unwrap();
+        for (data, eof) in [(&b"from "[..], false), (&b"stdin"[..], true)] {
+            write_frame(
+                &mut host,
+                &Request::Stdin {
+                    id: "a".into(),
+                    data: data.to_vec(),
+                    eof,
+                },
+            )
+            .unwrap();
+        }
+        let (out, err, exit) = collect(&mut host, "a");
+        assert_eq!(out, b"from stdin");
+        assert_eq!(err, b"from env\n");
         assert_eq!(
-            r,
-            Response::Exited(ExecResult {
+            exit,
+            Event::Exited {
+                id: "a".into(),
                 code: Some(3),
-                signal: None,
-                stdout: b"from stdin".to_vec(),
-                stderr: b"from env\n".to_vec(),
-            })
+                signal: None
+            }
         );
-        let r = exec(&ExecRequest {
-            argv: vec!["/nonexistent".into()],
-            ..Default::default()
-        });
-        assert!(matches!(r, Response::Error { message } if message.contains("/nonexistent")));
-        let r = exec(&ExecRequest {
-            argv: vec!["/bin/true".into()],
-            env: vec!["NOEQUALS".into()],
-            ..Default::default()
-        });
-        assert!(matches!(r, Response::Error { message } if message.contains("NAME=value")));
+    }
+
+    #[test]
+    fn signals_reach_the_process_and_bad_requests_name_what_is_wrong() {
+        let mut host = session();
+        let start = |id: &str, argv: &[&str], env: &[&str]| {
+            Request::Start(StartRequest {
+                id: id.into(),
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: env.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        write_frame(&mut host, &start("s", &["/bin/sleep", "60"], &[])).unwrap();
+        assert!(matches!(
+            read_frame::<Event>(&mut host).unwrap(),
+            Event::Started { .. }
+        ));
+        // The same id again while it runs.
+        write_frame(&mut host, &start("s", &["/bin/true"], &[])).unwrap();
+        assert!(matches!(read_frame::<Event>(&mut host).unwrap(),
+            Event::Error { id: Some(i), message } if i == "s" && message.contains("is running")));
+        write_frame(
+            &mut host,
+            &Request::Signal {
+                id: "s".into(),
+                signal: 9,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_frame::<Event>(&mut host).unwrap(),
+            Event::Exited {
+                id: "s".into(),
+                code: None,
+                signal: Some(9)
+            }
+        );
+        for (req, words) in [
+            (start("x", &["/nonexistent"], &[]), "/nonexistent"),
+            (start("y", &["/bin/true"], &["NOEQUALS"]), "NAME=value"),
+            (
+                Request::Signal {
+                    id: "gone".into(),
+                    signal: 15,
+                },
+                "no process",
+            ),
+        ] {
+            write_frame(&mut host, &req).unwrap();
+            match read_frame::<Event>(&mut host).unwrap() {
+                Event::Error { message, .. } => assert!(message.contains(words), "{message}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -7,8 +7,12 @@
 //! A frame is a 4-byte big-endian length and that many bytes of JSON. The
 //! host speaks first with [`Request::Hello`]; the agent answers with its own
 //! version, and the host refuses an agent whose [`VERSION`] differs
-//! ([`check_hello`]). Every request gets exactly one response, in order.
-//! Byte strings (stdin, stdout, stderr) travel as base64.
+//! ([`check_hello`]). After that both sides write whenever they have
+//! something to say: the host starts processes (each under an id it
+//! chooses), feeds their stdin and signals them; the agent reports each
+//! process as [`Event::Started`] (or an [`Event::Error`] naming the id),
+//! then its [`Event::Output`] as it comes, then exactly one
+//! [`Event::Exited`] after the last output. Byte strings travel as base64.
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -49,16 +53,28 @@ pub enum Request {
     /// drops what arrives before the guest opens it) can tell the answers
     /// apart.
     Hello { version: u32, nonce: u64 },
-    /// Runs a process to its end and returns its output.
-    Exec(ExecRequest),
-    /// Syncs file systems and powers the VM off (a reset, which the VMM
-    /// turns into its exit).
+    /// Starts a process; the agent answers with Started or Error.
+    Start(StartRequest),
+    /// Bytes for a process's stdin; `eof` closes it after them.
+    Stdin {
+        id: String,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        #[serde(default)]
+        eof: bool,
+    },
+    /// Sends a signal to a process.
+    Signal { id: String, signal: i32 },
+    /// Kills what still runs, syncs file systems and ends the VM (a reset,
+    /// which the VMM turns into its exit).
     Shutdown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExecRequest {
+pub struct StartRequest {
+    /// The host's name for the process, unique among those running.
+    pub id: String,
     /// argv[0] is the program: an absolute path, or a name looked up in PATH.
     pub argv: Vec<String>,
     /// `NAME=value` pairs; the process gets these and nothing else.
@@ -66,38 +82,52 @@ pub struct ExecRequest {
     pub env: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    #[serde(default, with = "b64")]
-    pub stdin: Vec<u8>,
+    /// Keep stdin open for Stdin requests (otherwise it is /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Response {
+pub enum Event {
     Hello {
         version: u32,
         nonce: u64,
         /// The guest kernel's release (`uname -r`).
         kernel: String,
     },
-    Exited(ExecResult),
-    /// The request could not be carried out; the message says why.
+    Started {
+        id: String,
+        pid: u32,
+    },
+    Output {
+        id: String,
+        stream: Stream,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The process ended; no more events for this id follow.
+    Exited {
+        id: String,
+        /// The exit code, when the process exited.
+        code: Option<i32>,
+        /// The signal that killed it, when one did.
+        signal: Option<i32>,
+    },
+    /// A request failed; `id` names the process it was about, if any.
     Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
         message: String,
     },
     ShuttingDown,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecResult {
-    /// The exit code, when the process exited.
-    pub code: Option<i32>,
-    /// The signal that killed it, when one did.
-    pub signal: Option<i32>,
-    #[serde(with = "b64")]
-    pub stdout: Vec<u8>,
-    #[serde(with = "b64")]
-    pub stderr: Vec<u8>,
 }
 
 mod b64 {
@@ -156,15 +186,15 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, 
 /// Checks the agent's answer to the hello with `nonce`: `Ok(Some(kernel
 /// release))` when it is that answer, `Ok(None)` for the answer to an
 /// earlier hello (skip it), an error for anything else or another version.
-pub fn check_hello(answer: Response, nonce: u64) -> Result<Option<String>, ProtocolError> {
+pub fn check_hello(answer: Event, nonce: u64) -> Result<Option<String>, ProtocolError> {
     match answer {
-        Response::Hello { version, .. } if version != VERSION => {
+        Event::Hello { version, .. } if version != VERSION => {
             Err(ProtocolError::Version { agent: version })
         }
-        Response::Hello {
+        Event::Hello {
             nonce: n, kernel, ..
         } if n == nonce => Ok(Some(kernel)),
-        Response::Hello { .. } => Ok(None),
+        Event::Hello { .. } => Ok(None),
         other => Err(ProtocolError::Unexpected(format!("{other:?}"))),
     }
 }
@@ -175,23 +205,24 @@ mod tests {
 
     #[test]
     fn frames_round_trip_with_binary_payloads() {
-        let req = Request::Exec(ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), "cat".into()],
-            env: vec!["A=b".into()],
-            cwd: Some("/".into()),
-            stdin: vec![0, 1, 2, 255],
-        });
+        let req = Request::Stdin {
+            id: "c1".into(),
+            data: vec![0, 1, 2, 255],
+            eof: true,
+        };
+        let ev = Event::Output {
+            id: "c1".into(),
+            stream: Stream::Stderr,
+            data: b"\xffhello".to_vec(),
+        };
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
-        write_frame(&mut buf, &Response::ShuttingDown).unwrap();
+        write_frame(&mut buf, &ev).unwrap();
         let mut r = &buf[..];
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), req);
-        assert_eq!(
-            read_frame::<Response>(&mut r).unwrap(),
-            Response::ShuttingDown
-        );
+        assert_eq!(read_frame::<Event>(&mut r).unwrap(), ev);
         assert!(matches!(
-            read_frame::<Response>(&mut r),
+            read_frame::<Event>(&mut r),
             Err(ProtocolError::Closed)
         ));
     }
@@ -215,7 +246,7 @@ mod tests {
             read_frame::<Request>(&mut r),
             Err(ProtocolError::Io(_))
         ));
-        let body = br#"{"type":"exec","argv":"not a list"}"#;
+        let body = br#"{"type":"start","id":"x","argv":"not a list"}"#;
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         assert!(matches!(
@@ -226,7 +257,7 @@ mod tests {
 
     #[test]
     fn hello_checks_the_version_and_skips_answers_to_earlier_hellos() {
-        let hello = |version, nonce| Response::Hello {
+        let hello = |version, nonce| Event::Hello {
             version,
             nonce,
             kernel: "6.1.0".into(),
@@ -240,6 +271,6 @@ mod tests {
         assert!(err
             .to_string()
             .contains("use the agent built with this husk"));
-        assert!(check_hello(Response::ShuttingDown, 7).is_err());
+        assert!(check_hello(Event::ShuttingDown, 7).is_err());
     }
 }

@@ -1,20 +1,49 @@
-//! The host's client of husk-agent: one connection, requests answered in
-//! order (husk-protocol). It owns nothing but the stream it was given.
+//! The host's client of husk-agent (husk-protocol). One connection; a
+//! reader thread routes the agent's events to the process they are about,
+//! so several processes run and stream at once. The client owns the stream
+//! and its reader thread: dropping it closes the one and joins the other.
 
 use husk_protocol::{
-    check_hello, read_frame, write_frame, ExecRequest, ExecResult, ProtocolError, Request,
-    Response, VERSION,
+    check_hello, read_frame, write_frame, Event, ProtocolError, Request, StartRequest, Stream,
+    VERSION,
 };
-use std::io::{Read, Write};
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub struct AgentClient<S: Read + Write> {
-    stream: S,
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The agent could not do what was asked; its message says why.
+    #[error("in the guest: {0}")]
+    Guest(String),
+    #[error("a process with id {0:?} is already running")]
+    Duplicate(String),
+    #[error("the agent connection ended")]
+    Gone,
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+type Routes = Arc<Mutex<HashMap<String, Sender<Event>>>>;
+
+pub struct AgentClient {
+    writer: Arc<Mutex<UnixStream>>,
+    routes: Routes,
+    /// Events about no process (shutdown, errors without an id).
+    control: Receiver<Event>,
+    reader: Option<std::thread::JoinHandle<()>>,
     kernel: String,
 }
 
-impl AgentClient<UnixStream> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AgentClient {
     /// Says hello until the agent answers (or `deadline` passes) and checks
     /// its protocol version. A virtio-serial port drops what the host sends
     /// before the guest has opened it, so the hello is repeated, each time
@@ -22,7 +51,7 @@ impl AgentClient<UnixStream> {
     pub fn connect(mut stream: UnixStream, deadline: Instant) -> Result<Self, ProtocolError> {
         let mut nonce = 0u64;
         let mut resend = Instant::now();
-        loop {
+        let kernel = loop {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ProtocolError::Io(std::io::Error::new(
@@ -41,17 +70,14 @@ impl AgentClient<UnixStream> {
                 )?;
                 resend = now + Duration::from_millis(250);
             }
-            stream.set_read_timeout(Some(
-                resend
-                    .min(deadline)
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ))?;
+            let wait = resend
+                .min(deadline)
+                .saturating_duration_since(Instant::now());
+            stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
             match read_frame(&mut stream) {
                 Ok(answer) => {
                     if let Some(kernel) = check_hello(answer, nonce)? {
-                        stream.set_read_timeout(None)?;
-                        return Ok(AgentClient { stream, kernel });
+                        break kernel;
                     }
                 }
                 Err(ProtocolError::Io(e))
@@ -61,44 +87,187 @@ impl AgentClient<UnixStream> {
                     ) => {}
                 Err(e) => return Err(e),
             }
-        }
+        };
+        stream.set_read_timeout(None)?;
+        let routes: Routes = Arc::default();
+        let (control_tx, control) = channel();
+        let mut input = stream.try_clone()?;
+        let r = routes.clone();
+        let reader = std::thread::spawn(move || {
+            while let Ok(ev) = read_frame::<Event>(&mut input) {
+                let id = match &ev {
+                    Event::Started { id, .. }
+                    | Event::Output { id, .. }
+                    | Event::Exited { id, .. } => Some(id.clone()),
+                    Event::Error { id, .. } => id.clone(),
+                    _ => None,
+                };
+                let last = matches!(ev, Event::Exited { .. });
+                match id {
+                    Some(id) => {
+                        let mut routes = lock(&r);
+                        if let Some(tx) = routes.get(&id) {
+                            let _ = tx.send(ev);
+                        }
+                        if last {
+                            routes.remove(&id);
+                        }
+                    }
+                    None => {
+                        let _ = control_tx.send(ev);
+                    }
+                }
+            }
+            // The connection ended: every waiting process hears it.
+            lock(&r).clear();
+        });
+        Ok(AgentClient {
+            writer: Arc::new(Mutex::new(stream)),
+            routes,
+            control,
+            reader: Some(reader),
+            kernel,
+        })
     }
-}
 
-impl<S: Read + Write> AgentClient<S> {
     /// The guest kernel's release, as the agent reported it.
     pub fn kernel(&self) -> &str {
         &self.kernel
     }
 
-    fn call(&mut self, req: &Request) -> Result<Response, ProtocolError> {
-        write_frame(&mut self.stream, req)?;
-        read_frame(&mut self.stream)
-    }
-
-    /// Runs a process in the guest to its end.
-    pub fn exec(&mut self, req: ExecRequest) -> Result<ExecResult, AgentError> {
-        match self.call(&Request::Exec(req))? {
-            Response::Exited(r) => Ok(r),
-            Response::Error { message } => Err(AgentError::Guest(message)),
-            other => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+    /// Starts a process in the guest and waits for the agent to confirm.
+    pub fn start(&self, req: StartRequest) -> Result<Process, AgentError> {
+        let id = req.id.clone();
+        let (tx, rx) = channel();
+        {
+            let mut routes = lock(&self.routes);
+            if routes.contains_key(&id) {
+                return Err(AgentError::Duplicate(id));
+            }
+            routes.insert(id.clone(), tx);
+        }
+        let sent = write_frame(&mut *lock(&self.writer), &Request::Start(req));
+        let first = sent.map_err(AgentError::from).and_then(|()| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => AgentError::Timeout(Duration::from_secs(30)),
+                    RecvTimeoutError::Disconnected => AgentError::Gone,
+                })
+        });
+        match first {
+            Ok(Event::Started { pid, .. }) => Ok(Process {
+                id,
+                pid,
+                events: rx,
+                writer: self.writer.clone(),
+            }),
+            Ok(Event::Error { message, .. }) => {
+                lock(&self.routes).remove(&id);
+                Err(AgentError::Guest(message))
+            }
+            Ok(other) => {
+                lock(&self.routes).remove(&id);
+                Err(ProtocolError::Unexpected(format!("{other:?}")).into())
+            }
+            Err(e) => {
+                lock(&self.routes).remove(&id);
+                Err(e)
+            }
         }
     }
 
-    /// Asks the guest to sync and power off; the VM ends after the answer.
-    pub fn shutdown(mut self) -> Result<(), AgentError> {
-        match self.call(&Request::Shutdown)? {
-            Response::ShuttingDown => Ok(()),
-            other => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+    /// Asks the guest to kill what runs, sync and power off; the VM ends
+    /// after the answer.
+    pub fn shutdown(self) -> Result<(), AgentError> {
+        write_frame(&mut *lock(&self.writer), &Request::Shutdown)?;
+        let limit = Duration::from_secs(10);
+        loop {
+            match self.control.recv_timeout(limit) {
+                Ok(Event::ShuttingDown) => return Ok(()),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return Err(AgentError::Timeout(limit)),
+                Err(RecvTimeoutError::Disconnected) => return Err(AgentError::Gone),
+            }
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    /// The agent could not do what was asked; its message says why.
-    #[error("in the guest: {0}")]
-    Guest(String),
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// A process running in the guest.
+pub struct Process {
+    id: String,
+    pid: u32,
+    events: Receiver<Event>,
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+/// How a process ended, with all it wrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Process {
+    /// Its pid inside the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn write_stdin(&self, data: &[u8], eof: bool) -> Result<(), AgentError> {
+        let req = Request::Stdin {
+            id: self.id.clone(),
+            data: data.to_vec(),
+            eof,
+        };
+        Ok(write_frame(&mut *lock(&self.writer), &req)?)
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        let req = Request::Signal {
+            id: self.id.clone(),
+            signal,
+        };
+        Ok(write_frame(&mut *lock(&self.writer), &req)?)
+    }
+
+    /// The next event (Output, Exited or Error), waiting up to `timeout`.
+    pub fn next_event(&self, timeout: Duration) -> Result<Event, AgentError> {
+        self.events.recv_timeout(timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => AgentError::Timeout(timeout),
+            RecvTimeoutError::Disconnected => AgentError::Gone,
+        })
+    }
+
+    /// Collects the output until the process ends (or `timeout` passes).
+    pub fn wait(self, timeout: Duration) -> Result<Finished, AgentError> {
+        let deadline = Instant::now() + timeout;
+        let mut f = Finished::default();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left)? {
+                Event::Output { stream, data, .. } => match stream {
+                    Stream::Stdout => f.stdout.extend(data),
+                    Stream::Stderr => f.stderr.extend(data),
+                },
+                Event::Exited { code, signal, .. } => {
+                    f.code = code;
+                    f.signal = signal;
+                    return Ok(f);
+                }
+                Event::Error { message, .. } => return Err(AgentError::Guest(message)),
+                other => return Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            }
+        }
+    }
 }

@@ -165,10 +165,7 @@ impl QemuVm {
     }
 
     /// Connects to the agent, waiting up to `timeout` for the guest to boot.
-    pub fn agent(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<AgentClient<std::os::unix::net::UnixStream>, QemuError> {
+    pub fn agent(&mut self, timeout: Duration) -> Result<AgentClient, QemuError> {
         let deadline = Instant::now() + timeout;
         let path = self.dir.join(AGENT_SOCKET);
         let stream = loop {
