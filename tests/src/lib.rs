@@ -109,3 +109,19 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// A current-thread tokio runtime for the OCI client.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An OCI client for the plain-HTTP test registry.
+pub fn oci_client() -> oci_client::Client {
+    oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    })
+}

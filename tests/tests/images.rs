@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
-use husk_tests::Registry;
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use husk_tests::{oci_client as client, rt, Registry};
+use oci_client::client::{Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 use sha2::Digest as _;
@@ -15,20 +15,6 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn client() -> oci_client::Client {
-    oci_client::Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    })
-}
 
 /// Pushes a wasm artifact (one `application/wasm` layer); returns the
 /// manifest URL's digest-less reference.

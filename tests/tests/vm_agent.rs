@@ -225,3 +225,169 @@ fn a_vm_that_cannot_start_leaves_nothing_behind() {
     drop(vm);
     assert!(!dir.path().join("run").exists());
 }
+
+/// What a layer entry holds: file contents, or a symlink's target.
+type Body<'a> = Result<&'a [u8], &'a str>;
+
+/// A tar layer from (path, mode, body) entries.
+fn layer_tar(entries: &[(&str, u32, Body)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_mtime(1_700_000_000);
+        match body {
+            Ok(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, *data).unwrap();
+            }
+            Err(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn containers_run_on_an_image_pulled_from_a_registry() {
+    use husk_tests::{oci_client, rt, Registry};
+    use oci_client::client::{Config, ImageLayer};
+    use sha2::Digest as _;
+    // A two-layer Linux image: busybox and two files, then a layer that
+    // adds a file and deletes one (an overlay whiteout, end to end).
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let base = layer_tar(&[
+        ("bin/busybox", 0o755, Ok(&busybox)),
+        ("bin/sh", 0o777, Err("busybox")),
+        ("etc/motd", 0o644, Ok(b"from the base layer\n")),
+        ("etc/keep", 0o644, Ok(b"kept\n")),
+    ]);
+    let top = layer_tar(&[
+        ("etc/greeting", 0o644, Ok(b"from the top layer\n")),
+        ("etc/.wh.motd", 0o644, Ok(b"")),
+    ]);
+    let diff = |t: &[u8]| format!("\"sha256:{}\"", hex::encode(sha2::Sha256::digest(t)));
+    let config = format!(
+        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\"]}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{},{}]}}}}",
+        diff(&base),
+        diff(&top)
+    );
+    let reg = Registry::start();
+    let reference = format!("{}/tests/busybox:vm", reg.host());
+    let layers = [base, top]
+        .map(|t| ImageLayer::new(t, "application/vnd.oci.image.layer.v1.tar".into(), None));
+    let cfg = Config::new(
+        config.into_bytes(),
+        "application/vnd.oci.image.config.v1+json".into(),
+        None,
+    );
+    rt().block_on(oci_client().push(
+        &reference.parse().unwrap(),
+        &layers,
+        cfg,
+        &oci_client::secrets::RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+
+    // husk pulls and unpacks it; each layer becomes an ext4 image.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("husk");
+    let husk = |args: &[&str]| {
+        let mut c = std::process::Command::new(husk_bin());
+        husk_tests::run_ok(c.arg("--root").arg(&root).args(args))
+    };
+    husk(&["pull", &reference]);
+    let out = husk(&["unpack", &reference]);
+    let snapshots: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    let images: Vec<PathBuf> = snapshots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let img = dir.path().join(format!("layer{i}.ext4"));
+            husk_sandbox::vm::rootfs::ext4_image(s, &img).unwrap();
+            img
+        })
+        .collect();
+
+    let cfg = QemuConfig {
+        kernel: image("kernel-b.bzImage"),
+        initrd: initramfs(dir.path(), None),
+        cmdline: String::new(),
+        mem_mib: 256,
+        vcpus: 1,
+        accel: Accel::Tcg,
+        acpi: false,
+        disks: images.iter().map(|i| (i.clone(), true)).collect(),
+    };
+    let mut vm = QemuVm::start(&cfg, &dir.path().join("run")).unwrap();
+    let agent = vm
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    let container = |id: &str, script: &str| StartRequest {
+        rootfs: Some(husk_protocol::Rootfs {
+            layers: vec!["/dev/vda".into(), "/dev/vdb".into()],
+            hostname: Some(format!("{id}-host")),
+        }),
+        cwd: Some("/etc".into()),
+        ..sh(id, script)
+    };
+    let r = agent
+        .start(container(
+            "web",
+            "cat greeting keep; test -e motd && echo motd-present || echo motd-gone; \
+             hostname; echo written > /tmp/w; cat /tmp/w; \
+             test -e /init && echo sees-the-agent || echo isolated; \
+             test -d /proc/self && echo proc; test -c /dev/null && echo dev; pwd",
+        ))
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "from the top layer\nkept\nmotd-gone\nweb-host\nwritten\nisolated\nproc\ndev\n/etc\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(r.code, Some(0));
+    // A second container on the same layers: its own writable layer.
+    let r = agent
+        .start(container(
+            "other",
+            "test -e /tmp/w && echo shared || echo separate; hostname",
+        ))
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "separate\nother-host\n");
+    // Both roots are gone from the guest once their processes ended; the
+    // agent's own host name never changed.
+    let r = run(
+        &agent,
+        "check",
+        "grep -c /run/husk/containers /proc/mounts; ls /run/husk/containers | wc -l; hostname",
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "0\n0\n(none)\n");
+    // A layer that is not a device path is refused by name.
+    let e = agent
+        .start(StartRequest {
+            rootfs: Some(husk_protocol::Rootfs {
+                layers: vec!["../etc".into()],
+                hostname: None,
+            }),
+            ..sh("bad", "true")
+        })
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not a /dev path"), "{e}");
+    agent.shutdown().unwrap();
+    assert!(vm.wait(Duration::from_secs(30)), "{}", vm.console());
+}

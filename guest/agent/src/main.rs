@@ -8,7 +8,9 @@
 //! The protocol handling (`serve`) works on any stream, and is unit-tested
 //! over a socket pair.
 
-use husk_protocol::{read_frame, write_frame, Event, ProtocolError, Request, StartRequest, Stream};
+use husk_protocol::{
+    read_frame, write_frame, Event, ProtocolError, Request, Rootfs, StartRequest, Stream,
+};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -201,8 +203,24 @@ impl<W: Write + Send + 'static> Session<W> {
                 }
             }
         }
-        if let Some(cwd) = &req.cwd {
-            cmd.current_dir(cwd);
+        let root = match &req.rootfs {
+            Some(r) => match container_root(id, r) {
+                Ok(root) => Some(root),
+                Err(e) => return self.error(Some(id), format!("container root: {e}")),
+            },
+            None => None,
+        };
+        match (&root, &req.cwd) {
+            (Some(root), cwd) => enter_container(
+                &mut cmd,
+                root,
+                cwd.as_deref(),
+                req.rootfs.as_ref().and_then(|r| r.hostname.clone()),
+            ),
+            (None, Some(cwd)) => {
+                cmd.current_dir(cwd);
+            }
+            (None, None) => {}
         }
         cmd.stdin(if req.stdin {
             Stdio::piped()
@@ -213,8 +231,14 @@ impl<W: Write + Send + 'static> Session<W> {
         .stderr(Stdio::piped());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return self.error(Some(id), format!("start {program}: {e}")),
+            Err(e) => {
+                if root.is_some() {
+                    remove_container_root(id);
+                }
+                return self.error(Some(id), format!("start {program}: {e}"));
+            }
         };
+        let in_container = root.is_some();
         let pid = child.id();
         procs.insert(
             id.to_owned(),
@@ -287,6 +311,9 @@ impl<W: Write + Send + 'static> Session<W> {
                 procs.remove(&id);
                 child.wait()
             };
+            if in_container {
+                remove_container_root(&id);
+            }
             let ev = match status {
                 Ok(s) => Event::Exited {
                     id,
@@ -338,6 +365,168 @@ impl<W: Write + Send + 'static> Session<W> {
             // SAFETY: as in `signal`.
             unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
         }
+    }
+}
+
+const LAYERS: &str = "/run/husk/layers";
+const CONTAINERS: &str = "/run/husk/containers";
+
+fn mount_checked(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    let c = |s: &str| {
+        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (s, t, f, d) = (
+        c(source)?,
+        c(&target.to_string_lossy())?,
+        c(fstype)?,
+        c(data)?,
+    );
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("mount {source} on {}: {e}", target.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn umount(target: &Path) {
+    if let Ok(t) = CString::new(target.to_string_lossy().as_bytes()) {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Mounts each layer device read-only once (layers are shared between
+/// containers), then the container's overlay: the layers under a writable
+/// layer of its own on /run's tmpfs. Returns the root.
+fn container_root(id: &str, r: &Rootfs) -> std::io::Result<PathBuf> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("id {id:?} cannot name a directory"),
+        ));
+    }
+    if r.layers.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no layers",
+        ));
+    }
+    let mut lowers = Vec::new();
+    for dev in &r.layers {
+        if !dev.starts_with("/dev/") || dev.contains("..") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("layer {dev:?} is not a /dev path"),
+            ));
+        }
+        let at = Path::new(LAYERS).join(dev.trim_start_matches("/dev/").replace('/', "_"));
+        let mounted = std::fs::read_to_string("/proc/mounts")?
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*at.to_string_lossy()));
+        if !mounted {
+            std::fs::create_dir_all(&at)?;
+            mount_checked(dev, &at, "ext4", libc::MS_RDONLY | libc::MS_NODEV, "")?;
+        }
+        lowers.push(at);
+    }
+    let dir = Path::new(CONTAINERS).join(id);
+    let (upper, work, root) = (dir.join("upper"), dir.join("work"), dir.join("root"));
+    for d in [&upper, &work, &root] {
+        std::fs::create_dir_all(d)?;
+    }
+    // overlayfs wants the top layer first.
+    let lowerdir: Vec<String> = lowers
+        .iter()
+        .rev()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowerdir.join(":"),
+        upper.display(),
+        work.display()
+    );
+    if let Err(e) = mount_checked("overlay", &root, "overlay", 0, &opts) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    for d in ["proc", "dev", "sys", "tmp"] {
+        let _ = std::fs::create_dir_all(root.join(d));
+    }
+    Ok(root)
+}
+
+fn remove_container_root(id: &str) {
+    let dir = Path::new(CONTAINERS).join(id);
+    umount(&dir.join("root"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The child's side, between fork and exec: its own mount, UTS and IPC
+/// namespaces, the host name, then the container's root with /proc and
+/// /dev, and its working directory.
+fn enter_container(cmd: &mut Command, root: &Path, cwd: Option<&str>, hostname: Option<String>) {
+    use std::os::unix::process::CommandExt;
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let root_c = c(&root.to_string_lossy());
+    let proc_c = c(&root.join("proc").to_string_lossy());
+    let dev_c = c(&root.join("dev").to_string_lossy());
+    let cwd_c = c(cwd.unwrap_or("/"));
+    let host_c = hostname.map(|h| h.into_bytes());
+    let (slash, none, proc_t, devfs) = (c("/"), c(""), c("proc"), c("/dev"));
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (unshare, mount, sethostname, chroot, chdir), on strings allocated
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+            ))?;
+            check(libc::mount(
+                none.as_ptr(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            if let Some(h) = &host_c {
+                check(libc::sethostname(h.as_ptr().cast(), h.len()))?;
+            }
+            check(libc::mount(
+                devfs.as_ptr(),
+                dev_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                proc_t.as_ptr(),
+                proc_c.as_ptr(),
+                proc_t.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))?;
+            check(libc::chroot(root_c.as_ptr()))?;
+            check(libc::chdir(cwd_c.as_ptr()))?;
+            Ok(())
+        });
     }
 }
 
@@ -500,6 +689,7 @@ mod tests {
                 env: vec!["A=from env".into()],
                 cwd: Some("/".into()),
                 stdin: true,
+                rootfs: None,
             }),
         )
         .unwrap();

@@ -85,6 +85,22 @@ pub struct StartRequest {
     /// Keep stdin open for Stdin requests (otherwise it is /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// Run in a container on an image's layers; without it the process
+    /// runs in the agent's own root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<Rootfs>,
+}
+
+/// A container's root: the image's layers (read-only file systems on
+/// block devices) under a writable layer of its own, and its own mount,
+/// UTS and IPC namespaces.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rootfs {
+    /// Guest block devices holding the layers (ext4), lowest first.
+    pub layers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,3 +9,4 @@
 pub mod agent;
 pub mod initramfs;
 pub mod qemu;
+pub mod rootfs;
