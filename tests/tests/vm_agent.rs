@@ -391,3 +391,174 @@ fn containers_run_on_an_image_pulled_from_a_registry() {
     agent.shutdown().unwrap();
     assert!(vm.wait(Duration::from_secs(30)), "{}", vm.console());
 }
+
+/// A network namespace shaped the way CNI leaves a pod's: eth0 with the
+/// pod IP, its veth peer on the host with the gateway address. Removed
+/// (with both veth ends) on drop.
+struct PodNet {
+    name: String,
+    host_if: String,
+    subnet: u8,
+}
+
+impl PodNet {
+    fn new() -> Self {
+        let id = std::process::id();
+        let subnet = (id % 200) as u8 + 20;
+        let net = PodNet {
+            name: format!("husk-vmnet-{id}"),
+            host_if: format!("hvm{}", id % 100_000),
+            subnet,
+        };
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+        };
+        ip(&["netns", "add", &net.name]);
+        ip(&[
+            "link",
+            "add",
+            &net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &net.name,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", net.gateway()),
+            "dev",
+            &net.host_if,
+        ]);
+        ip(&["link", "set", &net.host_if, "up"]);
+        ip(&[
+            "-n",
+            &net.name,
+            "addr",
+            "add",
+            &format!("{}/24", net.pod_ip()),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &net.name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &net.name, "link", "set", "lo", "up"]);
+        net
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    fn gateway(&self) -> String {
+        format!("10.231.{}.1", self.subnet)
+    }
+
+    fn pod_ip(&self) -> String {
+        format!("10.231.{}.2", self.subnet)
+    }
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn the_guest_holds_the_pod_ip_through_tc_mirroring() {
+    use std::io::{Read, Write};
+    let net = PodNet::new();
+    let nic = husk_sandbox::vm::nic::attach(&net.path(), "eth0", "tap0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = QemuConfig {
+        kernel: image("kernel-b.bzImage"),
+        initrd: initramfs(dir.path(), None),
+        cmdline: String::new(),
+        mem_mib: 256,
+        vcpus: 1,
+        accel: Accel::Tcg,
+        acpi: false,
+        disks: vec![],
+    };
+    let mut vm = QemuVm::start_with_nic(&cfg, &dir.path().join("run"), Some(&nic)).unwrap();
+    let mac = nic.mac.clone();
+    drop(nic); // QEMU holds the tap now.
+    let agent = vm
+        .agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    let iface = agent
+        .configure_network(husk_protocol::NetworkConfig {
+            mac: mac.clone(),
+            address: format!("{}/24", net.pod_ip()),
+            gateway: Some(net.gateway()),
+        })
+        .unwrap();
+    assert_eq!(iface, "eth0");
+    let r = run(&agent, "addr", "cat /sys/class/net/eth0/address");
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), mac);
+
+    // The host reaches the guest at the pod IP.
+    let ping = std::process::Command::new("ping")
+        .args(["-c", "1", "-W", "10", &net.pod_ip()])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "{}{}", stdout(&ping), vm.console());
+
+    // The guest connects out to a server on the host side.
+    let listener = std::net::TcpListener::bind((net.gateway().as_str(), 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = agent
+        .start(sh(
+            "client",
+            &format!("echo hello-from-the-vm | nc {} {port}", net.gateway()),
+        ))
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut got = String::new();
+    conn.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello-from-the-vm\n");
+    drop(conn); // nc waits for the other side to close
+    assert_eq!(client.wait(Duration::from_secs(30)).unwrap().code, Some(0));
+
+    // A server in the guest answers a host connection to the pod IP.
+    let server = agent
+        .start(sh("server", "echo served-by-the-vm | nc -l -p 8080"))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut conn = loop {
+        match std::net::TcpStream::connect((net.pod_ip().as_str(), 8080)) {
+            Ok(c) => break c,
+            Err(e) if t0.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    conn.write_all(b"hi\n").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = String::new();
+    conn.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "served-by-the-vm\n");
+    let r = server.wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(r.stdout, b"hi\n");
+
+    agent.shutdown().unwrap();
+    assert!(vm.wait(Duration::from_secs(30)), "{}", vm.console());
+    drop(vm);
+    // The tap went with QEMU.
+    let links = std::process::Command::new("ip")
+        .args(["-n", &net.name, "-o", "link"])
+        .output()
+        .unwrap();
+    assert!(!stdout(&links).contains("tap0"), "{}", stdout(&links));
+}

@@ -8,6 +8,8 @@
 //! The protocol handling (`serve`) works on any stream, and is unit-tested
 //! over a socket pair.
 
+mod network;
+
 use husk_protocol::{
     read_frame, write_frame, Event, ProtocolError, Request, Rootfs, StartRequest, Stream,
 };
@@ -569,6 +571,10 @@ fn serve<R: Read, W: Write + Send + 'static>(
             Request::Start(s) => session.start(s)?,
             Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
             Request::Signal { id, signal } => session.signal(id, *signal)?,
+            Request::Network(cfg) => match network::configure(cfg) {
+                Ok(interface) => session.send(&Event::NetworkReady { interface })?,
+                Err(e) => session.error(None, format!("network: {e}"))?,
+            },
             Request::Shutdown => {
                 session.kill_all();
                 session.send(&Event::ShuttingDown)?;

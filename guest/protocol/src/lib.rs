@@ -65,6 +65,9 @@ pub enum Request {
     },
     /// Sends a signal to a process.
     Signal { id: String, signal: i32 },
+    /// Gives the guest's NIC with this MAC the pod's address and default
+    /// route; answered with NetworkReady or an Error.
+    Network(NetworkConfig),
     /// Kills what still runs, syncs file systems and ends the VM (a reset,
     /// which the VMM turns into its exit).
     Shutdown,
@@ -101,6 +104,19 @@ pub struct Rootfs {
     pub layers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+}
+
+/// The pod's network as the guest sees it: its NIC carries the pod IP
+/// that CNI gave the pod's network namespace (Kata's tc-filter model).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// `aa:bb:cc:dd:ee:ff`: how the agent finds the NIC.
+    pub mac: String,
+    /// IPv4 address with prefix length, `10.88.0.5/16`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +158,10 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
         message: String,
+    },
+    /// The network is configured on this interface.
+    NetworkReady {
+        interface: String,
     },
     ShuttingDown,
 }

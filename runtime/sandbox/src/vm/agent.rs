@@ -176,6 +176,22 @@ impl AgentClient {
         }
     }
 
+    /// Configures the guest's NIC; returns the interface's name.
+    pub fn configure_network(
+        &self,
+        cfg: husk_protocol::NetworkConfig,
+    ) -> Result<String, AgentError> {
+        write_frame(&mut *lock(&self.writer), &Request::Network(cfg))?;
+        let limit = Duration::from_secs(30);
+        match self.control.recv_timeout(limit) {
+            Ok(Event::NetworkReady { interface }) => Ok(interface),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Asks the guest to kill what runs, sync and power off; the VM ends
     /// after the answer.
     pub fn shutdown(self) -> Result<(), AgentError> {

@@ -8,5 +8,6 @@
 
 pub mod agent;
 pub mod initramfs;
+pub mod nic;
 pub mod qemu;
 pub mod rootfs;

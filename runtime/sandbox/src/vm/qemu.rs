@@ -62,6 +62,16 @@ const CONSOLE: &str = "console.log";
 impl QemuVm {
     /// Starts the VM; `run_dir` must not exist: the VM creates and owns it.
     pub fn start(cfg: &QemuConfig, run_dir: &Path) -> Result<Self, QemuError> {
+        Self::start_with_nic(cfg, run_dir, None)
+    }
+
+    /// Starts the VM with a NIC on the pod network's tap (see [`super::nic`]);
+    /// QEMU gets the tap as an inherited descriptor.
+    pub fn start_with_nic(
+        cfg: &QemuConfig,
+        run_dir: &Path,
+        nic: Option<&super::nic::VmNic>,
+    ) -> Result<Self, QemuError> {
         for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
             if !path.is_file() {
                 return Err(QemuError::Missing {
@@ -143,6 +153,30 @@ impl QemuVm {
                 husk_protocol::PORT_NAME
             ),
         ]);
+        if let Some(nic) = nic {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            const TAP_FD: i32 = 3;
+            let fd = nic.tap.as_raw_fd();
+            cmd.args(["-netdev", &format!("tap,id=n0,fd={TAP_FD}")])
+                .args([
+                    "-device",
+                    &format!("virtio-net-device,netdev=n0,mac={}", nic.mac),
+                ]);
+            // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open
+            // in the parent until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == TAP_FD {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(fd, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(
                 console

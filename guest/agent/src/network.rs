@@ -1,0 +1,158 @@
+//! The guest's side of the pod network: finds the NIC by the MAC the host
+//! gave it, brings up lo and that NIC with the pod's IPv4 address, and adds
+//! the default route, with the classic interface ioctls (no netlink
+//! library, nothing to configure but one address and one route).
+
+use husk_protocol::NetworkConfig;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+/// `10.0.0.5/24` → (address, netmask).
+pub fn parse_cidr(text: &str) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| invalid(format!("address {text:?} is not ADDRESS/PREFIX")))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| invalid(format!("address {addr:?} is not an IPv4 address")))?;
+    let len: u32 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| invalid(format!("prefix {len:?} is not 0 to 32")))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok((addr, Ipv4Addr::from(mask)))
+}
+
+/// The interface whose address is `mac`.
+fn find_by_mac(mac: &str) -> std::io::Result<String> {
+    let want = mac.to_ascii_lowercase();
+    for e in std::fs::read_dir("/sys/class/net")?.flatten() {
+        let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+        if addr.trim() == want {
+            return Ok(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Err(invalid(format!("no network interface has MAC {mac}")))
+}
+
+fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(invalid(format!("interface name {name:?}")));
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> std::io::Result<()> {
+    // SAFETY: `arg` is the structure this request reads or writes.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), req, arg as *mut T) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+fn up(sock: &OwnedFd, name: &str) -> std::io::Result<()> {
+    let mut req = ifreq(name)?;
+    ioctl(sock, libc::SIOCGIFFLAGS, &mut req, "get flags")?;
+    // SAFETY: the union's flags member is what SIOCGIFFLAGS filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as i16 };
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        &format!("bring {name} up"),
+    )
+}
+
+/// Configures the NIC; returns its name.
+pub fn configure(cfg: &NetworkConfig) -> std::io::Result<String> {
+    let (addr, mask) = parse_cidr(&cfg.address)?;
+    let gateway = match &cfg.gateway {
+        Some(g) => Some(
+            g.parse::<Ipv4Addr>()
+                .map_err(|_| invalid(format!("gateway {g:?} is not an IPv4 address")))?,
+        ),
+        None => None,
+    };
+    let name = find_by_mac(&cfg.mac)?;
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    up(&sock, "lo")?;
+    let mut req = ifreq(&name)?;
+    req.ifr_ifru.ifru_addr = sockaddr(addr);
+    ioctl(
+        &sock,
+        libc::SIOCSIFADDR,
+        &mut req,
+        &format!("address {addr}"),
+    )?;
+    let mut req = ifreq(&name)?;
+    req.ifr_ifru.ifru_netmask = sockaddr(mask);
+    ioctl(
+        &sock,
+        libc::SIOCSIFNETMASK,
+        &mut req,
+        &format!("netmask {mask}"),
+    )?;
+    up(&sock, &name)?;
+    if let Some(gw) = gateway {
+        // SAFETY: rtentry is plain data; all-zero is a valid value.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        ioctl(
+            &sock,
+            libc::SIOCADDRT,
+            &mut rt,
+            &format!("default route via {gw}"),
+        )?;
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_into_address_and_mask() {
+        assert_eq!(
+            parse_cidr("10.88.0.5/16").unwrap(),
+            (Ipv4Addr::new(10, 88, 0, 5), Ipv4Addr::new(255, 255, 0, 0))
+        );
+        assert_eq!(parse_cidr("1.2.3.4/32").unwrap().1, Ipv4Addr::BROADCAST);
+        for bad in ["10.0.0.1", "10.0.0.1/33", "nope/8", "10.0.0.1/x"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
