@@ -9,7 +9,7 @@ use crate::control::{Reply, Request};
 use husk_sandbox::config::HuskConfig;
 use husk_sandbox::pod::PodPlan;
 use husk_sandbox::state::{PodRecord, PodStatus, Roots};
-use husk_sandbox::{Sandbox, WasmSandbox};
+use husk_sandbox::{Sandbox, SandboxError, VmSandbox, WasmSandbox};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -80,13 +80,7 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         }
     };
     let record = PodRecord::load(&paths).ok();
-    let sandbox = match WasmSandbox::create(
-        plan,
-        paths.clone(),
-        config,
-        &roots.wasm_cache(),
-        &roots.cni_dir(),
-    ) {
+    let sandbox = match PodSandbox::create(plan, paths.clone(), config, roots) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("sandbox creation failed: {e}");
@@ -135,8 +129,8 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
 
     let sb = sandbox.clone();
     rt.block_on(async move {
-        let server = tokio::spawn(serve(listener, sb.clone()));
-        let signals = tokio::spawn(on_signals(sb.clone()));
+        let server = tokio::spawn(serve(listener, sb.as_dyn()));
+        let signals = tokio::spawn(on_signals(sb.as_dyn()));
         let phase = sb.run().await;
         tracing::info!(?phase, "pod finished");
         server.abort();
@@ -156,7 +150,55 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
     0
 }
 
-async fn on_signals(sb: Arc<WasmSandbox>) {
+/// The pod's sandbox, of the kind its runtime class names.
+#[derive(Clone)]
+enum PodSandbox {
+    Wasm(Arc<WasmSandbox>),
+    Vm(Arc<VmSandbox>),
+}
+
+impl PodSandbox {
+    fn create(
+        plan: PodPlan,
+        paths: husk_sandbox::state::PodPaths,
+        config: HuskConfig,
+        roots: &Roots,
+    ) -> Result<Self, SandboxError> {
+        if plan.runtime_class == husk_sandbox::pod::manifest::RUNTIME_VM {
+            VmSandbox::create(plan, paths, config, &roots.cni_dir()).map(PodSandbox::Vm)
+        } else {
+            WasmSandbox::create(plan, paths, config, &roots.wasm_cache(), &roots.cni_dir())
+                .map(PodSandbox::Wasm)
+        }
+    }
+
+    fn as_dyn(&self) -> Arc<dyn Sandbox> {
+        match self {
+            PodSandbox::Wasm(s) => s.clone(),
+            PodSandbox::Vm(s) => s.clone(),
+        }
+    }
+
+    fn status(&self) -> PodStatus {
+        self.as_dyn().status()
+    }
+
+    async fn run(&self) -> husk_sandbox::state::PodPhase {
+        match self {
+            PodSandbox::Wasm(s) => s.run().await,
+            PodSandbox::Vm(s) => s.run().await,
+        }
+    }
+
+    fn teardown(&self) {
+        match self {
+            PodSandbox::Wasm(s) => s.teardown(),
+            PodSandbox::Vm(s) => s.teardown(),
+        }
+    }
+}
+
+async fn on_signals(sb: Arc<dyn Sandbox>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         return;
@@ -173,7 +215,7 @@ async fn on_signals(sb: Arc<WasmSandbox>) {
     }
 }
 
-async fn serve(listener: tokio::net::UnixListener, sb: Arc<WasmSandbox>) {
+async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

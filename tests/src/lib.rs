@@ -125,3 +125,77 @@ pub fn oci_client() -> oci_client::Client {
         ..Default::default()
     })
 }
+
+/// What a layer entry holds: file contents, or a symlink's target.
+pub type Body<'a> = Result<&'a [u8], &'a str>;
+
+/// A tar layer from (path, mode, body) entries.
+pub fn layer_tar(entries: &[(&str, u32, Body)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_mtime(1_700_000_000);
+        match body {
+            Ok(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, *data).unwrap();
+            }
+            Err(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Pushes a two-layer linux/amd64 image to `reg` as `name` (`repo:tag`)
+/// and returns its reference: Debian's static busybox as /bin/busybox and
+/// /bin/sh, /etc/motd and /etc/keep, then a layer that adds /etc/greeting
+/// and deletes /etc/motd (a whiteout). Its config sets PATH, GREETING and
+/// a cmd.
+pub fn push_busybox_image(reg: &Registry, name: &str) -> String {
+    use sha2::Digest as _;
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let base = layer_tar(&[
+        ("bin/busybox", 0o755, Ok(&busybox)),
+        ("bin/sh", 0o777, Err("busybox")),
+        ("etc/motd", 0o644, Ok(b"from the base layer\n")),
+        ("etc/keep", 0o644, Ok(b"kept\n")),
+    ]);
+    let top = layer_tar(&[
+        ("etc/greeting", 0o644, Ok(b"from the top layer\n")),
+        ("etc/.wh.motd", 0o644, Ok(b"")),
+    ]);
+    let diff = |t: &[u8]| format!("\"sha256:{}\"", hex::encode(sha2::Sha256::digest(t)));
+    let config = format!(
+        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\",\"GREETING=from-the-image\"],\"Cmd\":[\"/bin/sh\",\"-c\",\"cat /etc/greeting\"]}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{},{}]}}}}",
+        diff(&base),
+        diff(&top)
+    );
+    let reference = format!("{}/{name}", reg.host());
+    let layers = [base, top].map(|t| {
+        oci_client::client::ImageLayer::new(
+            t,
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        )
+    });
+    let cfg = oci_client::client::Config::new(
+        config.into_bytes(),
+        "application/vnd.oci.image.config.v1+json".into(),
+        None,
+    );
+    rt().block_on(oci_client().push(
+        &reference.parse().unwrap(),
+        &layers,
+        cfg,
+        &oci_client::secrets::RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+    reference
+}

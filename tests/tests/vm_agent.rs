@@ -226,73 +226,12 @@ fn a_vm_that_cannot_start_leaves_nothing_behind() {
     assert!(!dir.path().join("run").exists());
 }
 
-/// What a layer entry holds: file contents, or a symlink's target.
-type Body<'a> = Result<&'a [u8], &'a str>;
-
-/// A tar layer from (path, mode, body) entries.
-fn layer_tar(entries: &[(&str, u32, Body)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, mode, body) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(*mode);
-        h.set_mtime(1_700_000_000);
-        match body {
-            Ok(data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, path, *data).unwrap();
-            }
-            Err(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                b.append_link(&mut h, path, target).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
 #[test]
 fn containers_run_on_an_image_pulled_from_a_registry() {
-    use husk_tests::{oci_client, rt, Registry};
-    use oci_client::client::{Config, ImageLayer};
-    use sha2::Digest as _;
     // A two-layer Linux image: busybox and two files, then a layer that
     // adds a file and deletes one (an overlay whiteout, end to end).
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
-    let base = layer_tar(&[
-        ("bin/busybox", 0o755, Ok(&busybox)),
-        ("bin/sh", 0o777, Err("busybox")),
-        ("etc/motd", 0o644, Ok(b"from the base layer\n")),
-        ("etc/keep", 0o644, Ok(b"kept\n")),
-    ]);
-    let top = layer_tar(&[
-        ("etc/greeting", 0o644, Ok(b"from the top layer\n")),
-        ("etc/.wh.motd", 0o644, Ok(b"")),
-    ]);
-    let diff = |t: &[u8]| format!("\"sha256:{}\"", hex::encode(sha2::Sha256::digest(t)));
-    let config = format!(
-        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\"]}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{},{}]}}}}",
-        diff(&base),
-        diff(&top)
-    );
-    let reg = Registry::start();
-    let reference = format!("{}/tests/busybox:vm", reg.host());
-    let layers = [base, top]
-        .map(|t| ImageLayer::new(t, "application/vnd.oci.image.layer.v1.tar".into(), None));
-    let cfg = Config::new(
-        config.into_bytes(),
-        "application/vnd.oci.image.config.v1+json".into(),
-        None,
-    );
-    rt().block_on(oci_client().push(
-        &reference.parse().unwrap(),
-        &layers,
-        cfg,
-        &oci_client::secrets::RegistryAuth::Anonymous,
-        None,
-    ))
-    .unwrap();
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:vm");
 
     // husk pulls and unpacks it; each layer becomes an ext4 image.
     let dir = tempfile::tempdir().unwrap();

@@ -205,6 +205,20 @@ impl<W: Write + Send + 'static> Session<W> {
                 }
             }
         }
+        // Every process leads its own session and process group, which
+        // ends with it (see the waiter below).
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setsid is async-signal-safe and takes no arguments.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let root = match &req.rootfs {
             Some(r) => match container_root(id, r) {
                 Ok(root) => Some(root),
@@ -298,15 +312,19 @@ impl<W: Write + Send + 'static> Session<W> {
         .collect();
         let (out, procs, id, pid) = (self.out.clone(), self.procs.clone(), id.to_owned(), pid);
         std::thread::spawn(move || {
-            for p in pumps {
-                let _ = p.join();
-            }
-            // Wait without reaping, then reap under the table's lock: a pid
-            // in the table is never one the kernel could have reused.
-            // SAFETY: waitid fills a zeroed siginfo_t for our own child.
+            // Wait without reaping (a pid in the table is never one the
+            // kernel could have reused), then end what the process left
+            // behind in its process group: a container ends with its first
+            // process, and its leftovers would hold the output open.
+            // SAFETY: waitid fills a zeroed siginfo_t for our own child;
+            // kill takes plain integers (the group of our own child).
             unsafe {
                 let mut info: libc::siginfo_t = std::mem::zeroed();
                 libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT);
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+            for p in pumps {
+                let _ = p.join();
             }
             let status = {
                 let mut procs = lock(&procs);

@@ -16,6 +16,7 @@ pub use progress::Progress;
 pub use pull::{pull, PullOptions, PullReport, Want};
 pub use reference::ImageRef;
 pub use store::{Descriptor, ImageRecord, RemoveReport, Store};
+pub use unpack::RunConfig;
 
 use std::path::PathBuf;
 

@@ -275,7 +275,47 @@ impl Store {
     }
 }
 
+/// What an image's config says to run (`config` of the OCI image config).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `NAME=value` pairs.
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+}
+
 impl Store {
+    /// The run configuration of an image (empty where its config says
+    /// nothing, or cannot be read).
+    pub fn run_config(&self, rec: &ImageRecord) -> RunConfig {
+        let cfg: serde_json::Value = std::fs::read(self.blob_path(&rec.config.digest))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let c = cfg.get("config");
+        let list = |k: &str| -> Vec<String> {
+            c.and_then(|c| c.get(k))
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        RunConfig {
+            entrypoint: list("Entrypoint"),
+            cmd: list("Cmd"),
+            env: list("Env"),
+            working_dir: c
+                .and_then(|c| c.get("WorkingDir"))
+                .and_then(|w| w.as_str())
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned),
+        }
+    }
+
     /// The wasm module or component an image runs: its wasm layer (a wasm
     /// artifact), or else the `.wasm` file its config's entrypoint (or cmd)
     /// names, found in the unpacked layers, topmost first. `None` when the

@@ -11,6 +11,40 @@ pub struct HuskConfig {
     pub network: NetworkConfig,
     pub restart: RestartConfig,
     pub registry: RegistryConfig,
+    pub vm: VmConfig,
+}
+
+/// VM pods (`runtimeClassName: husk-vm`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `auto` (the probe decides), `qemu-tcg` or `qemu-kvm`.
+    pub hypervisor: String,
+    /// The guest kernel (a bzImage). Default: kernel B from images/build.sh.
+    pub kernel: Option<PathBuf>,
+    /// Kernel modules (and `modules.load`) for the initramfs, for a kernel
+    /// whose virtio drivers are modules (kernel A).
+    pub modules: Option<PathBuf>,
+    /// Whether the kernel finds its devices through ACPI (kernel A).
+    pub acpi: bool,
+    /// The static husk-agent. Default: `husk-agent` next to the husk binary.
+    pub agent: Option<PathBuf>,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            hypervisor: "auto".into(),
+            kernel: None,
+            modules: None,
+            acpi: false,
+            agent: None,
+            mem_mib: 256,
+            vcpus: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

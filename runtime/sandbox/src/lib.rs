@@ -11,4 +11,5 @@ pub mod vm;
 pub mod volume;
 pub mod wasm;
 
+pub use vm::sandbox::VmSandbox;
 pub use wasm::{Sandbox, SandboxError, WasmSandbox};

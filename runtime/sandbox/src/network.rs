@@ -160,6 +160,18 @@ impl NetworkRecord {
             .map(|a| a.split('/').next().unwrap_or(a).to_owned())
             .next()
     }
+
+    /// The first address of the ADD result with its prefix length, and its
+    /// gateway: what a VM's NIC takes over.
+    pub fn pod_cidr_and_gateway(&self) -> Option<(String, Option<String>)> {
+        let ip = self.result.as_ref()?.get("ips")?.as_array()?.first()?;
+        let cidr = ip.get("address")?.as_str()?.to_owned();
+        let gw = ip
+            .get("gateway")
+            .and_then(|g| g.as_str())
+            .map(str::to_owned);
+        Some((cidr, gw))
+    }
 }
 
 /// Creates a network namespace and pins it at `path` (a bind mount of the

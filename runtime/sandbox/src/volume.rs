@@ -329,6 +329,7 @@ mod tests {
             ports: vec![],
             memory_limit: None,
             cpu_limit_millis: None,
+            layers: vec![],
         }
     }
 

@@ -90,6 +90,36 @@ impl ImageResolver for StoreResolver<'_> {
             )),
         }
     }
+
+    fn resolve_linux(&self, reference: &str) -> Result<husk_sandbox::pod::LinuxImage, String> {
+        let store = open_store(self.roots).map_err(|e| e.to_string())?;
+        let r = ImageRef::parse(reference).map_err(|e| e.to_string())?;
+        let rec = match store.find(&r.name()) {
+            Ok(rec) => rec,
+            Err(ImageError::UnknownImage(_)) => {
+                eprintln!("Unable to find image '{}' locally", r.name());
+                let mut progress = Progress::new(false).to_stderr();
+                do_pull(self.roots, &store, &r, Want::Linux, &mut progress)
+                    .map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        if rec.wasm_layer().is_some() {
+            return Err(format!(
+                "{} is a wasm image; a husk-vm pod runs Linux images (use runtimeClassName: husk-wasm)",
+                rec.name
+            ));
+        }
+        let layers = store.unpack(&rec).map_err(|e| e.to_string())?;
+        let run = store.run_config(&rec);
+        Ok(husk_sandbox::pod::LinuxImage {
+            layers,
+            entrypoint: run.entrypoint,
+            cmd: run.cmd,
+            env: run.env,
+            working_dir: run.working_dir,
+        })
+    }
 }
 
 #[derive(clap::Args)]

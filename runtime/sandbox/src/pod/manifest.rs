@@ -40,6 +40,25 @@ pub struct ManifestSource<'a> {
 /// the image (pulling it when missing).
 pub trait ImageResolver {
     fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+
+    /// A Linux image for a VM pod: its unpacked layers and run config.
+    fn resolve_linux(&self, reference: &str) -> Result<LinuxImage, String> {
+        Err(format!(
+            "{reference}: no image store for Linux images is available here"
+        ))
+    }
+}
+
+/// A Linux image, unpacked: what a VM pod's container runs on.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxImage {
+    /// Layer snapshot directories, lowest first.
+    pub layers: Vec<PathBuf>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `NAME=value` from the image config.
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
 }
 
 /// Whether a container's `image` names a file rather than a registry
@@ -305,16 +324,11 @@ fn validate_pod(
     let spec = pod.spec;
     let runtime_class = match spec.runtime_class_name.as_deref() {
         None | Some("") | Some(RUNTIME_WASM) => RUNTIME_WASM.to_owned(),
-        Some(RUNTIME_VM) => {
-            return Err(err(
-                "spec.runtimeClassName",
-                "husk-vm is not available yet: VM pods arrive with the microVM backend; use runtimeClassName: husk-wasm".into(),
-            ))
-        }
+        Some(RUNTIME_VM) => RUNTIME_VM.to_owned(),
         Some(other) => {
             return Err(err(
                 "spec.runtimeClassName",
-                format!("unknown runtime class {other:?}; husk provides husk-wasm (and husk-vm, not available yet)"),
+                format!("unknown runtime class {other:?}; husk provides husk-wasm and husk-vm"),
             ))
         }
     };
@@ -470,7 +484,8 @@ fn validate_pod(
                     ),
                 ));
             }
-            out.push(validate_container(c, &at, &volumes, docs, src, err)?);
+            let vm = runtime_class == RUNTIME_VM;
+            out.push(validate_container(c, &at, &volumes, docs, src, vm, err)?);
         }
     }
     // The containers of a pod share one netns: a port can be bound once.
@@ -619,15 +634,52 @@ fn validate_container(
     volumes: &[VolumePlan],
     docs: &Docs,
     src: &ManifestSource<'_>,
+    vm: bool,
     err: &dyn Fn(&str, String) -> ManifestError,
 ) -> Result<ContainerPlan, ManifestError> {
     if c.image.trim().is_empty() {
         return Err(err(
             &format!("{at}.image"),
-            "missing; give the path of a .wasm module or component".into(),
+            if vm {
+                "missing; give a Linux image reference".into()
+            } else {
+                "missing; give the path of a .wasm module or component".into()
+            },
         ));
     }
-    let image = if is_file_image(&c.image, src.base_dir) {
+    let linux = if vm {
+        if !c.volume_mounts.is_empty() {
+            return Err(err(
+                &format!("{at}.volumeMounts"),
+                "volumes are not supported in husk-vm pods yet; use runtimeClassName: husk-wasm for pods with volumes".into(),
+            ));
+        }
+        if is_file_image(&c.image, src.base_dir) {
+            return Err(err(
+                &format!("{at}.image"),
+                format!(
+                    "{:?} is a file; husk-vm pods run Linux images by registry reference (husk pull, husk load)",
+                    c.image
+                ),
+            ));
+        }
+        let Some(store) = src.images else {
+            return Err(err(
+                &format!("{at}.image"),
+                "husk-vm pods run Linux images from the image store, and none is available".into(),
+            ));
+        };
+        Some(
+            store
+                .resolve_linux(&c.image)
+                .map_err(|e| err(&format!("{at}.image"), e))?,
+        )
+    } else {
+        None
+    };
+    let image = if let Some(l) = &linux {
+        l.layers.last().cloned().unwrap_or_default()
+    } else if is_file_image(&c.image, src.base_dir) {
         resolve_image(&c.image, src.base_dir)
     } else {
         match src.images {
@@ -645,7 +697,7 @@ fn validate_container(
             }
         }
     };
-    if !image.is_file() {
+    if linux.is_none() && !image.is_file() {
         return Err(err(
             &format!("{at}.image"),
             format!(
@@ -654,10 +706,25 @@ fn validate_container(
             ),
         ));
     }
-    let kind = husk_wasm::WasmEngine::check_guest_file(&image)
-        .map_err(|e| err(&format!("{at}.image"), e.to_string()))?;
+    let kind = match &linux {
+        Some(_) => "linux".to_owned(),
+        None => husk_wasm::WasmEngine::check_guest_file(&image)
+            .map_err(|e| err(&format!("{at}.image"), e.to_string()))?
+            .as_str()
+            .to_owned(),
+    };
 
     let mut env: Vec<EnvEntry> = Vec::new();
+    // A Linux image's own environment comes first; the pod's overrides it.
+    for kv in linux.iter().flat_map(|l| &l.env) {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.push(EnvEntry {
+                name: k.to_owned(),
+                value: v.to_owned(),
+                secret: false,
+            });
+        }
+    }
     let set = |env: &mut Vec<EnvEntry>, e: EnvEntry| {
         env.retain(|x| x.name != e.name);
         env.push(e);
@@ -866,25 +933,56 @@ fn validate_container(
         }
     }
 
-    let argv0 = image
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| c.name.clone());
-    let mut argv: Vec<String> = if c.command.is_empty() {
-        vec![argv0]
-    } else {
-        c.command.iter().map(|a| expand_vars(a, &env)).collect()
+    let expand = |v: &[String]| -> Vec<String> { v.iter().map(|a| expand_vars(a, &env)).collect() };
+    let argv: Vec<String> = match &linux {
+        // Kubernetes: command replaces the image's entrypoint, args its cmd.
+        Some(l) => {
+            let mut argv = if c.command.is_empty() {
+                l.entrypoint.clone()
+            } else {
+                expand(&c.command)
+            };
+            if c.args.is_empty() && c.command.is_empty() {
+                argv.extend(l.cmd.iter().cloned());
+            } else {
+                argv.extend(expand(&c.args));
+            }
+            if argv.is_empty() {
+                return Err(err(
+                    &format!("{at}.command"),
+                    format!("image {} has no entrypoint or cmd; give a command", c.image),
+                ));
+            }
+            argv
+        }
+        None => {
+            let argv0 = image
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| c.name.clone());
+            let mut argv: Vec<String> = if c.command.is_empty() {
+                vec![argv0]
+            } else {
+                expand(&c.command)
+            };
+            argv.extend(expand(&c.args));
+            argv
+        }
     };
-    argv.extend(c.args.iter().map(|a| expand_vars(a, &env)));
+    let working_dir = c
+        .working_dir
+        .clone()
+        .or_else(|| linux.as_ref().and_then(|l| l.working_dir.clone()));
 
     Ok(ContainerPlan {
         name: c.name.clone(),
         image_ref: c.image.clone(),
         image: std::fs::canonicalize(&image).unwrap_or(image),
-        guest_kind: kind.as_str().to_owned(),
+        guest_kind: kind,
         argv,
         env,
-        working_dir: c.working_dir.clone(),
+        working_dir,
+        layers: linux.map(|l| l.layers).unwrap_or_default(),
         mounts,
         ports,
         memory_limit,

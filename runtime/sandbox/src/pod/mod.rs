@@ -6,7 +6,8 @@ pub mod quantity;
 pub mod spec;
 
 pub use manifest::{
-    is_file_image, load_manifest_file, parse_manifest, ImageResolver, ManifestError, ManifestSource,
+    is_file_image, load_manifest_file, parse_manifest, ImageResolver, LinuxImage, ManifestError,
+    ManifestSource,
 };
 pub use plan::*;
 pub use spec::RestartPolicy;

@@ -48,6 +48,9 @@ pub struct ContainerPlan {
     pub ports: Vec<PortPlan>,
     pub memory_limit: Option<u64>,
     pub cpu_limit_millis: Option<u64>,
+    /// A Linux image's unpacked layers, lowest first (VM pods).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

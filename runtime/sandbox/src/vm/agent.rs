@@ -34,7 +34,7 @@ pub struct AgentClient {
     writer: Arc<Mutex<UnixStream>>,
     routes: Routes,
     /// Events about no process (shutdown, errors without an id).
-    control: Receiver<Event>,
+    control: Mutex<Receiver<Event>>,
     reader: Option<std::thread::JoinHandle<()>>,
     kernel: String,
 }
@@ -124,7 +124,7 @@ impl AgentClient {
         Ok(AgentClient {
             writer: Arc::new(Mutex::new(stream)),
             routes,
-            control,
+            control: Mutex::new(control),
             reader: Some(reader),
             kernel,
         })
@@ -183,7 +183,7 @@ impl AgentClient {
     ) -> Result<String, AgentError> {
         write_frame(&mut *lock(&self.writer), &Request::Network(cfg))?;
         let limit = Duration::from_secs(30);
-        match self.control.recv_timeout(limit) {
+        match lock(&self.control).recv_timeout(limit) {
             Ok(Event::NetworkReady { interface }) => Ok(interface),
             Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
             Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
@@ -194,11 +194,11 @@ impl AgentClient {
 
     /// Asks the guest to kill what runs, sync and power off; the VM ends
     /// after the answer.
-    pub fn shutdown(self) -> Result<(), AgentError> {
+    pub fn shutdown(&self) -> Result<(), AgentError> {
         write_frame(&mut *lock(&self.writer), &Request::Shutdown)?;
         let limit = Duration::from_secs(10);
         loop {
-            match self.control.recv_timeout(limit) {
+            match lock(&self.control).recv_timeout(limit) {
                 Ok(Event::ShuttingDown) => return Ok(()),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => return Err(AgentError::Timeout(limit)),
@@ -223,6 +223,23 @@ pub struct Process {
     pid: u32,
     events: Receiver<Event>,
     writer: Arc<Mutex<UnixStream>>,
+}
+
+/// Sends signals to one process in the guest.
+#[derive(Clone)]
+pub struct Signaller {
+    id: String,
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl Signaller {
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        let req = Request::Signal {
+            id: self.id.clone(),
+            signal,
+        };
+        Ok(write_frame(&mut *lock(&self.writer), &req)?)
+    }
 }
 
 /// How a process ended, with all it wrote.
@@ -250,11 +267,15 @@ impl Process {
     }
 
     pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
-        let req = Request::Signal {
+        self.signaller().signal(signal)
+    }
+
+    /// A handle that signals this process from another thread.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
             id: self.id.clone(),
-            signal,
-        };
-        Ok(write_frame(&mut *lock(&self.writer), &req)?)
+            writer: self.writer.clone(),
+        }
     }
 
     /// The next event (Output, Exited or Error), waiting up to `timeout`.

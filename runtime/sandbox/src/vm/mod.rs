@@ -11,3 +11,4 @@ pub mod initramfs;
 pub mod nic;
 pub mod qemu;
 pub mod rootfs;
+pub mod sandbox;

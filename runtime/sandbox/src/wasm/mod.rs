@@ -7,7 +7,7 @@
 //! monitor's main thread enters it *before* any other thread exists, so every
 //! thread wasmtime-wasi later creates sockets from lives in the pod's netns.
 
-mod supervisor;
+pub(crate) mod supervisor;
 
 use crate::cgroup::PodCgroup;
 use crate::config::HuskConfig;
@@ -39,6 +39,8 @@ pub enum SandboxError {
     Engine(husk_wasm::WasmError),
     #[error("pod state: {0}")]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Vm(crate::vm::sandbox::VmPodError),
 }
 
 /// The pod boundary shared by husk's sandbox kinds: front ends and the
@@ -46,6 +48,8 @@ pub enum SandboxError {
 pub trait Sandbox: Send + Sync {
     /// The runtime class this sandbox implements.
     fn runtime_class(&self) -> &'static str;
+    /// The pod it runs.
+    fn plan(&self) -> &PodPlan;
     /// A snapshot of the pod's status.
     fn status(&self) -> PodStatus;
     /// Asks every container to end: stdin closes, and after `grace` the
@@ -250,6 +254,10 @@ fn release(res: &mut HostResources) {
 impl Sandbox for WasmSandbox {
     fn runtime_class(&self) -> &'static str {
         crate::pod::manifest::RUNTIME_WASM
+    }
+
+    fn plan(&self) -> &PodPlan {
+        &self.plan
     }
 
     fn status(&self) -> PodStatus {

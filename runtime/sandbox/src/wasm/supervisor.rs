@@ -350,7 +350,7 @@ impl WasmSandbox {
 }
 
 /// The pod phase implied by its container statuses.
-fn phase_of(st: &crate::state::PodStatus, n_init: usize) -> PodPhase {
+pub(crate) fn phase_of(st: &crate::state::PodStatus, n_init: usize) -> PodPhase {
     let init_done = st
         .init_container_statuses
         .iter()

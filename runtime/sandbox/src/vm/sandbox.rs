@@ -1,0 +1,632 @@
+//! The VM pod (`runtimeClassName: husk-vm`): one microVM per pod with its
+//! own kernel, husk-agent as its init, every container on its image's
+//! layers inside it, and the pod IP on the guest's NIC (tc-filter model).
+//! It owns the pod's host resources: the netns and CNI attachment, the
+//! layer images and initramfs in the pod's run directory, and the
+//! hypervisor process; `teardown` releases them all. Containers are
+//! supervised as in a wasm pod: init containers in order, then all at
+//! once, restarted by the pod's restartPolicy with the kubelet's back-off,
+//! output in CRI log files, SIGTERM then SIGKILL after the grace period.
+
+use super::agent::{AgentClient, Signaller};
+use super::initramfs::Initramfs;
+use super::nic;
+use super::qemu::{Accel, QemuConfig, QemuVm};
+use crate::config::HuskConfig;
+use crate::cri_log::{self, Stream};
+use crate::network::{CniNetwork, PodNetwork};
+use crate::pod::{ContainerPlan, PodPlan, RestartPolicy};
+use crate::state::{ContainerState, ContainerStatus, PodPaths, PodPhase, PodStatus};
+use crate::wasm::supervisor::phase_of;
+use crate::{Sandbox, SandboxError};
+use husk_protocol::{Event, StartRequest};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Backoff is reset after a container ran this long (kubelet: 2 × cap).
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// How long the guest may take to boot to its agent (QEMU TCG included).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmPodError {
+    #[error("VM pod: {0}")]
+    Setup(String),
+    #[error("VM pod network: {0}")]
+    Nic(#[from] nic::NicError),
+    #[error("VM pod layers: {0}")]
+    Rootfs(#[from] super::rootfs::RootfsError),
+    #[error(transparent)]
+    Qemu(#[from] super::qemu::QemuError),
+    #[error("VM pod agent: {0}")]
+    Agent(#[from] super::agent::AgentError),
+}
+
+/// Which hypervisor runs VM pods on this host, and why.
+pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Accel, String) {
+    match config.hypervisor.as_str() {
+        "qemu-tcg" => (Accel::Tcg, "configured ([vm] hypervisor = qemu-tcg)".into()),
+        "qemu-kvm" => (Accel::Kvm, "configured ([vm] hypervisor = qemu-kvm)".into()),
+        _ if !Path::new("/dev/kvm").exists() => (
+            Accel::Tcg,
+            "no /dev/kvm: QEMU with software emulation (TCG)".into(),
+        ),
+        _ if Path::new("/sys/module/kvm_pvm").exists() => (
+            Accel::Tcg,
+            "this host's KVM is kvm-pvm, which runs a guest kernel without PVM support under instruction emulation with no user space: QEMU with software emulation (TCG)".into(),
+        ),
+        _ => (Accel::Kvm, "KVM: QEMU with -accel kvm".into()),
+    }
+}
+
+/// Where the guest kernel and agent are.
+fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf), VmPodError> {
+    let kernel = config.kernel.clone().unwrap_or_else(|| {
+        std::env::var_os("HUSK_IMAGES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/husk-images")
+            })
+            .join("kernel-b.bzImage")
+    });
+    let agent = config.agent.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .map(|e| e.with_file_name("husk-agent"))
+            .unwrap_or_default()
+    });
+    if !kernel.is_file() {
+        return Err(VmPodError::Setup(format!(
+            "guest kernel {} not found; run images/build.sh or set [vm] kernel in husk's config",
+            kernel.display()
+        )));
+    }
+    if !agent.is_file() {
+        return Err(VmPodError::Setup(format!(
+            "guest agent {} not found; build the static husk-agent or set [vm] agent in husk's config",
+            agent.display()
+        )));
+    }
+    Ok((kernel, agent))
+}
+
+struct Resources {
+    network: Option<PodNetwork>,
+    vm: Option<QemuVm>,
+}
+
+pub struct VmSandbox {
+    plan: Arc<PodPlan>,
+    paths: PodPaths,
+    config: HuskConfig,
+    status: Mutex<PodStatus>,
+    agent: AgentClient,
+    /// Guest block devices of each container's layers, lowest first.
+    layers: HashMap<String, Vec<String>>,
+    stop: StopState,
+    resources: Mutex<Resources>,
+}
+
+/// The pod-wide stop request and the processes it signals.
+#[derive(Default)]
+struct StopState {
+    requested: AtomicBool,
+    deadline: Mutex<Option<Instant>>,
+    running: Mutex<HashMap<String, Signaller>>,
+}
+
+impl VmSandbox {
+    /// Creates the pod's network (netns + CNI, from the host namespace; the
+    /// calling thread never leaves it), the tap mirrored to the pod's veth,
+    /// one ext4 image per image layer and the agent's initramfs, then boots
+    /// the VM and hands the pod IP to the guest. On error everything
+    /// created is removed again.
+    pub fn create(
+        plan: PodPlan,
+        paths: PodPaths,
+        config: HuskConfig,
+        cni_dir: &Path,
+    ) -> Result<Arc<Self>, SandboxError> {
+        let mut res = Resources {
+            network: None,
+            vm: None,
+        };
+        match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
+            Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
+                plan: Arc::new(plan),
+                paths,
+                config,
+                status: Mutex::new(status),
+                agent,
+                layers,
+                stop: StopState::default(),
+                resources: Mutex::new(res),
+            })),
+            Err(e) => {
+                release(&mut res, &paths);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn create_inner(
+        plan: &PodPlan,
+        paths: &PodPaths,
+        config: &HuskConfig,
+        cni_dir: &Path,
+        res: &mut Resources,
+    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus), SandboxError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |e| crate::state::StateError::Io { path, source: e }
+        };
+        std::fs::create_dir_all(&paths.run).map_err(io(&paths.run))?;
+        let (kernel, agent_bin) = guest_files(&config.vm).map_err(vm_err)?;
+        let (accel, why) = choose_hypervisor(&config.vm);
+        tracing::info!(?accel, "{why}");
+
+        // Layers: one read-only ext4 image per distinct layer directory.
+        let vm_dir = paths.run.join("vm-files");
+        std::fs::create_dir_all(&vm_dir).map_err(io(&vm_dir))?;
+        let mut disks: Vec<(PathBuf, bool)> = Vec::new();
+        let mut by_dir: HashMap<PathBuf, String> = HashMap::new();
+        let mut layers = HashMap::new();
+        for c in plan.all_containers() {
+            let mut devs = Vec::new();
+            for dir in &c.layers {
+                let dev = match by_dir.get(dir) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let i = disks.len();
+                        if i >= 20 {
+                            return Err(vm_err(VmPodError::Setup(
+                                "the pod's images have more than 20 distinct layers".into(),
+                            )));
+                        }
+                        let img = vm_dir.join(format!("layer{i}.ext4"));
+                        super::rootfs::ext4_image(dir, &img).map_err(|e| vm_err(e.into()))?;
+                        disks.push((img, true));
+                        let dev = format!("/dev/vd{}", (b'a' + i as u8) as char);
+                        by_dir.insert(dir.clone(), dev.clone());
+                        dev
+                    }
+                };
+                devs.push(dev);
+            }
+            layers.insert(c.name.clone(), devs);
+        }
+
+        // The initramfs: the agent as /init (and kernel modules if any).
+        let mut initramfs = Initramfs::default();
+        initramfs
+            .copy("init", &agent_bin)
+            .map_err(|e| vm_err(VmPodError::Setup(format!("{}: {e}", agent_bin.display()))))?;
+        if let Some(m) = &config.vm.modules {
+            initramfs.dir("lib").dir("lib/modules");
+            let entries = std::fs::read_dir(m)
+                .map_err(|e| vm_err(VmPodError::Setup(format!("{}: {e}", m.display()))))?;
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                initramfs
+                    .copy(&format!("lib/modules/{name}"), &e.path())
+                    .map_err(|err| {
+                        vm_err(VmPodError::Setup(format!("{}: {err}", e.path().display())))
+                    })?;
+            }
+        }
+        let initrd = vm_dir.join("initramfs.cpio");
+        std::fs::File::create(&initrd)
+            .and_then(|mut f| initramfs.write_to(&mut f))
+            .map_err(io(&initrd))?;
+
+        // Network, from the host's namespace (this thread never leaves it).
+        let host_ports = plan.host_ports();
+        let cni = CniNetwork::resolve(&config.network, cni_dir, !host_ports.is_empty())?;
+        let net = PodNetwork::setup(
+            cni,
+            &paths.id,
+            &paths.netns,
+            &plan.name,
+            &plan.namespace,
+            &host_ports,
+        )?;
+        crate::state::write_json_atomic(&paths.network_record(), &net.record)?;
+        let pod_ip = net.record.pod_ip();
+        let addr = net.record.pod_cidr_and_gateway();
+        res.network = Some(net);
+        let vm_nic = nic::attach(&paths.netns, "eth0", "tap0").map_err(|e| vm_err(e.into()))?;
+
+        let qemu = QemuConfig {
+            kernel,
+            initrd,
+            cmdline: String::new(),
+            mem_mib: config.vm.mem_mib,
+            vcpus: config.vm.vcpus,
+            accel,
+            acpi: config.vm.acpi,
+            disks,
+        };
+        let vm = QemuVm::start_with_nic(&qemu, &paths.run.join("vm"), Some(&vm_nic))
+            .map_err(|e| vm_err(e.into()))?;
+        let mac = vm_nic.mac.clone();
+        drop(vm_nic); // the hypervisor holds the tap now
+        let vm = res.vm.insert(vm);
+        let agent = vm.agent(BOOT_TIMEOUT).map_err(|e| vm_err(e.into()))?;
+        if let Some((address, gateway)) = addr {
+            agent
+                .configure_network(husk_protocol::NetworkConfig {
+                    mac,
+                    address,
+                    gateway,
+                })
+                .map_err(|e| vm_err(e.into()))?;
+        }
+
+        let mut statuses: Vec<ContainerStatus> = plan
+            .all_containers()
+            .map(|c| ContainerStatus {
+                name: c.name.clone(),
+                image: c.image_ref.clone(),
+                guest_kind: c.guest_kind.clone(),
+                state: ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: None,
+                },
+                last_state: None,
+                restart_count: 0,
+                ready: false,
+                compile_cache: None,
+                log_path: paths.log_file(&c.name, 0),
+            })
+            .collect();
+        let containers = statuses.split_off(plan.init_containers.len());
+        let status = PodStatus {
+            phase: PodPhase::Pending,
+            reason: None,
+            message: None,
+            pod_ip,
+            monitor_pid: Some(std::process::id()),
+            finished: false,
+            started_at: Some(chrono::Utc::now()),
+            finished_at: None,
+            cgroup: None,
+            init_container_statuses: statuses,
+            container_statuses: containers,
+        };
+        status.save(paths)?;
+        Ok((agent, layers, status))
+    }
+
+    /// Releases every host resource: the VM (its process, tap and run
+    /// directory), CNI DEL and the netns. Idempotent.
+    pub fn teardown(&self) {
+        let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        release(&mut res, &self.paths);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PodStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut st);
+        st.phase = phase_of(&st, self.plan.init_containers.len());
+        if let Err(e) = st.save(&self.paths) {
+            tracing::warn!("cannot save pod status: {e}");
+        }
+    }
+
+    fn with_container(&self, init: bool, idx: usize, f: impl FnOnce(&mut ContainerStatus)) {
+        self.update(|st| {
+            let list = if init {
+                &mut st.init_container_statuses
+            } else {
+                &mut st.container_statuses
+            };
+            f(&mut list[idx]);
+        })
+    }
+
+    /// Runs the pod to its end (all containers finished for good, or a
+    /// stop request honoured), then powers the VM off. Returns the phase.
+    pub async fn run(self: &Arc<Self>) -> PodPhase {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.run_blocking())
+            .await
+            .unwrap_or(PodPhase::Failed)
+    }
+
+    fn run_blocking(self: &Arc<Self>) -> PodPhase {
+        let mut init_ok = true;
+        for i in 0..self.plan.init_containers.len() {
+            if !self.supervise(true, i) {
+                init_ok = false;
+                break;
+            }
+        }
+        if init_ok {
+            let threads: Vec<_> = (0..self.plan.containers.len())
+                .map(|i| {
+                    let me = self.clone();
+                    std::thread::spawn(move || me.supervise(false, i))
+                })
+                .collect();
+            for t in threads {
+                let _ = t.join();
+            }
+        } else {
+            let msg = if self.stop.requested.load(Ordering::SeqCst) {
+                "pod stopped"
+            } else {
+                "an init container failed"
+            };
+            self.update(|st| {
+                for c in st.container_statuses.iter_mut() {
+                    c.state = ContainerState::Waiting {
+                        reason: "PodInitializing".into(),
+                        message: Some(msg.into()),
+                    };
+                }
+                st.reason = Some("InitFailed".into());
+            });
+        }
+        self.update(|st| st.finished_at = Some(chrono::Utc::now()));
+        let phase = self
+            .status
+            .lock()
+            .map(|s| s.phase)
+            .unwrap_or(PodPhase::Failed);
+        // Power the guest off; the teardown kills it if it does not go.
+        if let Err(e) = self.agent.shutdown() {
+            tracing::warn!("guest shutdown: {e}");
+        }
+        if let Some(vm) = self
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vm
+            .as_mut()
+        {
+            vm.wait(Duration::from_secs(10));
+        }
+        phase
+    }
+
+    /// Runs one container until it is done for good; for an init container,
+    /// returns whether it completed successfully.
+    fn supervise(self: &Arc<Self>, init: bool, idx: usize) -> bool {
+        let plan = self.plan.clone();
+        let c = if init {
+            &plan.init_containers[idx]
+        } else {
+            &plan.containers[idx]
+        };
+        let initial = Duration::from_millis(self.config.restart.backoff_initial_ms);
+        let cap = Duration::from_millis(self.config.restart.backoff_max_ms);
+        let mut backoff = initial;
+        let mut restarts: u32 = 0;
+        loop {
+            if self.stop.requested.load(Ordering::SeqCst) {
+                return false;
+            }
+            let started = chrono::Utc::now();
+            let t0 = Instant::now();
+            let log_path = self.paths.log_file(&c.name, restarts);
+            self.with_container(init, idx, |s| {
+                s.state = ContainerState::Running {
+                    started_at: started,
+                };
+                s.ready = true;
+                s.log_path = log_path.clone();
+            });
+            let (code, reason, message) = match self.run_instance(c, restarts, &log_path) {
+                Ok((code, signal)) => match (code, signal) {
+                    (Some(0), _) => (0, "Completed", None),
+                    (Some(n), _) => (n, "Error", None),
+                    (None, Some(s)) => (128 + s, "Error", Some(format!("killed by signal {s}"))),
+                    (None, None) => (1, "Error", None),
+                },
+                Err(msg) => {
+                    tracing::warn!(container = %c.name, "{msg}");
+                    let line = format!("{} stderr F husk: {msg}\n", cri_log::timestamp());
+                    let _ = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log_path)
+                        .and_then(|mut f| f.write_all(line.as_bytes()));
+                    (128, "StartError", Some(msg))
+                }
+            };
+            let terminated = ContainerState::Terminated {
+                exit_code: code,
+                reason: reason.into(),
+                message,
+                started_at: started,
+                finished_at: chrono::Utc::now(),
+            };
+            self.with_container(init, idx, |s| {
+                s.state = terminated.clone();
+                s.ready = false;
+            });
+            let restart = !self.stop.requested.load(Ordering::SeqCst)
+                && match (init, plan.restart_policy) {
+                    (_, RestartPolicy::Never) => false,
+                    (true, _) => code != 0,
+                    (false, RestartPolicy::Always) => true,
+                    (false, RestartPolicy::OnFailure) => code != 0,
+                };
+            if !restart {
+                return code == 0;
+            }
+            if t0.elapsed() >= BACKOFF_RESET {
+                backoff = initial;
+            }
+            let delay = backoff;
+            self.with_container(init, idx, |s| {
+                s.last_state = Some(terminated.clone());
+                s.state = ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: Some(format!(
+                        "back-off {}ms restarting {} container {}",
+                        delay.as_millis(),
+                        if code == 0 { "completed" } else { "failed" },
+                        c.name
+                    )),
+                };
+            });
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                if self.stop.requested.load(Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            backoff = (backoff * 2).min(cap);
+            restarts += 1;
+            self.with_container(init, idx, |s| s.restart_count = restarts);
+        }
+    }
+
+    /// One run of a container in the guest, its output into the CRI log.
+    /// Returns (exit code, signal).
+    fn run_instance(
+        &self,
+        c: &ContainerPlan,
+        restart: u32,
+        log_path: &Path,
+    ) -> Result<(Option<i32>, Option<i32>), String> {
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log = Arc::new(Mutex::new(log));
+        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.name)];
+        env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
+        let id = format!("{}.{restart}", c.name);
+        let proc = self
+            .agent
+            .start(StartRequest {
+                id: id.clone(),
+                argv: c.argv.clone(),
+                env,
+                cwd: c.working_dir.clone(),
+                stdin: false,
+                rootfs: Some(husk_protocol::Rootfs {
+                    layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
+                    hostname: Some(self.plan.name.clone()),
+                }),
+            })
+            .map_err(|e| e.to_string())?;
+        self.stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), proc.signaller());
+        // A stop that came while starting reaches this process too.
+        if self.stop.requested.load(Ordering::SeqCst) {
+            let _ = proc.signal(libc::SIGTERM);
+        }
+        // Output goes through pipes into the CRI framing of cri_log::pump.
+        let pipes = [Stream::Stdout, Stream::Stderr].map(|s| {
+            let (r, w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+            let log = log.clone();
+            let pump = std::thread::spawn(move || cri_log::pump(r, s, log));
+            Ok::<_, String>((w, pump))
+        });
+        let [out, err] = pipes;
+        let ((mut out_w, out_pump), (mut err_w, err_pump)) = (out?, err?);
+        let mut killed = false;
+        let result = loop {
+            match proc.next_event(Duration::from_millis(100)) {
+                Ok(Event::Output { stream, data, .. }) => {
+                    let w = match stream {
+                        husk_protocol::Stream::Stdout => &mut out_w,
+                        husk_protocol::Stream::Stderr => &mut err_w,
+                    };
+                    let _ = w.write_all(&data);
+                }
+                Ok(Event::Exited { code, signal, .. }) => break Ok((code, signal)),
+                Ok(Event::Error { message, .. }) => break Err(message),
+                Ok(_) => {}
+                Err(super::agent::AgentError::Timeout(_)) => {
+                    let deadline = *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner());
+                    if !killed && deadline.is_some_and(|d| Instant::now() >= d) {
+                        let _ = proc.signal(libc::SIGKILL);
+                        killed = true;
+                    }
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        self.stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        drop((out_w, err_w));
+        let _ = out_pump.join();
+        let _ = err_pump.join();
+        result
+    }
+}
+
+fn vm_err(e: VmPodError) -> SandboxError {
+    SandboxError::Vm(e)
+}
+
+fn release(res: &mut Resources, paths: &PodPaths) {
+    // The hypervisor goes first: it holds the tap inside the netns.
+    res.vm = None;
+    if let Some(mut net) = res.network.take() {
+        if let Err(e) = net.teardown() {
+            tracing::warn!("{e}");
+        }
+    }
+    let _ = std::fs::remove_file(paths.network_record());
+    let _ = std::fs::remove_dir_all(paths.run.join("vm-files"));
+}
+
+impl Sandbox for VmSandbox {
+    fn runtime_class(&self) -> &'static str {
+        crate::pod::manifest::RUNTIME_VM
+    }
+
+    fn plan(&self) -> &PodPlan {
+        &self.plan
+    }
+
+    fn status(&self) -> PodStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn request_stop(&self, grace: Duration) {
+        if !self.stop.requested.swap(true, Ordering::SeqCst) {
+            *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + grace);
+        }
+        let running: Vec<Signaller> = self
+            .stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in running {
+            let _ = s.signal(if grace.is_zero() {
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            });
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! VM pods (`runtimeClassName: husk-vm`) through the real husk binary: a
+//! Linux image pushed to a registry on loopback, pulled by husk, each of
+//! its layers an ext4 disk of the pod's microVM (QEMU TCG on this PVM
+//! host), the containers run by husk-agent inside it, with the pod IP from
+//! CNI on the guest's NIC. Nothing may be left behind.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+
+fn static_agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
+    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: tests/run.sh builds the static agent",
+        agent.display()
+    );
+    agent
+}
+
+/// An Env whose config points VM pods at the static agent and kernel B.
+fn vm_env() -> Env {
+    let env = Env::new();
+    let cfg = env.root().join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[vm]\nagent = \"{}\"\nkernel = \"{}\"\n",
+        static_agent().display(),
+        image("kernel-b.bzImage").display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    env
+}
+
+#[test]
+fn a_vm_pod_runs_a_linux_image_with_the_pod_ip_and_leaves_nothing() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:pod");
+    let env = vm_env();
+    let manifest = env.manifest(
+        "vm.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: vmpod
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  initContainers:
+  - name: setup
+    image: {reference}
+    command: ["/bin/sh", "-c", "echo init ran"]
+  containers:
+  - name: main
+    image: {reference}
+    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; exit 3"]
+    env:
+    - name: GREETING
+      value: from-the-pod
+"#
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = env.wait_for("vmpod", "the pod to end", |v| {
+        v["status"]["phase"] == "Failed" || v["status"]["phase"] == "Succeeded"
+    });
+    let pod_ip = v["status"]["podIP"].as_str().unwrap_or_default().to_owned();
+    assert!(pod_ip.starts_with(&env.subnet_prefix), "{v:#}");
+    let main = env.container(&v, "main");
+    assert_eq!(main["state"]["terminated"]["exitCode"], 3, "{v:#}");
+    assert_eq!(main["guestKind"], "linux", "{v:#}");
+    let logs = env.husk(&["logs", "vmpod", "-c", "main"]);
+    assert_eq!(
+        stdout(&logs),
+        format!("host=vmpod\nfrom the top layer\nfrom-the-pod\nip={pod_ip}\n"),
+        "{}",
+        stderr(&logs)
+    );
+    let init_logs = env.husk(&["logs", "vmpod", "-c", "setup"]);
+    assert_eq!(stdout(&init_logs), "init ran\n");
+    // The monitor powers the guest off and releases everything, then ends.
+    env.wait_for("vmpod", "the monitor to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    let rm = env.husk(&["rm", "vmpod"]);
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    env.finish();
+}
+
+/// Connects to `addr`, retrying while the server comes up, and returns
+/// the first line it sends.
+fn first_line(addr: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = std::net::TcpStream::connect(addr).and_then(|c| {
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut line = String::new();
+            BufReader::new(c).read_line(&mut line)?;
+            Ok(line)
+        });
+        match got {
+            Ok(line) if !line.is_empty() => return line,
+            other => {
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(30),
+                    "{addr}: {other:?}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_vm_pod_serves_on_its_pod_ip_and_host_port_and_stops_gracefully() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:web");
+    let env = vm_env();
+    let host_port = 20000 + (std::process::id() % 20000) as u16 + 1;
+    let manifest = env.manifest(
+        "web.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: vmweb
+spec:
+  runtimeClassName: husk-vm
+  terminationGracePeriodSeconds: 20
+  containers:
+  - name: web
+    image: {reference}
+    command: ["/bin/sh", "-c"]
+    args: ["trap 'echo got TERM; exit 0' TERM; while true; do echo served-by-the-vm | nc -l -p 8080; done & wait"]
+    ports:
+    - containerPort: 8080
+      hostPort: {host_port}
+"#
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = env.wait_for("vmweb", "the server to run", |v| {
+        env.container(v, "web")["state"]["running"].is_object()
+    });
+    let pod_ip = v["status"]["podIP"].as_str().unwrap().to_owned();
+    // From the host to the pod IP (the guest holds it), and through
+    // portmap's hostPort on the bridge's gateway address.
+    assert_eq!(first_line(&format!("{pod_ip}:8080")), "served-by-the-vm\n");
+    assert_eq!(
+        first_line(&format!("{}.1:{host_port}", env.subnet_prefix)),
+        "served-by-the-vm\n"
+    );
+    // husk stop: SIGTERM reaches the container in the guest.
+    let stop = env.husk(&["stop", "vmweb"]);
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    let v = env.wait_for("vmweb", "the monitor to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    let web = env.container(&v, "web");
+    assert_eq!(web["state"]["terminated"]["exitCode"], 0, "{v:#}");
+    assert_eq!(web["restartCount"], 0, "{v:#}");
+    assert!(stdout(&env.husk(&["logs", "vmweb"])).contains("got TERM"));
+    assert!(env.husk(&["rm", "vmweb"]).status.success());
+    env.finish();
+}
