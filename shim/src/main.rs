@@ -36,6 +36,8 @@ enum Command {
     Stop(cli::stop::StopArgs),
     /// Remove pods (their logs and emptyDirs go with them).
     Rm(cli::rm::RmArgs),
+    /// What this host runs pods with (hypervisor for VM pods, and why).
+    Info(cli::info::InfoArgs),
     /// Pull an image from a registry.
     Pull(cli::images::PullArgs),
     /// List images.
@@ -87,6 +89,7 @@ fn main() {
         Command::Inspect(a) => cli::inspect::run(&roots, a),
         Command::Stop(a) => cli::stop::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
+        Command::Info(a) => cli::info::run(&roots, a),
         Command::Pull(a) => cli::images::pull(&roots, a),
         Command::Images(a) => cli::images::images(&roots, a),
         Command::History(a) => cli::images::history(&roots, a),

@@ -39,6 +39,12 @@ fn a_vm_pod_runs_a_linux_image_with_the_pod_ip_and_leaves_nothing() {
     let reg = husk_tests::Registry::start();
     let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:pod");
     let env = vm_env();
+    let info = env.husk(&["info", "--format", "json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["vm"]["ready"], true, "{info:#}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(info["vm"]["hypervisor"], "qemu-tcg", "{info:#}");
+    }
     let manifest = env.manifest(
         "vm.yaml",
         &format!(
@@ -167,5 +173,38 @@ spec:
     assert_eq!(web["restartCount"], 0, "{v:#}");
     assert!(stdout(&env.husk(&["logs", "vmweb"])).contains("got TERM"));
     assert!(env.husk(&["rm", "vmweb"]).status.success());
+    env.finish();
+}
+
+#[test]
+fn a_vm_pod_without_a_usable_agent_fails_clearly_and_leaves_nothing() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:noagent");
+    let env = Env::new();
+    // The agent next to husk is the ordinary (dynamic) build.
+    let cfg = env.root().join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[vm]\nagent = \"{}\"\nkernel = \"{}\"\n",
+        husk_bin().with_file_name("husk-agent").display(),
+        image("kernel-b.bzImage").display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let info = stdout(&env.husk(&["info"]));
+    assert!(info.contains("not a static executable"), "{info}");
+    let manifest = env.manifest(
+        "vm.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: noagent}}\nspec:\n  runtimeClassName: husk-vm\n  containers:\n  - {{name: a, image: {reference}}}\n"
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a static executable"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
     env.finish();
 }

@@ -2,6 +2,7 @@
 //! 2 usage or validation error (nothing was created).
 
 pub mod images;
+pub mod info;
 pub mod inspect;
 pub mod logs;
 pub mod ps;

@@ -32,6 +32,20 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// How long the guest may take to boot to its agent (QEMU TCG included).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        // This test binary is dynamic; /bin/busybox (busybox-static) is not.
+        let me = std::env::current_exe().unwrap();
+        assert!(super::is_dynamic_elf(&me).unwrap());
+        if std::path::Path::new("/bin/busybox").exists() {
+            assert!(!super::is_dynamic_elf(std::path::Path::new("/bin/busybox")).unwrap());
+        }
+        assert!(super::is_dynamic_elf(std::path::Path::new("/etc/hostname")).is_err());
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmPodError {
     #[error("VM pod: {0}")]
@@ -63,8 +77,33 @@ pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Accel, String) {
     }
 }
 
-/// Where the guest kernel and agent are.
-fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf), VmPodError> {
+/// Whether the ELF at `path` asks for a program interpreter (is
+/// dynamically linked): such an agent cannot be PID 1 of an initramfs
+/// that holds nothing else.
+pub fn is_dynamic_elf(path: &Path) -> std::io::Result<bool> {
+    let b = std::fs::read(path)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF");
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return Err(bad());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().map_err(|_| bad())?) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = phoff + i * size;
+        let Some(t) = b.get(at..at + 4) else {
+            return Err(bad());
+        };
+        // PT_INTERP
+        if u32::from_le_bytes(t.try_into().map_err(|_| bad())?) == 3 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Where the guest kernel and agent are; `pub` for `husk info`.
+pub fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf), VmPodError> {
     let kernel = config.kernel.clone().unwrap_or_else(|| {
         std::env::var_os("HUSK_IMAGES_DIR")
             .map(PathBuf::from)
@@ -88,6 +127,12 @@ fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf), V
     if !agent.is_file() {
         return Err(VmPodError::Setup(format!(
             "guest agent {} not found; build the static husk-agent or set [vm] agent in husk's config",
+            agent.display()
+        )));
+    }
+    if is_dynamic_elf(&agent).unwrap_or(true) {
+        return Err(VmPodError::Setup(format!(
+            "guest agent {} is not a static executable; build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu and set [vm] agent to it",
             agent.display()
         )));
     }
