@@ -208,3 +208,49 @@ fn a_vm_pod_without_a_usable_agent_fails_clearly_and_leaves_nothing() {
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
     env.finish();
 }
+
+#[test]
+fn a_guest_kernel_crash_ends_only_its_own_pod() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:crash");
+    let env = vm_env();
+    let pod = |name: &str, script: &str| {
+        env.manifest(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  runtimeClassName: husk-vm\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {reference}\n    command: [\"/bin/sh\", \"-c\", \"{script}\"]\n"
+            ),
+        )
+    };
+    let calm = pod("calm", "echo up; exec sleep 600");
+    assert!(env.run_file(&calm, &["-d"]).status.success());
+    env.wait_for("calm", "calm to run", |v| {
+        env.container(v, "c")["state"]["running"].is_object()
+    });
+    // The guest kernel of this pod crashes on purpose (sysrq c).
+    let crash = pod(
+        "crash",
+        "echo crashing; sleep 0.2; echo c > /proc/sysrq-trigger; sleep 600",
+    );
+    assert!(env.run_file(&crash, &["-d"]).status.success());
+    let v = env.wait_for("crash", "the crashed pod to end", |v| {
+        v["status"]["finished"] == true
+    });
+    assert_eq!(v["status"]["phase"], "Failed", "{v:#}");
+    assert_eq!(v["status"]["reason"], "VMExited", "{v:#}");
+    assert!(
+        v["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("VM ended"),
+        "{v:#}"
+    );
+    assert_eq!(env.container(&v, "c")["restartCount"], 0, "{v:#}");
+    // The other pod never noticed.
+    let v = env.inspect("calm");
+    assert_eq!(v["status"]["phase"], "Running", "{v:#}");
+    assert!(env.container(&v, "c")["state"]["running"].is_object());
+    assert!(env.husk(&["rm", "-f", "calm"]).status.success());
+    assert!(env.husk(&["rm", "crash"]).status.success());
+    env.finish();
+}

@@ -36,6 +36,8 @@ pub struct AgentClient {
     /// Events about no process (shutdown, errors without an id).
     control: Mutex<Receiver<Event>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Set by the reader thread when the connection ends.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     kernel: String,
 }
 
@@ -93,6 +95,8 @@ impl AgentClient {
         let (control_tx, control) = channel();
         let mut input = stream.try_clone()?;
         let r = routes.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed_by_reader = closed.clone();
         let reader = std::thread::spawn(move || {
             while let Ok(ev) = read_frame::<Event>(&mut input) {
                 let id = match &ev {
@@ -119,6 +123,7 @@ impl AgentClient {
                 }
             }
             // The connection ended: every waiting process hears it.
+            closed_by_reader.store(true, std::sync::atomic::Ordering::SeqCst);
             lock(&r).clear();
         });
         Ok(AgentClient {
@@ -126,6 +131,7 @@ impl AgentClient {
             routes,
             control: Mutex::new(control),
             reader: Some(reader),
+            closed,
             kernel,
         })
     }
@@ -133,6 +139,11 @@ impl AgentClient {
     /// The guest kernel's release, as the agent reported it.
     pub fn kernel(&self) -> &str {
         &self.kernel
+    }
+
+    /// Whether the connection has ended (the guest powered off or died).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Starts a process in the guest and waits for the agent to confirm.

@@ -210,6 +210,7 @@ impl VmSandbox {
             let path = path.to_owned();
             move |e| crate::state::StateError::Io { path, source: e }
         };
+        let t0 = Instant::now();
         std::fs::create_dir_all(&paths.run).map_err(io(&paths.run))?;
         let (kernel, agent_bin) = guest_files(&config.vm).map_err(vm_err)?;
         let (accel, why) = choose_hypervisor(&config.vm);
@@ -296,12 +297,16 @@ impl VmSandbox {
             acpi: config.vm.acpi,
             disks,
         };
+        let host_before_boot = t0.elapsed();
         let vm = QemuVm::start_with_nic(&qemu, &paths.run.join("vm"), Some(&vm_nic))
             .map_err(|e| vm_err(e.into()))?;
+        let t_spawned = Instant::now();
         let mac = vm_nic.mac.clone();
         drop(vm_nic); // the hypervisor holds the tap now
         let vm = res.vm.insert(vm);
         let agent = vm.agent(BOOT_TIMEOUT).map_err(|e| vm_err(e.into()))?;
+        let boot = t_spawned.elapsed();
+        let t_net = Instant::now();
         if let Some((address, gateway)) = addr {
             agent
                 .configure_network(husk_protocol::NetworkConfig {
@@ -312,6 +317,12 @@ impl VmSandbox {
                 .map_err(|e| vm_err(e.into()))?;
         }
 
+        // Where a VM pod's start goes (husk-vm-bench reads this line).
+        tracing::info!(
+            host_ms = (host_before_boot + t_net.elapsed()).as_secs_f64() * 1e3,
+            boot_ms = boot.as_secs_f64() * 1e3,
+            "vm pod timing"
+        );
         let mut statuses: Vec<ContainerStatus> = plan
             .all_containers()
             .map(|c| ContainerStatus {
@@ -481,7 +492,11 @@ impl VmSandbox {
                         .append(true)
                         .open(&log_path)
                         .and_then(|mut f| f.write_all(line.as_bytes()));
-                    (128, "StartError", Some(msg))
+                    if self.agent.is_closed() {
+                        (137, "Error", Some(msg))
+                    } else {
+                        (128, "StartError", Some(msg))
+                    }
                 }
             };
             let terminated = ContainerState::Terminated {
@@ -495,6 +510,21 @@ impl VmSandbox {
                 s.state = terminated.clone();
                 s.ready = false;
             });
+            // A VM that ended (a guest kernel panic, a killed hypervisor)
+            // ends the pod: nothing can restart without it.
+            if self.agent.is_closed() {
+                let message = self.vm_ended_message();
+                self.with_container(init, idx, |s| {
+                    if let ContainerState::Terminated { message: m, .. } = &mut s.state {
+                        *m = Some(message.clone());
+                    }
+                });
+                self.update(|st| {
+                    st.reason = Some("VMExited".into());
+                    st.message = Some(message);
+                });
+                return false;
+            }
             let restart = !self.stop.requested.load(Ordering::SeqCst)
                 && match (init, plan.restart_policy) {
                     (_, RestartPolicy::Never) => false,
@@ -532,6 +562,24 @@ impl VmSandbox {
             restarts += 1;
             self.with_container(init, idx, |s| s.restart_count = restarts);
         }
+    }
+
+    /// Why the pod's VM is gone, with the end of its console.
+    fn vm_ended_message(&self) -> String {
+        let console = self
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vm
+            .as_ref()
+            .map(|vm| vm.console())
+            .unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "the pod's VM ended; its console ends with: {}",
+            tail.join(" | ")
+        )
     }
 
     /// One run of a container in the guest, its output into the CRI log.
