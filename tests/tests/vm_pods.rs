@@ -94,6 +94,22 @@ spec:
     });
     let rm = env.husk(&["rm", "vmpod"]);
     assert!(rm.status.success(), "{}", stderr(&rm));
+    // Each layer's file-system image is kept beside the layer in the store
+    // (made once, shared by pods) and goes with the image.
+    let snapshots = env.root().join("lib/images/snapshots");
+    let ext4 = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(ext4(&snapshots), 2);
+    let rmi = env.husk(&["rmi", &reference]);
+    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    assert_eq!(ext4(&snapshots), 0);
     env.finish();
 }
 

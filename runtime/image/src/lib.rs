@@ -16,7 +16,7 @@ pub use progress::Progress;
 pub use pull::{pull, PullOptions, PullReport, Want};
 pub use reference::ImageRef;
 pub use store::{Descriptor, ImageRecord, RemoveReport, Store};
-pub use unpack::RunConfig;
+pub use unpack::{layer_image_path, RunConfig};
 
 use std::path::PathBuf;
 

@@ -382,6 +382,8 @@ impl Store {
             if snap.is_dir() {
                 let _ = std::fs::remove_dir_all(&snap);
             }
+            // The layer's file-system image for VM pods goes with it.
+            let _ = std::fs::remove_file(crate::unpack::layer_image_path(&snap));
         }
         report
     }

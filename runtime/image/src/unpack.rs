@@ -228,6 +228,15 @@ fn set_opaque(d: &Dir) -> std::io::Result<()> {
     }
 }
 
+/// Where a VM pod keeps the read-only file-system image of the layer
+/// unpacked at `snapshot` (`<snapshot>.ext4`, beside it in the store, so that
+/// the store removes it with the layer).
+pub fn layer_image_path(snapshot: &Path) -> PathBuf {
+    let mut p = snapshot.as_os_str().to_owned();
+    p.push(".ext4");
+    PathBuf::from(p)
+}
+
 impl Store {
     fn snapshots(&self) -> PathBuf {
         self.root().join("snapshots")

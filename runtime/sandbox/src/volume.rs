@@ -330,6 +330,7 @@ mod tests {
             memory_limit: None,
             cpu_limit_millis: None,
             layers: vec![],
+            layer_images: vec![],
         }
     }
 

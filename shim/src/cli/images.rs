@@ -112,8 +112,13 @@ impl ImageResolver for StoreResolver<'_> {
         }
         let layers = store.unpack(&rec).map_err(|e| e.to_string())?;
         let run = store.run_config(&rec);
+        let layer_images = layers
+            .iter()
+            .map(|d| husk_image::layer_image_path(d))
+            .collect();
         Ok(husk_sandbox::pod::LinuxImage {
             layers,
+            layer_images,
             entrypoint: run.entrypoint,
             cmd: run.cmd,
             env: run.env,

@@ -54,6 +54,8 @@ pub trait ImageResolver {
 pub struct LinuxImage {
     /// Layer snapshot directories, lowest first.
     pub layers: Vec<PathBuf>,
+    /// Where each layer's file-system image is kept (made on first use).
+    pub layer_images: Vec<PathBuf>,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     /// `NAME=value` from the image config.
@@ -982,6 +984,10 @@ fn validate_container(
         argv,
         env,
         working_dir,
+        layer_images: linux
+            .as_ref()
+            .map(|l| l.layer_images.clone())
+            .unwrap_or_default(),
         layers: linux.map(|l| l.layers).unwrap_or_default(),
         mounts,
         ports,

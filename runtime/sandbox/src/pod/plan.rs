@@ -51,6 +51,10 @@ pub struct ContainerPlan {
     /// A Linux image's unpacked layers, lowest first (VM pods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<PathBuf>,
+    /// Where each layer's file-system image is kept (VM pods), kept by the
+    /// image store beside the layer and removed with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_images: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -46,8 +46,16 @@ pub fn ext4_image(dir: &Path, out: &Path) -> Result<(), RootfsError> {
     // Data rounded up per file, inodes, and a floor for the metadata.
     let size_kib = (bytes / 1024) * 5 / 4 + entries * 4 + 8 * 1024;
     let inodes = entries + entries / 4 + 64;
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
+    // Unique per writer: two pods may build the same layer's image at once.
+    let tmp = {
+        let mut t = out.as_os_str().to_owned();
+        t.push(format!(
+            ".tmp-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        PathBuf::from(t)
+    };
     let result = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-L", "husk-layer"])
         .arg("-N")
@@ -103,6 +111,10 @@ mod tests {
         let err = ext4_image(&t.path().join("missing"), &t.path().join("x.ext4")).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
         assert!(!t.path().join("x.ext4").exists());
-        assert!(!t.path().join("x.tmp").exists());
+        assert_eq!(
+            std::fs::read_dir(t.path()).unwrap().count(),
+            2,
+            "no temp file left"
+        );
     }
 }

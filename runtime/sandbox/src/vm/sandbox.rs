@@ -224,7 +224,7 @@ impl VmSandbox {
         let mut layers = HashMap::new();
         for c in plan.all_containers() {
             let mut devs = Vec::new();
-            for dir in &c.layers {
+            for (n, dir) in c.layers.iter().enumerate() {
                 let dev = match by_dir.get(dir) {
                     Some(d) => d.clone(),
                     None => {
@@ -234,8 +234,17 @@ impl VmSandbox {
                                 "the pod's images have more than 20 distinct layers".into(),
                             )));
                         }
-                        let img = vm_dir.join(format!("layer{i}.ext4"));
-                        super::rootfs::ext4_image(dir, &img).map_err(|e| vm_err(e.into()))?;
+                        // The store keeps each layer's image beside the layer
+                        // (made once, removed with it); without a place
+                        // there, the pod makes its own.
+                        let img = c
+                            .layer_images
+                            .get(n)
+                            .cloned()
+                            .unwrap_or_else(|| vm_dir.join(format!("layer{i}.ext4")));
+                        if !img.is_file() {
+                            super::rootfs::ext4_image(dir, &img).map_err(|e| vm_err(e.into()))?;
+                        }
                         disks.push((img, true));
                         let dev = format!("/dev/vd{}", (b'a' + i as u8) as char);
                         by_dir.insert(dir.clone(), dev.clone());
