@@ -26,7 +26,12 @@ fn boot_in_qemu(kernel: &str, initramfs: &str, microvm: &str, smp: &str) -> Stri
         .arg(image(kernel))
         .arg("-initrd")
         .arg(image(initramfs))
-        .args(["-append", "console=ttyS0 reboot=k panic=-1"])
+        // The TSC frequency: see husk_sandbox::vm::qemu::host_tsc_khz.
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 tsc_early_khz={}",
+            husk_sandbox::vm::qemu::host_tsc_khz().unwrap_or(2_000_000)
+        ))
         .arg("-drive")
         .arg(format!("id=d0,file={},format=raw,if=none", disk.display()))
         .args(["-device", "virtio-blk-device,drive=d0"])

@@ -51,6 +51,24 @@ pub enum QemuError {
     Agent(#[from] husk_protocol::ProtocolError),
 }
 
+/// The host's TSC frequency in kHz (from /proc/cpuinfo). Under TCG the
+/// guest's TSC is the host's; on a loaded host the guest kernel's timed
+/// calibration against the PIT fails, and a kernel with no other clock
+/// (microvm has no HPET or PM timer) then stalls early in boot. Telling it
+/// the frequency (`tsc_early_khz=`) skips the calibration.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
 pub struct QemuVm {
     child: Option<Child>,
     dir: PathBuf,
@@ -58,6 +76,23 @@ pub struct QemuVm {
 
 const AGENT_SOCKET: &str = "agent.sock";
 const CONSOLE: &str = "console.log";
+
+/// The kernel command line husk gives a guest: console, reboot through
+/// the i8042 (which QEMU's -no-reboot turns into an exit), no hang on a
+/// panic, the TSC frequency under TCG, then the caller's words.
+fn cmdline(cfg: &QemuConfig) -> String {
+    let mut c = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+    if cfg.accel == Accel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    if !cfg.cmdline.is_empty() {
+        c.push(' ');
+        c.push_str(&cfg.cmdline);
+    }
+    c
+}
 
 impl QemuVm {
     /// Starts the VM; `run_dir` must not exist: the VM creates and owns it.
@@ -126,7 +161,7 @@ impl QemuVm {
             .arg("-initrd")
             .arg(&cfg.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 reboot=k panic=-1 quiet {}", cfg.cmdline).trim_end());
+            .arg(cmdline(cfg));
         for (i, (path, ro)) in cfg.disks.iter().enumerate() {
             cmd.arg("-drive").arg(format!(
                 "id=d{i},file={},format=raw,if=none,readonly={}",
@@ -260,5 +295,33 @@ impl Drop for QemuVm {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_guests_are_told_the_tsc_frequency() {
+        let mut cfg = QemuConfig {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            cmdline: "extra=1".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            accel: Accel::Tcg,
+            acpi: false,
+            disks: vec![],
+        };
+        let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
+        assert!(khz > 100_000, "{khz}");
+        assert_eq!(
+            cmdline(&cfg),
+            format!("console=ttyS0 reboot=k panic=-1 quiet tsc_early_khz={khz} extra=1")
+        );
+        cfg.accel = Accel::Kvm;
+        cfg.cmdline.clear();
+        assert_eq!(cmdline(&cfg), "console=ttyS0 reboot=k panic=-1 quiet");
     }
 }
