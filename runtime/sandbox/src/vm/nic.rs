@@ -114,11 +114,16 @@ fn mac_of(name: &str) -> std::io::Result<String> {
         .join(":"))
 }
 
-/// Runs `tc ARGS` inside the namespace.
-fn tc(ns: &File, args: &[&str]) -> Result<(), NicError> {
+/// Runs tc commands (one per line, as `tc -batch` reads them) inside the
+/// namespace, in one process.
+fn tc_batch(ns: &File, commands: &str) -> Result<(), NicError> {
+    use std::io::Write;
     let fd = ns.as_raw_fd();
     let mut cmd = Command::new("tc");
-    cmd.args(args);
+    cmd.args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     // SAFETY: setns is a single system call, async-signal-safe; the fd is
     // open in the parent for the duration of the spawn.
     unsafe {
@@ -129,15 +134,19 @@ fn tc(ns: &File, args: &[&str]) -> Result<(), NicError> {
             Ok(())
         });
     }
-    let out = cmd.output().map_err(|e| NicError::Tc {
-        args: args.join(" "),
-        message: e.to_string(),
-    })?;
+    let fail = |message: String| NicError::Tc {
+        args: commands.lines().collect::<Vec<_>>().join("; "),
+        message,
+    };
+    let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(commands.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
-        return Err(NicError::Tc {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
     }
     Ok(())
 }
@@ -172,16 +181,15 @@ pub fn attach(netns: &Path, veth: &str, tap_name: &str) -> Result<VmNic, NicErro
             ))
         })
     })?;
+    let mut commands = String::new();
     for (from, to) in [(veth, tap_name), (tap_name, veth)] {
-        tc(&ns, &["qdisc", "add", "dev", from, "ingress"])?;
-        tc(
-            &ns,
-            &[
-                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ],
-        )?;
+        commands.push_str(&format!(
+            "qdisc add dev {from} ingress\n\
+             filter add dev {from} parent ffff: protocol all u32 match u8 0 0 \
+             action mirred egress redirect dev {to}\n"
+        ));
     }
+    tc_batch(&ns, &commands)?;
     Ok(VmNic {
         tap,
         tap_name: tap_name.to_owned(),
