@@ -270,3 +270,40 @@ fn a_guest_kernel_crash_ends_only_its_own_pod() {
     assert!(env.husk(&["rm", "crash"]).status.success());
     env.finish();
 }
+
+#[test]
+fn rm_f_ends_running_vm_pods_started_at_once() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:rmf");
+    let env = vm_env();
+    let names: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+    let handles: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let m = env.manifest(
+                &format!("{name}.yaml"),
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  runtimeClassName: husk-vm\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {reference}\n    command: [\"/bin/sh\", \"-c\", \"exec sleep 600\"]\n"
+                ),
+            );
+            let mut cmd = env.cmd();
+            cmd.args(["run", "-d", "-f"]).arg(m);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for name in &names {
+        env.wait_for(name, "the container to run", |v| {
+            env.container(v, "c")["state"]["running"].is_object()
+        });
+    }
+    let mut args = vec!["rm", "-f"];
+    args.extend(names.iter().map(String::as_str));
+    let out = env.husk(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // finish() checks that no monitor (and so no QEMU, its child) is left.
+    env.finish();
+}
