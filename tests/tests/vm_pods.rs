@@ -62,7 +62,7 @@ spec:
   containers:
   - name: main
     image: {reference}
-    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; exit 3"]
+    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; echo kernel=$(uname -r); echo procs=$(ls -d /proc/[0-9]* | wc -l); exit 3"]
     env:
     - name: GREETING
       value: from-the-pod
@@ -79,12 +79,33 @@ spec:
     let main = env.container(&v, "main");
     assert_eq!(main["state"]["terminated"]["exitCode"], 3, "{v:#}");
     assert_eq!(main["guestKind"], "linux", "{v:#}");
-    let logs = env.husk(&["logs", "vmpod", "-c", "main"]);
+    let logs = stdout(&env.husk(&["logs", "vmpod", "-c", "main"]));
+    let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(
-        stdout(&logs),
-        format!("host=vmpod\nfrom the top layer\nfrom-the-pod\nip={pod_ip}\n"),
-        "{}",
-        stderr(&logs)
+        lines[..4],
+        [
+            "host=vmpod",
+            "from the top layer",
+            "from-the-pod",
+            &format!("ip={pod_ip}")
+        ],
+        "{logs}"
+    );
+    // Isolation: the guest's own kernel, and none of the host's processes
+    // (the guest has its agent, its kernel threads and this shell).
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let kernel = lines[4].strip_prefix("kernel=").unwrap();
+    assert!(kernel.starts_with("6.1."), "{logs}");
+    assert_ne!(kernel, host_kernel.trim());
+    let procs: usize = lines[5].strip_prefix("procs=").unwrap().parse().unwrap();
+    let host_procs = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .count();
+    assert!(
+        procs < 60 && procs < host_procs,
+        "{procs} processes seen in the guest: {logs}"
     );
     let init_logs = env.husk(&["logs", "vmpod", "-c", "setup"]);
     assert_eq!(stdout(&init_logs), "init ran\n");
