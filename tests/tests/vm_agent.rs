@@ -14,19 +14,6 @@ use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn static_agent() -> PathBuf {
-    // target/release/deps/vm_agent-… → target/x86_64-unknown-linux-gnu/release/husk-agent
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
-    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
-    assert!(
-        agent.exists(),
-        "{} missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu (tests/run.sh does)",
-        agent.display()
-    );
-    agent
-}
-
 /// The agent as /init, busybox as /bin/sh, and kernel A's modules when
 /// `modules` is given.
 fn initramfs(dir: &Path, modules: Option<&Path>) -> PathBuf {
@@ -50,8 +37,10 @@ fn initramfs(dir: &Path, modules: Option<&Path>) -> PathBuf {
     path
 }
 
-fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -> QemuVm {
-    let cfg = QemuConfig {
+/// A 256 MiB, 1-vCPU TCG guest of `kernel` with the agent's initramfs
+/// (and kernel A's modules, which also need ACPI), and read-only `disks`.
+fn tcg_config(kernel: &str, modules: Option<&Path>, dir: &Path, disks: &[PathBuf]) -> QemuConfig {
+    QemuConfig {
         kernel: image(kernel),
         initrd: initramfs(dir, modules),
         cmdline: String::new(),
@@ -59,9 +48,13 @@ fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -
         vcpus: 1,
         accel: Accel::Tcg,
         acpi: modules.is_some(),
-        disks: disk.map(|d| vec![(d.to_owned(), true)]).unwrap_or_default(),
-    };
-    QemuVm::start(&cfg, &dir.join("run")).unwrap()
+        disks: disks.iter().map(|d| (d.clone(), true)).collect(),
+    }
+}
+
+fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -> QemuVm {
+    let disks: Vec<PathBuf> = disk.map(Path::to_owned).into_iter().collect();
+    QemuVm::start(&tcg_config(kernel, modules, dir, &disks), &dir.join("run")).unwrap()
 }
 
 fn sh(id: &str, script: &str) -> StartRequest {
@@ -257,16 +250,7 @@ fn containers_run_on_an_image_pulled_from_a_registry() {
         })
         .collect();
 
-    let cfg = QemuConfig {
-        kernel: image("kernel-b.bzImage"),
-        initrd: initramfs(dir.path(), None),
-        cmdline: String::new(),
-        mem_mib: 256,
-        vcpus: 1,
-        accel: Accel::Tcg,
-        acpi: false,
-        disks: images.iter().map(|i| (i.clone(), true)).collect(),
-    };
+    let cfg = tcg_config("kernel-b.bzImage", None, dir.path(), &images);
     let mut vm = QemuVm::start(&cfg, &dir.path().join("run")).unwrap();
     let agent = vm
         .agent(Duration::from_secs(60))
@@ -418,16 +402,7 @@ fn the_guest_holds_the_pod_ip_through_tc_mirroring() {
     let net = PodNet::new();
     let nic = husk_sandbox::vm::nic::attach(&net.path(), "eth0", "tap0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = QemuConfig {
-        kernel: image("kernel-b.bzImage"),
-        initrd: initramfs(dir.path(), None),
-        cmdline: String::new(),
-        mem_mib: 256,
-        vcpus: 1,
-        accel: Accel::Tcg,
-        acpi: false,
-        disks: vec![],
-    };
+    let cfg = tcg_config("kernel-b.bzImage", None, dir.path(), &[]);
     let mut vm = QemuVm::start_with_nic(&cfg, &dir.path().join("run"), Some(&nic)).unwrap();
     let mac = nic.mac.clone();
     drop(nic); // QEMU holds the tap now.

@@ -6,19 +6,6 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
-
-fn static_agent() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
-    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
-    assert!(
-        agent.exists(),
-        "{} missing: tests/run.sh builds the static agent",
-        agent.display()
-    );
-    agent
-}
 
 /// An Env whose config points VM pods at the static agent and kernel B.
 fn vm_env() -> Env {

@@ -62,8 +62,9 @@ pub struct StoreResolver<'a> {
     pub roots: &'a Roots,
 }
 
-impl ImageResolver for StoreResolver<'_> {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+impl StoreResolver<'_> {
+    /// The image in the store, pulled (as `want`) when it is not there.
+    fn find_or_pull(&self, reference: &str, want: Want) -> Result<(Store, ImageRecord), String> {
         let store = open_store(self.roots).map_err(|e| e.to_string())?;
         let r = ImageRef::parse(reference).map_err(|e| e.to_string())?;
         let rec = match store.find(&r.name()) {
@@ -71,11 +72,17 @@ impl ImageResolver for StoreResolver<'_> {
             Err(ImageError::UnknownImage(_)) => {
                 eprintln!("Unable to find image '{}' locally", r.name());
                 let mut progress = Progress::new(false).to_stderr();
-                do_pull(self.roots, &store, &r, Want::Wasm, &mut progress)
-                    .map_err(|e| e.to_string())?
+                do_pull(self.roots, &store, &r, want, &mut progress).map_err(|e| e.to_string())?
             }
             Err(e) => return Err(e.to_string()),
         };
+        Ok((store, rec))
+    }
+}
+
+impl ImageResolver for StoreResolver<'_> {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+        let (store, rec) = self.find_or_pull(reference, Want::Wasm)?;
         match store.wasm_file(&rec).map_err(|e| e.to_string())? {
             Some(p) => Ok(p),
             None => Err(format!(
@@ -92,18 +99,7 @@ impl ImageResolver for StoreResolver<'_> {
     }
 
     fn resolve_linux(&self, reference: &str) -> Result<husk_sandbox::pod::LinuxImage, String> {
-        let store = open_store(self.roots).map_err(|e| e.to_string())?;
-        let r = ImageRef::parse(reference).map_err(|e| e.to_string())?;
-        let rec = match store.find(&r.name()) {
-            Ok(rec) => rec,
-            Err(ImageError::UnknownImage(_)) => {
-                eprintln!("Unable to find image '{}' locally", r.name());
-                let mut progress = Progress::new(false).to_stderr();
-                do_pull(self.roots, &store, &r, Want::Linux, &mut progress)
-                    .map_err(|e| e.to_string())?
-            }
-            Err(e) => return Err(e.to_string()),
-        };
+        let (store, rec) = self.find_or_pull(reference, Want::Linux)?;
         if rec.wasm_layer().is_some() {
             return Err(format!(
                 "{} is a wasm image; a husk-vm pod runs Linux images (use runtimeClassName: husk-wasm)",

@@ -49,6 +49,20 @@ pub fn image(name: &str) -> PathBuf {
     p
 }
 
+/// The static husk-agent that tests/run.sh builds for the guests.
+pub fn static_agent() -> PathBuf {
+    // target/release/deps/… → target/x86_64-unknown-linux-gnu/release/husk-agent
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
+    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu (tests/run.sh does)",
+        agent.display()
+    );
+    agent
+}
+
 pub fn husk_bin() -> PathBuf {
     // target/<profile>/deps/e2e-… → target/<profile>/husk
     let exe = std::env::current_exe().unwrap();

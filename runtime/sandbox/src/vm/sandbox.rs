@@ -14,10 +14,10 @@ use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
 use crate::config::HuskConfig;
 use crate::cri_log::{self, Stream};
+use crate::lifecycle::{crash_loop_back_off, should_restart, StatusCell, BACKOFF_RESET};
 use crate::network::{CniNetwork, PodNetwork};
-use crate::pod::{ContainerPlan, PodPlan, RestartPolicy};
-use crate::state::{ContainerState, ContainerStatus, PodPaths, PodPhase, PodStatus};
-use crate::wasm::supervisor::phase_of;
+use crate::pod::{ContainerPlan, PodPlan};
+use crate::state::{ContainerState, PodPaths, PodPhase, PodStatus};
 use crate::{Sandbox, SandboxError};
 use husk_protocol::{Event, StartRequest};
 use std::collections::HashMap;
@@ -27,8 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Backoff is reset after a container ran this long (kubelet: 2 × cap).
-const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// How long the guest may take to boot to its agent (QEMU TCG included).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -148,7 +146,7 @@ pub struct VmSandbox {
     plan: Arc<PodPlan>,
     paths: PodPaths,
     config: HuskConfig,
-    status: Mutex<PodStatus>,
+    status: StatusCell,
     agent: AgentClient,
     /// Guest block devices of each container's layers, lowest first.
     layers: HashMap<String, Vec<String>>,
@@ -182,10 +180,10 @@ impl VmSandbox {
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
             Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
+                status: StatusCell::new(status, paths.clone(), plan.init_containers.len()),
                 plan: Arc::new(plan),
                 paths,
                 config,
-                status: Mutex::new(status),
                 agent,
                 layers,
                 stop: StopState::default(),
@@ -332,37 +330,11 @@ impl VmSandbox {
             boot_ms = boot.as_secs_f64() * 1e3,
             "vm pod timing"
         );
-        let mut statuses: Vec<ContainerStatus> = plan
+        let statuses = plan
             .all_containers()
-            .map(|c| ContainerStatus {
-                name: c.name.clone(),
-                image: c.image_ref.clone(),
-                guest_kind: c.guest_kind.clone(),
-                state: ContainerState::Waiting {
-                    reason: "ContainerCreating".into(),
-                    message: None,
-                },
-                last_state: None,
-                restart_count: 0,
-                ready: false,
-                compile_cache: None,
-                log_path: paths.log_file(&c.name, 0),
-            })
+            .map(|c| crate::lifecycle::creating(c, paths, None))
             .collect();
-        let containers = statuses.split_off(plan.init_containers.len());
-        let status = PodStatus {
-            phase: PodPhase::Pending,
-            reason: None,
-            message: None,
-            pod_ip,
-            monitor_pid: Some(std::process::id()),
-            finished: false,
-            started_at: Some(chrono::Utc::now()),
-            finished_at: None,
-            cgroup: None,
-            init_container_statuses: statuses,
-            container_statuses: containers,
-        };
+        let status = crate::lifecycle::pending(plan, statuses, pod_ip, None);
         status.save(paths)?;
         Ok((agent, layers, status))
     }
@@ -372,26 +344,6 @@ impl VmSandbox {
     pub fn teardown(&self) {
         let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         release(&mut res, &self.paths);
-    }
-
-    fn update(&self, f: impl FnOnce(&mut PodStatus)) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut st);
-        st.phase = phase_of(&st, self.plan.init_containers.len());
-        if let Err(e) = st.save(&self.paths) {
-            tracing::warn!("cannot save pod status: {e}");
-        }
-    }
-
-    fn with_container(&self, init: bool, idx: usize, f: impl FnOnce(&mut ContainerStatus)) {
-        self.update(|st| {
-            let list = if init {
-                &mut st.init_container_statuses
-            } else {
-                &mut st.container_statuses
-            };
-            f(&mut list[idx]);
-        })
     }
 
     /// Runs the pod to its end (all containers finished for good, or a
@@ -422,27 +374,10 @@ impl VmSandbox {
                 let _ = t.join();
             }
         } else {
-            let msg = if self.stop.requested.load(Ordering::SeqCst) {
-                "pod stopped"
-            } else {
-                "an init container failed"
-            };
-            self.update(|st| {
-                for c in st.container_statuses.iter_mut() {
-                    c.state = ContainerState::Waiting {
-                        reason: "PodInitializing".into(),
-                        message: Some(msg.into()),
-                    };
-                }
-                st.reason = Some("InitFailed".into());
-            });
+            self.status
+                .init_failed(self.stop.requested.load(Ordering::SeqCst));
         }
-        self.update(|st| st.finished_at = Some(chrono::Utc::now()));
-        let phase = self
-            .status
-            .lock()
-            .map(|s| s.phase)
-            .unwrap_or(PodPhase::Failed);
+        let phase = self.status.finish();
         // Power the guest off; the teardown kills it if it does not go.
         if let Err(e) = self.agent.shutdown() {
             tracing::warn!("guest shutdown: {e}");
@@ -479,7 +414,7 @@ impl VmSandbox {
             let started = chrono::Utc::now();
             let t0 = Instant::now();
             let log_path = self.paths.log_file(&c.name, restarts);
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.state = ContainerState::Running {
                     started_at: started,
                 };
@@ -515,7 +450,7 @@ impl VmSandbox {
                 started_at: started,
                 finished_at: chrono::Utc::now(),
             };
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.state = terminated.clone();
                 s.ready = false;
             });
@@ -523,24 +458,19 @@ impl VmSandbox {
             // ends the pod: nothing can restart without it.
             if self.agent.is_closed() {
                 let message = self.vm_ended_message();
-                self.with_container(init, idx, |s| {
+                self.status.with_container(init, idx, |s| {
                     if let ContainerState::Terminated { message: m, .. } = &mut s.state {
                         *m = Some(message.clone());
                     }
                 });
-                self.update(|st| {
+                self.status.update(|st| {
                     st.reason = Some("VMExited".into());
                     st.message = Some(message);
                 });
                 return false;
             }
             let restart = !self.stop.requested.load(Ordering::SeqCst)
-                && match (init, plan.restart_policy) {
-                    (_, RestartPolicy::Never) => false,
-                    (true, _) => code != 0,
-                    (false, RestartPolicy::Always) => true,
-                    (false, RestartPolicy::OnFailure) => code != 0,
-                };
+                && should_restart(init, plan.restart_policy, code);
             if !restart {
                 return code == 0;
             }
@@ -548,17 +478,9 @@ impl VmSandbox {
                 backoff = initial;
             }
             let delay = backoff;
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.last_state = Some(terminated.clone());
-                s.state = ContainerState::Waiting {
-                    reason: "CrashLoopBackOff".into(),
-                    message: Some(format!(
-                        "back-off {}ms restarting {} container {}",
-                        delay.as_millis(),
-                        if code == 0 { "completed" } else { "failed" },
-                        c.name
-                    )),
-                };
+                s.state = crash_loop_back_off(delay, code, &c.name);
             });
             let until = Instant::now() + delay;
             while Instant::now() < until {
@@ -569,7 +491,8 @@ impl VmSandbox {
             }
             backoff = (backoff * 2).min(cap);
             restarts += 1;
-            self.with_container(init, idx, |s| s.restart_count = restarts);
+            self.status
+                .with_container(init, idx, |s| s.restart_count = restarts);
         }
     }
 
@@ -704,10 +627,7 @@ impl Sandbox for VmSandbox {
     }
 
     fn status(&self) -> PodStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.get()
     }
 
     fn request_stop(&self, grace: Duration) {

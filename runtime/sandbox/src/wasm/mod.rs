@@ -7,13 +7,13 @@
 //! monitor's main thread enters it *before* any other thread exists, so every
 //! thread wasmtime-wasi later creates sockets from lives in the pod's netns.
 
-pub(crate) mod supervisor;
+mod supervisor;
 
 use crate::cgroup::PodCgroup;
 use crate::config::HuskConfig;
 use crate::network::{self, CniNetwork, PodNetwork};
 use crate::pod::PodPlan;
-use crate::state::{ContainerState, ContainerStatus, PodPaths, PodPhase, PodStatus};
+use crate::state::{PodPaths, PodStatus};
 use crate::volume::PodVolumes;
 use husk_wasm::{CacheOutcome, CompiledGuest, WasmEngine};
 use std::os::fd::OwnedFd;
@@ -70,7 +70,7 @@ pub struct WasmSandbox {
     pub(crate) paths: PodPaths,
     pub(crate) engine: Arc<WasmEngine>,
     pub(crate) guests: Vec<(String, CompiledGuest)>,
-    pub(crate) status: Mutex<PodStatus>,
+    pub(crate) status: crate::lifecycle::StatusCell,
     pub(crate) config: HuskConfig,
     pub(crate) stop: StopRequest,
     resources: Mutex<HostResources>,
@@ -97,11 +97,15 @@ impl WasmSandbox {
         };
         match Self::create_inner(&plan, &paths, &config, cache_dir, cni_dir, &mut res) {
             Ok((engine, guests, status)) => Ok(Arc::new(WasmSandbox {
+                status: crate::lifecycle::StatusCell::new(
+                    status,
+                    paths.clone(),
+                    plan.init_containers.len(),
+                ),
                 plan: Arc::new(plan),
                 paths,
                 engine: Arc::new(engine),
                 guests,
-                status: Mutex::new(status),
                 config,
                 stop: StopRequest::new(),
                 resources: Mutex::new(res),
@@ -175,41 +179,19 @@ impl WasmSandbox {
                     source,
                 })?;
             guests.push((c.name.clone(), guest));
-            statuses.push(ContainerStatus {
-                name: c.name.clone(),
-                image: c.image_ref.clone(),
-                guest_kind: c.guest_kind.clone(),
-                state: ContainerState::Waiting {
-                    reason: "ContainerCreating".into(),
-                    message: None,
-                },
-                last_state: None,
-                restart_count: 0,
-                ready: false,
-                compile_cache: Some(
+            statuses.push(crate::lifecycle::creating(
+                c,
+                paths,
+                Some(
                     match outcome {
                         CacheOutcome::Hit => "hit",
                         CacheOutcome::Compiled => "compiled",
                     }
                     .into(),
                 ),
-                log_path: paths.log_file(&c.name, 0),
-            });
+            ));
         }
-        let containers = statuses.split_off(plan.init_containers.len());
-        let status = PodStatus {
-            phase: PodPhase::Pending,
-            reason: None,
-            message: None,
-            pod_ip,
-            monitor_pid: Some(std::process::id()),
-            finished: false,
-            started_at: Some(chrono::Utc::now()),
-            finished_at: None,
-            cgroup: cgroup_path,
-            init_container_statuses: statuses,
-            container_statuses: containers,
-        };
+        let status = crate::lifecycle::pending(plan, statuses, pod_ip, cgroup_path);
         status.save(paths)?;
         Ok((engine, guests, status))
     }
@@ -261,10 +243,7 @@ impl Sandbox for WasmSandbox {
     }
 
     fn status(&self) -> PodStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.get()
     }
 
     fn request_stop(&self, grace: std::time::Duration) {

@@ -6,16 +6,14 @@
 
 use super::WasmSandbox;
 use crate::cri_log::{self, Stream};
-use crate::pod::{ContainerPlan, RestartPolicy};
+use crate::lifecycle::{crash_loop_back_off, should_restart, BACKOFF_RESET};
+use crate::pod::ContainerPlan;
 use crate::state::{ContainerState, PodPhase};
 use husk_wasm::{GuestExit, GuestSpec, KillSwitch};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// Backoff is reset after a container ran this long (kubelet: 2 × cap).
-const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
 /// The pod-wide stop request: once set, nothing restarts; stdin of every
 /// guest is closed, and after the grace period every guest is killed.
@@ -86,31 +84,6 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl WasmSandbox {
-    fn update(&self, f: impl FnOnce(&mut crate::state::PodStatus)) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut st);
-        st.phase = phase_of(&st, self.plan.init_containers.len());
-        if let Err(e) = st.save(&self.paths) {
-            tracing::warn!("cannot save pod status: {e}");
-        }
-    }
-
-    fn with_container(
-        &self,
-        init: bool,
-        idx: usize,
-        f: impl FnOnce(&mut crate::state::ContainerStatus),
-    ) {
-        self.update(|st| {
-            let list = if init {
-                &mut st.init_container_statuses
-            } else {
-                &mut st.container_statuses
-            };
-            f(&mut list[idx]);
-        })
-    }
-
     /// Runs the pod to its end: all containers finished for good, or a stop
     /// request honoured. Returns the final phase.
     pub async fn run(self: &Arc<Self>) -> PodPhase {
@@ -128,21 +101,8 @@ impl WasmSandbox {
             if !ok {
                 // The pod failed (restartPolicy Never) or is stopping: the
                 // app containers never start.
-                let msg = if self.stop.is_requested() {
-                    "pod stopped"
-                } else {
-                    "an init container failed"
-                };
-                self.update(|st| {
-                    for c in st.container_statuses.iter_mut() {
-                        c.state = ContainerState::Waiting {
-                            reason: "PodInitializing".into(),
-                            message: Some(msg.into()),
-                        };
-                    }
-                    st.reason = Some("InitFailed".into());
-                });
-                return self.finish();
+                self.status.init_failed(self.stop.is_requested());
+                return self.status.finish();
             }
         }
         let mut tasks = Vec::new();
@@ -153,19 +113,7 @@ impl WasmSandbox {
         for t in tasks {
             let _ = t.await;
         }
-        self.finish()
-    }
-
-    fn finish(&self) -> PodPhase {
-        let mut phase = PodPhase::Failed;
-        self.update(|st| {
-            st.finished_at = Some(chrono::Utc::now());
-        });
-        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if st.phase == PodPhase::Succeeded {
-            phase = PodPhase::Succeeded;
-        }
-        phase
+        self.status.finish()
     }
 
     /// Runs one container until it is done for good. For an init container,
@@ -189,7 +137,7 @@ impl WasmSandbox {
             let started = chrono::Utc::now();
             let t0 = Instant::now();
             let log_path = self.paths.log_file(&c.name, restarts);
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.state = ContainerState::Running {
                     started_at: started,
                 };
@@ -219,17 +167,11 @@ impl WasmSandbox {
                 started_at: started,
                 finished_at: finished,
             };
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.state = terminated.clone();
                 s.ready = false;
             });
-            let restart = !self.stop.is_requested()
-                && match (init, policy) {
-                    (_, RestartPolicy::Never) => false,
-                    (true, _) => code != 0,
-                    (false, RestartPolicy::Always) => true,
-                    (false, RestartPolicy::OnFailure) => code != 0,
-                };
+            let restart = !self.stop.is_requested() && should_restart(init, policy, code);
             if !restart {
                 return code == 0;
             }
@@ -237,17 +179,9 @@ impl WasmSandbox {
                 backoff = initial;
             }
             let delay = backoff;
-            self.with_container(init, idx, |s| {
+            self.status.with_container(init, idx, |s| {
                 s.last_state = Some(terminated.clone());
-                s.state = ContainerState::Waiting {
-                    reason: "CrashLoopBackOff".into(),
-                    message: Some(format!(
-                        "back-off {}ms restarting {} container {}",
-                        delay.as_millis(),
-                        if code == 0 { "completed" } else { "failed" },
-                        c.name
-                    )),
-                };
+                s.state = crash_loop_back_off(delay, code, &c.name);
             });
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -255,7 +189,8 @@ impl WasmSandbox {
             }
             backoff = (backoff * 2).min(cap);
             restarts += 1;
-            self.with_container(init, idx, |s| s.restart_count = restarts);
+            self.status
+                .with_container(init, idx, |s| s.restart_count = restarts);
         }
     }
 
@@ -346,33 +281,5 @@ impl WasmSandbox {
         })
         .await;
         result.map_err(|e| e.to_string())
-    }
-}
-
-/// The pod phase implied by its container statuses.
-pub(crate) fn phase_of(st: &crate::state::PodStatus, n_init: usize) -> PodPhase {
-    let init_done = st
-        .init_container_statuses
-        .iter()
-        .all(|c| c.exit_code() == Some(0));
-    let init_failed_for_good = st.reason.as_deref() == Some("InitFailed");
-    if init_failed_for_good {
-        return PodPhase::Failed;
-    }
-    if n_init > 0 && !init_done {
-        return PodPhase::Pending;
-    }
-    let running = st.container_statuses.iter().any(|c| !c.is_terminated());
-    if running {
-        return PodPhase::Running;
-    }
-    if st
-        .container_statuses
-        .iter()
-        .all(|c| c.exit_code() == Some(0))
-    {
-        PodPhase::Succeeded
-    } else {
-        PodPhase::Failed
     }
 }
