@@ -205,6 +205,13 @@ impl Store {
             if name.strip_prefix(".tmp-").is_some_and(dead) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
+            // A layer's disk image being written (`<layer>.ext4.tmp-<pid>-…`).
+            if name
+                .split_once(".ext4.tmp-")
+                .is_some_and(|(_, tag)| dead(tag))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 
@@ -602,8 +609,18 @@ mod tests {
         let mine = tmp.path().join(format!("tmp/{}-01", std::process::id()));
         std::fs::write(&dead, b"partial").unwrap();
         std::fs::write(&mine, b"in flight").unwrap();
+        let snaps = tmp.path().join("snapshots");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let dead_img = snaps.join("ab.ext4.tmp-999999999-00");
+        let my_img = snaps.join(format!("ab.ext4.tmp-{}-01", std::process::id()));
+        let done_img = snaps.join("ab.ext4");
+        for f in [&dead_img, &my_img, &done_img] {
+            std::fs::write(f, b"x").unwrap();
+        }
         store.clean_tmp();
         assert!(!dead.exists());
         assert!(mine.exists());
+        assert!(!dead_img.exists());
+        assert!(my_img.exists() && done_img.exists());
     }
 }

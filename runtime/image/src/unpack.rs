@@ -269,9 +269,7 @@ impl Store {
                     .map_err(store_err(self.blob_path(&l.digest)))
                     .and_then(|f| unpack_into(&l.digest, f, &l.media_type, &tmp));
                 match result {
-                    Ok(_) => {
-                        std::fs::rename(&tmp, &dest).map_err(store_err(&dest))?;
-                    }
+                    Ok(_) => install_snapshot(&tmp, &dest)?,
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(&tmp);
                         return Err(e);
@@ -281,6 +279,27 @@ impl Store {
             out.push(dest);
         }
         Ok(out)
+    }
+}
+
+/// Renames a freshly unpacked layer into place. Pods that start at once
+/// may unpack the same layer side by side: whoever renames second finds the
+/// snapshot there (the same digest, so the same content), drops its own copy
+/// and uses the one in place.
+fn install_snapshot(tmp: &Path, dest: &Path) -> Result<(), ImageError> {
+    match std::fs::rename(tmp, dest) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
+                && dest.is_dir() =>
+        {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(store_err(dest)(e))
+        }
     }
 }
 
@@ -547,5 +566,25 @@ mod tests {
         // Unpacked once: a second call finds the snapshot.
         std::fs::write(snaps[0].join("marker"), b"").unwrap();
         assert!(store.unpack(&rec).unwrap()[0].join("marker").exists());
+    }
+
+    #[test]
+    fn a_second_unpacker_of_the_same_layer_uses_the_snapshot_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("layer");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("first"), b"1").unwrap();
+        let mine = tmp.path().join(".tmp-mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("second"), b"2").unwrap();
+        install_snapshot(&mine, &dest).unwrap();
+        assert!(dest.join("first").exists(), "the snapshot in place is kept");
+        assert!(!mine.exists(), "the second copy is removed");
+        // Any other failure is an error, and the copy is still removed.
+        let other = tmp.path().join(".tmp-other");
+        std::fs::create_dir(&other).unwrap();
+        let err = install_snapshot(&other, &tmp.path().join("missing/dir")).unwrap_err();
+        assert!(err.to_string().contains("missing/dir"), "{err}");
+        assert!(!other.exists());
     }
 }
