@@ -727,7 +727,7 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         ("api", "apiVersion: v2\nkind: Pod\nmetadata: {name: x}\nspec: {}\n".into(), "apiVersion"),
         ("runtime", pod(&format!("  runtimeClassName: runc\n{c}")), "spec.runtimeClassName: unknown runtime class \"runc\""),
         ("vm-file", pod(&format!("  runtimeClassName: husk-vm\n{c}")), "is a file; husk-vm pods run Linux images by registry reference"),
-        ("vm-volume", pod("  runtimeClassName: husk-vm\n  volumes: [{name: v, emptyDir: {}}]\n  containers:\n  - {name: a, image: busybox, volumeMounts: [{name: v, mountPath: /v}]}\n"), "spec.containers[0].volumeMounts: volumes are not supported in husk-vm pods yet"),
+        ("vm-volume", pod("  runtimeClassName: husk-vm\n  volumes: [{name: v, emptyDir: {}}]\n  containers:\n  - {name: a, image: busybox, volumeMounts: [{name: v, mountPath: /}]}\n"), "spec.containers[0].volumeMounts[0].mountPath: a husk-vm container cannot mount a volume over its root"),
         ("missing-image", pod("  containers:\n  - {name: a, image: nowhere.wasm}\n"), "spec.containers[0].image"),
         ("not-wasm", pod(&format!("  containers:\n  - {{name: a, image: {}}}\n", env.root().join("not.wasm").display())), "not a WebAssembly module"),
         ("dup-port", pod("  containers:\n  - {name: a, image: $PROBE, ports: [{containerPort: 80}]}\n  - {name: b, image: $PROBE, ports: [{containerPort: 80}]}\n"), "spec.containers[1].ports[0].containerPort: 80/TCP is already declared by container \"a\""),

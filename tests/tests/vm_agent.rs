@@ -49,6 +49,7 @@ fn tcg_config(kernel: &str, modules: Option<&Path>, dir: &Path, disks: &[PathBuf
         accel: Accel::Tcg,
         acpi: modules.is_some(),
         disks: disks.iter().map(|d| (d.clone(), true)).collect(),
+        shares: vec![],
     }
 }
 
@@ -198,6 +199,7 @@ fn a_vm_that_cannot_start_leaves_nothing_behind() {
         accel: Accel::Tcg,
         acpi: false,
         disks: vec![],
+        shares: vec![],
     };
     let err = QemuVm::start(&cfg, &dir.path().join("run")).err().unwrap();
     assert!(err.to_string().contains("no-such-kernel"), "{err}");

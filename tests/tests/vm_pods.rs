@@ -315,3 +315,142 @@ fn rm_f_ends_running_vm_pods_started_at_once() {
     // finish() checks that no monitor (and so no QEMU, its child) is left.
     env.finish();
 }
+
+#[test]
+fn a_vm_pod_mounts_every_kind_of_volume_and_keeps_secrets_off_the_host_disk() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:vol");
+    let env = vm_env();
+    let host_rw = env.root().join("host-rw");
+    let host_ro = env.root().join("host-ro");
+    std::fs::create_dir_all(&host_rw).unwrap();
+    std::fs::create_dir_all(&host_ro).unwrap();
+    std::fs::write(host_rw.join("in.txt"), "from-the-host\n").unwrap();
+    std::fs::write(host_ro.join("ro.txt"), "read-only-host\n").unwrap();
+    const SECRET: &str = "s3cr3t-VALUE-5f1d";
+    let script = [
+        "cat /data/note /sub/f",
+        "cat /host/in.txt; echo from-guest > /host/out.txt",
+        "cat /hostro/ro.txt",
+        // Root in the guest may remount its view read-write: the host
+        // still serves the share read-only.
+        "mount -o remount,rw /hostro 2>/dev/null; (echo x > /hostro/w) 2>/dev/null && echo ro-writable || echo ro-refused",
+        "dd if=/dev/zero of=/scratch/big bs=1024 count=2048 2>/dev/null && echo scratch-unlimited || echo scratch-limited",
+        "cat /etc/cfg/greeting; echo",
+        // Printed changed: the log is on the host's disk.
+        "tr a-z A-Z < /secret/token; echo; stat -c %a /secret/token",
+        "(echo x > /etc/cfg/new) 2>/dev/null && echo cfg-writable || echo cfg-refused",
+        "grep -c virtiofs /proc/mounts",
+    ]
+    .join("; ");
+    let manifest = env.manifest(
+        "vol.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{greeting: hello-config}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{token: {SECRET}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: vmvol
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  volumes:
+  - {{name: shared, emptyDir: {{}}}}
+  - {{name: scratch, emptyDir: {{medium: Memory, sizeLimit: 1Mi}}}}
+  - {{name: host, hostPath: {{path: {host_rw}}}}}
+  - {{name: hostro, hostPath: {{path: {host_ro}}}}}
+  - {{name: cfg, configMap: {{name: settings}}}}
+  - {{name: sec, secret: {{secretName: creds, defaultMode: 0400}}}}
+  initContainers:
+  - name: writer
+    image: {reference}
+    command: ["/bin/sh", "-c", "echo from-init > /shared/note && mkdir /shared/sub && echo in-sub > /shared/sub/f"]
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+  containers:
+  - name: reader
+    image: {reference}
+    command: ["/bin/sh", "-c", {script:?}]
+    volumeMounts:
+    - {{name: shared, mountPath: /data}}
+    - {{name: shared, mountPath: /sub, subPath: sub}}
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: host, mountPath: /host}}
+    - {{name: hostro, mountPath: /hostro, readOnly: true}}
+    - {{name: cfg, mountPath: /etc/cfg}}
+    - {{name: sec, mountPath: /secret}}
+"#,
+            host_rw = host_rw.display(),
+            host_ro = host_ro.display(),
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = env.wait_for("vmvol", "the monitor to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    let logs = stdout(&env.husk(&["logs", "vmvol", "-c", "reader"]));
+    assert_eq!(
+        env.container(&v, "reader")["state"]["terminated"]["exitCode"],
+        0,
+        "{v:#}\n{logs}"
+    );
+    assert_eq!(
+        logs.lines().collect::<Vec<_>>(),
+        [
+            "from-init",
+            "in-sub",
+            "from-the-host",
+            "read-only-host",
+            "ro-refused",
+            "scratch-limited",
+            "hello-config",
+            SECRET.to_uppercase().as_str(),
+            "400",
+            "cfg-refused",
+            // shared (twice: /data and /sub), host and hostro come from
+            // the host.
+            "4",
+        ],
+        "{logs}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host_rw.join("out.txt")).unwrap(),
+        "from-guest\n"
+    );
+    assert!(!host_ro.join("w").exists());
+    // The secret reached the guest in the protocol only: no file under
+    // husk's root (state, logs, volumes) holds its bytes.
+    fn holds(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+        let mut hits = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let (p, t) = (e.path(), e.file_type().unwrap());
+            if t.is_dir() {
+                hits.extend(holds(&p, needle));
+            } else if t.is_file()
+                && std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+                && !p.ends_with("vol.yaml")
+            {
+                hits.push(p);
+            }
+        }
+        hits
+    }
+    assert_eq!(
+        holds(env.root(), SECRET.as_bytes()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert!(env.husk(&["rm", "vmvol"]).status.success());
+    // hostPath contents are the user's: kept.
+    assert!(host_rw.join("in.txt").exists() && host_rw.join("out.txt").exists());
+    assert!(host_ro.join("ro.txt").exists());
+    env.finish();
+}

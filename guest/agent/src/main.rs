@@ -9,6 +9,7 @@
 //! over a socket pair.
 
 mod network;
+mod volume;
 
 use husk_protocol::{
     read_frame, write_frame, Event, ProtocolError, Request, Rootfs, StartRequest, Stream,
@@ -226,12 +227,26 @@ impl<W: Write + Send + 'static> Session<W> {
             },
             None => None,
         };
+        let mounts = match (&root, req.mounts.is_empty()) {
+            (_, true) => Vec::new(),
+            (None, false) => {
+                return self.error(Some(id), "start: mounts need a container rootfs".into())
+            }
+            (Some(root), false) => match volume::prepare(root, &req.mounts) {
+                Ok(m) => m,
+                Err(e) => {
+                    remove_container_root(id);
+                    return self.error(Some(id), e);
+                }
+            },
+        };
         match (&root, &req.cwd) {
             (Some(root), cwd) => enter_container(
                 &mut cmd,
                 root,
                 cwd.as_deref(),
                 req.rootfs.as_ref().and_then(|r| r.hostname.clone()),
+                mounts,
             ),
             (None, Some(cwd)) => {
                 cmd.current_dir(cwd);
@@ -493,9 +508,15 @@ fn remove_container_root(id: &str) {
 }
 
 /// The child's side, between fork and exec: its own mount, UTS and IPC
-/// namespaces, the host name, then the container's root with /proc and
-/// /dev, and its working directory.
-fn enter_container(cmd: &mut Command, root: &Path, cwd: Option<&str>, hostname: Option<String>) {
+/// namespaces, the host name, then the container's root with /proc, /dev
+/// and its volumes, and its working directory.
+fn enter_container(
+    cmd: &mut Command,
+    root: &Path,
+    cwd: Option<&str>,
+    hostname: Option<String>,
+    mounts: Vec<volume::Prepared>,
+) {
     use std::os::unix::process::CommandExt;
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let root_c = c(&root.to_string_lossy());
@@ -543,6 +564,24 @@ fn enter_container(cmd: &mut Command, root: &Path, cwd: Option<&str>, hostname: 
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))?;
+            for m in &mounts {
+                check(libc::mount(
+                    m.source.as_ptr(),
+                    m.target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                if m.read_only {
+                    check(libc::mount(
+                        std::ptr::null(),
+                        m.target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
             check(libc::chroot(root_c.as_ptr()))?;
             check(libc::chdir(cwd_c.as_ptr()))?;
             Ok(())
@@ -592,6 +631,12 @@ fn serve<R: Read, W: Write + Send + 'static>(
             Request::Network(cfg) => match network::configure(cfg) {
                 Ok(interface) => session.send(&Event::NetworkReady { interface })?,
                 Err(e) => session.error(None, format!("network: {e}"))?,
+            },
+            Request::Volume(v) => match volume::add(v) {
+                Ok(()) => session.send(&Event::VolumeReady {
+                    name: v.name.clone(),
+                })?,
+                Err(e) => session.error(None, format!("volume {:?}: {e}", v.name))?,
             },
             Request::Shutdown => {
                 session.kill_all();
@@ -714,6 +759,7 @@ mod tests {
                 cwd: Some("/".into()),
                 stdin: true,
                 rootfs: None,
+                mounts: vec![],
             }),
         )
         .unwrap();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// The protocol version; bumped on every incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
 /// The vsock port the agent listens on (husk-vmm).
@@ -68,6 +68,10 @@ pub enum Request {
     /// Gives the guest's NIC with this MAC the pod's address and default
     /// route; answered with NetworkReady or an Error.
     Network(NetworkConfig),
+    /// Makes a pod volume ready at `/run/husk/volumes/<name>` for
+    /// containers to mount; answered with VolumeReady or an Error naming
+    /// the volume.
+    Volume(VolumeRequest),
     /// Kills what still runs, syncs file systems and ends the VM (a reset,
     /// which the VMM turns into its exit).
     Shutdown,
@@ -92,6 +96,68 @@ pub struct StartRequest {
     /// runs in the agent's own root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<Rootfs>,
+    /// Volumes mounted into the container (only with `rootfs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+/// A pod volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// The volume, as named in a Volume request.
+    pub volume: String,
+    /// Absolute path in the container.
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
+    /// A relative directory inside the volume to mount instead of its root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRequest {
+    /// A pod volume's name (a DNS label).
+    pub name: String,
+    pub source: VolumeSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// A host directory shared over virtio-fs under this tag.
+    VirtioFs {
+        tag: String,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// A tmpfs in guest memory (emptyDir with `medium: Memory`, configMap
+    /// and secret projections: their bytes never reach the host's disk),
+    /// holding `files`; at most `size` bytes when given.
+    Tmpfs {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// Mode of the volume's root directory.
+        mode: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<File>,
+        /// Remount read-only once the files are written.
+        #[serde(default)]
+        read_only: bool,
+    },
+}
+
+/// A file written into a tmpfs volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Relative path inside the volume; directories are created.
+    pub path: String,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+    pub mode: u32,
 }
 
 /// A container's root: the image's layers (read-only file systems on
@@ -162,6 +228,10 @@ pub enum Event {
     /// The network is configured on this interface.
     NetworkReady {
         interface: String,
+    },
+    /// The volume is ready for containers to mount.
+    VolumeReady {
+        name: String,
     },
     ShuttingDown,
 }
@@ -235,9 +305,43 @@ pub fn check_hello(answer: Event, nonce: u64) -> Result<Option<String>, Protocol
     }
 }
 
+/// A path relative to a volume (a file in it, a subPath): not empty, not
+/// absolute, no `..`, no NUL. Both sides check it: the host before sending,
+/// the agent before touching anything.
+pub fn is_relative_path(p: &str) -> bool {
+    !p.is_empty() && !p.starts_with('/') && !p.contains('\0') && p.split('/').all(|c| c != "..")
+}
+
+/// A volume name as Kubernetes allows it (a DNS label), so it can name a
+/// directory.
+pub fn is_volume_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_names_and_paths_are_checked() {
+        for good in ["data", "cfg-1"] {
+            assert!(is_volume_name(good), "{good}");
+        }
+        for bad in ["", "..", "a/b", "-a", "A", &"x".repeat(64)] {
+            assert!(!is_volume_name(bad), "{bad}");
+        }
+        for good in ["a", "a/b.txt", "..data/x", "a/./b"] {
+            assert!(is_relative_path(good), "{good}");
+        }
+        for bad in ["", "/etc", "../x", "a/../../x", "a\0b", "a/.."] {
+            assert!(!is_relative_path(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn frames_round_trip_with_binary_payloads() {

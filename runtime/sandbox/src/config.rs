@@ -31,6 +31,9 @@ pub struct VmConfig {
     pub agent: Option<PathBuf>,
     pub mem_mib: u32,
     pub vcpus: u32,
+    /// The virtio-fs daemon for volumes under QEMU. Default: QEMU's
+    /// `/usr/lib/qemu/virtiofsd`.
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -43,6 +46,7 @@ impl Default for VmConfig {
             agent: None,
             mem_mib: 256,
             vcpus: 1,
+            virtiofsd: None,
         }
     }
 }

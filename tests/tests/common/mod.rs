@@ -226,8 +226,21 @@ impl Env {
                 continue;
             };
             let s = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if s.contains(" monitor ") && s.contains(&root) {
+            let ours =
+                s.contains(" monitor ") || s.contains("qemu-system") || s.contains("virtiofsd");
+            if ours && s.contains(&root) {
                 out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
+            }
+        }
+        // virtiofsd's pid files name the socket, which is under the root.
+        let escaped = root.replace('/', ".");
+        for e in std::fs::read_dir("/run/virtiofsd")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().contains(&escaped) {
+                out.push(format!("file {}", e.path().display()));
             }
         }
         out

@@ -650,11 +650,14 @@ fn validate_container(
         ));
     }
     let linux = if vm {
-        if !c.volume_mounts.is_empty() {
-            return Err(err(
-                &format!("{at}.volumeMounts"),
-                "volumes are not supported in husk-vm pods yet; use runtimeClassName: husk-wasm for pods with volumes".into(),
-            ));
+        // Checked before the image, which may need a pull.
+        for (j, m) in c.volume_mounts.iter().enumerate() {
+            if m.mount_path.starts_with('/') && m.mount_path.trim_end_matches('/').is_empty() {
+                return Err(err(
+                    &format!("{at}.volumeMounts[{j}].mountPath"),
+                    "a husk-vm container cannot mount a volume over its root /; mount it on a directory".into(),
+                ));
+            }
         }
         if is_file_image(&c.image, src.base_dir) {
             return Err(err(

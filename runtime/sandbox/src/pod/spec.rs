@@ -192,6 +192,7 @@ pub struct ConfigMapSource {
     pub name: String,
     #[serde(default)]
     pub items: Vec<KeyToPath>,
+    #[serde(default, deserialize_with = "file_mode")]
     pub default_mode: Option<u32>,
     #[serde(default)]
     pub optional: bool,
@@ -203,6 +204,7 @@ pub struct SecretSource {
     pub secret_name: String,
     #[serde(default)]
     pub items: Vec<KeyToPath>,
+    #[serde(default, deserialize_with = "file_mode")]
     pub default_mode: Option<u32>,
     #[serde(default)]
     pub optional: bool,
@@ -213,6 +215,7 @@ pub struct SecretSource {
 pub struct KeyToPath {
     pub key: String,
     pub path: String,
+    #[serde(default, deserialize_with = "file_mode")]
     pub mode: Option<u32>,
 }
 
@@ -236,4 +239,61 @@ pub struct Secret {
     pub data: BTreeMap<String, String>,
     #[serde(default)]
     pub string_data: BTreeMap<String, String>,
+}
+
+/// A file mode as kubectl reads it: a number (`256`), or YAML 1.1's octal
+/// (`0400`, which YAML 1.2 parsers hand over as a string) and `0o400`.
+fn file_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Num(u32),
+        Text(String),
+    }
+    let mode = match Option::<Mode>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Mode::Num(n)) => n,
+        Some(Mode::Text(t)) => {
+            let digits = t.strip_prefix("0o").or_else(|| t.strip_prefix('0'));
+            digits
+                .filter(|d| !d.is_empty())
+                .and_then(|d| u32::from_str_radix(d, 8).ok())
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{t:?} is not a file mode; write it in octal (0644) or decimal (420)"
+                    ))
+                })?
+        }
+    };
+    if mode > 0o777 {
+        return Err(serde::de::Error::custom(format!(
+            "{mode:#o} is not a file mode (0000 to 0777)"
+        )));
+    }
+    Ok(Some(mode))
+}
+
+#[cfg(test)]
+mod mode_tests {
+    #[derive(serde::Deserialize)]
+    struct M {
+        #[serde(default, deserialize_with = "super::file_mode")]
+        m: Option<u32>,
+    }
+    fn parse(y: &str) -> Result<Option<u32>, String> {
+        serde_yaml::from_str::<M>(y)
+            .map(|m| m.m)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn modes_are_read_as_kubectl_reads_them() {
+        assert_eq!(parse("m: 0400").unwrap(), Some(0o400));
+        assert_eq!(parse("m: 0o644").unwrap(), Some(0o644));
+        assert_eq!(parse("m: 420").unwrap(), Some(0o644));
+        assert_eq!(parse("{}").unwrap(), None);
+        assert!(parse("m: 0999").unwrap_err().contains("not a file mode"));
+        assert!(parse("m: 4096").unwrap_err().contains("not a file mode"));
+        assert!(parse("m: rw").unwrap_err().contains("octal"));
+    }
 }

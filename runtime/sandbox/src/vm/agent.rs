@@ -203,6 +203,22 @@ impl AgentClient {
         }
     }
 
+    /// Makes a pod volume ready in the guest for containers to mount.
+    pub fn add_volume(&self, req: husk_protocol::VolumeRequest) -> Result<(), AgentError> {
+        let name = req.name.clone();
+        // One control request at a time: its answer is the next control event.
+        let control = lock(&self.control);
+        write_frame(&mut *lock(&self.writer), &Request::Volume(req))?;
+        let limit = Duration::from_secs(30);
+        match control.recv_timeout(limit) {
+            Ok(Event::VolumeReady { name: n }) if n == name => Ok(()),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Asks the guest to kill what runs, sync and power off; the VM ends
     /// after the answer.
     pub fn shutdown(&self) -> Result<(), AgentError> {

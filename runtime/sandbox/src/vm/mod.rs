@@ -12,3 +12,4 @@ pub mod nic;
 pub mod qemu;
 pub mod rootfs;
 pub mod sandbox;
+pub mod share;

@@ -35,6 +35,8 @@ pub struct QemuConfig {
     pub acpi: bool,
     /// Block devices, in order (vda, vdb, …), and whether read-only.
     pub disks: Vec<(PathBuf, bool)>,
+    /// virtio-fs shares served by virtiofsd (see [`super::share`]).
+    pub shares: Vec<super::share::Share>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +158,8 @@ impl QemuVm {
                 "-no-reboot",
             ])
             .args(["-serial", "stdio", "-device", "i8042"])
+            // Virtio 1.x on MMIO: vhost-user (virtiofsd) refuses legacy.
+            .args(["-global", "virtio-mmio.force-legacy=false"])
             .arg("-kernel")
             .arg(&cfg.kernel)
             .arg("-initrd")
@@ -169,6 +173,23 @@ impl QemuVm {
                 if *ro { "on" } else { "off" }
             ));
             cmd.args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
+        }
+        if !cfg.shares.is_empty() {
+            // vhost-user backends map guest memory: it must be shareable.
+            cmd.args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.mem_mib),
+                "-numa",
+                "node,memdev=mem",
+            ]);
+        }
+        for (i, s) in cfg.shares.iter().enumerate() {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=fs{i},path={}", s.socket.display()))
+                .args([
+                    "-device",
+                    &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+                ]);
         }
         cmd.args([
             "-device",
@@ -313,6 +334,7 @@ mod tests {
             accel: Accel::Tcg,
             acpi: false,
             disks: vec![],
+            shares: vec![],
         };
         let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
         assert!(khz > 100_000, "{khz}");

@@ -12,12 +12,14 @@ use super::agent::{AgentClient, Signaller};
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
+use super::share::FsShares;
 use crate::config::HuskConfig;
 use crate::cri_log::{self, Stream};
 use crate::lifecycle::{crash_loop_back_off, should_restart, StatusCell, BACKOFF_RESET};
 use crate::network::{CniNetwork, PodNetwork};
 use crate::pod::{ContainerPlan, PodPlan};
 use crate::state::{ContainerState, PodPaths, PodPhase, PodStatus};
+use crate::volume::PodVolumes;
 use crate::{Sandbox, SandboxError};
 use husk_protocol::{Event, StartRequest};
 use std::collections::HashMap;
@@ -56,6 +58,10 @@ pub enum VmPodError {
     Qemu(#[from] super::qemu::QemuError),
     #[error("VM pod agent: {0}")]
     Agent(#[from] super::agent::AgentError),
+    #[error("VM pod {0}")]
+    Volume(#[from] crate::volume::VolumeError),
+    #[error("VM pod volumes: {0}")]
+    Share(#[from] super::share::ShareError),
 }
 
 /// Which hypervisor runs VM pods on this host, and why.
@@ -140,6 +146,10 @@ pub fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf
 struct Resources {
     network: Option<PodNetwork>,
     vm: Option<QemuVm>,
+    /// virtiofsd for the host-side volumes.
+    shares: Option<FsShares>,
+    /// The host-side volumes (emptyDir on disk, hostPath).
+    volumes: Option<PodVolumes>,
 }
 
 pub struct VmSandbox {
@@ -177,6 +187,8 @@ impl VmSandbox {
         let mut res = Resources {
             network: None,
             vm: None,
+            shares: None,
+            volumes: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
             Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
@@ -294,6 +306,46 @@ impl VmSandbox {
         res.network = Some(net);
         let vm_nic = nic::attach(&paths.netns, "eth0", "tap0").map_err(|e| vm_err(e.into()))?;
 
+        // Volumes: host directories go over virtio-fs; the rest is made in
+        // guest memory once the agent answers.
+        let (host_side, in_guest) = split_volumes(plan);
+        let volumes = res.volumes.insert(
+            PodVolumes::setup(
+                &PodPlan {
+                    volumes: host_side.iter().map(|(v, _)| v.clone()).collect(),
+                    ..plan.clone()
+                },
+                paths,
+            )
+            .map_err(|e| vm_err(e.into()))?,
+        );
+        let shares = res.shares.insert(FsShares::new(paths.run.join("vm-fs")));
+        let virtiofsd = config
+            .vm
+            .virtiofsd
+            .clone()
+            .unwrap_or_else(|| super::share::DEFAULT_VIRTIOFSD.into());
+        let mut guest_volumes = in_guest;
+        for (i, (v, read_only)) in host_side.iter().enumerate() {
+            let tag = format!("v{i}");
+            let dir = volumes
+                .host_dir(&v.name)
+                .ok_or_else(|| {
+                    vm_err(VmPodError::Setup(format!("volume {:?} not set up", v.name)))
+                })?
+                .to_owned();
+            shares
+                .add(&virtiofsd, &tag, &dir, *read_only)
+                .map_err(|e| vm_err(e.into()))?;
+            guest_volumes.push(husk_protocol::VolumeRequest {
+                name: v.name.clone(),
+                source: husk_protocol::VolumeSource::VirtioFs {
+                    tag,
+                    read_only: *read_only,
+                },
+            });
+        }
+
         let qemu = QemuConfig {
             kernel,
             initrd,
@@ -303,6 +355,7 @@ impl VmSandbox {
             accel,
             acpi: config.vm.acpi,
             disks,
+            shares: shares.shares().to_vec(),
         };
         let host_before_boot = t0.elapsed();
         let vm = QemuVm::start_with_nic(&qemu, &paths.run.join("vm"), Some(&vm_nic))
@@ -322,6 +375,9 @@ impl VmSandbox {
                     gateway,
                 })
                 .map_err(|e| vm_err(e.into()))?;
+        }
+        for v in guest_volumes {
+            agent.add_volume(v).map_err(|e| vm_err(e.into()))?;
         }
 
         // Where a VM pod's start goes (husk-vm-bench reads this line).
@@ -546,6 +602,16 @@ impl VmSandbox {
                     layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
                     hostname: Some(self.plan.name.clone()),
                 }),
+                mounts: c
+                    .mounts
+                    .iter()
+                    .map(|m| husk_protocol::Mount {
+                        volume: m.volume.clone(),
+                        path: m.mount_path.clone(),
+                        read_only: m.read_only,
+                        sub_path: m.sub_path.clone(),
+                    })
+                    .collect(),
             })
             .map_err(|e| e.to_string())?;
         self.stop
@@ -601,13 +667,83 @@ impl VmSandbox {
     }
 }
 
+/// A VM pod's volumes: those served from the host over virtio-fs
+/// (emptyDir on disk, hostPath; with whether every mount of it is
+/// read-only, so the host serves it read-only), and those made in guest
+/// memory (emptyDir `medium: Memory`, configMap, secret: the host sends
+/// their files, so secret bytes never reach the host's disk). Volumes no
+/// container mounts are left out.
+fn split_volumes(
+    plan: &PodPlan,
+) -> (
+    Vec<(crate::pod::VolumePlan, bool)>,
+    Vec<husk_protocol::VolumeRequest>,
+) {
+    use crate::pod::VolumeSource as S;
+    let files = |files: &[crate::pod::VolumeFile]| {
+        files
+            .iter()
+            .map(|f| husk_protocol::File {
+                path: f.path.clone(),
+                data: f.data.clone(),
+                mode: f.mode,
+            })
+            .collect::<Vec<_>>()
+    };
+    let (mut host, mut guest) = (Vec::new(), Vec::new());
+    for v in &plan.volumes {
+        let mounts: Vec<_> = plan
+            .all_containers()
+            .flat_map(|c| &c.mounts)
+            .filter(|m| m.volume == v.name)
+            .collect();
+        if mounts.is_empty() {
+            continue;
+        }
+        let source = match &v.source {
+            S::EmptyDir { memory: false, .. } | S::HostPath { .. } => {
+                host.push((v.clone(), mounts.iter().all(|m| m.read_only)));
+                continue;
+            }
+            S::EmptyDir {
+                memory: true,
+                size_limit,
+            } => husk_protocol::VolumeSource::Tmpfs {
+                size: *size_limit,
+                mode: 0o777,
+                files: vec![],
+                read_only: false,
+            },
+            S::ConfigMap { files: f, .. } | S::Secret { files: f, .. } => {
+                let total: u64 = f.iter().map(|f| f.data.len() as u64 + 4096).sum();
+                husk_protocol::VolumeSource::Tmpfs {
+                    size: Some(total.max(1 << 20)),
+                    mode: 0o755,
+                    files: files(f),
+                    read_only: true,
+                }
+            }
+        };
+        guest.push(husk_protocol::VolumeRequest {
+            name: v.name.clone(),
+            source,
+        });
+    }
+    (host, guest)
+}
+
 fn vm_err(e: VmPodError) -> SandboxError {
     SandboxError::Vm(e)
 }
 
 fn release(res: &mut Resources, paths: &PodPaths) {
-    // The hypervisor goes first: it holds the tap inside the netns.
+    // The hypervisor goes first: it holds the tap inside the netns, and
+    // the virtio-fs connections.
     res.vm = None;
+    res.shares = None;
+    if let Some(mut v) = res.volumes.take() {
+        v.teardown();
+    }
     if let Some(mut net) = res.network.take() {
         if let Err(e) = net.teardown() {
             tracing::warn!("{e}");
