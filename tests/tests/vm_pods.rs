@@ -454,3 +454,55 @@ spec:
     assert!(host_ro.join("ro.txt").exists());
     env.finish();
 }
+
+#[test]
+fn a_vm_pod_enforces_limits_in_the_guest_and_reports_oom_kills() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:oom");
+    let env = vm_env();
+    let manifest = env.manifest(
+        "oom.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: vmoom
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  containers:
+  - name: hog
+    image: {reference}
+    command: ["/bin/sh", "-c"]
+    args:
+    - |
+      cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max /proc/self/cgroup
+      awk '/MemTotal/ {{ print ($2 > 262144) ? "vm-sized" : "vm-base" }}' /proc/meminfo
+      dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived
+    resources:
+      limits: {{memory: 32Mi, cpu: 250m}}
+"#
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = env.wait_for("vmoom", "the monitor to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    let logs = stdout(&env.husk(&["logs", "vmoom"]));
+    let hog = env.container(&v, "hog");
+    assert_eq!(
+        hog["state"]["terminated"]["reason"], "OOMKilled",
+        "{v:#}\n{logs}"
+    );
+    assert_eq!(hog["state"]["terminated"]["exitCode"], 137, "{v:#}");
+    // The limits are the container's cgroup's, seen through its own
+    // cgroup namespace; the VM has room for them above its base memory.
+    assert_eq!(
+        logs.lines().collect::<Vec<_>>(),
+        ["33554432", "25000 100000", "0::/", "vm-sized"],
+        "{logs}"
+    );
+    assert!(env.husk(&["rm", "vmoom"]).status.success());
+    env.finish();
+}

@@ -8,6 +8,7 @@
 //! The protocol handling (`serve`) works on any stream, and is unit-tested
 //! over a socket pair.
 
+mod cgroup;
 mod network;
 mod volume;
 
@@ -227,6 +228,40 @@ impl<W: Write + Send + 'static> Session<W> {
             },
             None => None,
         };
+        // A container gets its own cgroup, which the child joins before exec.
+        let cgroup = match (&root, &req.limits) {
+            (Some(_), limits) => {
+                match cgroup::Cgroup::create(
+                    Path::new(cgroup::ROOT),
+                    id,
+                    &limits.clone().unwrap_or_default(),
+                ) {
+                    Ok(cg) => {
+                        use std::os::unix::process::CommandExt;
+                        let fd = cg.procs_fd();
+                        // SAFETY: write(2) is async-signal-safe; the fd
+                        // stays open in the parent until the spawn returns.
+                        unsafe {
+                            cmd.pre_exec(move || {
+                                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                                    return Err(std::io::Error::last_os_error());
+                                }
+                                Ok(())
+                            });
+                        }
+                        Some(cg)
+                    }
+                    Err(e) => {
+                        remove_container_root(id);
+                        return self.error(Some(id), format!("container cgroup: {e}"));
+                    }
+                }
+            }
+            (None, Some(_)) => {
+                return self.error(Some(id), "start: limits need a container rootfs".into())
+            }
+            (None, None) => None,
+        };
         let mounts = match (&root, req.mounts.is_empty()) {
             (_, true) => Vec::new(),
             (None, false) => {
@@ -338,6 +373,9 @@ impl<W: Write + Send + 'static> Session<W> {
                 libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT);
                 libc::kill(-(pid as i32), libc::SIGKILL);
             }
+            if let Some(cg) = &cgroup {
+                cg.kill_all();
+            }
             for p in pumps {
                 let _ = p.join();
             }
@@ -346,6 +384,8 @@ impl<W: Write + Send + 'static> Session<W> {
                 procs.remove(&id);
                 child.wait()
             };
+            let oom_killed = cgroup.as_ref().is_some_and(|c| c.oom_killed());
+            drop(cgroup);
             if in_container {
                 remove_container_root(&id);
             }
@@ -354,6 +394,7 @@ impl<W: Write + Send + 'static> Session<W> {
                     id,
                     code: s.code(),
                     signal: s.signal(),
+                    oom_killed,
                 },
                 Err(e) => Event::Error {
                     id: Some(id),
@@ -522,6 +563,9 @@ fn enter_container(
     let root_c = c(&root.to_string_lossy());
     let proc_c = c(&root.join("proc").to_string_lossy());
     let dev_c = c(&root.join("dev").to_string_lossy());
+    let sys_c = c(&root.join("sys").to_string_lossy());
+    let cgroup_c = c(&root.join("sys/fs/cgroup").to_string_lossy());
+    let (sysfs, cgroup2) = (c("sysfs"), c("cgroup2"));
     let cwd_c = c(cwd.unwrap_or("/"));
     let host_c = hostname.map(|h| h.into_bytes());
     let (slash, none, proc_t, devfs) = (c("/"), c(""), c("proc"), c("/dev"));
@@ -537,8 +581,10 @@ fn enter_container(
                     Err(std::io::Error::last_os_error())
                 }
             };
+            // The cgroup namespace is rooted at the container's own cgroup,
+            // joined before this.
             check(libc::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+                libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP,
             ))?;
             check(libc::mount(
                 none.as_ptr(),
@@ -562,6 +608,23 @@ fn enter_container(
                 proc_c.as_ptr(),
                 proc_t.as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))?;
+            // /sys and the container's cgroup, read-only, as Docker and the
+            // kubelet's runtimes give them.
+            let ro = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            check(libc::mount(
+                sysfs.as_ptr(),
+                sys_c.as_ptr(),
+                sysfs.as_ptr(),
+                ro,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                cgroup2.as_ptr(),
+                cgroup_c.as_ptr(),
+                cgroup2.as_ptr(),
+                ro,
                 std::ptr::null(),
             ))?;
             for m in &mounts {
@@ -760,6 +823,7 @@ mod tests {
                 stdin: true,
                 rootfs: None,
                 mounts: vec![],
+                limits: None,
             }),
         )
         .unwrap();
@@ -782,7 +846,8 @@ mod tests {
             Event::Exited {
                 id: "a".into(),
                 code: Some(3),
-                signal: None
+                signal: None,
+                oom_killed: false,
             }
         );
     }
@@ -820,7 +885,8 @@ mod tests {
             Event::Exited {
                 id: "s".into(),
                 code: None,
-                signal: Some(9)
+                signal: Some(9),
+                oom_killed: false,
             }
         );
         for (req, words) in [

@@ -99,6 +99,21 @@ pub struct StartRequest {
     /// Volumes mounted into the container (only with `rootfs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    /// The container's cgroup limits (only with `rootfs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// A container's resource limits (Kubernetes `resources.limits`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// memory.max, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// CPU time per second of wall time, in thousandths of a CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_millis: Option<u64>,
 }
 
 /// A pod volume mounted into a container.
@@ -218,6 +233,9 @@ pub enum Event {
         code: Option<i32>,
         /// The signal that killed it, when one did.
         signal: Option<i32>,
+        /// The kernel's OOM killer ended a process of the container.
+        #[serde(default)]
+        oom_killed: bool,
     },
     /// A request failed; `id` names the process it was about, if any.
     Error {

@@ -44,6 +44,23 @@ mod tests {
         }
         assert!(super::is_dynamic_elf(std::path::Path::new("/etc/hostname")).is_err());
     }
+
+    #[test]
+    fn the_vm_is_sized_for_the_containers_limits() {
+        const MIB: u64 = 1 << 20;
+        // No limits: the base.
+        assert_eq!(super::vm_size((256, 1), 2, &[], &[(None, None)]), (256, 1));
+        // Containers run together: their limits add up; init containers
+        // one at a time: the largest counts.
+        let main = [
+            (Some(100 * MIB), Some(500)),
+            (Some(50 * MIB + 1), Some(700)),
+        ];
+        let init = [(Some(120 * MIB), None), (Some(30 * MIB), None)];
+        assert_eq!(super::vm_size((256, 1), 4, &init, &main), (256 + 151, 2));
+        let big_init = [(Some(400 * MIB), Some(3000))];
+        assert_eq!(super::vm_size((256, 1), 2, &big_init, &main), (656, 2));
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,12 +363,23 @@ impl VmSandbox {
             });
         }
 
+        let limits = |cs: &[ContainerPlan]| -> Vec<(Option<u64>, Option<u64>)> {
+            cs.iter()
+                .map(|c| (c.memory_limit, c.cpu_limit_millis))
+                .collect()
+        };
+        let (mem_mib, vcpus) = vm_size(
+            (config.vm.mem_mib, config.vm.vcpus),
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            &limits(&plan.init_containers),
+            &limits(&plan.containers),
+        );
         let qemu = QemuConfig {
             kernel,
             initrd,
             cmdline: String::new(),
-            mem_mib: config.vm.mem_mib,
-            vcpus: config.vm.vcpus,
+            mem_mib,
+            vcpus,
             accel,
             acpi: config.vm.acpi,
             disks,
@@ -478,7 +506,13 @@ impl VmSandbox {
                 s.log_path = log_path.clone();
             });
             let (code, reason, message) = match self.run_instance(c, restarts, &log_path) {
-                Ok((code, signal)) => match (code, signal) {
+                Ok((code, signal, oom)) => match (code, signal) {
+                    // As the kubelet reports it, whatever the exit status.
+                    _ if oom => (
+                        code.unwrap_or(128 + signal.unwrap_or(libc::SIGKILL)),
+                        "OOMKilled",
+                        None,
+                    ),
                     (Some(0), _) => (0, "Completed", None),
                     (Some(n), _) => (n, "Error", None),
                     (None, Some(s)) => (128 + s, "Error", Some(format!("killed by signal {s}"))),
@@ -571,13 +605,13 @@ impl VmSandbox {
     }
 
     /// One run of a container in the guest, its output into the CRI log.
-    /// Returns (exit code, signal).
+    /// Returns (exit code, signal, whether the OOM killer struck).
     fn run_instance(
         &self,
         c: &ContainerPlan,
         restart: u32,
         log_path: &Path,
-    ) -> Result<(Option<i32>, Option<i32>), String> {
+    ) -> Result<(Option<i32>, Option<i32>, bool), String> {
         if let Some(dir) = log_path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
@@ -612,6 +646,10 @@ impl VmSandbox {
                         sub_path: m.sub_path.clone(),
                     })
                     .collect(),
+                limits: Some(husk_protocol::Limits {
+                    memory_max: c.memory_limit,
+                    cpu_max_millis: c.cpu_limit_millis,
+                }),
             })
             .map_err(|e| e.to_string())?;
         self.stop
@@ -642,7 +680,12 @@ impl VmSandbox {
                     };
                     let _ = w.write_all(&data);
                 }
-                Ok(Event::Exited { code, signal, .. }) => break Ok((code, signal)),
+                Ok(Event::Exited {
+                    code,
+                    signal,
+                    oom_killed,
+                    ..
+                }) => break Ok((code, signal, oom_killed)),
                 Ok(Event::Error { message, .. }) => break Err(message),
                 Ok(_) => {}
                 Err(super::agent::AgentError::Timeout(_)) => {
@@ -665,6 +708,32 @@ impl VmSandbox {
         let _ = err_pump.join();
         result
     }
+}
+
+/// The VM's memory (MiB) and vCPUs, as Kata sizes it: the configured
+/// base for the guest kernel and agent, plus room for the containers'
+/// memory limits (init containers run one at a time, the others together),
+/// and enough vCPUs for their CPU limits, up to the host's.
+fn vm_size(
+    (base_mib, base_vcpus): (u32, u32),
+    host_cpus: u32,
+    init: &[(Option<u64>, Option<u64>)],
+    main: &[(Option<u64>, Option<u64>)],
+) -> (u32, u32) {
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let during_init = init.iter().filter_map(|l| l.0).map(mib).max().unwrap_or(0);
+    let running = main.iter().filter_map(|l| l.0).map(mib).sum::<u64>();
+    let mem = u64::from(base_mib) + during_init.max(running);
+    let cpus = main
+        .iter()
+        .filter_map(|l| l.1)
+        .sum::<u64>()
+        .max(init.iter().filter_map(|l| l.1).max().unwrap_or(0))
+        .div_ceil(1000);
+    let vcpus = u64::from(base_vcpus)
+        .max(cpus)
+        .min(u64::from(host_cpus.max(1)));
+    (mem.min(u64::from(u32::MAX)) as u32, vcpus.max(1) as u32)
 }
 
 /// A VM pod's volumes: those served from the host over virtio-fs
