@@ -341,6 +341,8 @@ fn a_vm_pod_mounts_every_kind_of_volume_and_keeps_secrets_off_the_host_disk() {
         "tr a-z A-Z < /secret/token; echo; stat -c %a /secret/token",
         "(echo x > /etc/cfg/new) 2>/dev/null && echo cfg-writable || echo cfg-refused",
         "grep -c virtiofs /proc/mounts",
+        // What the kubelet writes for every container.
+        "hostname; cat /etc/hostname; grep -c vol-host /etc/hosts; grep db /etc/hosts; cat /etc/resolv.conf",
     ]
     .join("; ");
     let manifest = env.manifest(
@@ -363,6 +365,13 @@ metadata:
 spec:
   runtimeClassName: husk-vm
   restartPolicy: Never
+  hostname: vol-host
+  hostAliases: [{{ip: 192.0.2.7, hostnames: [db]}}]
+  dnsPolicy: None
+  dnsConfig:
+    nameservers: [192.0.2.53]
+    searches: [svc.example]
+    options: [{{name: ndots, value: "2"}}]
   volumes:
   - {{name: shared, emptyDir: {{}}}}
   - {{name: scratch, emptyDir: {{medium: Memory, sizeLimit: 1Mi}}}}
@@ -419,6 +428,13 @@ spec:
             // shared (twice: /data and /sub), host and hostro come from
             // the host.
             "4",
+            "vol-host",
+            "vol-host",
+            "1",
+            "192.0.2.7\tdb",
+            "nameserver 192.0.2.53",
+            "search svc.example",
+            "options ndots:2",
         ],
         "{logs}"
     );

@@ -177,8 +177,14 @@ pub fn prepare(root: &Path, mounts: &[Mount]) -> Result<Vec<Prepared>, String> {
             let t = walk(root, parent, true).map_err(|e| what(&e))?.join(name);
             match std::fs::symlink_metadata(&t) {
                 Ok(m) if m.is_file() => {}
-                Ok(_) => return Err(what(&"a file volume needs a file there")),
-                Err(_) => {
+                Ok(m) if !m.file_type().is_symlink() => {
+                    return Err(what(&"a file volume needs a file there"))
+                }
+                // A symlink (an image's /etc/resolv.conf often is one) is
+                // replaced in the container's own writable layer: the mount
+                // never follows it.
+                _ => {
+                    let _ = std::fs::remove_file(&t);
                     std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)

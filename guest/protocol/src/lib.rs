@@ -330,9 +330,15 @@ pub fn is_relative_path(p: &str) -> bool {
     !p.is_empty() && !p.starts_with('/') && !p.contains('\0') && p.split('/').all(|c| c != "..")
 }
 
-/// A volume name as Kubernetes allows it (a DNS label), so it can name a
-/// directory.
+/// The volume husk itself adds to a pod: its /etc/hosts, /etc/hostname and
+/// /etc/resolv.conf, which each container mounts. No pod volume can have
+/// this name (it is not a DNS label).
+pub const ETC_VOLUME: &str = "_etc";
+
+/// A volume name as Kubernetes allows it (a DNS label), or husk's own
+/// [`ETC_VOLUME`], so it can name a directory.
 pub fn is_volume_name(n: &str) -> bool {
+    let n = if n == ETC_VOLUME { &n[1..] } else { n };
     !n.is_empty()
         && n.len() <= 63
         && n.bytes()
@@ -347,10 +353,10 @@ mod tests {
 
     #[test]
     fn volume_names_and_paths_are_checked() {
-        for good in ["data", "cfg-1"] {
+        for good in ["data", "cfg-1", ETC_VOLUME] {
             assert!(is_volume_name(good), "{good}");
         }
-        for bad in ["", "..", "a/b", "-a", "A", &"x".repeat(64)] {
+        for bad in ["", "..", "a/b", "-a", "A", "_", "_data", &"x".repeat(64)] {
             assert!(!is_volume_name(bad), "{bad}");
         }
         for good in ["a", "a/b.txt", "..data/x", "a/./b"] {

@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod config;
 pub mod cri_log;
+pub mod dns;
 pub mod lifecycle;
 pub mod network;
 pub mod pod;

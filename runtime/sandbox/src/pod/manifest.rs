@@ -324,6 +324,41 @@ fn validate_pod(
         ));
     }
     let spec = pod.spec;
+    let hostname = match &spec.hostname {
+        Some(h) if !is_dns_label(h) => {
+            return Err(err(
+                "spec.hostname",
+                format!("{h:?} is not a valid host name (a DNS label)"),
+            ))
+        }
+        Some(h) => h.clone(),
+        // As the kubelet does: the pod name, cut to a label's 63 bytes.
+        None => name
+            .chars()
+            .take(63)
+            .collect::<String>()
+            .trim_end_matches(['-', '.'])
+            .to_owned(),
+    };
+    let dns = validate_dns(&spec, err)?;
+    let mut host_aliases = Vec::new();
+    for (i, a) in spec.host_aliases.iter().enumerate() {
+        if a.ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                &format!("spec.hostAliases[{i}].ip"),
+                format!("{:?} is not an IP address", a.ip),
+            ));
+        }
+        for (j, h) in a.hostnames.iter().enumerate() {
+            if !is_dns_subdomain(h) {
+                return Err(err(
+                    &format!("spec.hostAliases[{i}].hostnames[{j}]"),
+                    format!("{h:?} is not a host name"),
+                ));
+            }
+        }
+        host_aliases.push((a.ip.clone(), a.hostnames.clone()));
+    }
     let runtime_class = match spec.runtime_class_name.as_deref() {
         None | Some("") | Some(RUNTIME_WASM) => RUNTIME_WASM.to_owned(),
         Some(RUNTIME_VM) => RUNTIME_VM.to_owned(),
@@ -539,6 +574,77 @@ fn validate_pod(
         volumes,
         cpu_limit_millis,
         source: None,
+        hostname,
+        dns,
+        host_aliases,
+    })
+}
+
+/// spec.dnsPolicy and spec.dnsConfig as the API server checks them.
+fn validate_dns(
+    spec: &super::spec::PodSpec,
+    err: &dyn Fn(&str, String) -> ManifestError,
+) -> Result<DnsPlan, ManifestError> {
+    let policy_none = match spec.dns_policy.as_deref() {
+        None | Some("ClusterFirst") | Some("Default") | Some("ClusterFirstWithHostNet") => false,
+        Some("None") => true,
+        Some(other) => {
+            return Err(err(
+                "spec.dnsPolicy",
+                format!("unknown policy {other:?}; use ClusterFirst, Default or None"),
+            ))
+        }
+    };
+    let cfg = spec.dns_config.clone().unwrap_or_default();
+    if policy_none && cfg.nameservers.is_empty() {
+        return Err(err(
+            "spec.dnsConfig.nameservers",
+            "dnsPolicy None needs at least one nameserver here".into(),
+        ));
+    }
+    if cfg.nameservers.len() > 3 {
+        return Err(err(
+            "spec.dnsConfig.nameservers",
+            "at most 3 nameservers".into(),
+        ));
+    }
+    for (i, n) in cfg.nameservers.iter().enumerate() {
+        if n.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                &format!("spec.dnsConfig.nameservers[{i}]"),
+                format!("{n:?} is not an IP address"),
+            ));
+        }
+    }
+    if cfg.searches.len() > 32 {
+        return Err(err("spec.dnsConfig.searches", "at most 32 domains".into()));
+    }
+    for (i, d) in cfg.searches.iter().enumerate() {
+        if !is_dns_subdomain(d.trim_end_matches('.')) {
+            return Err(err(
+                &format!("spec.dnsConfig.searches[{i}]"),
+                format!("{d:?} is not a DNS domain"),
+            ));
+        }
+    }
+    let mut options = Vec::new();
+    for (i, o) in cfg.options.iter().enumerate() {
+        if o.name.is_empty() || o.name.contains(char::is_whitespace) {
+            return Err(err(
+                &format!("spec.dnsConfig.options[{i}].name"),
+                format!("{:?} is not an option name", o.name),
+            ));
+        }
+        options.push(match &o.value {
+            Some(v) if !v.is_empty() => format!("{}:{v}", o.name),
+            _ => o.name.clone(),
+        });
+    }
+    Ok(DnsPlan {
+        policy_none,
+        nameservers: cfg.nameservers,
+        searches: cfg.searches,
+        options,
     })
 }
 

@@ -30,6 +30,29 @@ pub struct PodPlan {
     pub cpu_limit_millis: Option<u64>,
     /// Where the manifest came from, if from a file.
     pub source: Option<PathBuf>,
+    /// The pod's host name (spec.hostname, else its name).
+    #[serde(default)]
+    pub hostname: String,
+    /// What goes into the containers' /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: DnsPlan,
+    /// Extra /etc/hosts entries (spec.hostAliases): IP and names.
+    #[serde(default)]
+    pub host_aliases: Vec<(String, Vec<String>)>,
+}
+
+/// spec.dnsPolicy and spec.dnsConfig, checked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsPlan {
+    /// `None`: only `nameservers`/`searches`/`options` below; otherwise
+    /// the host's resolv.conf first (husk runs no cluster DNS, so
+    /// ClusterFirst falls back to it, as the kubelet does without one).
+    pub policy_none: bool,
+    pub nameservers: Vec<String>,
+    pub searches: Vec<String>,
+    /// `name` or `name:value`.
+    pub options: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +156,15 @@ pub struct VolumeFile {
 }
 
 impl PodPlan {
+    /// The pod's host name (its name for plans saved before there was one).
+    pub fn hostname(&self) -> &str {
+        if self.hostname.is_empty() {
+            &self.name
+        } else {
+            &self.hostname
+        }
+    }
+
     /// A copy without secret material, safe to write to disk and to show.
     pub fn redacted(&self) -> PodPlan {
         let mut p = self.clone();

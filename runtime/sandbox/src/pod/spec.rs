@@ -36,6 +36,37 @@ pub struct PodSpec {
     pub containers: Vec<Container>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    /// The pod's host name (default: its name).
+    pub hostname: Option<String>,
+    pub dns_policy: Option<String>,
+    pub dns_config: Option<DnsConfig>,
+    #[serde(default)]
+    pub host_aliases: Vec<HostAlias>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsConfig {
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default)]
+    pub searches: Vec<String>,
+    #[serde(default)]
+    pub options: Vec<DnsOption>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DnsOption {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostAlias {
+    pub ip: String,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

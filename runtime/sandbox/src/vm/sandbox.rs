@@ -404,6 +404,7 @@ impl VmSandbox {
                 })
                 .map_err(|e| vm_err(e.into()))?;
         }
+        guest_volumes.push(etc_volume(plan, pod_ip.as_deref()));
         for v in guest_volumes {
             agent.add_volume(v).map_err(|e| vm_err(e.into()))?;
         }
@@ -621,7 +622,7 @@ impl VmSandbox {
             .open(log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log = Arc::new(Mutex::new(log));
-        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.name)];
+        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
         env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
         let id = format!("{}.{restart}", c.name);
         let proc = self
@@ -634,18 +635,9 @@ impl VmSandbox {
                 stdin: false,
                 rootfs: Some(husk_protocol::Rootfs {
                     layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
-                    hostname: Some(self.plan.name.clone()),
+                    hostname: Some(self.plan.hostname().to_owned()),
                 }),
-                mounts: c
-                    .mounts
-                    .iter()
-                    .map(|m| husk_protocol::Mount {
-                        volume: m.volume.clone(),
-                        path: m.mount_path.clone(),
-                        read_only: m.read_only,
-                        sub_path: m.sub_path.clone(),
-                    })
-                    .collect(),
+                mounts: container_mounts(c),
                 limits: Some(husk_protocol::Limits {
                     memory_max: c.memory_limit,
                     cpu_max_millis: c.cpu_limit_millis,
@@ -708,6 +700,64 @@ impl VmSandbox {
         let _ = err_pump.join();
         result
     }
+}
+
+/// The files the kubelet gives every container: /etc/hostname, /etc/hosts
+/// and /etc/resolv.conf, in a guest tmpfs each container mounts from.
+fn etc_volume(plan: &PodPlan, pod_ip: Option<&str>) -> husk_protocol::VolumeRequest {
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let file = |path: &str, data: String| husk_protocol::File {
+        path: path.into(),
+        data: data.into_bytes(),
+        mode: 0o644,
+    };
+    husk_protocol::VolumeRequest {
+        name: husk_protocol::ETC_VOLUME.into(),
+        source: husk_protocol::VolumeSource::Tmpfs {
+            size: Some(1 << 20),
+            mode: 0o755,
+            files: vec![
+                file("hostname", format!("{}\n", plan.hostname())),
+                file("hosts", crate::dns::hosts_file(plan, pod_ip)),
+                file(
+                    "resolv.conf",
+                    crate::dns::resolv_conf(&plan.dns, &host_resolv),
+                ),
+            ],
+            read_only: false,
+        },
+    }
+}
+
+/// A container's mounts: its volumes, then the pod's /etc files where it
+/// mounts nothing of its own.
+fn container_mounts(c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
+    let mut out: Vec<husk_protocol::Mount> = c
+        .mounts
+        .iter()
+        .map(|m| husk_protocol::Mount {
+            volume: m.volume.clone(),
+            path: m.mount_path.clone(),
+            read_only: m.read_only,
+            sub_path: m.sub_path.clone(),
+        })
+        .collect();
+    for f in ["hostname", "hosts", "resolv.conf"] {
+        let path = format!("/etc/{f}");
+        let taken = c.mounts.iter().any(|m| {
+            let p = m.mount_path.trim_end_matches('/');
+            p == path || p == "/etc"
+        });
+        if !taken {
+            out.push(husk_protocol::Mount {
+                volume: husk_protocol::ETC_VOLUME.into(),
+                path,
+                read_only: false,
+                sub_path: Some(f.into()),
+            });
+        }
+    }
+    out
 }
 
 /// The VM's memory (MiB) and vCPUs, as Kata sizes it: the configured
