@@ -203,20 +203,37 @@ impl AgentClient {
         }
     }
 
-    /// Makes a pod volume ready in the guest for containers to mount.
-    pub fn add_volume(&self, req: husk_protocol::VolumeRequest) -> Result<(), AgentError> {
-        let name = req.name.clone();
-        // One control request at a time: its answer is the next control event.
+    /// Makes pod volumes ready in the guest for containers to mount. The
+    /// requests go out at once and the agent answers them in order, so the
+    /// guest works through them without waiting for the host in between.
+    pub fn add_volumes(&self, reqs: Vec<husk_protocol::VolumeRequest>) -> Result<(), AgentError> {
+        // One batch of control requests at a time: its answers are the
+        // next control events.
         let control = lock(&self.control);
-        write_frame(&mut *lock(&self.writer), &Request::Volume(req))?;
-        let limit = Duration::from_secs(30);
-        match control.recv_timeout(limit) {
-            Ok(Event::VolumeReady { name: n }) if n == name => Ok(()),
-            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
-            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
-            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
-            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        let names: Vec<String> = reqs.iter().map(|r| r.name.clone()).collect();
+        {
+            let mut w = lock(&self.writer);
+            for r in reqs {
+                write_frame(&mut *w, &Request::Volume(r))?;
+            }
         }
+        let limit = Duration::from_secs(30);
+        let mut first_error = None;
+        for name in names {
+            match control.recv_timeout(limit) {
+                Ok(Event::VolumeReady { name: n }) if n == name => {}
+                Ok(Event::Error { message, .. }) => {
+                    first_error.get_or_insert(AgentError::Guest(message));
+                }
+                Ok(other) => {
+                    first_error
+                        .get_or_insert(ProtocolError::Unexpected(format!("{other:?}")).into());
+                }
+                Err(RecvTimeoutError::Timeout) => return Err(AgentError::Timeout(limit)),
+                Err(RecvTimeoutError::Disconnected) => return Err(AgentError::Gone),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Asks the guest to kill what runs, sync and power off; the VM ends

@@ -404,14 +404,18 @@ impl VmSandbox {
                 })
                 .map_err(|e| vm_err(e.into()))?;
         }
+        let net_ms = t_net.elapsed().as_secs_f64() * 1e3;
         guest_volumes.push(etc_volume(plan, pod_ip.as_deref()));
-        for v in guest_volumes {
-            agent.add_volume(v).map_err(|e| vm_err(e.into()))?;
-        }
+        agent
+            .add_volumes(guest_volumes)
+            .map_err(|e| vm_err(e.into()))?;
 
         // Where a VM pod's start goes (husk-vm-bench reads this line).
         tracing::info!(
             host_ms = (host_before_boot + t_net.elapsed()).as_secs_f64() * 1e3,
+            before_boot_ms = host_before_boot.as_secs_f64() * 1e3,
+            after_boot_ms = t_net.elapsed().as_secs_f64() * 1e3,
+            net_ms,
             boot_ms = boot.as_secs_f64() * 1e3,
             "vm pod timing"
         );
