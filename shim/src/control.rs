@@ -17,6 +17,13 @@ pub enum Request {
     Stop { grace_secs: Option<u64> },
     /// The pod's status.
     Status,
+    /// Runs a command in a running container and answers with its output
+    /// and exit code (`kubectl exec` without a TTY).
+    Exec {
+        container: Option<String>,
+        argv: Vec<String>,
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,12 +34,19 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<husk_sandbox::ExecOutput>,
 }
 
 /// Sends one request to a monitor and reads its reply.
 pub fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
+    call_waiting(socket, req, Duration::from_secs(10))
+}
+
+/// As [`call`], waiting up to `timeout` for the reply.
+pub fn call_waiting(socket: &Path, req: &Request, timeout: Duration) -> std::io::Result<Reply> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req).expect("json");
     line.push(b'\n');
     s.write_all(&line)?;

@@ -34,6 +34,8 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Stop a pod: containers get their grace period, then are killed.
     Stop(cli::stop::StopArgs),
+    /// Run a command in a running container of a VM pod.
+    Exec(cli::exec::ExecArgs),
     /// Remove pods (their logs and emptyDirs go with them).
     Rm(cli::rm::RmArgs),
     /// What this host runs pods with (hypervisor for VM pods, and why).
@@ -88,6 +90,7 @@ fn main() {
         Command::Logs(a) => cli::logs::run(&roots, a),
         Command::Inspect(a) => cli::inspect::run(&roots, a),
         Command::Stop(a) => cli::stop::run(&roots, a),
+        Command::Exec(a) => cli::exec::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
         Command::Info(a) => cli::info::run(&roots, a),
         Command::Pull(a) => cli::images::pull(&roots, a),

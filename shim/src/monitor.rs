@@ -235,17 +235,50 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         ok: true,
                         error: None,
                         status: None,
+                        exec: None,
                     }
                 }
                 Ok(Request::Status) => Reply {
                     ok: true,
                     error: None,
                     status: serde_json::to_value(sb.status()).ok(),
+                    exec: None,
                 },
+                Ok(Request::Exec {
+                    container,
+                    argv,
+                    timeout_secs,
+                }) => {
+                    let sb = sb.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        sb.exec(
+                            container.as_deref(),
+                            argv,
+                            Duration::from_secs(timeout_secs.max(1)),
+                        )
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("exec: {e}")));
+                    match result {
+                        Ok(out) => Reply {
+                            ok: true,
+                            error: None,
+                            status: None,
+                            exec: Some(out),
+                        },
+                        Err(e) => Reply {
+                            ok: false,
+                            error: Some(e),
+                            status: None,
+                            exec: None,
+                        },
+                    }
+                }
                 Err(e) => Reply {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
                     status: None,
+                    exec: None,
                 },
             };
             let mut out = serde_json::to_vec(&reply).expect("json");

@@ -386,6 +386,14 @@ fn memory_limit_oomkills_and_cpu_loop_can_be_stopped() {
     env.wait_for("spin", "running", |v| {
         env.container(v, "main")["state"]["running"].is_object()
     });
+    // A wasm container has no processes to exec beside it: said clearly.
+    let out = env.husk(&["exec", "spin", "--", "sh"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("exec is not supported in husk-wasm pods"),
+        "{}",
+        stderr(&out)
+    );
     let t0 = Instant::now();
     let out = env.husk(&["stop", "-t", "0", "spin"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -166,7 +166,7 @@ spec:
   - name: web
     image: {reference}
     command: ["/bin/sh", "-c"]
-    args: ["trap 'echo got TERM; exit 0' TERM; while true; do echo served-by-the-vm | nc -l -p 8080; done & wait"]
+    args: ["echo ready > /tmp/ready; trap 'echo got TERM; exit 0' TERM; while true; do echo served-by-the-vm | nc -l -p 8080; done & wait"]
     ports:
     - containerPort: 8080
       hostPort: {host_port}
@@ -186,6 +186,33 @@ spec:
         first_line(&format!("{}.1:{host_port}", env.subnet_prefix)),
         "served-by-the-vm\n"
     );
+    // husk exec runs beside the container: its root (what it wrote), its
+    // host name and cgroup, its exit code and both streams.
+    let exec = env.husk(&[
+        "exec",
+        "vmweb",
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/ready /etc/hostname /proc/self/cgroup; echo err >&2; exit 7",
+    ]);
+    assert_eq!(exec.status.code(), Some(7), "{}", stderr(&exec));
+    assert_eq!(stdout(&exec), "ready\nvmweb\n0::/\n");
+    assert_eq!(stderr(&exec), "err\n");
+    let exec = env.husk(&["exec", "vmweb", "-c", "nope", "--", "true"]);
+    assert_eq!(exec.status.code(), Some(2));
+    assert!(
+        stderr(&exec).contains("no container \"nope\""),
+        "{}",
+        stderr(&exec)
+    );
+    let exec = env.husk(&["exec", "vmweb", "--", "/no/such/program"]);
+    assert_eq!(exec.status.code(), Some(1));
+    assert!(
+        stderr(&exec).contains("/no/such/program"),
+        "{}",
+        stderr(&exec)
+    );
     // husk stop: SIGTERM reaches the container in the guest.
     let stop = env.husk(&["stop", "vmweb"]);
     assert!(stop.status.success(), "{}", stderr(&stop));
@@ -196,6 +223,13 @@ spec:
     assert_eq!(web["state"]["terminated"]["exitCode"], 0, "{v:#}");
     assert_eq!(web["restartCount"], 0, "{v:#}");
     assert!(stdout(&env.husk(&["logs", "vmweb"])).contains("got TERM"));
+    let exec = env.husk(&["exec", "vmweb", "--", "true"]);
+    assert_eq!(exec.status.code(), Some(1));
+    assert!(
+        stderr(&exec).contains("is not running"),
+        "{}",
+        stderr(&exec)
+    );
     assert!(env.husk(&["rm", "vmweb"]).status.success());
     env.finish();
 }

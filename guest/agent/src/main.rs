@@ -228,6 +228,23 @@ impl<W: Write + Send + 'static> Session<W> {
             },
             None => None,
         };
+        if let Some(target) = &req.exec_in {
+            if req.rootfs.is_some() || !req.mounts.is_empty() || req.limits.is_some() {
+                return self.error(
+                    Some(id),
+                    "start: exec_in runs in an existing container; it takes no rootfs, mounts or limits".into(),
+                );
+            }
+            let Some(p) = procs.get(target) else {
+                return self.error(
+                    Some(id),
+                    format!("exec: no running container process {target:?}"),
+                );
+            };
+            if let Err(e) = exec_into(&mut cmd, target, p.pid, req.cwd.as_deref()) {
+                return self.error(Some(id), format!("exec in {target:?}: {e}"));
+            }
+        }
         // A container gets its own cgroup, which the child joins before exec.
         let cgroup = match (&root, &req.limits) {
             (Some(_), limits) => {
@@ -276,6 +293,7 @@ impl<W: Write + Send + 'static> Session<W> {
             },
         };
         match (&root, &req.cwd) {
+            _ if req.exec_in.is_some() => {}
             (Some(root), cwd) => enter_container(
                 &mut cmd,
                 root,
@@ -652,6 +670,63 @@ fn enter_container(
     }
 }
 
+/// The child's side of an exec into a running container (whose first
+/// process is `pid`): its cgroup, then its cgroup, IPC, UTS and mount
+/// namespaces, its root and the working directory.
+fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let root = Path::new(CONTAINERS).join(target).join("root");
+    if target.contains('/') || target.starts_with('.') || !root.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a container",
+        ));
+    }
+    let mut ns: Vec<(OwnedFd, libc::c_int)> = Vec::new();
+    for (name, kind) in [
+        ("cgroup", libc::CLONE_NEWCGROUP),
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("mnt", libc::CLONE_NEWNS),
+    ] {
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/{name}"))?;
+        ns.push((OwnedFd::from(f), kind));
+    }
+    let procs = std::fs::OpenOptions::new().write(true).open(
+        Path::new(cgroup::ROOT)
+            .join("husk")
+            .join(target)
+            .join("cgroup.procs"),
+    )?;
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let root_c = c(&root.to_string_lossy());
+    let cwd_c = c(cwd.unwrap_or("/"));
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (write, setns, chroot, chdir) on descriptors and strings made before.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (fd, kind) in &ns {
+                check(libc::setns(fd.as_raw_fd(), *kind))?;
+            }
+            check(libc::chroot(root_c.as_ptr()))?;
+            check(libc::chdir(cwd_c.as_ptr()))?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -824,6 +899,7 @@ mod tests {
                 rootfs: None,
                 mounts: vec![],
                 limits: None,
+                exec_in: None,
             }),
         )
         .unwrap();

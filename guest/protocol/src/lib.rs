@@ -102,6 +102,11 @@ pub struct StartRequest {
     /// The container's cgroup limits (only with `rootfs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Run inside the running container whose first process has this id
+    /// (`kubectl exec`): its root, volumes, namespaces and cgroup. Not
+    /// with `rootfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_in: Option<String>,
 }
 
 /// A container's resource limits (Kubernetes `resources.limits`).

@@ -14,4 +14,4 @@ pub mod volume;
 pub mod wasm;
 
 pub use vm::sandbox::VmSandbox;
-pub use wasm::{Sandbox, SandboxError, WasmSandbox};
+pub use wasm::{ExecOutput, Sandbox, SandboxError, WasmSandbox};

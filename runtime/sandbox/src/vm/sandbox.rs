@@ -646,6 +646,7 @@ impl VmSandbox {
                     memory_max: c.memory_limit,
                     cpu_max_millis: c.cpu_limit_millis,
                 }),
+                exec_in: None,
             })
             .map_err(|e| e.to_string())?;
         self.stop
@@ -887,6 +888,67 @@ impl Sandbox for VmSandbox {
 
     fn status(&self) -> PodStatus {
         self.status.get()
+    }
+
+    fn exec(
+        &self,
+        container: Option<&str>,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<crate::ExecOutput, String> {
+        let pod = &self.plan.name;
+        let c = match container {
+            None => &self.plan.containers[0],
+            Some(name) => self
+                .plan
+                .all_containers()
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
+        };
+        if argv.is_empty() {
+            return Err("exec: no command given".into());
+        }
+        // The running instance's first process (ids are `<name>.<restart>`;
+        // container names have no dots).
+        let target = self
+            .stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .find(|id| id.strip_prefix(&c.name).is_some_and(|r| r.starts_with('.')))
+            .cloned()
+            .ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
+        env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
+        let proc = self
+            .agent
+            .start(StartRequest {
+                id,
+                argv,
+                env,
+                cwd: c.working_dir.clone(),
+                exec_in: Some(target),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        let killer = proc.signaller();
+        match proc.wait(timeout) {
+            Ok(f) => Ok(crate::ExecOutput {
+                exit_code: f
+                    .code
+                    .unwrap_or_else(|| 128 + f.signal.unwrap_or(libc::SIGKILL)),
+                stdout: f.stdout,
+                stderr: f.stderr,
+            }),
+            Err(super::agent::AgentError::Timeout(_)) => {
+                let _ = killer.signal(libc::SIGKILL);
+                Err(format!("exec timed out after {} s", timeout.as_secs()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn request_stop(&self, grace: Duration) {

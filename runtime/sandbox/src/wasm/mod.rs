@@ -55,6 +55,47 @@ pub trait Sandbox: Send + Sync {
     /// Asks every container to end: stdin closes, and after `grace` the
     /// survivors are killed. Restarts stop.
     fn request_stop(&self, grace: std::time::Duration);
+    /// Runs `argv` in a running container (`kubectl exec` without a TTY;
+    /// the pod's first container when `container` is None) and returns
+    /// its output and exit code. Blocking.
+    fn exec(
+        &self,
+        container: Option<&str>,
+        argv: Vec<String>,
+        timeout: std::time::Duration,
+    ) -> Result<ExecOutput, String> {
+        let _ = (container, argv, timeout);
+        Err(format!(
+            "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
+            self.runtime_class()
+        ))
+    }
+}
+
+/// What an exec produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    #[serde(with = "b64")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "b64")]
+    pub stderr: Vec<u8>,
+}
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        base64::engine::general_purpose::STANDARD
+            .decode(String::deserialize(d)?)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Host resources of a pod, each with exactly one owner.
