@@ -49,7 +49,7 @@ spec:
   containers:
   - name: main
     image: {reference}
-    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; echo kernel=$(uname -r); echo procs=$(ls -d /proc/[0-9]* | wc -l); exit 3"]
+    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; echo kernel=$(uname -r); echo procs=$(ls -d /proc/[0-9]* | wc -l); echo pid=$$$$; exit 3"]
     env:
     - name: GREETING
       value: from-the-pod
@@ -90,10 +90,13 @@ spec:
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
         .count();
+    // Its own PID namespace, where it is PID 1: only itself and what it
+    // started (ls, the subshell).
     assert!(
-        procs < 60 && procs < host_procs,
-        "{procs} processes seen in the guest: {logs}"
+        procs <= 4 && procs < host_procs,
+        "{procs} processes seen in the container: {logs}"
     );
+    assert_eq!(lines[6], "pid=1", "{logs}");
     let init_logs = env.husk(&["logs", "vmpod", "-c", "setup"]);
     assert_eq!(stdout(&init_logs), "init ran\n");
     // The monitor powers the guest off and releases everything, then ends.
@@ -194,10 +197,11 @@ spec:
         "--",
         "sh",
         "-c",
-        "cat /tmp/ready /etc/hostname /proc/self/cgroup; echo err >&2; exit 7",
+        "cat /tmp/ready /etc/hostname /proc/self/cgroup; head -c 7 /proc/1/cmdline; echo; echo err >&2; exit 7",
     ]);
     assert_eq!(exec.status.code(), Some(7), "{}", stderr(&exec));
-    assert_eq!(stdout(&exec), "ready\nvmweb\n0::/\n");
+    // Its PID 1 is the container's.
+    assert_eq!(stdout(&exec), "ready\nvmweb\n0::/\n/bin/sh\n");
     assert_eq!(stderr(&exec), "err\n");
     let exec = env.husk(&["exec", "vmweb", "-c", "nope", "--", "true"]);
     assert_eq!(exec.status.code(), Some(2));

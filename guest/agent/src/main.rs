@@ -600,9 +600,14 @@ fn enter_container(
                 }
             };
             // The cgroup namespace is rooted at the container's own cgroup,
-            // joined before this.
+            // joined before this. The PID namespace takes the next child:
+            // the container's program, after the fork below.
             check(libc::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP,
+                libc::CLONE_NEWNS
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWCGROUP
+                    | libc::CLONE_NEWPID,
             ))?;
             check(libc::mount(
                 none.as_ptr(),
@@ -614,6 +619,9 @@ fn enter_container(
             if let Some(h) = &host_c {
                 check(libc::sethostname(h.as_ptr().cast(), h.len()))?;
             }
+            // From here on this is PID 1 of the container's PID namespace
+            // (its /proc is mounted from inside it).
+            fork_into_pid_namespace()?;
             check(libc::mount(
                 devfs.as_ptr(),
                 dev_c.as_ptr(),
@@ -686,6 +694,9 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
     let mut ns: Vec<(OwnedFd, libc::c_int)> = Vec::new();
     for (name, kind) in [
         ("cgroup", libc::CLONE_NEWCGROUP),
+        // The container's first process is the parent that stayed outside;
+        // its children's PID namespace is the container's.
+        ("pid_for_children", libc::CLONE_NEWPID),
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),
         ("mnt", libc::CLONE_NEWNS),
@@ -719,12 +730,89 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
             for (fd, kind) in &ns {
                 check(libc::setns(fd.as_raw_fd(), *kind))?;
             }
+            fork_into_pid_namespace()?;
             check(libc::chroot(root_c.as_ptr()))?;
             check(libc::chdir(cwd_c.as_ptr()))?;
             Ok(())
         });
     }
     Ok(())
+}
+
+/// The child forked by [`fork_into_pid_namespace`], for the forwarder.
+static PID_NS_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let child = PID_NS_CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, sig) };
+    }
+}
+
+/// Between fork and exec, after joining or making a PID namespace (which
+/// only children enter): forks once more. The child returns, to become
+/// the program (PID 1 of a new namespace, or a process in the
+/// container's). The parent stays behind as the process the agent knows:
+/// it forwards the signals it gets to the child, and ends as the child
+/// ends (the same exit code, or the same signal). Only async-signal-safe
+/// calls (a raw clone rather than fork(), so no atfork handlers run).
+///
+/// # Safety
+/// Only between fork and exec of a child of the agent.
+unsafe fn fork_into_pid_namespace() -> std::io::Result<()> {
+    // SAFETY: raw syscalls and libc calls on plain values; see above.
+    unsafe {
+        let child = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
+        if child < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if child == 0 {
+            return Ok(());
+        }
+        let child = child as libc::pid_t;
+        PID_NS_CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
+        // Hold nothing of the agent's: above all not std's exec-error pipe,
+        // whose last writer must be the child's exec.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        for sig in [
+            libc::SIGHUP,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGTERM,
+            libc::SIGCONT,
+            libc::SIGWINCH,
+            libc::SIGALRM,
+        ] {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(child, &mut status, 0);
+            if r == child {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
