@@ -521,6 +521,7 @@ fn a_vm_pod_enforces_limits_in_the_guest_and_reports_oom_kills() {
 kind: Pod
 metadata:
   name: vmoom
+  annotations: {{husk.io/hypervisor: qemu-tcg}}
 spec:
   runtimeClassName: husk-vm
   restartPolicy: Never
@@ -557,6 +558,95 @@ spec:
         ["33554432", "25000 100000", "0::/", "vm-sized"],
         "{logs}"
     );
+    // The pod's annotation chose its hypervisor.
+    let id = v["id"].as_str().unwrap();
+    let log =
+        std::fs::read_to_string(env.root().join("lib/pods").join(id).join("monitor.log")).unwrap();
+    assert!(
+        log.contains("the pod's annotation husk.io/hypervisor: qemu-tcg"),
+        "{log}"
+    );
     assert!(env.husk(&["rm", "vmoom"]).status.success());
+    env.finish();
+}
+
+#[test]
+fn a_vm_pod_and_a_wasm_pod_reach_each_other_by_pod_ip() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:mix");
+    let env = vm_env();
+    // A wasm server (wasi:sockets) and a VM server (busybox nc), each
+    // answering one connection.
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "wsrv",
+        netprobe().to_str().unwrap(),
+        "serve",
+        "8090",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vm = env.manifest(
+        "vsrv.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vsrv}}
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  containers:
+  - name: srv
+    image: {reference}
+    command: ["/bin/sh", "-c", "echo from-the-vm | nc -l -p 8091"]
+"#
+        ),
+    );
+    let out = env.run_file(&vm, &["-d"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ip = |pod: &str, container: &str| {
+        let v = env.wait_for(pod, "the server to run", |v| {
+            env.container(v, container)["state"]["running"].is_object()
+        });
+        v["status"]["podIP"].as_str().unwrap().to_owned()
+    };
+    let (wasm_ip, vm_ip) = (ip("wsrv", "main"), ip("vsrv", "srv"));
+    assert_ne!(wasm_ip, vm_ip);
+    // From inside the VM to the wasm pod, and from a wasm pod into the VM.
+    let client = env.manifest(
+        "vcli.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vcli}}
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  containers:
+  - name: cli
+    image: {reference}
+    command: ["/bin/sh", "-c", "echo from-the-vm-pod | nc -w 10 {wasm_ip} 8090"]
+"#
+        ),
+    );
+    let out = env.run_file(&client, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out), "pong from-the-vm-pod\n");
+    let out = env.husk(&[
+        "run",
+        "--rm",
+        netprobe().to_str().unwrap(),
+        "connect",
+        &vm_ip,
+        "8091",
+        "hello-vm",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("from-the-vm"), "{}", stdout(&out));
+    for p in ["wsrv", "vsrv", "vcli"] {
+        assert!(env.husk(&["rm", "-f", p]).status.success());
+    }
     env.finish();
 }

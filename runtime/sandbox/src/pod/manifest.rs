@@ -369,6 +369,31 @@ fn validate_pod(
             ))
         }
     };
+    if let Some(h) = pod
+        .metadata
+        .annotations
+        .get(crate::vm::sandbox::HYPERVISOR_ANNOTATION)
+    {
+        let key = format!(
+            "metadata.annotations[{:?}]",
+            crate::vm::sandbox::HYPERVISOR_ANNOTATION
+        );
+        if runtime_class != RUNTIME_VM {
+            return Err(err(
+                &key,
+                "only husk-vm pods have a hypervisor; set spec.runtimeClassName: husk-vm or drop the annotation".into(),
+            ));
+        }
+        if !crate::vm::sandbox::HYPERVISORS.contains(&h.as_str()) {
+            return Err(err(
+                &key,
+                format!(
+                    "unknown hypervisor {h:?}; use one of {}",
+                    crate::vm::sandbox::HYPERVISORS.join(", ")
+                ),
+            ));
+        }
+    }
     if spec.containers.is_empty() {
         return Err(err(
             "spec.containers",

@@ -81,6 +81,29 @@ pub enum VmPodError {
     Share(#[from] super::share::ShareError),
 }
 
+/// The pod annotation that picks a VM pod's hypervisor over `[vm]
+/// hypervisor`: `auto`, `qemu-tcg` or `qemu-kvm`.
+pub const HYPERVISOR_ANNOTATION: &str = "husk.io/hypervisor";
+/// What `[vm] hypervisor` and the annotation accept.
+pub const HYPERVISORS: [&str; 3] = ["auto", "qemu-tcg", "qemu-kvm"];
+
+/// The hypervisor of one pod: its annotation if it has one, else the host's.
+pub fn pod_hypervisor(plan: &PodPlan, config: &crate::config::VmConfig) -> (Accel, String) {
+    match plan.annotations.get(HYPERVISOR_ANNOTATION) {
+        Some(h) if h != "auto" => {
+            let (accel, _) = choose_hypervisor(&crate::config::VmConfig {
+                hypervisor: h.clone(),
+                ..config.clone()
+            });
+            (
+                accel,
+                format!("the pod's annotation {HYPERVISOR_ANNOTATION}: {h}"),
+            )
+        }
+        _ => choose_hypervisor(config),
+    }
+}
+
 /// Which hypervisor runs VM pods on this host, and why.
 pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Accel, String) {
     match config.hypervisor.as_str() {
@@ -240,7 +263,7 @@ impl VmSandbox {
         let t0 = Instant::now();
         std::fs::create_dir_all(&paths.run).map_err(io(&paths.run))?;
         let (kernel, agent_bin) = guest_files(&config.vm).map_err(vm_err)?;
-        let (accel, why) = choose_hypervisor(&config.vm);
+        let (accel, why) = pod_hypervisor(plan, &config.vm);
         tracing::info!(?accel, "{why}");
 
         // Layers: one read-only ext4 image per distinct layer directory.
