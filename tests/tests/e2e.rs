@@ -738,6 +738,8 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         ("vm-volume", pod("  runtimeClassName: husk-vm\n  volumes: [{name: v, emptyDir: {}}]\n  containers:\n  - {name: a, image: busybox, volumeMounts: [{name: v, mountPath: /}]}\n"), "spec.containers[0].volumeMounts[0].mountPath: a husk-vm container cannot mount a volume over its root"),
         ("hypervisor", format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad, annotations: {{husk.io/hypervisor: firecracker}}}}\nspec:\n  runtimeClassName: husk-vm\n{c}"), "metadata.annotations[\"husk.io/hypervisor\"]: unknown hypervisor \"firecracker\"; use one of auto, qemu-tcg, qemu-kvm"),
         ("hypervisor-wasm", format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad, annotations: {{husk.io/hypervisor: qemu-tcg}}}}\nspec:\n{c}"), "only husk-vm pods have a hypervisor"),
+        ("privileged", pod("  containers:\n  - {name: a, image: $PROBE, securityContext: {privileged: true}}\n"), "spec.containers[0].securityContext.privileged: privileged containers are not supported"),
+        ("capability", pod("  containers:\n  - {name: a, image: $PROBE, securityContext: {capabilities: {add: [FLY]}}}\n"), "spec.containers[0].securityContext.capabilities.add[0]: unknown capability \"FLY\""),
         ("dns-policy", pod(&format!("  dnsPolicy: Weird\n{c}")), "spec.dnsPolicy: unknown policy \"Weird\""),
         ("dns-none", pod(&format!("  dnsPolicy: None\n{c}")), "spec.dnsConfig.nameservers: dnsPolicy None needs at least one nameserver"),
         ("host-alias", pod(&format!("  hostAliases: [{{ip: 300.1.1.1, hostnames: [x]}}]\n{c}")), "spec.hostAliases[0].ip: \"300.1.1.1\" is not an IP address"),

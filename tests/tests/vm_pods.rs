@@ -650,3 +650,72 @@ spec:
     }
     env.finish();
 }
+
+#[test]
+fn a_vm_pod_applies_security_contexts() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:sec");
+    let env = vm_env();
+    let manifest = env.manifest(
+        "sec.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vmsec}}
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  securityContext: {{supplementalGroups: [50]}}
+  volumes: [{{name: data, emptyDir: {{medium: Memory}}}}]
+  containers:
+  - name: user
+    image: {reference}
+    command: ["/bin/sh", "-c", "id -u; id -g; id -G; echo $HOME; grep CapEff /proc/self/status"]
+    securityContext: {{runAsUser: 1000, runAsGroup: 1001}}
+  - name: locked
+    image: {reference}
+    command: ["/bin/sh", "-c", "id -u; (touch /new) 2>/dev/null && echo root-writable || echo root-read-only; touch /data/x && echo volume-writable; grep -E 'CapEff|NoNewPrivs' /proc/self/status"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+    securityContext:
+      readOnlyRootFilesystem: true
+      allowPrivilegeEscalation: false
+      capabilities: {{drop: [NET_RAW], add: [SYS_TIME]}}
+  - name: nonroot
+    image: {reference}
+    command: ["/bin/true"]
+    securityContext: {{runAsNonRoot: true}}
+"#
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = env.wait_for("vmsec", "the monitor to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    let logs = |c: &str| stdout(&env.husk(&["logs", "vmsec", "-c", c]));
+    // A non-root user has no capabilities; the busybox image's /etc/group
+    // lists no groups for uid 1000, so only the pod's supplemental one.
+    assert_eq!(
+        logs("user"),
+        "1000\n1001\n1001 50\n/\nCapEff:\t0000000000000000\n",
+        "{v:#}"
+    );
+    // Root keeps the default set, less NET_RAW (bit 13), plus SYS_TIME
+    // (bit 25): Docker's a80425fb - 0x2000 + 0x2000000.
+    assert_eq!(
+        logs("locked"),
+        "0\nroot-read-only\nvolume-writable\nCapEff:\t00000000aa0405fb\nNoNewPrivs:\t1\n",
+        "{v:#}"
+    );
+    let nonroot = env.container(&v, "nonroot");
+    assert_eq!(
+        nonroot["state"]["terminated"]["reason"], "StartError",
+        "{v:#}"
+    );
+    let msg = nonroot["state"]["terminated"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("runAsNonRoot"), "{msg}");
+    assert!(env.husk(&["rm", "vmsec"]).status.success());
+    env.finish();
+}

@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod network;
+mod user;
 mod volume;
 
 use husk_protocol::{
@@ -300,11 +301,39 @@ impl<W: Write + Send + 'static> Session<W> {
                 cwd.as_deref(),
                 req.rootfs.as_ref().and_then(|r| r.hostname.clone()),
                 mounts,
+                req.security.as_ref().is_some_and(|s| s.read_only_root),
             ),
             (None, Some(cwd)) => {
                 cmd.current_dir(cwd);
             }
             (None, None) => {}
+        }
+        // The user and privileges, applied last in the child (after the
+        // fork into the PID namespace and the chroot).
+        if let Some(sec) = &req.security {
+            let container_root = match (&root, &req.exec_in) {
+                (Some(r), _) => r.clone(),
+                (None, Some(t)) => Path::new(CONTAINERS).join(t).join("root"),
+                (None, None) => PathBuf::from("/"),
+            };
+            match user::resolve(&container_root, sec) {
+                Ok(r) => {
+                    if !req.env.iter().any(|e| e.starts_with("HOME=")) {
+                        cmd.env("HOME", &r.home);
+                    }
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: user::apply makes only async-signal-safe calls.
+                    unsafe {
+                        cmd.pre_exec(move || user::apply(&r));
+                    }
+                }
+                Err(e) => {
+                    if root.is_some() {
+                        remove_container_root(id);
+                    }
+                    return self.error(Some(id), format!("container user: {e}"));
+                }
+            }
         }
         cmd.stdin(if req.stdin {
             Stdio::piped()
@@ -575,6 +604,7 @@ fn enter_container(
     cwd: Option<&str>,
     hostname: Option<String>,
     mounts: Vec<volume::Prepared>,
+    read_only_root: bool,
 ) {
     use std::os::unix::process::CommandExt;
     let c = |s: &str| CString::new(s).unwrap_or_default();
@@ -670,6 +700,16 @@ fn enter_container(
                         std::ptr::null(),
                     ))?;
                 }
+            }
+            if read_only_root {
+                // The root's own mount only: volumes keep their mode.
+                check(libc::mount(
+                    std::ptr::null(),
+                    root_c.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
             }
             check(libc::chroot(root_c.as_ptr()))?;
             check(libc::chdir(cwd_c.as_ptr()))?;
@@ -974,7 +1014,7 @@ mod tests {
         let mut host = session();
         write_frame(
             &mut host,
-            &Request::Start(StartRequest {
+            &Request::Start(Box::new(StartRequest {
                 id: "a".into(),
                 argv: vec![
                     "/bin/sh".into(),
@@ -988,7 +1028,8 @@ mod tests {
                 mounts: vec![],
                 limits: None,
                 exec_in: None,
-            }),
+                security: None,
+            })),
         )
         .unwrap();
         for (data, eof) in [(&b"from "[..], false), (&b"stdin"[..], true)] {
@@ -1020,12 +1061,12 @@ mod tests {
     fn signals_reach_the_process_and_bad_requests_name_what_is_wrong() {
         let mut host = session();
         let start = |id: &str, argv: &[&str], env: &[&str]| {
-            Request::Start(StartRequest {
+            Request::Start(Box::new(StartRequest {
                 id: id.into(),
                 argv: argv.iter().map(|s| s.to_string()).collect(),
                 env: env.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
-            })
+            }))
         };
         write_frame(&mut host, &start("s", &["/bin/sleep", "60"], &[])).unwrap();
         assert!(matches!(

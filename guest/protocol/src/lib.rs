@@ -54,7 +54,7 @@ pub enum Request {
     /// apart.
     Hello { version: u32, nonce: u64 },
     /// Starts a process; the agent answers with Started or Error.
-    Start(StartRequest),
+    Start(Box<StartRequest>),
     /// Bytes for a process's stdin; `eof` closes it after them.
     Stdin {
         id: String,
@@ -102,12 +102,101 @@ pub struct StartRequest {
     /// The container's cgroup limits (only with `rootfs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Who the process runs as and what it may do (containers and execs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<Security>,
     /// Run inside the running container whose first process has this id
     /// (`kubectl exec`): its root, volumes, namespaces and cgroup. Not
     /// with `rootfs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_in: Option<String>,
 }
+
+/// A container's user and privileges.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// `user`, `uid`, `user:group` or `uid:gid`, looked up in the
+    /// container's /etc/passwd and /etc/group; None: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplemental_groups: Vec<u32>,
+    /// Refuse to run as uid 0.
+    #[serde(default)]
+    pub run_as_non_root: bool,
+    #[serde(default)]
+    pub read_only_root: bool,
+    #[serde(default)]
+    pub no_new_privs: bool,
+    /// The capabilities kept (names from [`CAPABILITIES`]); every other
+    /// one leaves the bounding set. A non-root user has none.
+    pub capabilities: Vec<String>,
+}
+
+/// The capabilities a container keeps by default (Docker's and
+/// containerd's default set).
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// Every capability name Linux 6.1 knows, in number order.
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
 
 /// A container's resource limits (Kubernetes `resources.limits`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

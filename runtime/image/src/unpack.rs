@@ -311,6 +311,8 @@ pub struct RunConfig {
     /// `NAME=value` pairs.
     pub env: Vec<String>,
     pub working_dir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, as the image says.
+    pub user: Option<String>,
 }
 
 impl Store {
@@ -338,6 +340,11 @@ impl Store {
             env: list("Env"),
             working_dir: c
                 .and_then(|c| c.get("WorkingDir"))
+                .and_then(|w| w.as_str())
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned),
+            user: c
+                .and_then(|c| c.get("User"))
                 .and_then(|w| w.as_str())
                 .filter(|w| !w.is_empty())
                 .map(str::to_owned),

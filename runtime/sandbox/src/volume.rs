@@ -331,6 +331,8 @@ mod tests {
             cpu_limit_millis: None,
             layers: vec![],
             layer_images: vec![],
+            security: Default::default(),
+            image_user: None,
         }
     }
 

@@ -119,6 +119,7 @@ impl ImageResolver for StoreResolver<'_> {
             cmd: run.cmd,
             env: run.env,
             working_dir: run.working_dir,
+            user: run.user,
         })
     }
 }

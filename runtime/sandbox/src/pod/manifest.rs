@@ -61,6 +61,8 @@ pub struct LinuxImage {
     /// `NAME=value` from the image config.
     pub env: Vec<String>,
     pub working_dir: Option<String>,
+    /// The image config's `User`.
+    pub user: Option<String>,
 }
 
 /// Whether a container's `image` names a file rather than a registry
@@ -547,7 +549,9 @@ fn validate_pod(
                 ));
             }
             let vm = runtime_class == RUNTIME_VM;
-            out.push(validate_container(c, &at, &volumes, docs, src, vm, err)?);
+            let mut plan = validate_container(c, &at, &volumes, docs, src, vm, err)?;
+            plan.security = validate_security(&spec.security_context, c, &plan, &at, err)?;
+            out.push(plan);
         }
     }
     // The containers of a pod share one netns: a port can be bound once.
@@ -1109,6 +1113,7 @@ fn validate_container(
         .working_dir
         .clone()
         .or_else(|| linux.as_ref().and_then(|l| l.working_dir.clone()));
+    let image_user = linux.as_ref().and_then(|l| l.user.clone());
 
     Ok(ContainerPlan {
         name: c.name.clone(),
@@ -1127,6 +1132,93 @@ fn validate_container(
         ports,
         memory_limit,
         cpu_limit_millis,
+        security: SecurityPlan::default(),
+        image_user,
+    })
+}
+
+/// A container's securityContext merged over the pod's and the image's
+/// User, as the kubelet does. Privileged containers are refused: a VM
+/// pod's guest is its boundary, and wasm has no privileges to grant.
+fn validate_security(
+    pod: &spec::PodSecurityContext,
+    c: &spec::Container,
+    plan: &ContainerPlan,
+    at: &str,
+    err: &dyn Fn(&str, String) -> ManifestError,
+) -> Result<SecurityPlan, ManifestError> {
+    let sc = c.security_context.clone().unwrap_or_default();
+    if sc.privileged == Some(true) {
+        return Err(err(
+            &format!("{at}.securityContext.privileged"),
+            "privileged containers are not supported by husk sandboxes; grant single capabilities with capabilities.add".into(),
+        ));
+    }
+    let id = |v: Option<i64>, field: &str| -> Result<Option<u32>, ManifestError> {
+        match v {
+            None => Ok(None),
+            Some(n) if (0..=i64::from(u32::MAX - 1)).contains(&n) => Ok(Some(n as u32)),
+            Some(n) => Err(err(field, format!("{n} is not a user or group id"))),
+        }
+    };
+    let uid = match sc.run_as_user {
+        Some(u) => id(Some(u), &format!("{at}.securityContext.runAsUser"))?,
+        None => id(pod.run_as_user, "spec.securityContext.runAsUser")?,
+    };
+    let gid = match sc.run_as_group {
+        Some(g) => id(Some(g), &format!("{at}.securityContext.runAsGroup"))?,
+        None => id(pod.run_as_group, "spec.securityContext.runAsGroup")?,
+    };
+    let mut groups = Vec::new();
+    for (i, g) in pod.supplemental_groups.iter().enumerate() {
+        groups.push(
+            id(
+                Some(*g),
+                &format!("spec.securityContext.supplementalGroups[{i}]"),
+            )?
+            .unwrap_or_default(),
+        );
+    }
+    // The image's User, with runAsUser / runAsGroup taking its place.
+    let (image_user, image_group) = match &plan.image_user {
+        Some(u) => match u.split_once(':') {
+            Some((u, g)) => (Some(u.to_owned()), Some(g.to_owned())),
+            None => (Some(u.clone()), None),
+        },
+        None => (None, None),
+    };
+    let user = uid.map(|u| u.to_string()).or(image_user);
+    let group = gid.map(|g| g.to_string()).or(image_group);
+    let user = match (user, group) {
+        (None, None) => None,
+        (None, Some(g)) => Some(format!("0:{g}")),
+        (Some(u), None) => Some(u),
+        (Some(u), Some(g)) => Some(format!("{u}:{g}")),
+    };
+    let caps = |list: &[String], field: &str| -> Result<Vec<String>, ManifestError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let name = c.trim_start_matches("CAP_").to_ascii_uppercase();
+                if name == "ALL" || husk_protocol::CAPABILITIES.contains(&name.as_str()) {
+                    Ok(name)
+                } else {
+                    Err(err(
+                        &format!("{at}.securityContext.capabilities.{field}[{i}]"),
+                        format!("unknown capability {c:?}"),
+                    ))
+                }
+            })
+            .collect()
+    };
+    Ok(SecurityPlan {
+        user,
+        supplemental_groups: groups,
+        run_as_non_root: sc.run_as_non_root.or(pod.run_as_non_root).unwrap_or(false),
+        read_only_root: sc.read_only_root_filesystem.unwrap_or(false),
+        no_new_privs: sc.allow_privilege_escalation == Some(false),
+        cap_add: caps(&sc.capabilities.add, "add")?,
+        cap_drop: caps(&sc.capabilities.drop, "drop")?,
     })
 }
 
@@ -1167,4 +1259,76 @@ pub fn expand_vars(s: &str, env: &[EnvEntry]) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+
+    fn merged(
+        pod: spec::PodSecurityContext,
+        sc: Option<spec::SecurityContext>,
+        image_user: Option<&str>,
+    ) -> Result<SecurityPlan, String> {
+        let c = spec::Container {
+            name: "c".into(),
+            security_context: sc,
+            ..Default::default()
+        };
+        let plan: ContainerPlan = serde_json::from_value(serde_json::json!({
+            "name": "c", "imageRef": "i", "image": "i", "guestKind": "linux",
+            "argv": [], "env": [], "workingDir": null, "mounts": [], "ports": [],
+            "memoryLimit": null, "cpuLimitMillis": null, "layers": [], "layerImages": [],
+            "imageUser": image_user,
+        }))
+        .unwrap();
+        let err = |path: &str, msg: String| ManifestError {
+            file: "f".into(),
+            doc: "d".into(),
+            path: path.into(),
+            msg,
+        };
+        validate_security(&pod, &c, &plan, "spec.containers[0]", &err)
+            .map_err(|e| format!("{}: {}", e.path, e.msg))
+    }
+
+    #[test]
+    fn the_container_wins_over_the_pod_over_the_image() {
+        let pod = spec::PodSecurityContext {
+            run_as_user: Some(2000),
+            run_as_non_root: Some(true),
+            supplemental_groups: vec![7],
+            ..Default::default()
+        };
+        // The image's user:group, runAsUser from the pod replacing the user.
+        let p = merged(pod.clone(), None, Some("app:staff")).unwrap();
+        assert_eq!(p.user.as_deref(), Some("2000:staff"));
+        assert!(p.run_as_non_root);
+        assert_eq!(p.supplemental_groups, vec![7]);
+        // The container's runAsUser and runAsGroup over both.
+        let sc = spec::SecurityContext {
+            run_as_user: Some(3000),
+            run_as_group: Some(30),
+            run_as_non_root: Some(false),
+            ..Default::default()
+        };
+        let p = merged(pod, Some(sc), Some("app:staff")).unwrap();
+        assert_eq!(p.user.as_deref(), Some("3000:30"));
+        assert!(!p.run_as_non_root);
+        // The image alone, and nothing at all (root).
+        let none = spec::PodSecurityContext::default();
+        let p = merged(none.clone(), None, Some("app")).unwrap();
+        assert_eq!(p.user.as_deref(), Some("app"));
+        assert_eq!(merged(none.clone(), None, None).unwrap().user, None);
+        // Ids out of range are refused by field.
+        let sc = spec::SecurityContext {
+            run_as_user: Some(-1),
+            ..Default::default()
+        };
+        let e = merged(none, Some(sc), None).unwrap_err();
+        assert!(
+            e.starts_with("spec.containers[0].securityContext.runAsUser"),
+            "{e}"
+        );
+    }
 }

@@ -41,6 +41,27 @@ pub struct PodPlan {
     pub host_aliases: Vec<(String, Vec<String>)>,
 }
 
+/// A container's user and privileges: securityContext over the pod's over
+/// the image's `User`, as the kubelet merges them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityPlan {
+    /// `user`, `uid`, `user:group` or `uid:gid`; resolved against the
+    /// container's /etc/passwd and /etc/group when it names them. None:
+    /// root.
+    pub user: Option<String>,
+    pub supplemental_groups: Vec<u32>,
+    /// Refuse to start as uid 0 (or as a user name that cannot be checked).
+    pub run_as_non_root: bool,
+    pub read_only_root: bool,
+    /// no_new_privs (allowPrivilegeEscalation: false).
+    pub no_new_privs: bool,
+    /// Capabilities beyond the default set (upper-case, without `CAP_`).
+    pub cap_add: Vec<String>,
+    /// Capabilities taken away (`ALL` takes every one).
+    pub cap_drop: Vec<String>,
+}
+
 /// spec.dnsPolicy and spec.dnsConfig, checked.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -71,6 +92,12 @@ pub struct ContainerPlan {
     pub ports: Vec<PortPlan>,
     pub memory_limit: Option<u64>,
     pub cpu_limit_millis: Option<u64>,
+    /// Who the container runs as and with what privileges (VM pods).
+    #[serde(default)]
+    pub security: SecurityPlan,
+    /// The image config's `User` (Linux images).
+    #[serde(default)]
+    pub image_user: Option<String>,
     /// A Linux image's unpacked layers, lowest first (VM pods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<PathBuf>,

@@ -42,6 +42,39 @@ pub struct PodSpec {
     pub dns_config: Option<DnsConfig>,
     #[serde(default)]
     pub host_aliases: Vec<HostAlias>,
+    #[serde(default)]
+    pub security_context: PodSecurityContext,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSecurityContext {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub run_as_non_root: Option<bool>,
+    #[serde(default)]
+    pub supplemental_groups: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub run_as_non_root: Option<bool>,
+    pub read_only_root_filesystem: Option<bool>,
+    pub allow_privilege_escalation: Option<bool>,
+    pub privileged: Option<bool>,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub drop: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -98,6 +131,7 @@ pub struct Container {
     pub ports: Vec<ContainerPort>,
     #[serde(default)]
     pub resources: Resources,
+    pub security_context: Option<SecurityContext>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -157,7 +157,7 @@ impl AgentClient {
             }
             routes.insert(id.clone(), tx);
         }
-        let sent = write_frame(&mut *lock(&self.writer), &Request::Start(req));
+        let sent = write_frame(&mut *lock(&self.writer), &Request::Start(Box::new(req)));
         let first = sent.map_err(AgentError::from).and_then(|()| {
             rx.recv_timeout(Duration::from_secs(30))
                 .map_err(|e| match e {

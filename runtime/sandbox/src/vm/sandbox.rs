@@ -670,6 +670,7 @@ impl VmSandbox {
                     cpu_max_millis: c.cpu_limit_millis,
                 }),
                 exec_in: None,
+                security: Some(security(&c.security)),
             })
             .map_err(|e| e.to_string())?;
         self.stop
@@ -727,6 +728,38 @@ impl VmSandbox {
         let _ = out_pump.join();
         let _ = err_pump.join();
         result
+    }
+}
+
+/// What the agent applies for a container's securityContext: the default
+/// capabilities, less `drop`, plus `add` (`ALL` in either means every one).
+fn security(s: &crate::pod::SecurityPlan) -> husk_protocol::Security {
+    use husk_protocol::{CAPABILITIES, DEFAULT_CAPABILITIES};
+    let mut caps: Vec<String> = if s.cap_drop.iter().any(|c| c == "ALL") {
+        Vec::new()
+    } else {
+        DEFAULT_CAPABILITIES
+            .iter()
+            .filter(|c| !s.cap_drop.iter().any(|d| d == *c))
+            .map(|c| c.to_string())
+            .collect()
+    };
+    if s.cap_add.iter().any(|c| c == "ALL") {
+        caps = CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    } else {
+        for c in &s.cap_add {
+            if !caps.contains(c) {
+                caps.push(c.clone());
+            }
+        }
+    }
+    husk_protocol::Security {
+        user: s.user.clone(),
+        supplemental_groups: s.supplemental_groups.clone(),
+        run_as_non_root: s.run_as_non_root,
+        read_only_root: s.read_only_root,
+        no_new_privs: s.no_new_privs,
+        capabilities: caps,
     }
 }
 
@@ -954,6 +987,7 @@ impl Sandbox for VmSandbox {
                 env,
                 cwd: c.working_dir.clone(),
                 exec_in: Some(target),
+                security: Some(security(&c.security)),
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;
