@@ -24,6 +24,8 @@ pub enum Request {
         argv: Vec<String>,
         timeout_secs: u64,
     },
+    /// Resource usage of the running containers.
+    Stats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -36,6 +38,8 @@ pub struct Reply {
     pub status: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<husk_sandbox::ExecOutput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<husk_sandbox::PodStats>,
 }
 
 /// Sends one request to a monitor and reads its reply.

@@ -36,6 +36,8 @@ enum Command {
     Stop(cli::stop::StopArgs),
     /// Run a command in a running container of a VM pod.
     Exec(cli::exec::ExecArgs),
+    /// CPU, memory and processes of a VM pod's running containers.
+    Stats(cli::stats::StatsArgs),
     /// Remove pods (their logs and emptyDirs go with them).
     Rm(cli::rm::RmArgs),
     /// What this host runs pods with (hypervisor for VM pods, and why).
@@ -91,6 +93,7 @@ fn main() {
         Command::Inspect(a) => cli::inspect::run(&roots, a),
         Command::Stop(a) => cli::stop::run(&roots, a),
         Command::Exec(a) => cli::exec::run(&roots, a),
+        Command::Stats(a) => cli::stats::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
         Command::Info(a) => cli::info::run(&roots, a),
         Command::Pull(a) => cli::images::pull(&roots, a),

@@ -236,6 +236,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         error: None,
                         status: None,
                         exec: None,
+                        stats: None,
                     }
                 }
                 Ok(Request::Status) => Reply {
@@ -243,6 +244,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     error: None,
                     status: serde_json::to_value(sb.status()).ok(),
                     exec: None,
+                    stats: None,
                 },
                 Ok(Request::Exec {
                     container,
@@ -265,12 +267,36 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             error: None,
                             status: None,
                             exec: Some(out),
+                            stats: None,
                         },
                         Err(e) => Reply {
                             ok: false,
                             error: Some(e),
                             status: None,
                             exec: None,
+                            stats: None,
+                        },
+                    }
+                }
+                Ok(Request::Stats) => {
+                    let sb = sb.clone();
+                    match tokio::task::spawn_blocking(move || sb.stats())
+                        .await
+                        .unwrap_or_else(|e| Err(format!("stats: {e}")))
+                    {
+                        Ok(st) => Reply {
+                            ok: true,
+                            error: None,
+                            status: None,
+                            exec: None,
+                            stats: Some(st),
+                        },
+                        Err(e) => Reply {
+                            ok: false,
+                            error: Some(e),
+                            status: None,
+                            exec: None,
+                            stats: None,
                         },
                     }
                 }
@@ -279,6 +305,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     error: Some(format!("bad request: {e}")),
                     status: None,
                     exec: None,
+                    stats: None,
                 },
             };
             let mut out = serde_json::to_vec(&reply).expect("json");

@@ -387,6 +387,13 @@ fn memory_limit_oomkills_and_cpu_loop_can_be_stopped() {
         env.container(v, "main")["state"]["running"].is_object()
     });
     // A wasm container has no processes to exec beside it: said clearly.
+    let out = env.husk(&["stats", "spin"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stats are not supported in husk-wasm pods"),
+        "{}",
+        stderr(&out)
+    );
     let out = env.husk(&["exec", "spin", "--", "sh"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

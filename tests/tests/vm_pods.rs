@@ -217,6 +217,25 @@ spec:
         "{}",
         stderr(&exec)
     );
+    // husk stats: the container's cgroup and the whole guest.
+    let st = env.husk(&["stats", "--format", "json", "vmweb"]);
+    assert!(st.status.success(), "{}", stderr(&st));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let rows = st.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{st:#}");
+    assert_eq!(rows[0]["container"], "web", "{st:#}");
+    // sh, the nc loop's subshell and nc, and the process husk tracks.
+    assert!(rows[0]["pids"].as_u64().unwrap() >= 3, "{st:#}");
+    let mem = rows[0]["memoryBytes"].as_u64().unwrap();
+    assert!(mem > 0 && mem < 64 << 20, "{st:#}");
+    assert!(rows[1]["container"].is_null(), "{st:#}");
+    let total = rows[1]["memoryLimitBytes"].as_u64().unwrap();
+    assert!(total > 200 << 20 && total <= 256 << 20, "{st:#}");
+    let table = stdout(&env.husk(&["stats", "vmweb"]));
+    assert!(
+        table.starts_with("POD") && table.contains("vmweb"),
+        "{table}"
+    );
     // husk stop: SIGTERM reaches the container in the guest.
     let stop = env.husk(&["stop", "vmweb"]);
     assert!(stop.status.success(), "{}", stderr(&stop));

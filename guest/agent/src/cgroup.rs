@@ -101,3 +101,97 @@ impl Drop for Cgroup {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Usage of every container cgroup under `root`/husk, and of the guest
+/// (from `proc`: /proc/stat and /proc/meminfo).
+pub fn stats(root: &Path, proc: &Path) -> husk_protocol::GuestStats {
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut containers = Vec::new();
+    let mut dirs: Vec<_> = std::fs::read_dir(root.join("husk"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    dirs.sort_by_key(|e| e.file_name());
+    for e in dirs {
+        let dir = e.path();
+        let limit = read(dir.join("memory.max"));
+        containers.push(husk_protocol::ContainerStats {
+            id: e.file_name().to_string_lossy().into_owned(),
+            cpu_usage_usec: field(&read(dir.join("cpu.stat")), "usage_usec "),
+            memory_bytes: read(dir.join("memory.current")).trim().parse().unwrap_or(0),
+            memory_limit_bytes: limit.trim().parse().ok(),
+            pids: read(dir.join("pids.current")).trim().parse().unwrap_or(0),
+        });
+    }
+    // /proc/stat's first line: user nice system idle iowait irq softirq
+    // steal, in clock ticks (USER_HZ, 100 on Linux).
+    let stat = read(proc.join("stat"));
+    let busy: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    let meminfo = read(proc.join("meminfo"));
+    husk_protocol::GuestStats {
+        containers,
+        cpu_usage_usec: busy * 10_000,
+        memory_total_bytes: field(&meminfo, "MemTotal:") * 1024,
+        memory_available_bytes: field(&meminfo, "MemAvailable:") * 1024,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stats_come_from_the_cgroups_and_proc() {
+        let t = tempfile::tempdir().unwrap();
+        let c = t.path().join("cg/husk/web.0");
+        std::fs::create_dir_all(&c).unwrap();
+        std::fs::write(c.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
+        std::fs::write(c.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(c.join("memory.max"), "max\n").unwrap();
+        std::fs::write(c.join("pids.current"), "3\n").unwrap();
+        let p = t.path().join("proc");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("stat"), "cpu  10 1 5 1000 7 2 3 0 0 0\ncpu0 1 2\n").unwrap();
+        std::fs::write(
+            p.join("meminfo"),
+            "MemTotal: 1000 kB\nMemFree: 10 kB\nMemAvailable: 500 kB\n",
+        )
+        .unwrap();
+        let s = super::stats(&t.path().join("cg"), &p);
+        assert_eq!(s.containers.len(), 1);
+        let w = &s.containers[0];
+        assert_eq!(
+            (
+                w.id.as_str(),
+                w.cpu_usage_usec,
+                w.memory_bytes,
+                w.memory_limit_bytes,
+                w.pids
+            ),
+            ("web.0", 1500, 4096, None, 3)
+        );
+        // user + nice + system + irq + softirq + steal = 21 ticks.
+        assert_eq!(s.cpu_usage_usec, 210_000);
+        assert_eq!(
+            (s.memory_total_bytes, s.memory_available_bytes),
+            (1_024_000, 512_000)
+        );
+    }
+}

@@ -898,6 +898,10 @@ fn serve<R: Read, W: Write + Send + 'static>(
                 Ok(interface) => session.send(&Event::NetworkReady { interface })?,
                 Err(e) => session.error(None, format!("network: {e}"))?,
             },
+            Request::Stats => session.send(&Event::Stats(cgroup::stats(
+                Path::new(cgroup::ROOT),
+                Path::new("/proc"),
+            )))?,
             Request::Volume(v) => match volume::add(v) {
                 Ok(()) => session.send(&Event::VolumeReady {
                     name: v.name.clone(),

@@ -72,6 +72,8 @@ pub enum Request {
     /// containers to mount; answered with VolumeReady or an Error naming
     /// the volume.
     Volume(VolumeRequest),
+    /// Asks for resource usage; answered with Stats.
+    Stats,
     /// Kills what still runs, syncs file systems and ends the VM (a reset,
     /// which the VMM turns into its exit).
     Shutdown,
@@ -110,6 +112,30 @@ pub struct StartRequest {
     /// with `rootfs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_in: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestStats {
+    pub containers: Vec<ContainerStats>,
+    /// CPU time the guest spent busy (all vCPUs), in microseconds.
+    pub cpu_usage_usec: u64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+}
+
+/// A running container's usage, from its cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerStats {
+    /// The id its first process was started under.
+    pub id: String,
+    pub cpu_usage_usec: u64,
+    pub memory_bytes: u64,
+    /// memory.max, when limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    pub pids: u64,
 }
 
 /// A container's user and privileges.
@@ -345,6 +371,8 @@ pub enum Event {
     VolumeReady {
         name: String,
     },
+    /// Resource usage of each running container and of the whole guest.
+    Stats(GuestStats),
     ShuttingDown,
 }
 

@@ -14,4 +14,4 @@ pub mod volume;
 pub mod wasm;
 
 pub use vm::sandbox::VmSandbox;
-pub use wasm::{ExecOutput, Sandbox, SandboxError, WasmSandbox};
+pub use wasm::{ContainerUsage, ExecOutput, PodStats, Sandbox, SandboxError, VmUsage, WasmSandbox};

@@ -9,6 +9,7 @@ pub mod logs;
 pub mod ps;
 pub mod rm;
 pub mod run;
+pub mod stats;
 pub mod stop;
 
 use husk_sandbox::state::{pid_alive, PodRecord, PodStatus, Roots};

@@ -236,6 +236,20 @@ impl AgentClient {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Resource usage of the guest and of each running container.
+    pub fn stats(&self) -> Result<husk_protocol::GuestStats, AgentError> {
+        let control = lock(&self.control);
+        write_frame(&mut *lock(&self.writer), &Request::Stats)?;
+        let limit = Duration::from_secs(10);
+        match control.recv_timeout(limit) {
+            Ok(Event::Stats(s)) => Ok(s),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Asks the guest to kill what runs, sync and power off; the VM ends
     /// after the answer.
     pub fn shutdown(&self) -> Result<(), AgentError> {

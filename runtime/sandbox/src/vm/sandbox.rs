@@ -1008,6 +1008,33 @@ impl Sandbox for VmSandbox {
         }
     }
 
+    fn stats(&self) -> Result<crate::PodStats, String> {
+        let s = self.agent.stats().map_err(|e| e.to_string())?;
+        Ok(crate::PodStats {
+            containers: s
+                .containers
+                .into_iter()
+                // Execs have no cgroup of their own; a container's id is
+                // `<name>.<restart>`.
+                .filter_map(|c| {
+                    let (name, _) = c.id.rsplit_once('.')?;
+                    Some(crate::ContainerUsage {
+                        name: name.to_owned(),
+                        cpu_usage_usec: c.cpu_usage_usec,
+                        memory_bytes: c.memory_bytes,
+                        memory_limit_bytes: c.memory_limit_bytes,
+                        pids: c.pids,
+                    })
+                })
+                .collect(),
+            vm: Some(crate::VmUsage {
+                cpu_usage_usec: s.cpu_usage_usec,
+                memory_total_bytes: s.memory_total_bytes,
+                memory_available_bytes: s.memory_available_bytes,
+            }),
+        })
+    }
+
     fn request_stop(&self, grace: Duration) {
         if !self.stop.requested.swap(true, Ordering::SeqCst) {
             *self.stop.deadline.lock().unwrap_or_else(|p| p.into_inner()) =

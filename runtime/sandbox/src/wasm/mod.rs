@@ -58,6 +58,13 @@ pub trait Sandbox: Send + Sync {
     /// Runs `argv` in a running container (`kubectl exec` without a TTY;
     /// the pod's first container when `container` is None) and returns
     /// its output and exit code. Blocking.
+    /// Resource usage of the pod's running containers.
+    fn stats(&self) -> Result<PodStats, String> {
+        Err(format!(
+            "stats are not supported in {} pods yet",
+            self.runtime_class()
+        ))
+    }
     fn exec(
         &self,
         container: Option<&str>,
@@ -70,6 +77,35 @@ pub trait Sandbox: Send + Sync {
             self.runtime_class()
         ))
     }
+}
+
+/// A pod's resource usage at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStats {
+    pub containers: Vec<ContainerUsage>,
+    /// The whole VM (VM pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmUsage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerUsage {
+    pub name: String,
+    /// CPU time used, in microseconds.
+    pub cpu_usage_usec: u64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmUsage {
+    pub cpu_usage_usec: u64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
 }
 
 /// What an exec produced.
