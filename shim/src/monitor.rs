@@ -139,13 +139,17 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(&socket);
     sandbox.teardown();
-    let mut st: PodStatus = sandbox.status();
-    st.finished = true;
-    st.monitor_pid = None;
-    let _ = st.save(&paths);
     let _ = std::fs::remove_dir_all(&paths.run);
+    // Marking the pod finished is the monitor's last act: `husk rm` (and
+    // anyone waiting for the pod) may remove its state from then on, and
+    // must not race the monitor's own cleanup.
     if record.is_some_and(|r| r.auto_remove) {
         let _ = std::fs::remove_dir_all(&paths.lib);
+    } else {
+        let mut st: PodStatus = sandbox.status();
+        st.finished = true;
+        st.monitor_pid = None;
+        let _ = st.save(&paths);
     }
     0
 }

@@ -50,6 +50,7 @@ fn tcg_config(kernel: &str, modules: Option<&Path>, dir: &Path, disks: &[PathBuf
         acpi: modules.is_some(),
         disks: disks.iter().map(|d| (d.clone(), true)).collect(),
         shares: vec![],
+        extra_args: vec![],
     }
 }
 
@@ -83,11 +84,32 @@ fn the_agent_runs_processes_in_kernel_b_and_powers_the_vm_off() {
     let mut data = b"a known line on a virtio-blk disk\n".to_vec();
     data.resize(64 * 1024, 0);
     std::fs::write(&disk, &data).unwrap();
-    let mut vm = boot("kernel-b.bzImage", None, dir.path(), Some(&disk));
+    // The guest's RTC says 2001: the agent takes the host's time instead.
+    let mut cfg = tcg_config(
+        "kernel-b.bzImage",
+        None,
+        dir.path(),
+        std::slice::from_ref(&disk),
+    );
+    cfg.extra_args = vec!["-rtc".into(), "base=2001-01-01T00:00:00".into()];
+    let mut vm = QemuVm::start(&cfg, &dir.path().join("run")).unwrap();
     let agent = vm
         .agent(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
     assert!(agent.kernel().starts_with("6."), "{}", agent.kernel());
+    let guest_now: u64 = String::from_utf8_lossy(&run(&agent, "clock", "date +%s").stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now.abs_diff(guest_now) < 30,
+        "guest {guest_now}, host {now}\n{}",
+        vm.console()
+    );
 
     // Output, exit code, stdin and an environment of exactly what was given.
     let p = agent
@@ -200,6 +222,7 @@ fn a_vm_that_cannot_start_leaves_nothing_behind() {
         acpi: false,
         disks: vec![],
         shares: vec![],
+        extra_args: vec![],
     };
     let err = QemuVm::start(&cfg, &dir.path().join("run")).err().unwrap();
     assert!(err.to_string().contains("no-such-kernel"), "{err}");

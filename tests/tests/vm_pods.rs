@@ -49,7 +49,7 @@ spec:
   containers:
   - name: main
     image: {reference}
-    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; echo kernel=$(uname -r); echo procs=$(ls -d /proc/[0-9]* | wc -l); echo pid=$$$$; exit 3"]
+    args: ["/bin/sh", "-c", "echo host=$(hostname); cat /etc/greeting; echo $GREETING; ip=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); echo ip=${{ip%/*}}; echo kernel=$(uname -r); echo procs=$(ls -d /proc/[0-9]* | wc -l); echo pid=$$$$; echo time=$(date +%s); exit 3"]
     env:
     - name: GREETING
       value: from-the-pod
@@ -97,6 +97,16 @@ spec:
         "{procs} processes seen in the container: {logs}"
     );
     assert_eq!(lines[6], "pid=1", "{logs}");
+    // The guest's clock is the host's.
+    let guest_time: i64 = lines[7].strip_prefix("time=").unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now - guest_time).abs() < 60,
+        "guest time {guest_time}, host {now}"
+    );
     let init_logs = env.husk(&["logs", "vmpod", "-c", "setup"]);
     assert_eq!(stdout(&init_logs), "init ran\n");
     // The monitor powers the guest off and releases everything, then ends.
@@ -665,7 +675,8 @@ spec:
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("from-the-vm"), "{}", stdout(&out));
     for p in ["wsrv", "vsrv", "vcli"] {
-        assert!(env.husk(&["rm", "-f", p]).status.success());
+        let rm = env.husk(&["rm", "-f", p]);
+        assert!(rm.status.success(), "rm -f {p}: {}", stderr(&rm));
     }
     env.finish();
 }

@@ -886,10 +886,19 @@ fn serve<R: Read, W: Write + Send + 'static>(
             }
         };
         match &req {
-            Request::Hello { nonce, .. } => session.send(&Event::Hello {
+            Request::Hello {
+                nonce,
+                time_unix_ms,
+                ..
+            } => session.send(&Event::Hello {
                 version: husk_protocol::VERSION,
                 nonce: *nonce,
-                kernel: kernel_release(),
+                kernel: {
+                    if let Some(ms) = time_unix_ms {
+                        set_clock(*ms);
+                    }
+                    kernel_release()
+                },
             })?,
             Request::Start(s) => session.start(s)?,
             Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
@@ -913,6 +922,32 @@ fn serve<R: Read, W: Write + Send + 'static>(
                 session.send(&Event::ShuttingDown)?;
                 return Ok(true);
             }
+        }
+    }
+}
+
+/// Sets the guest's wall clock to the host's when they are more than a
+/// second apart.
+fn set_clock(host_ms: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if now.abs_diff(host_ms) > 1000 {
+        let ts = libc::timespec {
+            tv_sec: (host_ms / 1000) as libc::time_t,
+            tv_nsec: ((host_ms % 1000) * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: a valid timespec for the duration of the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            log(&format!(
+                "setting the clock: {}",
+                std::io::Error::last_os_error()
+            ));
+        } else {
+            log(&format!(
+                "clock set from the host ({} ms off)",
+                now.abs_diff(host_ms)
+            ));
         }
     }
 }

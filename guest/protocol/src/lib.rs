@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// The protocol version; bumped on every incompatible change.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
 /// The vsock port the agent listens on (husk-vmm).
@@ -52,7 +52,15 @@ pub enum Request {
     /// nonce, so a host that had to repeat its hello (a virtio-serial port
     /// drops what arrives before the guest opens it) can tell the answers
     /// apart.
-    Hello { version: u32, nonce: u64 },
+    Hello {
+        version: u32,
+        nonce: u64,
+        /// The host's wall clock (ms since the epoch): the agent sets the
+        /// guest's from it when they differ (a VM without an RTC starts at
+        /// 1970).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        time_unix_ms: Option<u64>,
+    },
     /// Starts a process; the agent answers with Started or Error.
     Start(Box<StartRequest>),
     /// Bytes for a process's stdin; `eof` closes it after them.

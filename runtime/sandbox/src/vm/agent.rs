@@ -68,6 +68,10 @@ impl AgentClient {
                     &Request::Hello {
                         version: VERSION,
                         nonce,
+                        time_unix_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_millis() as u64),
                     },
                 )?;
                 resend = now + Duration::from_millis(250);

@@ -37,6 +37,9 @@ pub struct QemuConfig {
     pub disks: Vec<(PathBuf, bool)>,
     /// virtio-fs shares served by virtiofsd (see [`super::share`]).
     pub shares: Vec<super::share::Share>,
+    /// Appended to QEMU's arguments (debugging; tests that provoke what a
+    /// real host may do, like a guest RTC far off).
+    pub extra_args: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +236,7 @@ impl QemuVm {
                 });
             }
         }
+        cmd.args(&cfg.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(
                 console
@@ -335,6 +339,7 @@ mod tests {
             acpi: false,
             disks: vec![],
             shares: vec![],
+            extra_args: vec![],
         };
         let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
         assert!(khz > 100_000, "{khz}");

@@ -407,6 +407,7 @@ impl VmSandbox {
             acpi: config.vm.acpi,
             disks,
             shares: shares.shares().to_vec(),
+            extra_args: Vec::new(),
         };
         let host_before_boot = t0.elapsed();
         let vm = QemuVm::start_with_nic(&qemu, &paths.run.join("vm"), Some(&vm_nic))
