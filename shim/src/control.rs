@@ -26,6 +26,12 @@ pub enum Request {
     },
     /// Resource usage of the running containers.
     Stats,
+    /// Changes a container's limits (the given ones).
+    Update {
+        container: Option<String>,
+        memory_bytes: Option<u64>,
+        cpu_millis: Option<u64>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

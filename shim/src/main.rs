@@ -38,6 +38,8 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     /// CPU, memory and processes of a VM pod's running containers.
     Stats(cli::stats::StatsArgs),
+    /// Change a VM pod container's memory or CPU limit while it runs.
+    Update(cli::update::UpdateArgs),
     /// Remove pods (their logs and emptyDirs go with them).
     Rm(cli::rm::RmArgs),
     /// What this host runs pods with (hypervisor for VM pods, and why).
@@ -94,6 +96,7 @@ fn main() {
         Command::Stop(a) => cli::stop::run(&roots, a),
         Command::Exec(a) => cli::exec::run(&roots, a),
         Command::Stats(a) => cli::stats::run(&roots, a),
+        Command::Update(a) => cli::update::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
         Command::Info(a) => cli::info::run(&roots, a),
         Command::Pull(a) => cli::images::pull(&roots, a),

@@ -282,6 +282,25 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         },
                     }
                 }
+                Ok(Request::Update {
+                    container,
+                    memory_bytes,
+                    cpu_millis,
+                }) => {
+                    let sb = sb.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        sb.update(container.as_deref(), memory_bytes, cpu_millis)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("update: {e}")));
+                    Reply {
+                        ok: result.is_ok(),
+                        error: result.err(),
+                        status: None,
+                        exec: None,
+                        stats: None,
+                    }
+                }
                 Ok(Request::Stats) => {
                     let sb = sb.clone();
                     match tokio::task::spawn_blocking(move || sb.stats())

@@ -227,6 +227,31 @@ spec:
         "{}",
         stderr(&exec)
     );
+    // husk update: new limits on the running container's cgroup.
+    let up = env.husk(&["update", "--memory", "48Mi", "--cpus", "0.5", "vmweb"]);
+    assert!(up.status.success(), "{}", stderr(&up));
+    let exec = env.husk(&[
+        "exec",
+        "vmweb",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max",
+    ]);
+    assert_eq!(
+        stdout(&exec),
+        "50331648\n50000 100000\n",
+        "{}",
+        stderr(&exec)
+    );
+    let up = env.husk(&["update", "--memory", "1Gi", "vmweb"]);
+    assert_eq!(up.status.code(), Some(1));
+    assert!(
+        stderr(&up).contains("does not fit the pod's VM"),
+        "{}",
+        stderr(&up)
+    );
+    assert_eq!(env.husk(&["update", "vmweb"]).status.code(), Some(2));
     // husk stats: the container's cgroup and the whole guest.
     let st = env.husk(&["stats", "--format", "json", "vmweb"]);
     assert!(st.status.success(), "{}", stderr(&st));

@@ -26,6 +26,49 @@ fn write(path: &Path, value: &str) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{} = {value:?}: {e}", path.display())))
 }
 
+/// Sets `limits` on the cgroup at `dir`: memory.max (and no swap,
+/// memory.oom.group) and cpu.max; a limit that is None is lifted.
+fn set_limits(dir: &Path, limits: &Limits) -> std::io::Result<()> {
+    match limits.memory_max {
+        Some(bytes) => {
+            write(&dir.join("memory.max"), &bytes.to_string())?;
+            // No swap to escape to: a limit is a limit.
+            let _ = write(&dir.join("memory.swap.max"), "0");
+            // An OOM kill ends the whole container, as the kubelet sets it
+            // up (memory.oom.group) on cgroup v2.
+            write(&dir.join("memory.oom.group"), "1")?;
+        }
+        None => write(&dir.join("memory.max"), "max")?,
+    }
+    match limits.cpu_max_millis {
+        Some(millis) => {
+            let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
+            write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+        }
+        None => write(&dir.join("cpu.max"), &format!("max {CPU_PERIOD_US}"))?,
+    }
+    Ok(())
+}
+
+/// Changes the limits of the running container `id` (its cgroup under
+/// `root`/husk).
+pub fn update(root: &Path, id: &str, limits: &Limits) -> std::io::Result<()> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{id:?} is not a container id"),
+        ));
+    }
+    let dir = root.join("husk").join(id);
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no running container {id:?}"),
+        ));
+    }
+    set_limits(&dir, limits)
+}
+
 impl Cgroup {
     /// Creates the container's cgroup with its limits, under `root`.
     pub fn create(root: &Path, id: &str, limits: &Limits) -> std::io::Result<Cgroup> {
@@ -40,18 +83,7 @@ impl Cgroup {
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir)?;
         let set = || -> std::io::Result<File> {
-            if let Some(bytes) = limits.memory_max {
-                write(&dir.join("memory.max"), &bytes.to_string())?;
-                // No swap to escape to: a limit is a limit.
-                let _ = write(&dir.join("memory.swap.max"), "0");
-                // An OOM kill ends the whole container, as the kubelet sets
-                // it up (memory.oom.group) on cgroup v2.
-                write(&dir.join("memory.oom.group"), "1")?;
-            }
-            if let Some(millis) = limits.cpu_max_millis {
-                let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
-                write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
-            }
+            set_limits(&dir, limits)?;
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.join("cgroup.procs"))

@@ -907,6 +907,12 @@ fn serve<R: Read, W: Write + Send + 'static>(
                 Ok(interface) => session.send(&Event::NetworkReady { interface })?,
                 Err(e) => session.error(None, format!("network: {e}"))?,
             },
+            Request::Update { id, limits } => {
+                match cgroup::update(Path::new(cgroup::ROOT), id, limits) {
+                    Ok(()) => session.send(&Event::Updated { id: id.clone() })?,
+                    Err(e) => session.error(None, format!("update {id:?}: {e}"))?,
+                }
+            }
             Request::Stats => session.send(&Event::Stats(cgroup::stats(
                 Path::new(cgroup::ROOT),
                 Path::new("/proc"),

@@ -82,6 +82,9 @@ pub enum Request {
     Volume(VolumeRequest),
     /// Asks for resource usage; answered with Stats.
     Stats,
+    /// Changes a running container's limits (the container whose first
+    /// process has `id`); answered with Updated or an Error naming it.
+    Update { id: String, limits: Limits },
     /// Kills what still runs, syncs file systems and ends the VM (a reset,
     /// which the VMM turns into its exit).
     Shutdown,
@@ -381,6 +384,10 @@ pub enum Event {
     },
     /// Resource usage of each running container and of the whole guest.
     Stats(GuestStats),
+    /// The limits of this container were changed.
+    Updated {
+        id: String,
+    },
     ShuttingDown,
 }
 

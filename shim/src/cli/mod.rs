@@ -11,6 +11,7 @@ pub mod rm;
 pub mod run;
 pub mod stats;
 pub mod stop;
+pub mod update;
 
 use husk_sandbox::state::{pid_alive, PodRecord, PodStatus, Roots};
 

@@ -240,6 +240,27 @@ impl AgentClient {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Changes the limits of the running container whose first process is
+    /// `id`.
+    pub fn update(&self, id: &str, limits: husk_protocol::Limits) -> Result<(), AgentError> {
+        let control = lock(&self.control);
+        write_frame(
+            &mut *lock(&self.writer),
+            &Request::Update {
+                id: id.to_owned(),
+                limits,
+            },
+        )?;
+        let limit = Duration::from_secs(10);
+        match control.recv_timeout(limit) {
+            Ok(Event::Updated { id: got }) if got == id => Ok(()),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Resource usage of the guest and of each running container.
     pub fn stats(&self) -> Result<husk_protocol::GuestStats, AgentError> {
         let control = lock(&self.control);

@@ -202,6 +202,10 @@ pub struct VmSandbox {
     layers: HashMap<String, Vec<String>>,
     stop: StopState,
     resources: Mutex<Resources>,
+    /// The guest's memory, in MiB (fixed at boot).
+    vm_mem_mib: u32,
+    /// Limits changed by `update`, by container: they replace the plan's.
+    limits: Mutex<HashMap<String, husk_protocol::Limits>>,
 }
 
 /// The pod-wide stop request and the processes it signals.
@@ -231,7 +235,8 @@ impl VmSandbox {
             volumes: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
-            Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
+            Ok((agent, layers, status, vm_mem_mib)) => Ok(Arc::new(VmSandbox {
+                vm_mem_mib,
                 status: StatusCell::new(status, paths.clone(), plan.init_containers.len()),
                 plan: Arc::new(plan),
                 paths,
@@ -240,6 +245,7 @@ impl VmSandbox {
                 layers,
                 stop: StopState::default(),
                 resources: Mutex::new(res),
+                limits: Mutex::new(HashMap::new()),
             })),
             Err(e) => {
                 release(&mut res, &paths);
@@ -255,7 +261,7 @@ impl VmSandbox {
         config: &HuskConfig,
         cni_dir: &Path,
         res: &mut Resources,
-    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus), SandboxError> {
+    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus, u32), SandboxError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e| crate::state::StateError::Io { path, source: e }
@@ -449,7 +455,7 @@ impl VmSandbox {
             .collect();
         let status = crate::lifecycle::pending(plan, statuses, pod_ip, None);
         status.save(paths)?;
-        Ok((agent, layers, status))
+        Ok((agent, layers, status, mem_mib))
     }
 
     /// Releases every host resource: the VM (its process, tap and run
@@ -615,6 +621,31 @@ impl VmSandbox {
         }
     }
 
+    /// A container's limits: the plan's, or what `update` set.
+    fn limits_of(&self, c: &ContainerPlan) -> husk_protocol::Limits {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&c.name)
+            .cloned()
+            .unwrap_or(husk_protocol::Limits {
+                memory_max: c.memory_limit,
+                cpu_max_millis: c.cpu_limit_millis,
+            })
+    }
+
+    /// The id of a container's running instance (`<name>.<restart>`;
+    /// container names have no dots).
+    fn running_id(&self, name: &str) -> Option<String> {
+        self.stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .find(|id| id.strip_prefix(name).is_some_and(|r| r.starts_with('.')))
+            .cloned()
+    }
+
     /// Why the pod's VM is gone, with the end of its console.
     fn vm_ended_message(&self) -> String {
         let console = self
@@ -666,10 +697,7 @@ impl VmSandbox {
                     hostname: Some(self.plan.hostname().to_owned()),
                 }),
                 mounts: container_mounts(c),
-                limits: Some(husk_protocol::Limits {
-                    memory_max: c.memory_limit,
-                    cpu_max_millis: c.cpu_limit_millis,
-                }),
+                limits: Some(self.limits_of(c)),
                 exec_in: None,
                 security: Some(security(&c.security)),
             })
@@ -965,16 +993,8 @@ impl Sandbox for VmSandbox {
         if argv.is_empty() {
             return Err("exec: no command given".into());
         }
-        // The running instance's first process (ids are `<name>.<restart>`;
-        // container names have no dots).
         let target = self
-            .stop
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .find(|id| id.strip_prefix(&c.name).is_some_and(|r| r.starts_with('.')))
-            .cloned()
+            .running_id(&c.name)
             .ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
@@ -1007,6 +1027,57 @@ impl Sandbox for VmSandbox {
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    fn update(
+        &self,
+        container: Option<&str>,
+        memory_bytes: Option<u64>,
+        cpu_millis: Option<u64>,
+    ) -> Result<(), String> {
+        let pod = &self.plan.name;
+        let c = match container {
+            None => &self.plan.containers[0],
+            Some(name) => self
+                .plan
+                .all_containers()
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
+        };
+        let mut limits = self.limits_of(c);
+        if memory_bytes.is_some() {
+            limits.memory_max = memory_bytes;
+        }
+        if cpu_millis.is_some() {
+            limits.cpu_max_millis = cpu_millis;
+        }
+        // The VM's memory was sized at boot; it cannot grow.
+        if let Some(m) = limits.memory_max {
+            let others: u64 = self
+                .plan
+                .containers
+                .iter()
+                .filter(|o| o.name != c.name)
+                .filter_map(|o| self.limits_of(o).memory_max)
+                .sum();
+            let room = u64::from(self.vm_mem_mib) << 20;
+            if m + others > room {
+                return Err(format!(
+                    "a memory limit of {m} bytes does not fit the pod's VM ({} MiB, sized at start); stop the pod and run it with the new limit",
+                    self.vm_mem_mib
+                ));
+            }
+        }
+        if let Some(id) = self.running_id(&c.name) {
+            self.agent
+                .update(&id, limits.clone())
+                .map_err(|e| e.to_string())?;
+        }
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c.name.clone(), limits);
+        Ok(())
     }
 
     fn stats(&self) -> Result<crate::PodStats, String> {

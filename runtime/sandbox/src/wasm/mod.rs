@@ -58,6 +58,20 @@ pub trait Sandbox: Send + Sync {
     /// Runs `argv` in a running container (`kubectl exec` without a TTY;
     /// the pod's first container when `container` is None) and returns
     /// its output and exit code. Blocking.
+    /// Changes a container's limits (`docker update`): the given ones
+    /// change, for the running instance and its restarts.
+    fn update(
+        &self,
+        container: Option<&str>,
+        memory_bytes: Option<u64>,
+        cpu_millis: Option<u64>,
+    ) -> Result<(), String> {
+        let _ = (container, memory_bytes, cpu_millis);
+        Err(format!(
+            "updating limits is not supported in {} pods yet",
+            self.runtime_class()
+        ))
+    }
     /// Resource usage of the pod's running containers.
     fn stats(&self) -> Result<PodStats, String> {
         Err(format!(
