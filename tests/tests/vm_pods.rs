@@ -774,3 +774,65 @@ spec:
     assert!(env.husk(&["rm", "vmsec"]).status.success());
     env.finish();
 }
+
+#[test]
+fn a_killed_vm_pod_monitor_takes_its_hypervisor_along_and_rm_cleans_up() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:kill");
+    let env = vm_env();
+    let manifest = env.manifest(
+        "k.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vmkill}}
+spec:
+  runtimeClassName: husk-vm
+  volumes: [{{name: d, emptyDir: {{}}}}]
+  containers:
+  - name: c
+    image: {reference}
+    command: ["/bin/sh", "-c", "exec sleep 600"]
+    volumeMounts: [{{name: d, mountPath: /d}}]
+"#
+        ),
+    );
+    let out = env.run_file(&manifest, &["-d"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = env.wait_for("vmkill", "the container to run", |v| {
+        env.container(v, "c")["state"]["running"].is_object()
+    });
+    let pid = v["status"]["monitorPid"].as_u64().unwrap();
+    let children = |_monitor: u64| -> Vec<String> {
+        let root = env.root().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&root) && (c.contains("qemu-system") || c.contains("virtiofsd")))
+            .collect()
+    };
+    // QEMU, and virtiofsd (two processes: it forks into its namespaces).
+    assert_eq!(children(pid).len(), 3, "{:?}", children(pid));
+    let kill = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // They go with it.
+    let t0 = std::time::Instant::now();
+    while !children(pid).is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "left running: {:?}",
+            children(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ps = stdout(&env.husk(&["ps"]));
+    assert!(ps.contains("Unknown"), "{ps}");
+    let rm = env.husk(&["rm", "vmkill"]);
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    env.finish();
+}

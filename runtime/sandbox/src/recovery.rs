@@ -31,6 +31,7 @@ pub fn release_leftovers(paths: &PodPaths) -> Vec<String> {
             problems.push(e.to_string());
         }
     }
+    crate::vm::share::remove_pid_files_under(&paths.run);
     if let Err(e) = crate::network::delete_netns(&paths.netns) {
         problems.push(e.to_string());
     }

@@ -74,6 +74,30 @@ pub fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
+/// The child gets SIGKILL when the thread that spawned it ends: a monitor
+/// killed with -9 takes its hypervisor and virtiofsd with it, instead of
+/// leaving them running with no owner. VM pods are created on the
+/// monitor's main thread, which lives as long as the monitor.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and takes plain integers.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub struct QemuVm {
     child: Option<Child>,
     dir: PathBuf,
@@ -237,6 +261,7 @@ impl QemuVm {
             }
         }
         cmd.args(&cfg.extra_args);
+        die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(
                 console

@@ -103,6 +103,7 @@ impl FsShares {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)
             .stderr(log);
+        super::qemu::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| ShareError::Spawn(virtiofsd.to_owned(), e))?;
@@ -156,6 +157,21 @@ impl Drop for FsShares {
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Removes the pid files virtiofsd left for sockets under `dir` (after a
+/// monitor was killed and could not drop its [`FsShares`]).
+pub fn remove_pid_files_under(dir: &Path) {
+    let prefix = dir.to_string_lossy().replace('/', ".");
+    for e in std::fs::read_dir("/run/virtiofsd")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
