@@ -26,6 +26,13 @@ pub enum Request {
     },
     /// Resource usage of the running containers.
     Stats,
+    /// Starts a command in a running container with its stdin open; after
+    /// an ok reply, the connection carries `ExecMsg` JSON lines both ways
+    /// (stdin in; stdout, stderr and the exit out) until the exit.
+    ExecStream {
+        container: Option<String>,
+        argv: Vec<String>,
+    },
     /// Changes a container's limits (the given ones).
     Update {
         container: Option<String>,

@@ -219,6 +219,44 @@ async fn on_signals(sb: Arc<dyn Sandbox>) {
     }
 }
 
+/// Carries an interactive exec over a control connection: stdin lines in,
+/// output lines out, until the command's exit (or the caller leaves, which
+/// ends the command).
+async fn exec_stream(
+    rx: std::sync::mpsc::Receiver<husk_sandbox::ExecMsg>,
+    stdin: husk_sandbox::StdinWriter,
+    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) {
+    use husk_sandbox::ExecMsg;
+    let (otx, mut orx) = tokio::sync::mpsc::unbounded_channel::<ExecMsg>();
+    std::thread::spawn(move || {
+        while let Ok(m) = rx.recv() {
+            if otx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    let stdin = Arc::new(stdin);
+    let input = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(ExecMsg::Stdin { data, eof }) = serde_json::from_str::<ExecMsg>(&line) {
+                let s = stdin.clone();
+                let _ = tokio::task::spawn_blocking(move || s(&data, eof)).await;
+            }
+        }
+    });
+    while let Some(m) = orx.recv().await {
+        let last = matches!(m, ExecMsg::Exit { .. } | ExecMsg::Error { .. });
+        let mut out = serde_json::to_vec(&m).expect("json");
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() || last {
+            break;
+        }
+    }
+    input.abort();
+}
+
 async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -299,6 +337,39 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         status: None,
                         exec: None,
                         stats: None,
+                    }
+                }
+                Ok(Request::ExecStream { container, argv }) => {
+                    let sb = sb.clone();
+                    let started = tokio::task::spawn_blocking(move || {
+                        sb.exec_interactive(container.as_deref(), argv)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("exec: {e}")));
+                    match started {
+                        Ok((rx, stdin)) => {
+                            let ok = Reply {
+                                ok: true,
+                                error: None,
+                                status: None,
+                                exec: None,
+                                stats: None,
+                            };
+                            let mut out = serde_json::to_vec(&ok).expect("json");
+                            out.push(b'\n');
+                            if w.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            exec_stream(rx, stdin, lines, w).await;
+                            return;
+                        }
+                        Err(e) => Reply {
+                            ok: false,
+                            error: Some(e),
+                            status: None,
+                            exec: None,
+                            stats: None,
+                        },
                     }
                 }
                 Ok(Request::Stats) => {

@@ -227,6 +227,38 @@ spec:
         "{}",
         stderr(&exec)
     );
+    // husk exec -i: stdin streams in, output and the exit code come back.
+    let mut child = env
+        .cmd()
+        .args([
+            "exec",
+            "-i",
+            "vmweb",
+            "--",
+            "sh",
+            "-c",
+            "cat > /tmp/in; wc -l < /tmp/in; echo done >&2; exit 3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hello\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        stdin.write_all(b"world\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        (stdout(&out).as_str(), stderr(&out).as_str()),
+        ("2\n", "done\n")
+    );
+    let exec = env.husk(&["exec", "vmweb", "--", "sh", "-c", "cat /tmp/in"]);
+    assert_eq!(stdout(&exec), "hello\nworld\n");
     // husk update: new limits on the running container's cgroup.
     let up = env.husk(&["update", "--memory", "48Mi", "--cpus", "0.5", "vmweb"]);
     assert!(up.status.success(), "{}", stderr(&up));

@@ -14,4 +14,7 @@ pub mod volume;
 pub mod wasm;
 
 pub use vm::sandbox::VmSandbox;
-pub use wasm::{ContainerUsage, ExecOutput, PodStats, Sandbox, SandboxError, VmUsage, WasmSandbox};
+pub use wasm::{
+    ContainerUsage, ExecMsg, ExecOutput, PodStats, Sandbox, SandboxError, StdinWriter, VmUsage,
+    WasmSandbox,
+};

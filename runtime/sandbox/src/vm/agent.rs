@@ -353,6 +353,19 @@ impl Process {
         self.signaller().signal(signal)
     }
 
+    /// A handle that writes this process's stdin from another thread.
+    pub fn stdin_writer(&self) -> impl Fn(&[u8], bool) -> Result<(), AgentError> + Send + Sync {
+        let (id, writer) = (self.id.clone(), self.writer.clone());
+        move |data: &[u8], eof: bool| {
+            let req = Request::Stdin {
+                id: id.clone(),
+                data: data.to_vec(),
+                eof,
+            };
+            Ok(write_frame(&mut *lock(&writer), &req)?)
+        }
+    }
+
     /// A handle that signals this process from another thread.
     pub fn signaller(&self) -> Signaller {
         Signaller {

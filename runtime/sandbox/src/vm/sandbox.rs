@@ -646,6 +646,47 @@ impl VmSandbox {
             .cloned()
     }
 
+    /// Starts `argv` in the running instance of a container (kubectl exec):
+    /// its root, namespaces, cgroup, user and env.
+    fn start_exec(
+        &self,
+        container: Option<&str>,
+        argv: Vec<String>,
+        stdin: bool,
+    ) -> Result<super::agent::Process, String> {
+        let pod = &self.plan.name;
+        let c = match container {
+            None => &self.plan.containers[0],
+            Some(name) => self
+                .plan
+                .all_containers()
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
+        };
+        if argv.is_empty() {
+            return Err("exec: no command given".into());
+        }
+        let target = self
+            .running_id(&c.name)
+            .ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
+        env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
+        self.agent
+            .start(StartRequest {
+                id,
+                argv,
+                env,
+                cwd: c.working_dir.clone(),
+                stdin,
+                exec_in: Some(target),
+                security: Some(security(&c.security)),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())
+    }
+
     /// Why the pod's VM is gone, with the end of its console.
     fn vm_ended_message(&self) -> String {
         let console = self
@@ -975,43 +1016,62 @@ impl Sandbox for VmSandbox {
         self.status.get()
     }
 
+    fn exec_interactive(
+        &self,
+        container: Option<&str>,
+        argv: Vec<String>,
+    ) -> Result<
+        (
+            std::sync::mpsc::Receiver<crate::ExecMsg>,
+            crate::StdinWriter,
+        ),
+        String,
+    > {
+        let proc = self.start_exec(container, argv, true)?;
+        let write = proc.stdin_writer();
+        let stdin: crate::StdinWriter =
+            Box::new(move |data: &[u8], eof: bool| write(data, eof).map_err(|e| e.to_string()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loop {
+            let msg = match proc.next_event(Duration::from_secs(24 * 3600)) {
+                Ok(Event::Output { stream, data, .. }) => match stream {
+                    husk_protocol::Stream::Stdout => crate::ExecMsg::Stdout { data },
+                    husk_protocol::Stream::Stderr => crate::ExecMsg::Stderr { data },
+                },
+                Ok(Event::Exited { code, signal, .. }) => crate::ExecMsg::Exit {
+                    code: code.unwrap_or_else(|| 128 + signal.unwrap_or(libc::SIGKILL)),
+                },
+                Ok(Event::Error { message, .. }) => crate::ExecMsg::Error { message },
+                Ok(other) => crate::ExecMsg::Error {
+                    message: format!("unexpected {other:?}"),
+                },
+                Err(e) => crate::ExecMsg::Error {
+                    message: e.to_string(),
+                },
+            };
+            let last = matches!(
+                msg,
+                crate::ExecMsg::Exit { .. } | crate::ExecMsg::Error { .. }
+            );
+            if tx.send(msg).is_err() {
+                // Nobody listens any more: end the command.
+                let _ = proc.signal(libc::SIGKILL);
+                return;
+            }
+            if last {
+                return;
+            }
+        });
+        Ok((rx, stdin))
+    }
+
     fn exec(
         &self,
         container: Option<&str>,
         argv: Vec<String>,
         timeout: Duration,
     ) -> Result<crate::ExecOutput, String> {
-        let pod = &self.plan.name;
-        let c = match container {
-            None => &self.plan.containers[0],
-            Some(name) => self
-                .plan
-                .all_containers()
-                .find(|c| c.name == name)
-                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
-        };
-        if argv.is_empty() {
-            return Err("exec: no command given".into());
-        }
-        let target = self
-            .running_id(&c.name)
-            .ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
-        env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
-        let proc = self
-            .agent
-            .start(StartRequest {
-                id,
-                argv,
-                env,
-                cwd: c.working_dir.clone(),
-                exec_in: Some(target),
-                security: Some(security(&c.security)),
-                ..Default::default()
-            })
-            .map_err(|e| e.to_string())?;
+        let proc = self.start_exec(container, argv, false)?;
         let killer = proc.signaller();
         match proc.wait(timeout) {
             Ok(f) => Ok(crate::ExecOutput {

@@ -72,6 +72,20 @@ pub trait Sandbox: Send + Sync {
             self.runtime_class()
         ))
     }
+    /// Starts `argv` in a running container with its stdin open
+    /// (`kubectl exec -i`): its output and exit arrive on the receiver,
+    /// stdin goes through the returned writer.
+    fn exec_interactive(
+        &self,
+        container: Option<&str>,
+        argv: Vec<String>,
+    ) -> Result<(std::sync::mpsc::Receiver<ExecMsg>, StdinWriter), String> {
+        let _ = (container, argv);
+        Err(format!(
+            "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
+            self.runtime_class()
+        ))
+    }
     /// Resource usage of the pod's running containers.
     fn stats(&self) -> Result<PodStats, String> {
         Err(format!(
@@ -120,6 +134,34 @@ pub struct VmUsage {
     pub cpu_usage_usec: u64,
     pub memory_total_bytes: u64,
     pub memory_available_bytes: u64,
+}
+
+/// Writes an interactive exec's stdin: bytes, and whether it ends there.
+pub type StdinWriter = Box<dyn Fn(&[u8], bool) -> Result<(), String> + Send + Sync>;
+
+/// One message of an interactive exec, both ways (JSON lines on the
+/// monitor's socket).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ExecMsg {
+    Stdin {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        #[serde(default)]
+        eof: bool,
+    },
+    Stdout {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    Stderr {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The command ended; the last message.
+    Exit { code: i32 },
+    /// The exec failed; the last message.
+    Error { message: String },
 }
 
 /// What an exec produced.
