@@ -225,6 +225,7 @@ async fn on_signals(sb: Arc<dyn Sandbox>) {
 async fn exec_stream(
     rx: std::sync::mpsc::Receiver<husk_sandbox::ExecMsg>,
     stdin: husk_sandbox::StdinWriter,
+    kill: husk_sandbox::Killer,
     mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) {
@@ -245,6 +246,9 @@ async fn exec_stream(
                 let _ = tokio::task::spawn_blocking(move || s(&data, eof)).await;
             }
         }
+        // The caller is gone: so is the command.
+        tracing::info!("an exec's caller left; ending its command");
+        kill();
     });
     while let Some(m) = orx.recv().await {
         let last = matches!(m, ExecMsg::Exit { .. } | ExecMsg::Error { .. });
@@ -347,7 +351,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     .await
                     .unwrap_or_else(|e| Err(format!("exec: {e}")));
                     match started {
-                        Ok((rx, stdin)) => {
+                        Ok((rx, stdin, kill)) => {
                             let ok = Reply {
                                 ok: true,
                                 error: None,
@@ -360,7 +364,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             if w.write_all(&out).await.is_err() {
                                 return;
                             }
-                            exec_stream(rx, stdin, lines, w).await;
+                            exec_stream(rx, stdin, kill, lines, w).await;
                             return;
                         }
                         Err(e) => Reply {

@@ -259,6 +259,75 @@ spec:
     );
     let exec = env.husk(&["exec", "vmweb", "--", "sh", "-c", "cat /tmp/in"]);
     assert_eq!(stdout(&exec), "hello\nworld\n");
+    // An exec that runs past its timeout is killed, and reaped by husk's
+    // parent outside the PID namespace: the container's PID 1 never adopts
+    // it (a shell's `wait` would then miss its SIGTERM below).
+    let gone = |pidfile: &str| {
+        let o = env.husk(&["exec", "vmweb", "--", "sh", "-c", &format!("grep -q '^State:.*[RS]' /proc/$(cat {pidfile})/status 2>/dev/null && echo alive || echo gone")]);
+        stdout(&o).trim() == "gone"
+    };
+    let t = env.husk(&[
+        "exec",
+        "--timeout",
+        "2",
+        "vmweb",
+        "--",
+        "sh",
+        "-c",
+        "echo $$ > /tmp/spin; while :; do :; done",
+    ]);
+    assert_eq!(t.status.code(), Some(1));
+    assert!(stderr(&t).contains("timed out after 2 s"), "{}", stderr(&t));
+    let t0 = std::time::Instant::now();
+    while !gone("/tmp/spin") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the timed-out exec still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A caller of exec -i that goes away takes its command along.
+    let mut child = env
+        .cmd()
+        .args([
+            "exec",
+            "-i",
+            "vmweb",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > /tmp/ipid; echo started; read x",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "started\n");
+    }
+    assert!(!gone("/tmp/ipid"));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let t0 = std::time::Instant::now();
+    while !gone("/tmp/ipid") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the exec'd shell still runs: {}",
+            std::fs::read_to_string(
+                env.root()
+                    .join("lib/pods")
+                    .join(v["id"].as_str().unwrap())
+                    .join("monitor.log")
+            )
+            .unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // husk update: new limits on the running container's cgroup.
     let up = env.husk(&["update", "--memory", "48Mi", "--cpus", "0.5", "vmweb"]);
     assert!(up.status.success(), "{}", stderr(&up));

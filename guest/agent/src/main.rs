@@ -160,6 +160,9 @@ struct Session<W: Write + Send + 'static> {
 struct Proc {
     pid: u32,
     stdin: Option<std::process::ChildStdin>,
+    /// `pid` is the parent that stayed outside a PID namespace (see
+    /// [`fork_into_pid_namespace`]); the program is its only child.
+    outside_parent: bool,
 }
 
 impl<W: Write + Send + 'static> Session<W> {
@@ -358,6 +361,7 @@ impl<W: Write + Send + 'static> Session<W> {
             Proc {
                 pid,
                 stdin: child.stdin.take(),
+                outside_parent: root.is_some() || req.exec_in.is_some(),
             },
         );
         drop(procs);
@@ -470,10 +474,19 @@ impl<W: Write + Send + 'static> Session<W> {
     }
 
     fn signal(&self, id: &str, signal: i32) -> Result<(), ProtocolError> {
-        let pid = lock(&self.procs).get(id).map(|p| p.pid);
-        let Some(pid) = pid else {
+        let found = lock(&self.procs).get(id).map(|p| (p.pid, p.outside_parent));
+        let Some((mut pid, outside_parent)) = found else {
             return self.error(Some(id), format!("signal: no process {id:?}"));
         };
+        // SIGKILL cannot be forwarded: it goes to the program itself, which
+        // the parent outside then reaps before it ends. Killing that parent
+        // instead would leave the program to the container's PID 1 (a
+        // zombie, or worse, in a shell's `wait`).
+        if signal == libc::SIGKILL && outside_parent {
+            if let Some(child) = child_of(pid) {
+                pid = child;
+            }
+        }
         // SAFETY: kill takes plain integers; a pid in the table is a child
         // not yet reaped (it leaves the table as it is reaped), so not reused.
         if unsafe { libc::kill(pid as i32, signal) } != 0 {
@@ -779,6 +792,24 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
     Ok(())
 }
 
+/// A child of `parent`, from /proc (the kernels husk builds have no
+/// /proc/PID/task/TID/children).
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == parent).then_some(pid)
+    })
+}
+
 /// The child forked by [`fork_into_pid_namespace`], for the forwarder.
 static PID_NS_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
@@ -1013,6 +1044,18 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_is_found_by_its_parent() {
+        let mut c = std::process::Command::new("/bin/sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(super::child_of(std::process::id()), Some(c.id()));
+        c.kill().unwrap();
+        c.wait().unwrap();
+        assert_eq!(super::child_of(c.id()), None);
+    }
 
     #[test]
     fn module_parameters_come_from_the_command_line() {

@@ -15,6 +15,6 @@ pub mod wasm;
 
 pub use vm::sandbox::VmSandbox;
 pub use wasm::{
-    ContainerUsage, ExecMsg, ExecOutput, PodStats, Sandbox, SandboxError, StdinWriter, VmUsage,
-    WasmSandbox,
+    ContainerUsage, ExecMsg, ExecOutput, Killer, PodStats, Sandbox, SandboxError, StdinWriter,
+    VmUsage, WasmSandbox,
 };

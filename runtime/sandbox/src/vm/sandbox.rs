@@ -1024,10 +1024,15 @@ impl Sandbox for VmSandbox {
         (
             std::sync::mpsc::Receiver<crate::ExecMsg>,
             crate::StdinWriter,
+            crate::Killer,
         ),
         String,
     > {
         let proc = self.start_exec(container, argv, true)?;
+        let signaller = proc.signaller();
+        let kill: crate::Killer = Box::new(move || {
+            let _ = signaller.signal(libc::SIGKILL);
+        });
         let write = proc.stdin_writer();
         let stdin: crate::StdinWriter =
             Box::new(move |data: &[u8], eof: bool| write(data, eof).map_err(|e| e.to_string()));
@@ -1062,7 +1067,7 @@ impl Sandbox for VmSandbox {
                 return;
             }
         });
-        Ok((rx, stdin))
+        Ok((rx, stdin, kill))
     }
 
     fn exec(

@@ -74,12 +74,12 @@ pub trait Sandbox: Send + Sync {
     }
     /// Starts `argv` in a running container with its stdin open
     /// (`kubectl exec -i`): its output and exit arrive on the receiver,
-    /// stdin goes through the returned writer.
+    /// stdin goes through the returned writer, and the killer ends it.
     fn exec_interactive(
         &self,
         container: Option<&str>,
         argv: Vec<String>,
-    ) -> Result<(std::sync::mpsc::Receiver<ExecMsg>, StdinWriter), String> {
+    ) -> Result<(std::sync::mpsc::Receiver<ExecMsg>, StdinWriter, Killer), String> {
         let _ = (container, argv);
         Err(format!(
             "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
@@ -138,6 +138,8 @@ pub struct VmUsage {
 
 /// Writes an interactive exec's stdin: bytes, and whether it ends there.
 pub type StdinWriter = Box<dyn Fn(&[u8], bool) -> Result<(), String> + Send + Sync>;
+/// Ends an interactive exec (its caller went away).
+pub type Killer = Box<dyn Fn() + Send + Sync>;
 
 /// One message of an interactive exec, both ways (JSON lines on the
 /// monitor's socket).
