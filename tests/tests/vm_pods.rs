@@ -937,3 +937,29 @@ spec:
     assert!(rm.status.success(), "{}", stderr(&rm));
     env.finish();
 }
+
+#[test]
+fn the_vm_pod_example_runs() {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:example");
+    let env = vm_env();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/examples/vm-pod.yaml"),
+    )
+    .unwrap()
+    .replace("image: IMAGE", &format!("image: {reference}"));
+    let manifest = env.manifest("vm-pod.yaml", &text);
+    let out = env.run_file(&manifest, &["--rm"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    for line in [
+        "reader | written by the init container",
+        "reader | hello from a configMap",
+        "reader | kernel 6.1",
+        "as uid 1000",
+        "secret-user | the secret has 6 bytes",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    env.finish();
+}
