@@ -41,7 +41,7 @@ pub enum Request {
     },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reply {
     pub ok: bool,
@@ -53,6 +53,23 @@ pub struct Reply {
     pub exec: Option<husk_sandbox::ExecOutput>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<husk_sandbox::PodStats>,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Reply {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn err(message: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            error: Some(message.into()),
+            ..Default::default()
+        }
+    }
 }
 
 /// Sends one request to a monitor and reads its reply.

@@ -261,6 +261,15 @@ async fn exec_stream(
     input.abort();
 }
 
+/// Runs a blocking sandbox call off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("monitor task: {e}")))
+}
+
 async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -277,20 +286,11 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                 Ok(Request::Stop { grace_secs }) => {
                     let grace = grace_secs.unwrap_or(sb.plan().grace_period_secs);
                     sb.request_stop(Duration::from_secs(grace));
-                    Reply {
-                        ok: true,
-                        error: None,
-                        status: None,
-                        exec: None,
-                        stats: None,
-                    }
+                    Reply::ok()
                 }
                 Ok(Request::Status) => Reply {
-                    ok: true,
-                    error: None,
                     status: serde_json::to_value(sb.status()).ok(),
-                    exec: None,
-                    stats: None,
+                    ..Reply::ok()
                 },
                 Ok(Request::Exec {
                     container,
@@ -298,30 +298,29 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     timeout_secs,
                 }) => {
                     let sb = sb.clone();
-                    let result = tokio::task::spawn_blocking(move || {
-                        sb.exec(
-                            container.as_deref(),
-                            argv,
-                            Duration::from_secs(timeout_secs.max(1)),
-                        )
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("exec: {e}")));
-                    match result {
+                    let timeout = Duration::from_secs(timeout_secs.max(1));
+                    match blocking(move || sb.exec(container.as_deref(), argv, timeout)).await {
                         Ok(out) => Reply {
-                            ok: true,
-                            error: None,
-                            status: None,
                             exec: Some(out),
-                            stats: None,
+                            ..Reply::ok()
                         },
-                        Err(e) => Reply {
-                            ok: false,
-                            error: Some(e),
-                            status: None,
-                            exec: None,
-                            stats: None,
-                        },
+                        Err(e) => Reply::err(e),
+                    }
+                }
+                Ok(Request::ExecStream { container, argv }) => {
+                    let sb = sb.clone();
+                    match blocking(move || sb.exec_interactive(container.as_deref(), argv)).await {
+                        Ok((rx, stdin, kill)) => {
+                            let mut out = serde_json::to_vec(&Reply::ok()).expect("json");
+                            out.push(b'\n');
+                            if w.write_all(&out).await.is_ok() {
+                                exec_stream(rx, stdin, kill, lines, w).await;
+                            } else {
+                                kill();
+                            }
+                            return;
+                        }
+                        Err(e) => Reply::err(e),
                     }
                 }
                 Ok(Request::Update {
@@ -330,81 +329,26 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     cpu_millis,
                 }) => {
                     let sb = sb.clone();
-                    let result = tokio::task::spawn_blocking(move || {
+                    match blocking(move || {
                         sb.update(container.as_deref(), memory_bytes, cpu_millis)
                     })
                     .await
-                    .unwrap_or_else(|e| Err(format!("update: {e}")));
-                    Reply {
-                        ok: result.is_ok(),
-                        error: result.err(),
-                        status: None,
-                        exec: None,
-                        stats: None,
-                    }
-                }
-                Ok(Request::ExecStream { container, argv }) => {
-                    let sb = sb.clone();
-                    let started = tokio::task::spawn_blocking(move || {
-                        sb.exec_interactive(container.as_deref(), argv)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("exec: {e}")));
-                    match started {
-                        Ok((rx, stdin, kill)) => {
-                            let ok = Reply {
-                                ok: true,
-                                error: None,
-                                status: None,
-                                exec: None,
-                                stats: None,
-                            };
-                            let mut out = serde_json::to_vec(&ok).expect("json");
-                            out.push(b'\n');
-                            if w.write_all(&out).await.is_err() {
-                                return;
-                            }
-                            exec_stream(rx, stdin, kill, lines, w).await;
-                            return;
-                        }
-                        Err(e) => Reply {
-                            ok: false,
-                            error: Some(e),
-                            status: None,
-                            exec: None,
-                            stats: None,
-                        },
+                    {
+                        Ok(()) => Reply::ok(),
+                        Err(e) => Reply::err(e),
                     }
                 }
                 Ok(Request::Stats) => {
                     let sb = sb.clone();
-                    match tokio::task::spawn_blocking(move || sb.stats())
-                        .await
-                        .unwrap_or_else(|e| Err(format!("stats: {e}")))
-                    {
+                    match blocking(move || sb.stats()).await {
                         Ok(st) => Reply {
-                            ok: true,
-                            error: None,
-                            status: None,
-                            exec: None,
                             stats: Some(st),
+                            ..Reply::ok()
                         },
-                        Err(e) => Reply {
-                            ok: false,
-                            error: Some(e),
-                            status: None,
-                            exec: None,
-                            stats: None,
-                        },
+                        Err(e) => Reply::err(e),
                     }
                 }
-                Err(e) => Reply {
-                    ok: false,
-                    error: Some(format!("bad request: {e}")),
-                    status: None,
-                    exec: None,
-                    stats: None,
-                },
+                Err(e) => Reply::err(format!("bad request: {e}")),
             };
             let mut out = serde_json::to_vec(&reply).expect("json");
             out.push(b'\n');

@@ -2,7 +2,7 @@
 //! themselves are built by build.rs.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,36 @@ impl Drop for Registry {
 }
 
 /// `husk --root ROOT`, with the husk binary built next to the caller.
+/// Where images/build.sh put the guest kernels and test initramfs.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("HUSK_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/husk-images")
+        })
+}
+
+/// The static husk-agent that tests/run.sh builds for the guests, for
+/// test binaries (target/<profile>/deps/…) and bench binaries
+/// (target/<profile>/…) alike.
+pub fn static_agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut profile = exe.parent().unwrap();
+    if profile.ends_with("deps") {
+        profile = profile.parent().unwrap();
+    }
+    let agent = profile
+        .parent()
+        .unwrap()
+        .join("x86_64-unknown-linux-gnu/release/husk-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu (tests/run.sh does)",
+        agent.display()
+    );
+    agent
+}
+
 pub fn husk_at(root: &Path) -> Command {
     let exe = std::env::current_exe().unwrap();
     let mut c = Command::new(exe.with_file_name("husk"));

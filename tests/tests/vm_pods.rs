@@ -21,11 +21,24 @@ fn vm_env() -> Env {
     env
 }
 
+/// A registry on loopback holding the busybox test image as
+/// `tests/busybox:<tag>` (keep it alive while pods pull), its reference,
+/// and a VM-pod Env.
+fn vm_setup(tag: &str) -> (husk_tests::Registry, String, Env) {
+    let reg = husk_tests::Registry::start();
+    let reference = husk_tests::push_busybox_image(&reg, &format!("tests/busybox:{tag}"));
+    (reg, reference, vm_env())
+}
+
+/// `husk run -d -f manifest`, which must succeed.
+fn run_detached(env: &Env, manifest: &std::path::Path) {
+    let out = env.run_file(manifest, &["-d"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
 #[test]
 fn a_vm_pod_runs_a_linux_image_with_the_pod_ip_and_leaves_nothing() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:pod");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("pod");
     let info = env.husk(&["info", "--format", "json"]);
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["vm"]["ready"], true, "{info:#}");
@@ -56,8 +69,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmpod", "the pod to end", |v| {
         v["status"]["phase"] == "Failed" || v["status"]["phase"] == "Succeeded"
     });
@@ -161,9 +173,7 @@ fn first_line(addr: &str) -> String {
 
 #[test]
 fn a_vm_pod_serves_on_its_pod_ip_and_host_port_and_stops_gracefully() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:web");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("web");
     let host_port = 20000 + (std::process::id() % 20000) as u16 + 1;
     let manifest = env.manifest(
         "web.yaml",
@@ -186,8 +196,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmweb", "the server to run", |v| {
         env.container(v, "web")["state"]["running"].is_object()
     });
@@ -428,9 +437,7 @@ fn a_vm_pod_without_a_usable_agent_fails_clearly_and_leaves_nothing() {
 
 #[test]
 fn a_guest_kernel_crash_ends_only_its_own_pod() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:crash");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("crash");
     let pod = |name: &str, script: &str| {
         env.manifest(
             &format!("{name}.yaml"),
@@ -474,9 +481,7 @@ fn a_guest_kernel_crash_ends_only_its_own_pod() {
 
 #[test]
 fn rm_f_ends_running_vm_pods_started_at_once() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:rmf");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("rmf");
     let names: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
     let handles: Vec<_> = names
         .iter()
@@ -511,9 +516,7 @@ fn rm_f_ends_running_vm_pods_started_at_once() {
 
 #[test]
 fn a_vm_pod_mounts_every_kind_of_volume_and_keeps_secrets_off_the_host_disk() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:vol");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("vol");
     let host_rw = env.root().join("host-rw");
     let host_ro = env.root().join("host-ro");
     std::fs::create_dir_all(&host_rw).unwrap();
@@ -594,8 +597,7 @@ spec:
             host_ro = host_ro.display(),
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmvol", "the monitor to finish", |v| {
         v["status"]["finished"] == true
     });
@@ -666,9 +668,7 @@ spec:
 
 #[test]
 fn a_vm_pod_enforces_limits_in_the_guest_and_reports_oom_kills() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:oom");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("oom");
     let manifest = env.manifest(
         "oom.yaml",
         &format!(
@@ -694,8 +694,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmoom", "the monitor to finish", |v| {
         v["status"]["finished"] == true
     });
@@ -727,9 +726,7 @@ spec:
 
 #[test]
 fn a_vm_pod_and_a_wasm_pod_reach_each_other_by_pod_ip() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:mix");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("mix");
     // A wasm server (wasi:sockets) and a VM server (busybox nc), each
     // answering one connection.
     let out = env.husk(&[
@@ -759,8 +756,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&vm, &["-d"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    run_detached(&env, &vm);
     let ip = |pod: &str, container: &str| {
         let v = env.wait_for(pod, "the server to run", |v| {
             env.container(v, container)["state"]["running"].is_object()
@@ -809,9 +805,7 @@ spec:
 
 #[test]
 fn a_vm_pod_applies_security_contexts() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:sec");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("sec");
     let manifest = env.manifest(
         "sec.yaml",
         &format!(
@@ -843,8 +837,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmsec", "the monitor to finish", |v| {
         v["status"]["finished"] == true
     });
@@ -878,9 +871,7 @@ spec:
 
 #[test]
 fn a_killed_vm_pod_monitor_takes_its_hypervisor_along_and_rm_cleans_up() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:kill");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("kill");
     let manifest = env.manifest(
         "k.yaml",
         &format!(
@@ -898,8 +889,7 @@ spec:
 "#
         ),
     );
-    let out = env.run_file(&manifest, &["-d"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    run_detached(&env, &manifest);
     let v = env.wait_for("vmkill", "the container to run", |v| {
         env.container(v, "c")["state"]["running"].is_object()
     });
@@ -940,9 +930,7 @@ spec:
 
 #[test]
 fn the_vm_pod_example_runs() {
-    let reg = husk_tests::Registry::start();
-    let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:example");
-    let env = vm_env();
+    let (_reg, reference, env) = vm_setup("example");
     let text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/examples/vm-pod.yaml"),
     )

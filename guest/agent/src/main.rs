@@ -566,10 +566,7 @@ fn container_root(id: &str, r: &Rootfs) -> std::io::Result<PathBuf> {
             ));
         }
         let at = Path::new(LAYERS).join(dev.trim_start_matches("/dev/").replace('/', "_"));
-        let mounted = std::fs::read_to_string("/proc/mounts")?
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(&*at.to_string_lossy()));
-        if !mounted {
+        if !volume::is_mount_point(&at) {
             std::fs::create_dir_all(&at)?;
             mount_checked(dev, &at, "ext4", libc::MS_RDONLY | libc::MS_NODEV, "")?;
         }
@@ -635,13 +632,6 @@ fn enter_container(
     // before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let check = |r: libc::c_int| {
-                if r == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
             // The cgroup namespace is rooted at the container's own cgroup,
             // joined before this. The PID namespace takes the next child:
             // the container's program, after the fork below.
@@ -770,13 +760,6 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
     // (write, setns, chroot, chdir) on descriptors and strings made before.
     unsafe {
         cmd.pre_exec(move || {
-            let check = |r: libc::c_int| {
-                if r == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -886,6 +869,15 @@ unsafe fn fork_into_pid_namespace() -> std::io::Result<()> {
     }
 }
 
+/// A libc call's 0-or-errno result, in the child between fork and exec.
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -921,16 +913,16 @@ fn serve<R: Read, W: Write + Send + 'static>(
                 nonce,
                 time_unix_ms,
                 ..
-            } => session.send(&Event::Hello {
-                version: husk_protocol::VERSION,
-                nonce: *nonce,
-                kernel: {
-                    if let Some(ms) = time_unix_ms {
-                        set_clock(*ms);
-                    }
-                    kernel_release()
-                },
-            })?,
+            } => {
+                if let Some(ms) = time_unix_ms {
+                    set_clock(*ms);
+                }
+                session.send(&Event::Hello {
+                    version: husk_protocol::VERSION,
+                    nonce: *nonce,
+                    kernel: kernel_release(),
+                })?
+            }
             Request::Start(s) => session.start(s)?,
             Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
             Request::Signal { id, signal } => session.signal(id, *signal)?,

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 pub const VOLUMES: &str = "/run/husk/volumes";
 
-fn is_mount_point(p: &Path) -> bool {
+/// Whether `p` is a mount point (a line of /proc/mounts).
+pub fn is_mount_point(p: &Path) -> bool {
     std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
         m.lines()
             .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))

@@ -289,6 +289,33 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
+    /// The network of the pod `plan` at `paths`: CNI from the config and
+    /// `cni_dir` (portmap when it maps host ports), the netns and CNI ADD,
+    /// and the record that lets a later `husk rm` undo it. Nothing is left
+    /// when any step fails. From a thread in the host's network namespace.
+    pub fn for_pod(
+        plan: &crate::pod::PodPlan,
+        paths: &crate::state::PodPaths,
+        config: &NetworkConfig,
+        cni_dir: &Path,
+    ) -> Result<Self, crate::SandboxError> {
+        let host_ports = plan.host_ports();
+        let cni = CniNetwork::resolve(config, cni_dir, !host_ports.is_empty())?;
+        let mut net = PodNetwork::setup(
+            cni,
+            &paths.id,
+            &paths.netns,
+            &plan.name,
+            &plan.namespace,
+            &host_ports,
+        )?;
+        if let Err(e) = crate::state::write_json_atomic(&paths.network_record(), &net.record) {
+            let _ = net.teardown();
+            return Err(e.into());
+        }
+        Ok(net)
+    }
+
     /// Creates the netns at `netns` and runs CNI ADD for every plugin. On
     /// failure everything done so far is undone before the error returns.
     /// Must be called from a thread in the host's network namespace.

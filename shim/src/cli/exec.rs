@@ -4,7 +4,7 @@
 //! in the container's root, volumes, namespaces and cgroup inside the
 //! guest; wasm pods have no processes to start beside a guest and say so.
 
-use super::{fail, PodView, EXIT_FAILURE, EXIT_USAGE};
+use super::{fail, running_pod, EXIT_FAILURE};
 use crate::control::{self, Request};
 use husk_sandbox::state::Roots;
 use std::io::Write;
@@ -28,34 +28,11 @@ pub struct ExecArgs {
 }
 
 pub fn run(roots: &Roots, a: ExecArgs) -> i32 {
-    let rec = match roots.find_pod(&a.pod) {
-        Ok(r) => r,
-        Err(e) => return fail(EXIT_FAILURE, e),
+    let v = match running_pod(roots, &a.pod, a.container.as_deref()) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
-    let v = PodView::load(roots, rec);
     let plan = &v.record.plan;
-    if let Some(c) = &a.container {
-        if !plan.all_containers().any(|x| &x.name == c) {
-            let names: Vec<&str> = plan.all_containers().map(|c| c.name.as_str()).collect();
-            return fail(
-                EXIT_USAGE,
-                format!(
-                    "pod {} has no container {c:?}; it has: {}",
-                    plan.name,
-                    names.join(", ")
-                ),
-            );
-        }
-    }
-    if v.is_terminal() {
-        return fail(
-            EXIT_FAILURE,
-            format!(
-                "pod {} is not running; exec needs a running container",
-                plan.name
-            ),
-        );
-    }
     if a.interactive {
         let socket = roots.pod(&v.record.id).socket();
         return match interactive(&socket, a.container.clone(), a.command) {

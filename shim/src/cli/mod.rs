@@ -61,6 +61,36 @@ impl PodView {
     }
 }
 
+/// The running pod `key` for a command that acts on one of its containers
+/// (`exec`, `update`): an unknown container is a usage error (2), a pod
+/// that is not running a failure (1). Err holds the exit code, the
+/// message printed.
+pub fn running_pod(roots: &Roots, key: &str, container: Option<&str>) -> Result<PodView, i32> {
+    let rec = roots.find_pod(key).map_err(|e| fail(EXIT_FAILURE, e))?;
+    let v = PodView::load(roots, rec);
+    let plan = &v.record.plan;
+    if let Some(c) = container {
+        if !plan.all_containers().any(|x| x.name == c) {
+            let names: Vec<&str> = plan.all_containers().map(|c| c.name.as_str()).collect();
+            return Err(fail(
+                EXIT_USAGE,
+                format!(
+                    "pod {} has no container {c:?}; it has: {}",
+                    plan.name,
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    if v.is_terminal() {
+        return Err(fail(
+            EXIT_FAILURE,
+            format!("pod {} is not running", plan.name),
+        ));
+    }
+    Ok(v)
+}
+
 /// True once the pod at `id` is over (or has no status to wait for).
 pub fn pod_over(roots: &Roots, id: &str) -> bool {
     PodStatus::load(&roots.pod(id))

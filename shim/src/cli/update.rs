@@ -3,7 +3,7 @@
 //! across restarts. VM pods apply them to the container's cgroup in the
 //! guest; the guest's memory was sized at start and cannot grow.
 
-use super::{fail, PodView, EXIT_FAILURE, EXIT_USAGE};
+use super::{fail, running_pod, EXIT_FAILURE, EXIT_USAGE};
 use crate::control::{self, Request};
 use husk_sandbox::pod::quantity;
 use husk_sandbox::state::Roots;
@@ -42,23 +42,11 @@ pub fn run(roots: &Roots, a: UpdateArgs) -> i32 {
     if memory == Some(0) || cpus == Some(0) {
         return fail(EXIT_USAGE, "limits must be above zero");
     }
-    let rec = match roots.find_pod(&a.pod) {
-        Ok(r) => r,
-        Err(e) => return fail(EXIT_FAILURE, e),
+    let v = match running_pod(roots, &a.pod, a.container.as_deref()) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
-    let v = PodView::load(roots, rec);
     let plan = &v.record.plan;
-    if let Some(c) = &a.container {
-        if !plan.all_containers().any(|x| &x.name == c) {
-            return fail(
-                EXIT_USAGE,
-                format!("pod {} has no container {c:?}", plan.name),
-            );
-        }
-    }
-    if v.is_terminal() {
-        return fail(EXIT_FAILURE, format!("pod {} is not running", plan.name));
-    }
     match control::call(
         &roots.pod(&v.record.id).socket(),
         &Request::Update {

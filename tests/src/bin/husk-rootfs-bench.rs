@@ -15,22 +15,9 @@ use husk_sandbox::vm::agent::AgentClient;
 use husk_sandbox::vm::initramfs::Initramfs;
 use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
 use husk_sandbox::vm::share::{FsShares, DEFAULT_VIRTIOFSD};
-use std::path::{Path, PathBuf};
+use husk_tests::{images_dir, static_agent};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn images_dir() -> PathBuf {
-    std::env::var_os("HUSK_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/husk-images")
-        })
-}
-
-fn static_agent() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap();
-    target.join("x86_64-unknown-linux-gnu/release/husk-agent")
-}
 
 fn make_layer(dir: &Path) {
     for d in 0..10 {

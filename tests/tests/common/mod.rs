@@ -29,14 +29,8 @@ pub fn netprobe() -> PathBuf {
     guest("netprobe.component.wasm")
 }
 
-/// Where images/build.sh put the guest kernels and test initramfs.
-pub fn images_dir() -> PathBuf {
-    std::env::var_os("HUSK_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/husk-images")
-        })
-}
+#[allow(unused_imports)]
+pub use husk_tests::{images_dir, static_agent};
 
 /// One output of images/build.sh; it must exist.
 pub fn image(name: &str) -> PathBuf {
@@ -47,20 +41,6 @@ pub fn image(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The static husk-agent that tests/run.sh builds for the guests.
-pub fn static_agent() -> PathBuf {
-    // target/release/deps/… → target/x86_64-unknown-linux-gnu/release/husk-agent
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
-    let agent = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
-    assert!(
-        agent.exists(),
-        "{} missing: build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu (tests/run.sh does)",
-        agent.display()
-    );
-    agent
 }
 
 pub fn husk_bin() -> PathBuf {

@@ -16,7 +16,7 @@ use super::share::FsShares;
 use crate::config::HuskConfig;
 use crate::cri_log::{self, Stream};
 use crate::lifecycle::{crash_loop_back_off, should_restart, StatusCell, BACKOFF_RESET};
-use crate::network::{CniNetwork, PodNetwork};
+use crate::network::PodNetwork;
 use crate::pod::{ContainerPlan, PodPlan};
 use crate::state::{ContainerState, PodPaths, PodPhase, PodStatus};
 use crate::volume::PodVolumes;
@@ -202,8 +202,6 @@ pub struct VmSandbox {
     layers: HashMap<String, Vec<String>>,
     stop: StopState,
     resources: Mutex<Resources>,
-    /// The guest's memory, in MiB (fixed at boot).
-    vm_mem_mib: u32,
     /// Limits changed by `update`, by container: they replace the plan's.
     limits: Mutex<HashMap<String, husk_protocol::Limits>>,
 }
@@ -235,8 +233,7 @@ impl VmSandbox {
             volumes: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
-            Ok((agent, layers, status, vm_mem_mib)) => Ok(Arc::new(VmSandbox {
-                vm_mem_mib,
+            Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
                 status: StatusCell::new(status, paths.clone(), plan.init_containers.len()),
                 plan: Arc::new(plan),
                 paths,
@@ -261,7 +258,7 @@ impl VmSandbox {
         config: &HuskConfig,
         cni_dir: &Path,
         res: &mut Resources,
-    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus, u32), SandboxError> {
+    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus), SandboxError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e| crate::state::StateError::Io { path, source: e }
@@ -336,17 +333,7 @@ impl VmSandbox {
             .map_err(io(&initrd))?;
 
         // Network, from the host's namespace (this thread never leaves it).
-        let host_ports = plan.host_ports();
-        let cni = CniNetwork::resolve(&config.network, cni_dir, !host_ports.is_empty())?;
-        let net = PodNetwork::setup(
-            cni,
-            &paths.id,
-            &paths.netns,
-            &plan.name,
-            &plan.namespace,
-            &host_ports,
-        )?;
-        crate::state::write_json_atomic(&paths.network_record(), &net.record)?;
+        let net = PodNetwork::for_pod(plan, paths, &config.network, cni_dir)?;
         let pod_ip = net.record.pod_ip();
         let addr = net.record.pod_cidr_and_gateway();
         res.network = Some(net);
@@ -392,17 +379,7 @@ impl VmSandbox {
             });
         }
 
-        let limits = |cs: &[ContainerPlan]| -> Vec<(Option<u64>, Option<u64>)> {
-            cs.iter()
-                .map(|c| (c.memory_limit, c.cpu_limit_millis))
-                .collect()
-        };
-        let (mem_mib, vcpus) = vm_size(
-            (config.vm.mem_mib, config.vm.vcpus),
-            std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            &limits(&plan.init_containers),
-            &limits(&plan.containers),
-        );
+        let (mem_mib, vcpus) = pod_vm_size(plan, &config.vm);
         let qemu = QemuConfig {
             kernel,
             initrd,
@@ -455,7 +432,7 @@ impl VmSandbox {
             .collect();
         let status = crate::lifecycle::pending(plan, statuses, pod_ip, None);
         status.save(paths)?;
-        Ok((agent, layers, status, mem_mib))
+        Ok((agent, layers, status))
     }
 
     /// Releases every host resource: the VM (its process, tap and run
@@ -621,6 +598,18 @@ impl VmSandbox {
         }
     }
 
+    /// The named container, or the pod's first (as kubectl picks it).
+    fn container(&self, name: Option<&str>) -> Result<&ContainerPlan, String> {
+        match name {
+            None => Ok(&self.plan.containers[0]),
+            Some(name) => self
+                .plan
+                .all_containers()
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("pod {} has no container {name:?}", self.plan.name)),
+        }
+    }
+
     /// A container's limits: the plan's, or what `update` set.
     fn limits_of(&self, c: &ContainerPlan) -> husk_protocol::Limits {
         self.limits
@@ -655,14 +644,7 @@ impl VmSandbox {
         stdin: bool,
     ) -> Result<super::agent::Process, String> {
         let pod = &self.plan.name;
-        let c = match container {
-            None => &self.plan.containers[0],
-            Some(name) => self
-                .plan
-                .all_containers()
-                .find(|c| c.name == name)
-                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
-        };
+        let c = self.container(container)?;
         if argv.is_empty() {
             return Err("exec: no command given".into());
         }
@@ -891,6 +873,21 @@ fn container_mounts(c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
     out
 }
 
+/// The VM size of the pod `plan` on this host (see [`vm_size`]).
+fn pod_vm_size(plan: &PodPlan, vm: &crate::config::VmConfig) -> (u32, u32) {
+    let limits = |cs: &[ContainerPlan]| -> Vec<(Option<u64>, Option<u64>)> {
+        cs.iter()
+            .map(|c| (c.memory_limit, c.cpu_limit_millis))
+            .collect()
+    };
+    vm_size(
+        (vm.mem_mib, vm.vcpus),
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        &limits(&plan.init_containers),
+        &limits(&plan.containers),
+    )
+}
+
 /// The VM's memory (MiB) and vCPUs, as Kata sizes it: the configured
 /// base for the guest kernel and agent, plus room for the containers'
 /// memory limits (init containers run one at a time, the others together),
@@ -1100,15 +1097,7 @@ impl Sandbox for VmSandbox {
         memory_bytes: Option<u64>,
         cpu_millis: Option<u64>,
     ) -> Result<(), String> {
-        let pod = &self.plan.name;
-        let c = match container {
-            None => &self.plan.containers[0],
-            Some(name) => self
-                .plan
-                .all_containers()
-                .find(|c| c.name == name)
-                .ok_or_else(|| format!("pod {pod} has no container {name:?}"))?,
-        };
+        let c = self.container(container)?;
         let mut limits = self.limits_of(c);
         if memory_bytes.is_some() {
             limits.memory_max = memory_bytes;
@@ -1125,11 +1114,13 @@ impl Sandbox for VmSandbox {
                 .filter(|o| o.name != c.name)
                 .filter_map(|o| self.limits_of(o).memory_max)
                 .sum();
-            let room = u64::from(self.vm_mem_mib) << 20;
+            // The guest's memory, sized from the plan at boot.
+            let vm_mib = pod_vm_size(&self.plan, &self.config.vm).0;
+            let room = u64::from(vm_mib) << 20;
             if m + others > room {
                 return Err(format!(
                     "a memory limit of {m} bytes does not fit the pod's VM ({} MiB, sized at start); stop the pod and run it with the new limit",
-                    self.vm_mem_mib
+                    vm_mib
                 ));
             }
         }

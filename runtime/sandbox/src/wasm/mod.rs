@@ -11,7 +11,7 @@ mod supervisor;
 
 use crate::cgroup::PodCgroup;
 use crate::config::HuskConfig;
-use crate::network::{self, CniNetwork, PodNetwork};
+use crate::network::{self, PodNetwork};
 use crate::pod::PodPlan;
 use crate::state::{PodPaths, PodStatus};
 use crate::volume::PodVolumes;
@@ -266,17 +266,7 @@ impl WasmSandbox {
             source: e,
         })?;
         // Network, from the host's namespace.
-        let host_ports = plan.host_ports();
-        let cni = CniNetwork::resolve(&config.network, cni_dir, !host_ports.is_empty())?;
-        let net = PodNetwork::setup(
-            cni,
-            &paths.id,
-            &paths.netns,
-            &plan.name,
-            &plan.namespace,
-            &host_ports,
-        )?;
-        crate::state::write_json_atomic(&paths.network_record(), &net.record)?;
+        let net = PodNetwork::for_pod(plan, paths, &config.network, cni_dir)?;
         let pod_ip = net.record.pod_ip();
         res.network = Some(net);
         res.host_netns =
