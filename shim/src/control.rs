@@ -26,12 +26,14 @@ pub enum Request {
     },
     /// Resource usage of the running containers.
     Stats,
-    /// Starts a command in a running container with its stdin open; after
-    /// an ok reply, the connection carries `ExecMsg` JSON lines both ways
-    /// (stdin in; stdout, stderr and the exit out) until the exit.
+    /// Starts a command (or a copy) in a running container with its stdin
+    /// open; after an ok reply, the connection carries `ExecMsg` JSON
+    /// lines both ways (stdin and resizes in; stdout, stderr and the exit
+    /// out) until the exit.
     ExecStream {
         container: Option<String>,
-        argv: Vec<String>,
+        #[serde(flatten)]
+        spec: husk_sandbox::ExecSpec,
     },
     /// Changes a container's limits (the given ones).
     Update {

@@ -36,6 +36,8 @@ enum Command {
     Stop(cli::stop::StopArgs),
     /// Run a command in a running container of a VM pod.
     Exec(cli::exec::ExecArgs),
+    /// Copy files or directories between a VM pod's container and the host.
+    Cp(cli::cp::CpArgs),
     /// CPU, memory and processes of a VM pod's running containers.
     Stats(cli::stats::StatsArgs),
     /// Change a VM pod container's memory or CPU limit while it runs.
@@ -96,6 +98,7 @@ fn main() {
         Command::Stop(a) => cli::stop::run(&roots, a),
         Command::Exec(a) => cli::exec::run(&roots, a),
         Command::Stats(a) => cli::stats::run(&roots, a),
+        Command::Cp(a) => cli::cp::run(&roots, a),
         Command::Update(a) => cli::update::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),
         Command::Info(a) => cli::info::run(&roots, a),

@@ -223,13 +223,17 @@ async fn on_signals(sb: Arc<dyn Sandbox>) {
 /// output lines out, until the command's exit (or the caller leaves, which
 /// ends the command).
 async fn exec_stream(
-    rx: std::sync::mpsc::Receiver<husk_sandbox::ExecMsg>,
-    stdin: husk_sandbox::StdinWriter,
-    kill: husk_sandbox::Killer,
+    session: husk_sandbox::ExecSession,
     mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) {
     use husk_sandbox::ExecMsg;
+    let husk_sandbox::ExecSession {
+        output: rx,
+        stdin,
+        resize,
+        kill,
+    } = session;
     let (otx, mut orx) = tokio::sync::mpsc::unbounded_channel::<ExecMsg>();
     std::thread::spawn(move || {
         while let Ok(m) = rx.recv() {
@@ -241,9 +245,15 @@ async fn exec_stream(
     let stdin = Arc::new(stdin);
     let input = tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(ExecMsg::Stdin { data, eof }) = serde_json::from_str::<ExecMsg>(&line) {
-                let s = stdin.clone();
-                let _ = tokio::task::spawn_blocking(move || s(&data, eof)).await;
+            match serde_json::from_str::<ExecMsg>(&line) {
+                Ok(ExecMsg::Stdin { data, eof }) => {
+                    let s = stdin.clone();
+                    let _ = tokio::task::spawn_blocking(move || s(&data, eof)).await;
+                }
+                Ok(ExecMsg::Resize { rows, cols }) => {
+                    let _ = resize(husk_sandbox::TtySize { rows, cols });
+                }
+                _ => {}
             }
         }
         // The caller is gone: so is the command.
@@ -307,16 +317,16 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         Err(e) => Reply::err(e),
                     }
                 }
-                Ok(Request::ExecStream { container, argv }) => {
+                Ok(Request::ExecStream { container, spec }) => {
                     let sb = sb.clone();
-                    match blocking(move || sb.exec_interactive(container.as_deref(), argv)).await {
-                        Ok((rx, stdin, kill)) => {
+                    match blocking(move || sb.exec_interactive(container.as_deref(), spec)).await {
+                        Ok(session) => {
                             let mut out = serde_json::to_vec(&Reply::ok()).expect("json");
                             out.push(b'\n');
                             if w.write_all(&out).await.is_ok() {
-                                exec_stream(rx, stdin, kill, lines, w).await;
+                                exec_stream(session, lines, w).await;
                             } else {
-                                kill();
+                                (session.kill)();
                             }
                             return;
                         }

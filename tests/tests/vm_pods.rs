@@ -951,3 +951,214 @@ fn the_vm_pod_example_runs() {
     }
     env.finish();
 }
+
+/// A pty pair for a process that must see a real terminal: (master, slave).
+fn pty(rows: u16, cols: u16) -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty fills two descriptors, owned by the Files below.
+    unsafe {
+        assert_eq!(
+            libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws),
+            0
+        );
+        (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
+    }
+}
+
+#[test]
+fn exec_with_a_terminal_follows_its_size_and_cp_copies_both_ways() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let (_reg, reference, env) = vm_setup("tty");
+    let manifest = env.manifest(
+        "tty.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vmtty}}
+spec:
+  runtimeClassName: husk-vm
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: box
+    image: {reference}
+    command: ["/bin/sh", "-c", "mkdir -p /srv/tree/sub; echo deep > /srv/tree/sub/f; ln -s sub/f /srv/tree/link; echo ready; exec sleep 600"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, emptyDir: {{}}}}]
+"#
+        ),
+    );
+    run_detached(&env, &manifest);
+    env.wait_for("vmtty", "the container to run", |_| {
+        stdout(&env.husk(&["logs", "vmtty"])).contains("ready")
+    });
+
+    // exec -it from a real terminal: the command gets a terminal of the
+    // caller's size, keys pass through raw, and a resize (SIGWINCH to
+    // husk) reaches it.
+    let (master, slave) = pty(30, 100);
+    let mut child = env
+        .cmd()
+        .args([
+            "exec",
+            "-it",
+            "vmtty",
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; while read x; do busybox stty size; [ \"$x\" = q ] && exit 5; done",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let (seen, mut m) = (seen.clone(), master.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = m.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let mut master_w = master.try_clone().unwrap();
+    // Press Enter until the size shows (the first keys may come before
+    // the shell reads).
+    let until = |master_w: &mut std::fs::File, want: &str| {
+        for _ in 0..600 {
+            if text().contains(want) {
+                return;
+            }
+            master_w.write_all(b"\r").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{want:?} never came: {:?}", text());
+    };
+    until(&mut master_w, "30 100");
+    assert!(text().contains("is-a-tty"), "{:?}", text());
+    let ws = libc::winsize {
+        ws_row: 41,
+        ws_col: 132,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize that outlives the call.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    until(&mut master_w, "41 132");
+    master_w.write_all(b"q\r").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "{:?}", text());
+    // husk left the caller's terminal as it found it (not raw).
+    // SAFETY: a zeroed termios is valid; tcgetattr fills one owned here.
+    let (t, r) = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        let r = libc::tcgetattr(master.as_raw_fd(), &mut t);
+        (t, r)
+    };
+    assert_eq!(r, 0);
+    assert_ne!(t.c_lflag & libc::ICANON, 0, "the terminal was left raw");
+
+    // cp out: a directory (with its symlink) to a new local name, a file
+    // into an existing local directory; no tar in the container is used.
+    let local = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    let out = env.husk(&["cp", "vmtty:/srv/tree", tree.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(tree.join("sub/f")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        std::fs::read_link(tree.join("link")).unwrap(),
+        std::path::Path::new("sub/f")
+    );
+    let out = env.husk(&["cp", "vmtty:/etc/hostname", local.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("hostname")).unwrap(),
+        "vmtty\n"
+    );
+    // cp in: a local directory into the emptyDir, a file to a new name;
+    // the container sees them (as root-owned files, as docker cp makes).
+    std::fs::create_dir(local.path().join("up")).unwrap();
+    std::fs::write(local.path().join("up/a.txt"), "from the host\n").unwrap();
+    let out = env.husk(&[
+        "cp",
+        local.path().join("up").to_str().unwrap(),
+        "vmtty:/data",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.husk(&[
+        "cp",
+        local.path().join("up/a.txt").to_str().unwrap(),
+        "vmtty:/tmp/renamed.txt",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exec = env.husk(&[
+        "exec",
+        "vmtty",
+        "--",
+        "sh",
+        "-c",
+        "cat /data/up/a.txt /tmp/renamed.txt; busybox stat -c %u /tmp/renamed.txt",
+    ]);
+    assert_eq!(
+        stdout(&exec),
+        "from the host\nfrom the host\n0\n",
+        "{}",
+        stderr(&exec)
+    );
+    // Errors name what is wrong, and leave nothing half-copied behind.
+    let out = env.husk(&["cp", "vmtty:/no/such", local.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("/no/such"), "{}", stderr(&out));
+    let out = env.husk(&[
+        "cp",
+        local.path().join("up").to_str().unwrap(),
+        "vmtty:/no/dir/x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no such directory"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.husk(&["cp", "a", "b"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = env.husk(&["cp", "vmtty:/etc/hostname", "/no/such/dir/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no such directory"),
+        "{}",
+        stderr(&out)
+    );
+    let names: Vec<String> = std::fs::read_dir(local.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".husk-cp")),
+        "{names:?}"
+    );
+    assert!(env.husk(&["rm", "-f", "vmtty"]).status.success());
+    env.finish();
+}

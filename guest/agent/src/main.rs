@@ -68,6 +68,14 @@ fn setup() {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
     console();
+    // Terminals for `exec -t` (containers see them through their /dev).
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=0620,ptmxmode=0666",
+    );
     mount("proc", "/proc", "proc", nosuid, "");
     mount("sysfs", "/sys", "sysfs", nosuid, "");
     mount(
@@ -159,7 +167,9 @@ struct Session<W: Write + Send + 'static> {
 
 struct Proc {
     pid: u32,
-    stdin: Option<std::process::ChildStdin>,
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The terminal's master side, for resizes (processes with a TTY).
+    tty: Option<std::fs::File>,
     /// `pid` is the parent that stayed outside a PID namespace (see
     /// [`fork_into_pid_namespace`]); the program is its only child.
     outside_parent: bool,
@@ -186,8 +196,29 @@ impl<W: Write + Send + 'static> Session<W> {
 
     fn start(&self, req: &StartRequest) -> Result<(), ProtocolError> {
         let id = req.id.as_str();
-        let Some(program) = req.argv.first() else {
-            return self.error(Some(id), "start: argv is empty".into());
+        // A tool is the agent itself, run in the container from a
+        // descriptor opened here (the container's root does not hold it).
+        let tool = match &req.tool {
+            None => None,
+            Some(_) if !req.argv.is_empty() || req.exec_in.is_none() || req.tty.is_some() => {
+                return self.error(
+                    Some(id),
+                    "start: a tool runs in a container (exec_in), without argv or tty".into(),
+                )
+            }
+            Some(t) => match tool_exec(t) {
+                Ok(t) => Some(t),
+                Err(e) => return self.error(Some(id), format!("start: tool: {e}")),
+            },
+        };
+        let program = match (&tool, req.argv.first()) {
+            (Some(_), _) => &"/proc/self/exe".to_owned(),
+            (None, Some(p)) => p,
+            (None, None) => return self.error(Some(id), "start: argv is empty".into()),
+        };
+        let tty = match req.tty.map(open_pty).transpose() {
+            Ok(t) => t,
+            Err(e) => return self.error(Some(id), format!("start: terminal: {e}")),
         };
         let mut procs = lock(&self.procs);
         if procs.contains_key(id) {
@@ -197,7 +228,7 @@ impl<W: Write + Send + 'static> Session<W> {
             );
         }
         let mut cmd = Command::new(program);
-        cmd.args(&req.argv[1..]).env_clear();
+        cmd.args(req.argv.get(1..).unwrap_or_default()).env_clear();
         for kv in &req.env {
             match kv.split_once('=') {
                 Some((k, v)) if !k.is_empty() => {
@@ -215,10 +246,18 @@ impl<W: Write + Send + 'static> Session<W> {
         // ends with it (see the waiter below).
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setsid is async-signal-safe and takes no arguments.
+            let with_tty = tty.is_some();
+            // SAFETY: setsid and ioctl are async-signal-safe and take no
+            // pointers.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The terminal on stdin becomes the session's: the
+                    // program (a child of this one when it runs in a PID
+                    // namespace) inherits it.
+                    if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -338,14 +377,60 @@ impl<W: Write + Send + 'static> Session<W> {
                 }
             }
         }
-        cmd.stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
+        if let Some((exe, argv)) = tool {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let ptrs: Vec<*const libc::c_char> = argv
+                .iter()
+                .map(|a| a.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect();
+            // The pointers point into `argv`, which the closure owns.
+            let ptrs = SendPtrs(ptrs);
+            // SAFETY: fexecve is async-signal-safe; the descriptor and the
+            // strings were made before the fork and live in the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _keep = &argv;
+                    let ptrs = &ptrs;
+                    let env: [*const libc::c_char; 1] = [std::ptr::null()];
+                    libc::fexecve(exe.as_raw_fd(), ptrs.0.as_ptr(), env.as_ptr());
+                    Err(std::io::Error::last_os_error())
+                });
+            }
+        }
+        let mut master = None;
+        match tty {
+            Some((m, slave)) => {
+                let dup = |f: &std::fs::File| f.try_clone().map(Stdio::from);
+                match (dup(&slave), dup(&slave)) {
+                    (Ok(a), Ok(b)) => {
+                        cmd.stdin(Stdio::from(slave)).stdout(a).stderr(b);
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        if root.is_some() {
+                            remove_container_root(id);
+                        }
+                        return self.error(Some(id), format!("start: terminal: {e}"));
+                    }
+                }
+                master = Some(m);
+            }
+            None => {
+                cmd.stdin(if req.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            }
+        }
+        let spawned = cmd.spawn();
+        // The child's copies of the terminal's slave side go now: the
+        // master reads EIO once the last process holding it is gone.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 if root.is_some() {
@@ -356,11 +441,33 @@ impl<W: Write + Send + 'static> Session<W> {
         };
         let in_container = root.is_some();
         let pid = child.id();
+        let (stdin, output, tty): (Option<Box<dyn Write + Send>>, _, _) = match master {
+            Some(m) => match (m.try_clone(), m.try_clone()) {
+                (Ok(w), Ok(r)) => (
+                    Some(Box::new(w)),
+                    Some(Box::new(r) as Box<dyn Read + Send>),
+                    Some(m),
+                ),
+                _ => (None, None, None),
+            },
+            None => (
+                child
+                    .stdin
+                    .take()
+                    .map(|w| Box::new(w) as Box<dyn Write + Send>),
+                child
+                    .stdout
+                    .take()
+                    .map(|r| Box::new(r) as Box<dyn Read + Send>),
+                None,
+            ),
+        };
         procs.insert(
             id.to_owned(),
             Proc {
                 pid,
-                stdin: child.stdin.take(),
+                stdin,
+                tty,
                 outside_parent: root.is_some() || req.exec_in.is_some(),
             },
         );
@@ -372,13 +479,7 @@ impl<W: Write + Send + 'static> Session<W> {
         // One thread per output stream; the waiter reports the exit after
         // both have drained, so Exited is the last event of the id.
         let pumps: Vec<_> = [
-            (
-                Stream::Stdout,
-                child
-                    .stdout
-                    .take()
-                    .map(|r| Box::new(r) as Box<dyn Read + Send>),
-            ),
+            (Stream::Stdout, output),
             (
                 Stream::Stderr,
                 child
@@ -394,6 +495,8 @@ impl<W: Write + Send + 'static> Session<W> {
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 32 * 1024];
                 loop {
+                    // A terminal's master reads EIO once the last process
+                    // holding its other side is gone: the end, as EOF.
                     match r.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
@@ -468,7 +571,32 @@ impl<W: Write + Send + 'static> Session<W> {
         // A process that stopped reading gets EPIPE; that is its business.
         let _ = w.write_all(data);
         if eof {
-            p.stdin = None;
+            if p.tty.is_some() {
+                // A terminal ends its input with the EOF character (it
+                // cannot be closed while its output is still read).
+                let _ = w.write_all(&[4]);
+            } else {
+                p.stdin = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn resize(&self, id: &str, size: husk_protocol::TtySize) -> Result<(), ProtocolError> {
+        use std::os::fd::AsRawFd;
+        let procs = lock(&self.procs);
+        let Some(p) = procs.get(id) else {
+            return self.error(Some(id), format!("resize: no process {id:?}"));
+        };
+        let Some(tty) = &p.tty else {
+            return self.error(Some(id), format!("resize: process {id:?} has no terminal"));
+        };
+        let ws = winsize(size);
+        // SAFETY: TIOCSWINSZ reads a winsize that outlives the call; the
+        // process group of the terminal gets SIGWINCH from the kernel.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return self.error(Some(id), format!("resize: {e}"));
         }
         Ok(())
     }
@@ -869,6 +997,95 @@ unsafe fn fork_into_pid_namespace() -> std::io::Result<()> {
     }
 }
 
+fn winsize(size: husk_protocol::TtySize) -> libc::winsize {
+    libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// A new terminal of this size: (master, slave).
+fn open_pty(size: husk_protocol::TtySize) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let ws = winsize(size);
+    // SAFETY: openpty fills two descriptors; the name and termios pointers
+    // may be null, the winsize outlives the call.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned here.
+    let (m, s) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    for f in [&m, &s] {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor owned here.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((m, s))
+}
+
+/// Raw pointers that cross into the forked child with the strings they
+/// point into.
+struct SendPtrs(Vec<*const libc::c_char>);
+// SAFETY: only read, in the single-threaded child after the fork.
+unsafe impl Send for SendPtrs {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtrs {}
+
+/// The agent's own binary (as a descriptor) and the argv that makes it run
+/// `tool` (see [`run_tool`]).
+fn tool_exec(tool: &husk_protocol::Tool) -> std::io::Result<(std::fs::File, Vec<CString>)> {
+    use husk_protocol::Tool;
+    let (flag, path) = match tool {
+        Tool::TarOut { path } => ("--tar-out", path),
+        Tool::TarIn { path } => ("--tar-in", path),
+    };
+    if !path.starts_with('/') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{path:?} is not an absolute path"),
+        ));
+    }
+    let argv = ["husk-agent", flag, path]
+        .iter()
+        .map(|a| CString::new(*a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((std::fs::File::open("/proc/self/exe")?, argv))
+}
+
+/// `husk-agent --tar-out PATH` / `--tar-in PATH`, run inside a container
+/// for `husk cp`: writes a tar of PATH to stdout, or puts the tar read
+/// from stdin at PATH.
+fn run_tool(flag: &str, path: &str) -> i32 {
+    let r = match flag {
+        "--tar-out" => husk_protocol::copy::pack(Path::new(path), std::io::stdout().lock()),
+        _ => husk_protocol::copy::unpack(std::io::stdin().lock(), Path::new(path)),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
 /// A libc call's 0-or-errno result, in the child between fork and exec.
 fn check(r: libc::c_int) -> std::io::Result<()> {
     if r == 0 {
@@ -926,6 +1143,7 @@ fn serve<R: Read, W: Write + Send + 'static>(
             Request::Start(s) => session.start(s)?,
             Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
             Request::Signal { id, signal } => session.signal(id, *signal)?,
+            Request::Resize { id, size } => session.resize(id, *size)?,
             Request::Network(cfg) => match network::configure(cfg) {
                 Ok(interface) => session.send(&Event::NetworkReady { interface })?,
                 Err(e) => session.error(None, format!("network: {e}"))?,
@@ -994,6 +1212,12 @@ fn power_off() -> ! {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = &args[..] {
+        if flag == "--tar-out" || flag == "--tar-in" {
+            std::process::exit(run_tool(flag, path));
+        }
+    }
     if std::process::id() != 1 {
         eprintln!("husk-agent runs as PID 1 of a microVM");
         std::process::exit(2);
@@ -1090,6 +1314,126 @@ mod tests {
     }
 
     #[test]
+    fn a_terminal_has_the_size_asked_for_and_follows_resizes() {
+        let mut host = session();
+        let start = |tty| {
+            Request::Start(Box::new(StartRequest {
+                id: "t".into(),
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "stty size; read x; stty size; test -t 0 && test -t 1 && echo tty".into(),
+                ],
+                env: vec!["PATH=/usr/bin:/bin".into()],
+                tty,
+                ..Default::default()
+            }))
+        };
+        write_frame(
+            &mut host,
+            &start(Some(husk_protocol::TtySize { rows: 33, cols: 99 })),
+        )
+        .unwrap();
+        // The first size, then a resize before the line that lets it go on.
+        let mut out = Vec::new();
+        while !String::from_utf8_lossy(&out).contains("33 99") {
+            match read_frame::<Event>(&mut host).unwrap() {
+                Event::Output { stream, data, .. } => {
+                    assert_eq!(stream, Stream::Stdout, "a terminal has one stream");
+                    out.extend(data)
+                }
+                Event::Started { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for req in [
+            Request::Resize {
+                id: "t".into(),
+                size: husk_protocol::TtySize {
+                    rows: 44,
+                    cols: 111,
+                },
+            },
+            Request::Stdin {
+                id: "t".into(),
+                data: b"go\n".to_vec(),
+                eof: false,
+            },
+        ] {
+            write_frame(&mut host, &req).unwrap();
+        }
+        let (rest, err, exit) = collect(&mut host, "t");
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.contains("44 111") && rest.contains("tty"), "{rest:?}");
+        assert!(err.is_empty());
+        assert!(
+            matches!(exit, Event::Exited { code: Some(0), .. }),
+            "{exit:?}"
+        );
+        // A resize of a process without a terminal names what is wrong.
+        write_frame(
+            &mut host,
+            &Request::Start(Box::new(StartRequest {
+                id: "p".into(),
+                argv: vec!["/bin/sleep".into(), "5".into()],
+                ..Default::default()
+            })),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_frame::<Event>(&mut host).unwrap(),
+            Event::Started { .. }
+        ));
+        write_frame(
+            &mut host,
+            &Request::Resize {
+                id: "p".into(),
+                size: husk_protocol::TtySize { rows: 1, cols: 1 },
+            },
+        )
+        .unwrap();
+        match read_frame::<Event>(&mut host).unwrap() {
+            Event::Error { message, .. } => assert!(message.contains("no terminal"), "{message}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        write_frame(
+            &mut host,
+            &Request::Signal {
+                id: "p".into(),
+                signal: 9,
+            },
+        )
+        .unwrap();
+        let (_, _, exit) = collect(&mut host, "p");
+        assert!(
+            matches!(
+                exit,
+                Event::Exited {
+                    signal: Some(9),
+                    ..
+                }
+            ),
+            "{exit:?}"
+        );
+        // A tool outside a container is refused.
+        write_frame(
+            &mut host,
+            &Request::Start(Box::new(StartRequest {
+                id: "x".into(),
+                tool: Some(husk_protocol::Tool::TarOut {
+                    path: "/etc".into(),
+                }),
+                ..Default::default()
+            })),
+        )
+        .unwrap();
+        match read_frame::<Event>(&mut host).unwrap() {
+            Event::Error { message, .. } => assert!(message.contains("exec_in"), "{message}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn processes_stream_output_take_stdin_and_report_their_exit() {
         let mut host = session();
         write_frame(
@@ -1109,6 +1453,7 @@ mod tests {
                 limits: None,
                 exec_in: None,
                 security: None,
+                ..Default::default()
             })),
         )
         .unwrap();

@@ -17,8 +17,10 @@
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
+pub mod copy;
+
 /// The protocol version; bumped on every incompatible change.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
 /// The vsock port the agent listens on (husk-vmm).
@@ -73,6 +75,9 @@ pub enum Request {
     },
     /// Sends a signal to a process.
     Signal { id: String, signal: i32 },
+    /// Sets the window size of a process's terminal (one started with
+    /// `tty`).
+    Resize { id: String, size: TtySize },
     /// Gives the guest's NIC with this MAC the pod's address and default
     /// route; answered with NetworkReady or an Error.
     Network(NetworkConfig),
@@ -123,6 +128,34 @@ pub struct StartRequest {
     /// with `rootfs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_in: Option<String>,
+    /// Give the process a terminal of this size as stdin, stdout and
+    /// stderr (its output then arrives as stdout only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+    /// Run one of the agent's own tools instead of `argv` (which must be
+    /// empty), with `exec_in`: it needs nothing from the container's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<Tool>,
+}
+
+/// A terminal's window size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// The agent's own tools, run inside a container (`husk cp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "tool", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Tool {
+    /// Writes a tar of `path` (a file or a directory, under its own name)
+    /// to stdout.
+    TarOut { path: String },
+    /// Reads such a tar from stdin and puts its one top entry at `path`,
+    /// or into `path` when that is a directory ([`copy::unpack`]).
+    TarIn { path: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

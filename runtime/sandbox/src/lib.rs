@@ -13,8 +13,9 @@ pub mod vm;
 pub mod volume;
 pub mod wasm;
 
+pub use husk_protocol::{Tool, TtySize};
 pub use vm::sandbox::VmSandbox;
 pub use wasm::{
-    ContainerUsage, ExecMsg, ExecOutput, Killer, PodStats, Sandbox, SandboxError, StdinWriter,
-    VmUsage, WasmSandbox,
+    ContainerUsage, ExecMsg, ExecOutput, ExecSession, ExecSpec, Killer, PodStats, Resizer, Sandbox,
+    SandboxError, StdinWriter, VmUsage, WasmSandbox,
 };

@@ -366,6 +366,20 @@ impl Process {
         }
     }
 
+    /// A handle that resizes this process's terminal from another thread.
+    pub fn resizer(
+        &self,
+    ) -> impl Fn(husk_protocol::TtySize) -> Result<(), AgentError> + Send + Sync {
+        let (id, writer) = (self.id.clone(), self.writer.clone());
+        move |size| {
+            let req = Request::Resize {
+                id: id.clone(),
+                size,
+            };
+            Ok(write_frame(&mut *lock(&writer), &req)?)
+        }
+    }
+
     /// A handle that signals this process from another thread.
     pub fn signaller(&self) -> Signaller {
         Signaller {

@@ -640,13 +640,16 @@ impl VmSandbox {
     fn start_exec(
         &self,
         container: Option<&str>,
-        argv: Vec<String>,
+        spec: crate::ExecSpec,
         stdin: bool,
     ) -> Result<super::agent::Process, String> {
         let pod = &self.plan.name;
         let c = self.container(container)?;
-        if argv.is_empty() {
-            return Err("exec: no command given".into());
+        let crate::ExecSpec { argv, tty, copy } = spec;
+        match (&copy, argv.is_empty()) {
+            (None, true) => return Err("exec: no command given".into()),
+            (Some(_), false) => return Err("exec: a copy takes no command".into()),
+            _ => {}
         }
         let target = self
             .running_id(&c.name)
@@ -655,6 +658,9 @@ impl VmSandbox {
         let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
         env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
+        // A copy runs as root, as `docker cp` does, with the agent's own
+        // tar rather than the image's.
+        let security = copy.is_none().then(|| security(&c.security));
         self.agent
             .start(StartRequest {
                 id,
@@ -663,7 +669,9 @@ impl VmSandbox {
                 cwd: c.working_dir.clone(),
                 stdin,
                 exec_in: Some(target),
-                security: Some(security(&c.security)),
+                security,
+                tty,
+                tool: copy,
                 ..Default::default()
             })
             .map_err(|e| e.to_string())
@@ -723,6 +731,8 @@ impl VmSandbox {
                 limits: Some(self.limits_of(c)),
                 exec_in: None,
                 security: Some(security(&c.security)),
+                tty: None,
+                tool: None,
             })
             .map_err(|e| e.to_string())?;
         self.stop
@@ -1016,16 +1026,11 @@ impl Sandbox for VmSandbox {
     fn exec_interactive(
         &self,
         container: Option<&str>,
-        argv: Vec<String>,
-    ) -> Result<
-        (
-            std::sync::mpsc::Receiver<crate::ExecMsg>,
-            crate::StdinWriter,
-            crate::Killer,
-        ),
-        String,
-    > {
-        let proc = self.start_exec(container, argv, true)?;
+        spec: crate::ExecSpec,
+    ) -> Result<crate::ExecSession, String> {
+        let proc = self.start_exec(container, spec, true)?;
+        let resize = proc.resizer();
+        let resize: crate::Resizer = Box::new(move |size| resize(size).map_err(|e| e.to_string()));
         let signaller = proc.signaller();
         let kill: crate::Killer = Box::new(move || {
             let _ = signaller.signal(libc::SIGKILL);
@@ -1064,7 +1069,12 @@ impl Sandbox for VmSandbox {
                 return;
             }
         });
-        Ok((rx, stdin, kill))
+        Ok(crate::ExecSession {
+            output: rx,
+            stdin,
+            resize,
+            kill,
+        })
     }
 
     fn exec(
@@ -1073,7 +1083,14 @@ impl Sandbox for VmSandbox {
         argv: Vec<String>,
         timeout: Duration,
     ) -> Result<crate::ExecOutput, String> {
-        let proc = self.start_exec(container, argv, false)?;
+        let proc = self.start_exec(
+            container,
+            crate::ExecSpec {
+                argv,
+                ..Default::default()
+            },
+            false,
+        )?;
         let killer = proc.signaller();
         match proc.wait(timeout) {
             Ok(f) => Ok(crate::ExecOutput {

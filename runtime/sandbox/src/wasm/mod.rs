@@ -72,15 +72,16 @@ pub trait Sandbox: Send + Sync {
             self.runtime_class()
         ))
     }
-    /// Starts `argv` in a running container with its stdin open
-    /// (`kubectl exec -i`): its output and exit arrive on the receiver,
-    /// stdin goes through the returned writer, and the killer ends it.
+    /// Starts a command in a running container with its stdin open
+    /// (`kubectl exec -i`, with `-t` a terminal; `husk cp`'s copies): its
+    /// output and exit arrive on the session's receiver, stdin goes
+    /// through its writer, and its killer ends it.
     fn exec_interactive(
         &self,
         container: Option<&str>,
-        argv: Vec<String>,
-    ) -> Result<(std::sync::mpsc::Receiver<ExecMsg>, StdinWriter, Killer), String> {
-        let _ = (container, argv);
+        spec: ExecSpec,
+    ) -> Result<ExecSession, String> {
+        let _ = (container, spec);
         Err(format!(
             "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
             self.runtime_class()
@@ -136,6 +137,32 @@ pub struct VmUsage {
     pub memory_available_bytes: u64,
 }
 
+/// What an interactive exec runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSpec {
+    /// The command (empty with `copy`).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// A terminal of this size for stdin, stdout and stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<husk_protocol::TtySize>,
+    /// A copy out of or into the container instead of a command: a tar on
+    /// stdout, or one read from stdin ([`husk_protocol::copy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<husk_protocol::Tool>,
+}
+
+/// A running interactive exec.
+pub struct ExecSession {
+    pub output: std::sync::mpsc::Receiver<ExecMsg>,
+    pub stdin: StdinWriter,
+    pub resize: Resizer,
+    pub kill: Killer,
+}
+
+/// Changes an interactive exec's terminal size.
+pub type Resizer = Box<dyn Fn(husk_protocol::TtySize) -> Result<(), String> + Send + Sync>;
 /// Writes an interactive exec's stdin: bytes, and whether it ends there.
 pub type StdinWriter = Box<dyn Fn(&[u8], bool) -> Result<(), String> + Send + Sync>;
 /// Ends an interactive exec (its caller went away).
@@ -160,6 +187,8 @@ pub enum ExecMsg {
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
+    /// The caller's terminal changed its size (with a TTY).
+    Resize { rows: u16, cols: u16 },
     /// The command ended; the last message.
     Exit { code: i32 },
     /// The exec failed; the last message.
