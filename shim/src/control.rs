@@ -35,6 +35,11 @@ pub enum Request {
         #[serde(flatten)]
         spec: husk_sandbox::ExecSpec,
     },
+    /// Replaces the files of a configMap or secret volume (`husk apply`).
+    UpdateVolume {
+        volume: String,
+        files: Vec<husk_sandbox::pod::VolumeFile>,
+    },
     /// Changes a container's limits (the given ones).
     Update {
         container: Option<String>,

@@ -348,6 +348,13 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         Err(e) => Reply::err(e),
                     }
                 }
+                Ok(Request::UpdateVolume { volume, files }) => {
+                    let sb = sb.clone();
+                    match blocking(move || sb.update_volume(&volume, &files)).await {
+                        Ok(()) => Reply::ok(),
+                        Err(e) => Reply::err(e),
+                    }
+                }
                 Ok(Request::Stats) => {
                     let sb = sb.clone();
                     match blocking(move || sb.stats()).await {

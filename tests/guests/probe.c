@@ -77,7 +77,7 @@ static int serve(int count, const char *file) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    puts("usage: probe echo|env|serve|cat|write|append|fill|grow|spin|stdin|sleep|count|exit ...");
+    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|stdin|sleep|count|exit ...");
     return 0;
   }
   const char *cmd = argv[1];
@@ -146,6 +146,24 @@ int main(int argc, char **argv) {
     while (fread(buf, 1, sizeof buf, stdin) > 0) {}
     puts("stdin closed, exiting cleanly");
     return 0;
+  }
+  if (!strcmp(cmd, "watch") && argc > 3) {
+    /* watch PATH TEXT: read PATH until it holds TEXT, then print it */
+    char buf[4096];
+    for (;;) {
+      FILE *f = fopen(argv[2], "r");
+      size_t n = 0;
+      if (f) {
+        n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+      }
+      buf[n] = 0;
+      if (strstr(buf, argv[3])) {
+        fputs(buf, stdout);
+        return 0;
+      }
+      usleep(50000);
+    }
   }
   if (!strcmp(cmd, "sleep") && argc > 2) {
     puts("sleeping");

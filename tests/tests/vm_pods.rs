@@ -534,7 +534,7 @@ fn a_vm_pod_mounts_every_kind_of_volume_and_keeps_secrets_off_the_host_disk() {
         "dd if=/dev/zero of=/scratch/big bs=1024 count=2048 2>/dev/null && echo scratch-unlimited || echo scratch-limited",
         "cat /etc/cfg/greeting; echo",
         // Printed changed: the log is on the host's disk.
-        "tr a-z A-Z < /secret/token; echo; stat -c %a /secret/token",
+        "tr a-z A-Z < /secret/token; echo; stat -L -c %a /secret/token; readlink /secret/token",
         "(echo x > /etc/cfg/new) 2>/dev/null && echo cfg-writable || echo cfg-refused",
         "grep -c virtiofs /proc/mounts",
         // What the kubelet writes for every container.
@@ -619,6 +619,8 @@ spec:
             "hello-config",
             SECRET.to_uppercase().as_str(),
             "400",
+            // Laid out as the kubelet's atomic writer does.
+            "..data/token",
             "cfg-refused",
             // shared (twice: /data and /sub), host and hostro come from
             // the host.
@@ -1160,5 +1162,99 @@ spec:
         "{names:?}"
     );
     assert!(env.husk(&["rm", "-f", "vmtty"]).status.success());
+    env.finish();
+}
+
+#[test]
+fn husk_apply_updates_configmaps_and_secrets_in_running_vm_and_wasm_pods() {
+    let (_reg, reference, env) = vm_setup("apply");
+    let objects = |greeting: &str, extra: &str, token: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: conf}}\ndata: {{greeting: {greeting}{extra}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: token}}\nstringData: {{value: {token}}}\n"
+        )
+    };
+    let vm = env.manifest(
+        "vm.yaml",
+        &format!(
+            r#"{}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: vmapply}}
+spec:
+  runtimeClassName: husk-vm
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: box
+    image: {reference}
+    command: ["/bin/sh", "-c", "echo ready; exec sleep 600"]
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: cfg, mountPath: /sub/greeting, subPath: greeting}}
+    - {{name: sec, mountPath: /sec}}
+  volumes:
+  - {{name: cfg, configMap: {{name: conf}}}}
+  - {{name: sec, secret: {{secretName: token}}}}
+"#,
+            objects("v1", ", old: gone-soon", "s1")
+        ),
+    );
+    let wasm = env.manifest(
+        "wasm.yaml",
+        &format!(
+            "{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: wasmapply}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: w\n    image: $PROBE\n    args: [watch, /cfg/greeting, v2]\n    volumeMounts: [{{name: cfg, mountPath: /cfg}}]\n  volumes: [{{name: cfg, configMap: {{name: conf}}}}]\n",
+            objects("v1", "", "s1")
+        ),
+    );
+    run_detached(&env, &vm);
+    run_detached(&env, &wasm);
+    env.wait_for("vmapply", "the container to run", |_| {
+        stdout(&env.husk(&["logs", "vmapply"])).contains("ready")
+    });
+    let show = "cat /cfg/greeting /sub/greeting /sec/value; ls /cfg";
+    let exec = env.husk(&["exec", "vmapply", "--", "sh", "-c", show]);
+    assert_eq!(stdout(&exec), "v1v1s1greeting\nold\n", "{}", stderr(&exec));
+
+    // The update: a changed key, a new one, a gone one, a new secret.
+    let update = env.manifest("update.yaml", &objects("v2", ", new: here", "s2"));
+    let out = env.husk(&["apply", "-f", update.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in [
+        "pod vmapply: volume cfg updated",
+        "pod vmapply: volume sec updated",
+        "pod wasmapply: volume cfg updated",
+    ] {
+        assert!(stdout(&out).contains(line), "{line:?}: {}", stdout(&out));
+    }
+    // Seen at once in the guest; a subPath keeps what it had, as with
+    // the kubelet.
+    let exec = env.husk(&["exec", "vmapply", "--", "sh", "-c", show]);
+    assert_eq!(stdout(&exec), "v2v1s2greeting\nnew\n", "{}", stderr(&exec));
+    // The wasm guest, waiting for the new value, saw it and ended.
+    let v = env.wait_for("wasmapply", "the wasm pod to end", |v| {
+        v["status"]["finished"] == true
+    });
+    assert_eq!(
+        env.container(&v, "w")["state"]["terminated"]["exitCode"],
+        0,
+        "{v:#}"
+    );
+    assert_eq!(stdout(&env.husk(&["logs", "wasmapply"])), "v2");
+
+    // Bad input: a Pod, or nothing to apply, is a usage error.
+    let out = env.husk(&["apply", "-f", vm.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("husk run"), "{}", stderr(&out));
+    let empty = env.manifest("empty.yaml", "# nothing\n");
+    let out = env.husk(&["apply", "-f", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no kind: ConfigMap"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env
+        .husk(&["rm", "-f", "vmapply", "wasmapply"])
+        .status
+        .success());
     env.finish();
 }

@@ -1154,6 +1154,10 @@ fn serve<R: Read, W: Write + Send + 'static>(
                     Err(e) => session.error(None, format!("update {id:?}: {e}"))?,
                 }
             }
+            Request::UpdateFiles { name, files } => match volume::update(name, files) {
+                Ok(()) => session.send(&Event::VolumeReady { name: name.clone() })?,
+                Err(e) => session.error(None, format!("volume {name:?}: {e}"))?,
+            },
             Request::Stats => session.send(&Event::Stats(cgroup::stats(
                 Path::new(cgroup::ROOT),
                 Path::new("/proc"),

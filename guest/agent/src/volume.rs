@@ -58,6 +58,7 @@ fn fill(dir: &Path, source: &VolumeSource) -> Result<(), String> {
             mode,
             files,
             read_only,
+            atomic,
         } => {
             let mut opts = format!("mode={:o}", mode & 0o7777);
             if let Some(size) = size {
@@ -65,11 +66,18 @@ fn fill(dir: &Path, source: &VolumeSource) -> Result<(), String> {
             }
             crate::mount_checked("tmpfs", dir, "tmpfs", nosuid, &opts)
                 .map_err(|e| e.to_string())?;
-            for f in files {
-                write_file(dir, &f.path, &f.data, f.mode)
-                    .map_err(|e| format!("file {:?}: {e}", f.path))?;
+            if *atomic {
+                husk_protocol::projected::write(dir, files).map_err(|e| e.to_string())?;
+            } else {
+                for f in files {
+                    write_file(dir, &f.path, &f.data, f.mode)
+                        .map_err(|e| format!("file {:?}: {e}", f.path))?;
+                }
             }
-            if *read_only {
+            // An atomic volume stays writable for its updates (a
+            // read-only remount fails while a subPath mount holds a file
+            // an update removed); containers only ever mount it read-only.
+            if *read_only && !*atomic {
                 crate::mount_checked(
                     "tmpfs",
                     dir,
@@ -81,6 +89,43 @@ fn fill(dir: &Path, source: &VolumeSource) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// Replaces the files of an atomic volume (a configMap or secret update):
+/// containers see the old set or the new one, never a mix.
+pub fn update(name: &str, files: &[husk_protocol::File]) -> Result<(), String> {
+    if !is_volume_name(name) {
+        return Err(format!("{name:?} is not a volume name"));
+    }
+    let dir = Path::new(VOLUMES).join(name);
+    if !is_mount_point(&dir)
+        || std::fs::read_link(dir.join(husk_protocol::projected::DATA)).is_err()
+    {
+        return Err("not a configMap or secret volume".into());
+    }
+    // Room for the old set and the new one while they swap.
+    let need: u64 = files
+        .iter()
+        .map(|f| f.data.len() as u64 + 4096)
+        .sum::<u64>()
+        * 2
+        + (1 << 20);
+    let have = statfs_bytes(&dir).unwrap_or(0);
+    let opts = format!("size={}", need.max(have));
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+    crate::mount_checked("tmpfs", &dir, "tmpfs", libc::MS_REMOUNT | nosuid, &opts)
+        .map_err(|e| e.to_string())?;
+    husk_protocol::projected::write(&dir, files).map_err(|e| e.to_string())
+}
+
+/// The size of the file system at `p`.
+fn statfs_bytes(p: &Path) -> Option<u64> {
+    let c = CString::new(p.to_string_lossy().as_bytes()).ok()?;
+    // SAFETY: statfs fills a zeroed struct owned here from a valid path.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then(|| st.f_blocks as u64 * st.f_bsize as u64)
     }
 }
 
@@ -164,7 +209,11 @@ pub fn prepare(root: &Path, mounts: &[Mount]) -> Result<Vec<Prepared>, String> {
         let source = match &m.sub_path {
             None => vol,
             Some(sub) if is_relative_path(sub) => {
-                walk(&vol, sub, !m.read_only).map_err(|e| what(&format!("subPath: {e}")))?
+                // A configMap's or secret's key is a link through
+                // `..data`: its real place is mounted (and, as with the
+                // kubelet, does not follow later updates).
+                let sub = husk_protocol::projected::resolve(&vol, sub);
+                walk(&vol, &sub, !m.read_only).map_err(|e| what(&format!("subPath: {e}")))?
             }
             Some(sub) => return Err(what(&format!("subPath {sub:?} is not a relative path"))),
         };

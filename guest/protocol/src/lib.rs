@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 pub mod copy;
+pub mod projected;
 
 /// The protocol version; bumped on every incompatible change.
 pub const VERSION: u32 = 4;
@@ -85,6 +86,10 @@ pub enum Request {
     /// containers to mount; answered with VolumeReady or an Error naming
     /// the volume.
     Volume(VolumeRequest),
+    /// Replaces the files of an atomic tmpfs volume (a configMap or secret
+    /// update) in one step; answered with VolumeReady or an Error naming
+    /// the volume.
+    UpdateFiles { name: String, files: Vec<File> },
     /// Asks for resource usage; answered with Stats.
     Stats,
     /// Changes a running container's limits (the container whose first
@@ -322,9 +327,16 @@ pub enum VolumeSource {
         mode: u32,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         files: Vec<File>,
-        /// Remount read-only once the files are written.
+        /// Remount read-only once the files are written (not with
+        /// `atomic`: such a volume stays writable for its updates, and
+        /// containers mount it read-only).
         #[serde(default)]
         read_only: bool,
+        /// Lay the files out as the kubelet's atomic writer does
+        /// ([`projected`]), so that [`Request::UpdateFiles`] can replace
+        /// them while containers run (configMap, secret).
+        #[serde(default)]
+        atomic: bool,
     },
 }
 

@@ -275,6 +275,41 @@ impl PodVolumes {
         Ok(path)
     }
 
+    /// Replaces the files of the configMap or secret volume `name` (an
+    /// update of its object): running guests see the new set at once, or
+    /// still the old one; never a mix.
+    pub fn update_files(&self, name: &str, files: &[VolumeFile]) -> Result<(), VolumeError> {
+        let dir = self
+            .dirs
+            .get(name)
+            .ok_or_else(|| verr(name, "not a volume of this pod"))?;
+        if std::fs::read_link(dir.join(husk_protocol::projected::DATA)).is_err() {
+            return Err(verr(name, "not a configMap or secret volume"));
+        }
+        if self.mounts.contains(dir) {
+            // A secret's tmpfs: room for the old set and the new one.
+            let need: u64 = files
+                .iter()
+                .map(|f| f.data.len() as u64 + 4096)
+                .sum::<u64>()
+                * 2
+                + (1 << 20);
+            let have = nix::sys::statfs::statfs(dir.as_path())
+                .map(|s| s.blocks() * s.block_size() as u64)
+                .unwrap_or(0);
+            use nix::mount::MsFlags;
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir.as_path(),
+                Some("tmpfs"),
+                MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(format!("size={}", need.max(have)).as_str()),
+            )
+            .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
+        }
+        write_files(dir, files).map_err(|e| verr(name, e))
+    }
+
     /// Unmounts and removes everything husk created. Idempotent.
     pub fn teardown(&mut self) {
         self.pinned.clear();
@@ -294,16 +329,22 @@ impl PodVolumes {
     }
 }
 
+/// Writes a configMap's or secret's files as the kubelet's atomic writer
+/// does, so that an update replaces them whole.
 fn write_files(dir: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
-    for f in files {
-        let p = dir.join(&f.path);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&p, &f.data)?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o777))?;
-    }
-    Ok(())
+    husk_protocol::projected::write(dir, &protocol_files(files))
+}
+
+/// The plan's files as the protocol (and its atomic writer) carries them.
+pub fn protocol_files(files: &[VolumeFile]) -> Vec<husk_protocol::File> {
+    files
+        .iter()
+        .map(|f| husk_protocol::File {
+            path: f.path.clone(),
+            data: f.data.clone(),
+            mode: f.mode,
+        })
+        .collect()
 }
 
 #[cfg(test)]

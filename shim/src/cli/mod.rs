@@ -1,6 +1,7 @@
 //! The CLI verbs, one file each. Exit codes: 0 success, 1 runtime failure,
 //! 2 usage or validation error (nothing was created).
 
+pub mod apply;
 pub mod cp;
 pub mod exec;
 pub mod images;

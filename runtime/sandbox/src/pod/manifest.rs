@@ -78,9 +78,59 @@ pub fn is_file_image(image: &str, base_dir: &Path) -> bool {
         || base_dir.join(image).is_file()
 }
 
-struct Docs {
-    config_maps: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
-    secrets: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
+/// The ConfigMap and Secret documents of a file: name → (the document's
+/// description for errors, key → bytes).
+pub struct Docs {
+    pub config_maps: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
+    pub secrets: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
+}
+
+/// The ConfigMaps and Secrets of a file for `husk apply` (which updates the
+/// running pods that use them); a Pod document is refused.
+pub fn parse_objects(text: &str, display: &str) -> Result<Docs, ManifestError> {
+    let (pod, docs) = read_documents(text, display)?;
+    if let Some((doc, _)) = pod {
+        return Err(ManifestError {
+            file: display.to_owned(),
+            doc,
+            path: "kind".into(),
+            msg: "apply updates ConfigMaps and Secrets; start pods with `husk run -f`".into(),
+        });
+    }
+    if docs.config_maps.is_empty() && docs.secrets.is_empty() {
+        return Err(ManifestError {
+            file: display.to_owned(),
+            doc: "file".into(),
+            path: String::new(),
+            msg: "no kind: ConfigMap or kind: Secret document found".into(),
+        });
+    }
+    Ok(docs)
+}
+
+/// The files a pod's configMap or secret volume holds once `docs` apply:
+/// None when the volume uses none of them.
+pub fn reproject(v: &VolumePlan, docs: &Docs) -> Option<Result<Vec<VolumeFile>, String>> {
+    let (kind, name, projection, objects) = match &v.source {
+        VolumeSource::ConfigMap {
+            name, projection, ..
+        } => ("ConfigMap", name, projection, &docs.config_maps),
+        VolumeSource::Secret {
+            name, projection, ..
+        } => ("Secret", name, projection, &docs.secrets),
+        _ => return None,
+    };
+    let (_, data) = objects.get(name)?;
+    let err = |path: &str, msg: String| ManifestError {
+        file: String::new(),
+        doc: format!("volume {:?}", v.name),
+        path: path.to_owned(),
+        msg,
+    };
+    Some(
+        project(kind, name, Some(data), projection, "", &err)
+            .map_err(|e| format!("volume {:?}: {}", v.name, e.msg)),
+    )
 }
 
 /// Parses and validates a manifest file.
@@ -120,6 +170,32 @@ pub fn load_manifest_file(
 /// Parses and validates manifest text.
 pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, ManifestError> {
     let file = src.display.clone();
+    let err = |doc: &str, path: &str, msg: String| ManifestError {
+        file: file.clone(),
+        doc: doc.to_owned(),
+        path: path.to_owned(),
+        msg,
+    };
+    let (pod, docs) = read_documents(text, &file)?;
+    let Some((doc, value)) = pod else {
+        return Err(err(
+            "file",
+            "",
+            "no kind: Pod document found; add one (apiVersion: v1, kind: Pod)".into(),
+        ));
+    };
+    let pod: Pod = typed(value, &doc, &file)?;
+    validate_pod(pod, &docs, src, &|path: &str, msg: String| {
+        err(&doc, path, msg)
+    })
+}
+
+type PodDoc = Option<(String, serde_yaml::Value)>;
+
+/// Reads every document of a file: the Pod (undecoded), ConfigMaps and
+/// Secrets.
+fn read_documents(text: &str, file: &str) -> Result<(PodDoc, Docs), ManifestError> {
+    let file = file.to_owned();
     let err = |doc: &str, path: &str, msg: String| ManifestError {
         file: file.clone(),
         doc: doc.to_owned(),
@@ -250,17 +326,7 @@ pub fn parse_manifest(text: &str, src: &ManifestSource<'_>) -> Result<PodPlan, M
             }
         }
     }
-    let Some((doc, value)) = pod else {
-        return Err(err(
-            "file",
-            "",
-            "no kind: Pod document found; add one (apiVersion: v1, kind: Pod)".into(),
-        ));
-    };
-    let pod: Pod = typed(value, &doc, &file)?;
-    validate_pod(pod, &docs, src, &|path: &str, msg: String| {
-        err(&doc, path, msg)
-    })
+    Ok((pod, docs))
 }
 
 fn typed<T: serde::de::DeserializeOwned>(
@@ -480,35 +546,35 @@ fn validate_pod(
             }
             VolumeSource::HostPath { path, create }
         } else if let Some(c) = &v.config_map {
+            let projection = Projection::new(&c.items, c.default_mode, c.optional);
             let files = project(
                 "ConfigMap",
                 &c.name,
                 docs.config_maps.get(&c.name).map(|d| &d.1),
-                &c.items,
-                c.default_mode,
-                c.optional,
+                &projection,
                 &format!("{at}.configMap"),
                 err,
             )?;
             VolumeSource::ConfigMap {
                 name: c.name.clone(),
                 files,
+                projection,
             }
         } else {
             let s = v.secret.as_ref().expect("one source is set");
+            let projection = Projection::new(&s.items, s.default_mode, s.optional);
             let files = project(
                 "Secret",
                 &s.secret_name,
                 docs.secrets.get(&s.secret_name).map(|d| &d.1),
-                &s.items,
-                s.default_mode,
-                s.optional,
+                &projection,
                 &format!("{at}.secret"),
                 err,
             )?;
             VolumeSource::Secret {
                 name: s.secret_name.clone(),
                 files,
+                projection,
             }
         };
         volumes.push(VolumePlan {
@@ -690,17 +756,20 @@ fn random_uid() -> String {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn project(
     kind: &str,
     name: &str,
     data: Option<&BTreeMap<String, Vec<u8>>>,
-    items: &[spec::KeyToPath],
-    default_mode: Option<u32>,
-    optional: bool,
+    projection: &Projection,
     at: &str,
     err: &dyn Fn(&str, String) -> ManifestError,
 ) -> Result<Vec<VolumeFile>, ManifestError> {
+    let Projection {
+        items,
+        default_mode,
+        optional,
+    } = projection;
+    let (default_mode, optional) = (*default_mode, *optional);
     let mode = default_mode.unwrap_or(0o644);
     let Some(data) = data else {
         if optional {

@@ -156,11 +156,58 @@ pub enum VolumeSource {
     ConfigMap {
         name: String,
         files: Vec<VolumeFile>,
+        #[serde(default)]
+        projection: Projection,
     },
     Secret {
         name: String,
         files: Vec<VolumeFile>,
+        #[serde(default)]
+        projection: Projection,
     },
+}
+
+/// How a configMap or secret volume maps its object's keys to files (kept
+/// so that an update of the object can be projected again).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Projection {
+    #[serde(default)]
+    pub items: Vec<ProjectedKey>,
+    #[serde(default)]
+    pub default_mode: Option<u32>,
+    #[serde(default)]
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectedKey {
+    pub key: String,
+    pub path: String,
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+impl Projection {
+    pub fn new(
+        items: &[super::spec::KeyToPath],
+        default_mode: Option<u32>,
+        optional: bool,
+    ) -> Self {
+        Projection {
+            items: items
+                .iter()
+                .map(|k| ProjectedKey {
+                    key: k.key.clone(),
+                    path: k.path.clone(),
+                    mode: k.mode,
+                })
+                .collect(),
+            default_mode,
+            optional,
+        }
+    }
 }
 
 impl VolumeSource {

@@ -240,6 +240,30 @@ impl AgentClient {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Replaces the files of a configMap or secret volume in the guest.
+    pub fn update_files(
+        &self,
+        name: &str,
+        files: Vec<husk_protocol::File>,
+    ) -> Result<(), AgentError> {
+        let control = lock(&self.control);
+        write_frame(
+            &mut *lock(&self.writer),
+            &Request::UpdateFiles {
+                name: name.to_owned(),
+                files,
+            },
+        )?;
+        let limit = Duration::from_secs(30);
+        match control.recv_timeout(limit) {
+            Ok(Event::VolumeReady { name: got }) if got == name => Ok(()),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Changes the limits of the running container whose first process is
     /// `id`.
     pub fn update(&self, id: &str, limits: husk_protocol::Limits) -> Result<(), AgentError> {

@@ -848,6 +848,7 @@ fn etc_volume(plan: &PodPlan, pod_ip: Option<&str>) -> husk_protocol::VolumeRequ
                 ),
             ],
             read_only: false,
+            atomic: false,
         },
     }
 }
@@ -937,16 +938,7 @@ fn split_volumes(
     Vec<husk_protocol::VolumeRequest>,
 ) {
     use crate::pod::VolumeSource as S;
-    let files = |files: &[crate::pod::VolumeFile]| {
-        files
-            .iter()
-            .map(|f| husk_protocol::File {
-                path: f.path.clone(),
-                data: f.data.clone(),
-                mode: f.mode,
-            })
-            .collect::<Vec<_>>()
-    };
+    let files = crate::volume::protocol_files;
     let (mut host, mut guest) = (Vec::new(), Vec::new());
     for v in &plan.volumes {
         let mounts: Vec<_> = plan
@@ -970,6 +962,7 @@ fn split_volumes(
                 mode: 0o777,
                 files: vec![],
                 read_only: false,
+                atomic: false,
             },
             S::ConfigMap { files: f, .. } | S::Secret { files: f, .. } => {
                 let total: u64 = f.iter().map(|f| f.data.len() as u64 + 4096).sum();
@@ -977,7 +970,10 @@ fn split_volumes(
                     size: Some(total.max(1 << 20)),
                     mode: 0o755,
                     files: files(f),
-                    read_only: true,
+                    // Containers mount it read-only; the tmpfs itself
+                    // stays writable for updates.
+                    read_only: false,
+                    atomic: true,
                 }
             }
         };
@@ -1021,6 +1017,24 @@ impl Sandbox for VmSandbox {
 
     fn status(&self) -> PodStatus {
         self.status.get()
+    }
+
+    fn update_volume(&self, volume: &str, files: &[crate::pod::VolumeFile]) -> Result<(), String> {
+        use crate::pod::VolumeSource as S;
+        let v = self
+            .plan
+            .volumes
+            .iter()
+            .find(|v| v.name == volume)
+            .ok_or_else(|| format!("pod {} has no volume {volume:?}", self.plan.name))?;
+        if !matches!(v.source, S::ConfigMap { .. } | S::Secret { .. }) {
+            return Err(format!(
+                "volume {volume:?} is not a configMap or secret volume"
+            ));
+        }
+        self.agent
+            .update_files(volume, crate::volume::protocol_files(files))
+            .map_err(|e| format!("volume {volume:?}: {e}"))
     }
 
     fn exec_interactive(

@@ -87,6 +87,9 @@ pub trait Sandbox: Send + Sync {
             self.runtime_class()
         ))
     }
+    /// Replaces the files of a configMap or secret volume while the pod
+    /// runs (`husk apply`), as the kubelet does when the object changes.
+    fn update_volume(&self, volume: &str, files: &[crate::pod::VolumeFile]) -> Result<(), String>;
     /// Resource usage of the pod's running containers.
     fn stats(&self) -> Result<PodStats, String> {
         Err(format!(
@@ -390,6 +393,13 @@ fn release(res: &mut HostResources) {
 impl Sandbox for WasmSandbox {
     fn runtime_class(&self) -> &'static str {
         crate::pod::manifest::RUNTIME_WASM
+    }
+
+    fn update_volume(&self, volume: &str, files: &[crate::pod::VolumeFile]) -> Result<(), String> {
+        let res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        res.volumes
+            .update_files(volume, files)
+            .map_err(|e| e.to_string())
     }
 
     fn plan(&self) -> &PodPlan {
