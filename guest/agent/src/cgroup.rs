@@ -38,14 +38,20 @@ fn set_limits(dir: &Path, limits: &Limits) -> std::io::Result<()> {
             // up (memory.oom.group) on cgroup v2.
             write(&dir.join("memory.oom.group"), "1")?;
         }
-        None => write(&dir.join("memory.max"), "max")?,
+        // No limit asked for: nothing to lift where the controller is
+        // missing (a host whose memory controller is on cgroup v1).
+        None if dir.join("memory.max").exists() => write(&dir.join("memory.max"), "max")?,
+        None => {}
     }
     match limits.cpu_max_millis {
         Some(millis) => {
             let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
             write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
         }
-        None => write(&dir.join("cpu.max"), &format!("max {CPU_PERIOD_US}"))?,
+        None if dir.join("cpu.max").exists() => {
+            write(&dir.join("cpu.max"), &format!("max {CPU_PERIOD_US}"))?
+        }
+        None => {}
     }
     Ok(())
 }
@@ -74,9 +80,20 @@ impl Cgroup {
     pub fn create(root: &Path, id: &str, limits: &Limits) -> std::io::Result<Cgroup> {
         let husk = root.join("husk");
         if !husk.is_dir() {
-            write(&root.join("cgroup.subtree_control"), CONTROLLERS)?;
+            // The controllers this kernel has on cgroup v2 (a guest has
+            // them all; a hybrid host may have none).
+            let have = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let enable: Vec<&str> = CONTROLLERS
+                .split(' ')
+                .filter(|c| have.split_whitespace().any(|h| h == &c[1..]))
+                .collect();
+            if !enable.is_empty() {
+                write(&root.join("cgroup.subtree_control"), &enable.join(" "))?;
+            }
             std::fs::create_dir_all(&husk)?;
-            write(&husk.join("cgroup.subtree_control"), CONTROLLERS)?;
+            if !enable.is_empty() {
+                write(&husk.join("cgroup.subtree_control"), &enable.join(" "))?;
+            }
         }
         let dir = husk.join(id);
         // A cgroup left by an earlier run under this id goes first.

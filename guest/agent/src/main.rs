@@ -1203,6 +1203,28 @@ fn set_clock(host_ms: u64) {
     }
 }
 
+fn serve_unix(path: &Path) -> i32 {
+    let listener = match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("{}: {e}", path.display()));
+            return 1;
+        }
+    };
+    let r = listener
+        .accept()
+        .map_err(ProtocolError::from)
+        .and_then(|(s, _)| serve(&mut s.try_clone()?, s));
+    let _ = std::fs::remove_file(path);
+    match r {
+        Ok(_) => 0,
+        Err(e) => {
+            log(&e.to_string());
+            1
+        }
+    }
+}
+
 fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; reboot=k on the kernel
     // command line makes the restart an i8042 reset, which ends the VM.
@@ -1220,6 +1242,13 @@ fn main() {
     if let [_, flag, path] = &args[..] {
         if flag == "--tar-out" || flag == "--tar-in" {
             std::process::exit(run_tool(flag, path));
+        }
+    }
+    // Tests on the host: the same agent, in namespaces a test made, on a
+    // unix socket instead of a VM's port; one connection, then it ends.
+    if let [_, flag, path] = &args[..] {
+        if flag == "--serve-unix" {
+            std::process::exit(serve_unix(Path::new(path)));
         }
     }
     if std::process::id() != 1 {

@@ -1,0 +1,206 @@
+//! husk-agent's container mechanics tested on the host, without a VM: the
+//! static agent runs in fresh mount, PID, UTS and IPC namespaces (with its
+//! own /run and cgroup2 mounts) and serves husk-protocol on a unix socket
+//! (`--serve-unix`). A container's layer is a real ext4 image on a loop
+//! device, as a VM pod's layers are ext4 disks. Nothing may be left behind.
+
+mod common;
+use common::*;
+use husk_protocol::{Rootfs, StartRequest, Tool};
+use husk_sandbox::vm::agent::AgentClient;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A loop device, detached when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn sh(id: &str, script: &str) -> StartRequest {
+    StartRequest {
+        id: id.into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
+    let t = tempfile::tempdir().unwrap();
+    // One layer: busybox, as an ext4 image on a read-only loop device.
+    let tree = t.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    let img = t.path().join("layer.ext4");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", stderr(&mkfs));
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dev = Loop(stdout(&out).trim().to_owned());
+
+    // The agent in namespaces of its own.
+    let socket = t.path().join("agent.sock");
+    let mut agent_proc = Command::new("unshare")
+        .args(["--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs tmpfs /run && mount -t cgroup2 none /sys/fs/cgroup && exec {} --serve-unix {}",
+            static_agent().display(),
+            socket.display()
+        ))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the agent never listened");
+        assert!(agent_proc.try_wait().unwrap().is_none(), "the agent ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let agent = AgentClient::connect(stream, Instant::now() + Duration::from_secs(10)).unwrap();
+
+    // A container: its own root (overlay on the layer), PID namespace,
+    // hostname, /proc, and a cgroup.
+    let mut c = sh(
+        "c1",
+        "echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; echo kept > /tmp/marker; echo up; exec sleep 600",
+    );
+    c.rootfs = Some(Rootfs {
+        layers: vec![dev.0.clone()],
+        hostname: Some("hostpod".into()),
+    });
+    let c1 = agent.start(c).unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("up") {
+        match c1.next_event(Duration::from_secs(20)).unwrap() {
+            husk_protocol::Event::Output { data, .. } => out.extend(data),
+            other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+    let lines: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines[0], "pid=1", "{lines:?}");
+    assert_eq!(lines[1], "hostpod", "{lines:?}");
+    // Only its own processes: the shell and the pipeline.
+    let seen: usize = lines[2].parse().unwrap();
+    assert!(seen <= 4, "the container sees {seen} processes");
+
+    // An exec joins its root and namespaces; a copy out comes from there.
+    let mut e = sh("e1", "cat /tmp/marker; hostname; echo $$");
+    e.exec_in = Some("c1".into());
+    let f = agent
+        .start(e)
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    let text = String::from_utf8_lossy(&f.stdout).into_owned();
+    assert_eq!(
+        f.code,
+        Some(0),
+        "{text} {}",
+        String::from_utf8_lossy(&f.stderr)
+    );
+    let mut lines = text.lines();
+    assert_eq!(
+        (lines.next(), lines.next()),
+        (Some("kept"), Some("hostpod"))
+    );
+    let exec_pid: u32 = lines.next().unwrap().parse().unwrap();
+    assert!(
+        exec_pid > 1 && exec_pid < 100,
+        "pid {exec_pid} is not in the container's namespace"
+    );
+    let copy = StartRequest {
+        id: "cp".into(),
+        exec_in: Some("c1".into()),
+        tool: Some(Tool::TarOut {
+            path: "/tmp/marker".into(),
+        }),
+        ..Default::default()
+    };
+    let f = agent
+        .start(copy)
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(f.code, Some(0), "{}", String::from_utf8_lossy(&f.stderr));
+    husk_protocol::copy::unpack(&f.stdout[..], &t.path().join("copied")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("copied")).unwrap(),
+        "kept\n"
+    );
+
+    // The container ends by its signal (SIGKILL: as PID 1 of its
+    // namespace, `sleep` ignores SIGTERM); its root and cgroup go with it.
+    c1.signal(libc::SIGKILL).unwrap();
+    let f = c1.wait(Duration::from_secs(20)).unwrap();
+    assert_eq!(f.signal, Some(libc::SIGKILL));
+    let f = agent
+        .start(sh(
+            "m",
+            "cat /proc/self/mountinfo; ls /run/husk/containers; ls /sys/fs/cgroup/husk",
+        ))
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    let seen = String::from_utf8_lossy(&f.stdout);
+    assert!(!seen.contains("/run/husk/containers/c1"), "{seen}");
+    assert!(!seen.lines().any(|l| l == "c1"), "{seen}");
+
+    // Shutdown ends the agent, and with it its namespaces and mounts.
+    agent.shutdown().unwrap();
+    drop(agent);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = agent_proc.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+    // The cgroup the agent made in the shared v2 hierarchy is empty; it
+    // goes (the host's own mount of cgroup2, where it has one).
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let husk = Path::new(root).join("husk");
+        if husk.join("cgroup.procs").exists() {
+            assert!(!husk.join("c1").exists(), "c1's cgroup is left");
+            if std::fs::read_to_string(husk.join("cgroup.procs"))
+                .unwrap()
+                .trim()
+                .is_empty()
+                && std::fs::read_dir(&husk)
+                    .unwrap()
+                    .flatten()
+                    .all(|e| !e.path().is_dir())
+            {
+                std::fs::remove_dir(&husk).unwrap();
+            }
+        }
+    }
+    drop(dev);
+}
