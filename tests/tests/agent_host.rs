@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use husk_protocol::{Rootfs, StartRequest, Tool};
 use husk_sandbox::vm::agent::AgentClient;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,12 +22,16 @@ impl Drop for Loop {
     }
 }
 
-fn sh(id: &str, script: &str) -> StartRequest {
-    StartRequest {
-        id: id.into(),
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
+/// The agent's process group (unshare and the agent, PID 1 of its
+/// namespace, whose end ends every process in it), killed when dropped:
+/// a failing test leaves no agent or container behind.
+struct Group(std::process::Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
     }
 }
 
@@ -62,19 +67,25 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
 
     // The agent in namespaces of its own.
     let socket = t.path().join("agent.sock");
-    let mut agent_proc = Command::new("unshare")
+    let mut agent_proc = Group(
+        Command::new("unshare")
         .args(["--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--propagation", "private", "--", "/bin/sh", "-c"])
         .arg(format!(
             "mount -t tmpfs tmpfs /run && mount -t cgroup2 none /sys/fs/cgroup && exec {} --serve-unix {}",
             static_agent().display(),
             socket.display()
         ))
+        .process_group(0)
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "the agent never listened");
-        assert!(agent_proc.try_wait().unwrap().is_none(), "the agent ended");
+        assert!(
+            agent_proc.0.try_wait().unwrap().is_none(),
+            "the agent ended"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
@@ -175,7 +186,7 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
     drop(agent);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(s) = agent_proc.try_wait().unwrap() {
+        if let Some(s) = agent_proc.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "the agent did not end");

@@ -59,15 +59,6 @@ fn boot(kernel: &str, modules: Option<&Path>, dir: &Path, disk: Option<&Path>) -
     QemuVm::start(&tcg_config(kernel, modules, dir, &disks), &dir.join("run")).unwrap()
 }
 
-fn sh(id: &str, script: &str) -> StartRequest {
-    StartRequest {
-        id: id.into(),
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    }
-}
-
 /// Runs a shell script in the guest to its end.
 fn run(agent: &AgentClient, id: &str, script: &str) -> Finished {
     agent

@@ -105,12 +105,7 @@ pub fn update(name: &str, files: &[husk_protocol::File]) -> Result<(), String> {
         return Err("not a configMap or secret volume".into());
     }
     // Room for the old set and the new one while they swap.
-    let need: u64 = files
-        .iter()
-        .map(|f| f.data.len() as u64 + 4096)
-        .sum::<u64>()
-        * 2
-        + (1 << 20);
+    let need = husk_protocol::projected::tmpfs_size_for_update(files.iter().map(|f| f.data.len()));
     let have = statfs_bytes(&dir).unwrap_or(0);
     let opts = format!("size={}", need.max(have));
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV;

@@ -14,6 +14,18 @@ use std::path::{Path, PathBuf};
 /// The symlink that points at the current files.
 pub const DATA: &str = "..data";
 
+/// The size of a tmpfs that holds files of these lengths (a page each at
+/// least, 1 MiB at least).
+pub fn tmpfs_size(lens: impl Iterator<Item = usize>) -> u64 {
+    lens.map(|n| n as u64 + 4096).sum::<u64>().max(1 << 20)
+}
+
+/// The size a tmpfs needs while [`write`] swaps in files of these
+/// lengths: the old set and the new one are there at once.
+pub fn tmpfs_size_for_update(lens: impl Iterator<Item = usize>) -> u64 {
+    tmpfs_size(lens) * 2
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }

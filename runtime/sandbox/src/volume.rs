@@ -182,8 +182,9 @@ impl PodVolumes {
                         .map_err(|e| verr(name, e))?;
                     let dir = paths.volumes_run().join(name);
                     std::fs::create_dir(&dir).map_err(|e| verr(name, e))?;
-                    let total: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum();
-                    mount_tmpfs(&dir, Some(total.max(1 << 20)), 0o755)
+                    let size =
+                        husk_protocol::projected::tmpfs_size(files.iter().map(|f| f.data.len()));
+                    mount_tmpfs(&dir, Some(size), 0o755)
                         .map_err(|e| verr(name, format!("tmpfs: {e}")))?;
                     self.mounts.push(dir.clone());
                     write_files(&dir, files).map_err(|e| verr(name, e))?;
@@ -288,12 +289,8 @@ impl PodVolumes {
         }
         if self.mounts.contains(dir) {
             // A secret's tmpfs: room for the old set and the new one.
-            let need: u64 = files
-                .iter()
-                .map(|f| f.data.len() as u64 + 4096)
-                .sum::<u64>()
-                * 2
-                + (1 << 20);
+            let need =
+                husk_protocol::projected::tmpfs_size_for_update(files.iter().map(|f| f.data.len()));
             let have = nix::sys::statfs::statfs(dir.as_path())
                 .map(|s| s.blocks() * s.block_size() as u64)
                 .unwrap_or(0);

@@ -287,3 +287,13 @@ pub fn in_netns(netns: &Path, cmd: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+/// A shell script for husk-agent to run: `/bin/sh -c script`, PATH=/bin.
+pub fn sh(id: &str, script: &str) -> husk_protocol::StartRequest {
+    husk_protocol::StartRequest {
+        id: id.into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    }
+}

@@ -965,9 +965,10 @@ fn split_volumes(
                 atomic: false,
             },
             S::ConfigMap { files: f, .. } | S::Secret { files: f, .. } => {
-                let total: u64 = f.iter().map(|f| f.data.len() as u64 + 4096).sum();
                 husk_protocol::VolumeSource::Tmpfs {
-                    size: Some(total.max(1 << 20)),
+                    size: Some(husk_protocol::projected::tmpfs_size(
+                        f.iter().map(|f| f.data.len()),
+                    )),
                     mode: 0o755,
                     files: files(f),
                     // Containers mount it read-only; the tmpfs itself
