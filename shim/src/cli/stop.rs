@@ -21,13 +21,28 @@ pub fn stop_pod(roots: &Roots, v: &PodView, grace: Option<u64>) -> Result<(), St
     }
     let paths = roots.pod(&v.record.id);
     let grace_secs = grace.unwrap_or(v.record.plan.grace_period_secs);
-    control::call(
+    if let Err(e) = control::call(
         &paths.socket(),
         &Request::Stop {
             grace_secs: Some(grace_secs),
         },
-    )
-    .map_err(|e| format!("pod {}: cannot reach its monitor: {e}", v.record.plan.name))?;
+    ) {
+        // A monitor that is ending on its own removes its socket first:
+        // that pod is stopping already. Only a live monitor that cannot be
+        // reached is an error.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            let now = PodView::load(roots, v.record.clone());
+            if now.is_terminal() || !now.monitor_alive() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Err(format!(
+            "pod {}: cannot reach its monitor: {e}",
+            v.record.plan.name
+        ));
+    }
     if !wait_finished(roots, &v.record.id, Duration::from_secs(grace_secs + 30)) {
         return Err(format!("pod {}: did not stop in time", v.record.plan.name));
     }
