@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32
           iproute2 iputils-ping iptables e2fsprogs util-linux mount
-          libssl-dev pkg-config docker-registry qemu-system-x86 busybox-static)
+          libssl-dev pkg-config docker-registry qemu-system-x86 busybox-static
+          protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

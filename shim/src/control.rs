@@ -40,6 +40,22 @@ pub enum Request {
         volume: String,
         files: Vec<husk_sandbox::pod::VolumeFile>,
     },
+    /// CRI: creates a container in a CRI pod sandbox (its mounts name
+    /// `volumes`); the reply carries its id.
+    CreateContainer {
+        container: Box<husk_sandbox::pod::ContainerPlan>,
+        volumes: Vec<husk_sandbox::pod::VolumePlan>,
+        meta: husk_sandbox::state::CriMeta,
+    },
+    /// CRI: starts a created container.
+    StartContainer { id: String },
+    /// CRI: stops a container (stdin closes; killed after `timeout_secs`);
+    /// answers once it has exited.
+    StopContainer { id: String, timeout_secs: u64 },
+    /// CRI: removes a container (stopping it first).
+    RemoveContainer { id: String },
+    /// CRI: reopens a container's log file.
+    ReopenLog { id: String },
     /// Changes a container's limits (the given ones).
     Update {
         container: Option<String>,
@@ -60,6 +76,8 @@ pub struct Reply {
     pub exec: Option<husk_sandbox::ExecOutput>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<husk_sandbox::PodStats>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl Reply {

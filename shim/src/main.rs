@@ -1,8 +1,6 @@
 //! `husk`: run Kubernetes pods as WebAssembly sandboxes, docker/kubectl-style.
 
-mod cli;
-mod control;
-mod monitor;
+use husk_shim::{cli, monitor};
 
 use clap::{Parser, Subcommand};
 use husk_sandbox::state::Roots;

@@ -280,6 +280,13 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(format!("monitor task: {e}")))
 }
 
+fn reply_of(r: Result<(), String>) -> Reply {
+    match r {
+        Ok(()) => Reply::ok(),
+        Err(e) => Reply::err(e),
+    }
+}
+
 async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -354,6 +361,37 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         Ok(()) => Reply::ok(),
                         Err(e) => Reply::err(e),
                     }
+                }
+                Ok(Request::CreateContainer {
+                    container,
+                    volumes,
+                    meta,
+                }) => {
+                    let sb = sb.clone();
+                    match blocking(move || sb.create_container(*container, volumes, meta)).await {
+                        Ok(id) => Reply {
+                            id: Some(id),
+                            ..Reply::ok()
+                        },
+                        Err(e) => Reply::err(e),
+                    }
+                }
+                Ok(Request::StartContainer { id }) => {
+                    let sb = sb.clone();
+                    reply_of(blocking(move || sb.start_container(&id)).await)
+                }
+                Ok(Request::StopContainer { id, timeout_secs }) => {
+                    let sb = sb.clone();
+                    let t = Duration::from_secs(timeout_secs);
+                    reply_of(blocking(move || sb.stop_container(&id, t)).await)
+                }
+                Ok(Request::RemoveContainer { id }) => {
+                    let sb = sb.clone();
+                    reply_of(blocking(move || sb.remove_container(&id)).await)
+                }
+                Ok(Request::ReopenLog { id }) => {
+                    let sb = sb.clone();
+                    reply_of(blocking(move || sb.reopen_log(&id)).await)
                 }
                 Ok(Request::Stats) => {
                     let sb = sb.clone();

@@ -43,6 +43,9 @@ pub struct PullOptions {
     pub mirrors: std::collections::BTreeMap<String, String>,
     /// Credentials file of `husk login` (docker's config.json is read too).
     pub auth_file: Option<std::path::PathBuf>,
+    /// Credentials for this pull only (a CRI PullImage's auth config),
+    /// used before the auth file.
+    pub credentials: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -201,10 +204,11 @@ async fn pull_inner(
     store.clean_tmp();
     let (src, plain) = source_of(r, opts)?;
     let client = client_for(plain);
-    let creds = opts
-        .auth_file
-        .as_deref()
-        .and_then(|f| crate::auth::lookup(f, src.registry()));
+    let creds = opts.credentials.clone().or_else(|| {
+        opts.auth_file
+            .as_deref()
+            .and_then(|f| crate::auth::lookup(f, src.registry()))
+    });
     let auth = match creds {
         Some((u, p)) => RegistryAuth::Basic(u, p),
         None => RegistryAuth::Anonymous,

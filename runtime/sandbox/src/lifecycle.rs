@@ -53,6 +53,8 @@ pub fn pending(
         cgroup,
         init_container_statuses: statuses,
         container_statuses: containers,
+        cri_containers: Vec::new(),
+        stopping: false,
     }
 }
 
@@ -153,6 +155,14 @@ pub fn crash_loop_back_off(delay: Duration, code: i32, name: &str) -> ContainerS
 
 /// The pod phase implied by its container statuses.
 pub fn phase_of(st: &PodStatus, n_init: usize) -> PodPhase {
+    if st.init_container_statuses.is_empty() && st.container_statuses.is_empty() {
+        // A CRI pod sandbox: up until it ends.
+        return if st.finished_at.is_some() {
+            PodPhase::Succeeded
+        } else {
+            PodPhase::Running
+        };
+    }
     let init_done = st
         .init_container_statuses
         .iter()

@@ -288,6 +288,62 @@ pub struct PodStatus {
     pub cgroup: Option<String>,
     pub init_container_statuses: Vec<ContainerStatus>,
     pub container_statuses: Vec<ContainerStatus>,
+    /// Containers created one by one through CRI (huskd), in creation
+    /// order; empty for pods run from a manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cri_containers: Vec<CriContainer>,
+    /// Set once the pod was asked to stop (its sandbox is no longer ready).
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+/// What a CRI client said about a container when it created it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CriMeta {
+    pub name: String,
+    pub attempt: u32,
+    /// The image as the client named it, and the store's id for it.
+    pub image: String,
+    pub image_ref: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Where the container's CRI log goes (the kubelet's log_directory
+    /// joined with its log_path); empty: no log.
+    pub log_path: PathBuf,
+    /// The mounts as the client gave them: host path, container path,
+    /// read-only.
+    #[serde(default)]
+    pub mounts: Vec<(PathBuf, String, bool)>,
+}
+
+/// A CRI container's lifecycle state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum CriState {
+    Created,
+    Running,
+    Exited,
+}
+
+/// A container created through CRI, and what became of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CriContainer {
+    /// The pod id followed by 8 hex digits.
+    pub id: String,
+    pub meta: CriMeta,
+    pub state: CriState,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    pub exit_code: i32,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
 }
 
 impl PodStatus {

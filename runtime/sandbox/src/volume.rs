@@ -204,6 +204,22 @@ impl PodVolumes {
     /// The preopens of one container: each mount (subPath resolved inside
     /// the volume, never through a symlink out of it), plus `.` for its
     /// workingDir when that lies in a mount.
+    /// Adds a host directory as volume `name` (a CRI client's mount,
+    /// prepared by the client); it is never removed by husk.
+    pub fn add_host_dir(&mut self, name: &str, path: &Path) -> Result<(), VolumeError> {
+        if !path.is_dir() {
+            return Err(verr(name, format!("{} is not a directory", path.display())));
+        }
+        self.dirs.insert(name.to_owned(), path.to_owned());
+        Ok(())
+    }
+
+    /// Forgets the volumes whose names start with `prefix` (a removed CRI
+    /// container's mounts).
+    pub fn forget_prefixed(&mut self, prefix: &str) {
+        self.dirs.retain(|k, _| !k.starts_with(prefix));
+    }
+
     pub fn preopens_for(&mut self, c: &ContainerPlan) -> Result<Vec<Preopen>, VolumeError> {
         let mut out = Vec::new();
         for m in &c.mounts {

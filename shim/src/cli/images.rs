@@ -9,16 +9,17 @@ use husk_sandbox::pod::ImageResolver;
 use husk_sandbox::state::Roots;
 use std::path::PathBuf;
 
-fn open_store(roots: &Roots) -> Result<Store, ImageError> {
+pub fn open_store(roots: &Roots) -> Result<Store, ImageError> {
     Store::open(&roots.lib.join("images"))
 }
 
-fn pull_options(roots: &Roots) -> PullOptions {
+pub fn pull_options(roots: &Roots) -> PullOptions {
     let cfg = HuskConfig::load(&roots.config_file()).unwrap_or_default();
     PullOptions {
         insecure: cfg.registry.insecure,
         mirrors: cfg.registry.mirrors,
         auth_file: Some(auth_file(roots)),
+        credentials: None,
     }
 }
 

@@ -265,8 +265,20 @@ pub fn run(roots: &Roots, a: RunArgs) -> i32 {
 
 /// Starts the monitor and waits for its ready line.
 fn start_monitor(roots: &Roots, id: &str, plan: &PodPlan) -> Result<std::process::Child, String> {
-    let paths = roots.pod(id);
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the husk binary: {e}"))?;
+    start_monitor_with(&exe, roots, id, plan)
+}
+
+/// Starts the monitor (`exe monitor --id ID`, `exe` being the husk binary)
+/// for the pod whose record is saved, hands it the plan and waits for its
+/// ready line.
+pub fn start_monitor_with(
+    exe: &std::path::Path,
+    roots: &Roots,
+    id: &str,
+    plan: &PodPlan,
+) -> Result<std::process::Child, String> {
+    let paths = roots.pod(id);
     let mut cmd = Command::new(exe);
     if let Some(r) = &roots.custom {
         cmd.arg("--root").arg(r);

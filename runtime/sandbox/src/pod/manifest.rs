@@ -80,6 +80,7 @@ pub fn is_file_image(image: &str, base_dir: &Path) -> bool {
 
 /// The ConfigMap and Secret documents of a file: name → (the document's
 /// description for errors, key → bytes).
+#[derive(Default)]
 pub struct Docs {
     pub config_maps: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
     pub secrets: BTreeMap<String, (String, BTreeMap<String, Vec<u8>>)>,
@@ -672,7 +673,34 @@ fn validate_pod(
         hostname,
         dns,
         host_aliases,
+        cri: false,
+        port_mappings: Vec::new(),
     })
+}
+
+/// A container created through CRI: `c` as the client described it (its
+/// mounts name `volumes`, the client's host paths), checked and resolved
+/// exactly as a manifest's container is. Errors name `at` and the field.
+pub fn cri_container_plan(
+    c: &spec::Container,
+    volumes: &[VolumePlan],
+    images: &dyn ImageResolver,
+    vm: bool,
+    at: &str,
+) -> Result<ContainerPlan, ManifestError> {
+    let src = ManifestSource {
+        display: "CreateContainer".into(),
+        base_dir: Path::new("/"),
+        images: Some(images),
+    };
+    let docs = Docs::default();
+    let err = |path: &str, msg: String| ManifestError {
+        file: "CreateContainer".into(),
+        doc: format!("container {:?}", c.name),
+        path: path.to_owned(),
+        msg,
+    };
+    validate_container(c, at, volumes, &docs, &src, vm, &err)
 }
 
 /// spec.dnsPolicy and spec.dnsConfig as the API server checks them.

@@ -39,6 +39,14 @@ pub struct PodPlan {
     /// Extra /etc/hosts entries (spec.hostAliases): IP and names.
     #[serde(default)]
     pub host_aliases: Vec<(String, Vec<String>)>,
+    /// A CRI pod sandbox (huskd): it starts without containers and stays
+    /// up, containers coming and going, until it is stopped.
+    #[serde(default)]
+    pub cri: bool,
+    /// The sandbox's own port mappings (CRI's PodSandboxConfig), beside
+    /// the containers' hostPorts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortPlan>,
 }
 
 /// A container's user and privileges: securityContext over the pod's over
@@ -271,6 +279,7 @@ impl PodPlan {
         self.containers
             .iter()
             .flat_map(|c| c.ports.iter())
+            .chain(self.port_mappings.iter())
             .filter_map(|p| {
                 p.host_port
                     .map(|h| (h, p.container_port, p.protocol.to_lowercase()))

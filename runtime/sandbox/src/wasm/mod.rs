@@ -7,6 +7,7 @@
 //! monitor's main thread enters it *before* any other thread exists, so every
 //! thread wasmtime-wasi later creates sockets from lives in the pod's netns.
 
+mod cri;
 mod supervisor;
 
 use crate::cgroup::PodCgroup;
@@ -108,6 +109,39 @@ pub trait Sandbox: Send + Sync {
             "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
             self.runtime_class()
         ))
+    }
+
+    /// CRI: creates a container (not started) in a CRI pod sandbox; its
+    /// mounts name `volumes` (host directories). Returns its id.
+    fn create_container(
+        &self,
+        container: crate::pod::ContainerPlan,
+        volumes: Vec<crate::pod::VolumePlan>,
+        meta: crate::state::CriMeta,
+    ) -> Result<String, String> {
+        let _ = (container, volumes, meta);
+        Err(format!(
+            "{} pods do not take containers one by one (CRI) yet",
+            self.runtime_class()
+        ))
+    }
+    /// CRI: starts a created container.
+    fn start_container(&self, id: &str) -> Result<(), String> {
+        Err(format!("no container {id:?} in this pod"))
+    }
+    /// CRI: asks a container to end and kills it after `timeout`; returns
+    /// once it has exited. Stopping an exited container is not an error.
+    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), String> {
+        let _ = timeout;
+        Err(format!("no container {id:?} in this pod"))
+    }
+    /// CRI: removes a container, stopping it first when it runs.
+    fn remove_container(&self, id: &str) -> Result<(), String> {
+        Err(format!("no container {id:?} in this pod"))
+    }
+    /// CRI: reopens a container's log file (after the kubelet rotated it).
+    fn reopen_log(&self, id: &str) -> Result<(), String> {
+        Err(format!("no container {id:?} in this pod"))
     }
 }
 
@@ -237,10 +271,14 @@ pub struct WasmSandbox {
     pub(crate) paths: PodPaths,
     pub(crate) engine: Arc<WasmEngine>,
     pub(crate) guests: Vec<(String, CompiledGuest)>,
-    pub(crate) status: crate::lifecycle::StatusCell,
+    pub(crate) status: Arc<crate::lifecycle::StatusCell>,
     pub(crate) config: HuskConfig,
     pub(crate) stop: StopRequest,
     resources: Mutex<HostResources>,
+    /// Containers created through CRI, by id.
+    cri: Mutex<std::collections::HashMap<String, cri::CriEntry>>,
+    /// Set (for good) by `run` once the pod stops: no new CRI containers.
+    pub(crate) cri_closed: std::sync::atomic::AtomicBool,
 }
 
 impl WasmSandbox {
@@ -264,11 +302,11 @@ impl WasmSandbox {
         };
         match Self::create_inner(&plan, &paths, &config, cache_dir, cni_dir, &mut res) {
             Ok((engine, guests, status)) => Ok(Arc::new(WasmSandbox {
-                status: crate::lifecycle::StatusCell::new(
+                status: Arc::new(crate::lifecycle::StatusCell::new(
                     status,
                     paths.clone(),
                     plan.init_containers.len(),
-                ),
+                )),
                 plan: Arc::new(plan),
                 paths,
                 engine: Arc::new(engine),
@@ -276,6 +314,8 @@ impl WasmSandbox {
                 config,
                 stop: StopRequest::new(),
                 resources: Mutex::new(res),
+                cri: Mutex::new(Default::default()),
+                cri_closed: Default::default(),
             })),
             Err(e) => {
                 release(&mut res);
@@ -412,5 +452,33 @@ impl Sandbox for WasmSandbox {
 
     fn request_stop(&self, grace: std::time::Duration) {
         self.stop.request(grace);
+        if !self.status.get().stopping {
+            self.status.update(|st| st.stopping = true);
+        }
+    }
+
+    fn create_container(
+        &self,
+        container: crate::pod::ContainerPlan,
+        volumes: Vec<crate::pod::VolumePlan>,
+        meta: crate::state::CriMeta,
+    ) -> Result<String, String> {
+        self.cri_create(container, volumes, meta)
+    }
+
+    fn start_container(&self, id: &str) -> Result<(), String> {
+        self.cri_start(id)
+    }
+
+    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), String> {
+        self.cri_stop(id, timeout)
+    }
+
+    fn remove_container(&self, id: &str) -> Result<(), String> {
+        self.cri_remove(id)
+    }
+
+    fn reopen_log(&self, id: &str) -> Result<(), String> {
+        self.cri_reopen_log(id)
     }
 }

@@ -87,6 +87,13 @@ impl WasmSandbox {
     /// Runs the pod to its end: all containers finished for good, or a stop
     /// request honoured. Returns the final phase.
     pub async fn run(self: &Arc<Self>) -> PodPhase {
+        if self.plan.cri {
+            // A CRI sandbox stays up, containers coming and going, until
+            // it is stopped.
+            let grace = self.stop.requested().await;
+            self.cri_stop_all(grace).await;
+            return self.status.finish();
+        }
         // The grace-period timer: once stop is requested, kill survivors
         // when the grace period runs out.
         let me = self.clone();

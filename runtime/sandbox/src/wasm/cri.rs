@@ -1,0 +1,374 @@
+//! Containers that a CRI client (huskd) creates, starts, stops and removes
+//! one at a time in a wasm pod sandbox. They never restart (under CRI the
+//! kubelet decides that), their log goes where the client said, in the CRI
+//! format, and their records live in the pod's status beside the
+//! manifest's containers. The host resources stay the sandbox's.
+
+use super::WasmSandbox;
+use crate::cri_log::{self, Stream};
+use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
+use crate::state::{CriContainer, CriMeta, CriState};
+use husk_wasm::{CompiledGuest, GuestExit, GuestSpec, KillSwitch};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a killed guest may take to go (its future is dropped at once;
+/// this only bounds the log pumps).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) struct CriEntry {
+    plan: Arc<ContainerPlan>,
+    guest: CompiledGuest,
+    kill: KillSwitch,
+    /// The write end of the guest's stdin: dropping it is the guest's
+    /// SIGTERM.
+    stdin: Option<OwnedFd>,
+    log: Option<Arc<Mutex<std::fs::File>>>,
+    exited: Arc<watch::Sender<bool>>,
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+}
+
+/// Waits until `exited` says so, or `limit` passes; true when it did.
+async fn wait_exit(mut rx: watch::Receiver<bool>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, rx.wait_for(|e| *e))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+impl WasmSandbox {
+    fn cri_record(&self, id: &str) -> Option<CriContainer> {
+        self.status
+            .get()
+            .cri_containers
+            .into_iter()
+            .find(|c| c.id == id)
+    }
+
+    fn cri_update(&self, id: &str, f: impl FnOnce(&mut CriContainer)) {
+        self.status.update(|st| {
+            if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
+                f(c);
+            }
+        });
+    }
+
+    pub(super) fn cri_create(
+        &self,
+        mut c: ContainerPlan,
+        volumes: Vec<VolumePlan>,
+        meta: CriMeta,
+    ) -> Result<String, String> {
+        if !self.plan.cri {
+            return Err(format!(
+                "pod {} was run from a manifest; its containers cannot be changed one by one",
+                self.plan.name
+            ));
+        }
+        if self.cri_closed.load(Ordering::SeqCst) || self.stop.is_requested() {
+            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+        }
+        if let Some(x) = self
+            .status
+            .get()
+            .cri_containers
+            .iter()
+            .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
+        {
+            return Err(format!(
+                "already exists: container {:?} attempt {} is {} in this pod",
+                meta.name, meta.attempt, x.id
+            ));
+        }
+        let id = format!(
+            "{}{}",
+            self.paths.id,
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let (guest, _) = self
+            .engine
+            .load(&c.image)
+            .map_err(|e| format!("container {:?}: {e}", meta.name))?;
+        {
+            let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+            for v in &volumes {
+                let VolumeSource::HostPath { path, .. } = &v.source else {
+                    continue;
+                };
+                if let Err(e) = res.volumes.add_host_dir(&format!("{id}/{}", v.name), path) {
+                    res.volumes.forget_prefixed(&format!("{id}/"));
+                    return Err(e.to_string());
+                }
+            }
+        }
+        for m in &mut c.mounts {
+            m.volume = format!("{id}/{}", m.volume);
+        }
+        let (tx, _) = watch::channel(false);
+        self.cri.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            CriEntry {
+                plan: Arc::new(c),
+                guest,
+                kill: KillSwitch::new(),
+                stdin: None,
+                log: None,
+                exited: Arc::new(tx),
+            },
+        );
+        let rec = CriContainer {
+            id: id.clone(),
+            meta,
+            state: CriState::Created,
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+        };
+        self.status.update(|st| st.cri_containers.push(rec));
+        Ok(id)
+    }
+
+    pub(super) fn cri_start(&self, id: &str) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Created {
+            return Err(format!(
+                "container {id} is {:?}; only a created container can start",
+                rec.state
+            ));
+        }
+        if self.cri_closed.load(Ordering::SeqCst) || self.stop.is_requested() {
+            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+        }
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| "internal: no async runtime to run the container on".to_owned())?;
+        let log = if rec.meta.log_path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(Arc::new(Mutex::new(open_log(&rec.meta.log_path)?)))
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (in_r, in_w) = pipe()?;
+        let (plan, guest, kill, exited) = {
+            let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+            let e = map
+                .get_mut(id)
+                .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+            e.stdin = Some(in_w);
+            e.log = log.clone();
+            (
+                e.plan.clone(),
+                e.guest.clone(),
+                e.kill.clone(),
+                e.exited.clone(),
+            )
+        };
+        let preopens = {
+            let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+            res.volumes.preopens_for(&plan).map_err(|e| e.to_string())?
+        };
+        let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, s)| {
+            let log = log.clone();
+            std::thread::spawn(move || match log {
+                Some(log) => {
+                    let _ = cri_log::pump(std::fs::File::from(fd), s, log);
+                }
+                None => {
+                    let _ = std::io::copy(&mut std::fs::File::from(fd), &mut std::io::sink());
+                }
+            })
+        });
+        let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), self.plan.hostname().into())];
+        if let Some(wd) = &plan.working_dir {
+            env.push(("PWD".into(), wd.clone()));
+        }
+        env.extend(plan.env.iter().map(|e| (e.name.clone(), e.value.clone())));
+        let spec = GuestSpec {
+            args: plan.argv.clone(),
+            env,
+            preopens,
+            cwd: plan.working_dir.clone(),
+            stdin: Some(in_r),
+            stdout: std::fs::File::from(out_w),
+            stderr: std::fs::File::from(err_w),
+            memory_limit: plan.memory_limit,
+            network: true,
+            listen_ports: plan
+                .ports
+                .iter()
+                .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
+                .map(|p| p.container_port)
+                .collect(),
+        };
+        self.cri_update(id, |c| {
+            c.state = CriState::Running;
+            c.started_at = Some(chrono::Utc::now());
+        });
+        let engine = self.engine.clone();
+        let status = self.status.clone();
+        let id = id.to_owned();
+        let memory_limit = plan.memory_limit;
+        rt.spawn(async move {
+            let result = engine.run(&guest, spec, &kill).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                for p in pumps {
+                    let _ = p.join();
+                }
+            })
+            .await;
+            let (code, reason, message) = match result {
+                Ok(GuestExit::Exited(0)) => (0, "Completed", String::new()),
+                Ok(GuestExit::Exited(c)) => (c, "Error", String::new()),
+                Ok(GuestExit::OutOfMemory) => (
+                    137,
+                    "OOMKilled",
+                    format!(
+                        "linear memory grew past the limit of {} bytes",
+                        memory_limit.unwrap_or(0)
+                    ),
+                ),
+                Ok(GuestExit::Killed) => (137, "Error", "killed".to_owned()),
+                Ok(GuestExit::Trap(t)) => (134, "Error", format!("trap: {t}")),
+                Err(e) => (128, "StartError", e.to_string()),
+            };
+            status.update(|st| {
+                if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
+                    c.state = CriState::Exited;
+                    c.finished_at = Some(chrono::Utc::now());
+                    c.exit_code = code;
+                    c.reason = reason.to_owned();
+                    c.message = message;
+                }
+            });
+            exited.send_replace(true);
+        });
+        Ok(())
+    }
+
+    pub(super) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Running {
+            // As containerd: stopping a container that does not run is done.
+            return Ok(());
+        }
+        let (kill, rx) = {
+            let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+            let e = map
+                .get_mut(id)
+                .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+            // Closing stdin is the wasm guest's SIGTERM.
+            e.stdin = None;
+            (e.kill.clone(), e.exited.subscribe())
+        };
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| "internal: no async runtime".to_owned())?;
+        rt.block_on(async move {
+            if timeout.is_zero() || !wait_exit(rx.clone(), timeout).await {
+                kill.kill();
+                if !wait_exit(rx, KILL_WAIT).await {
+                    return Err(format!("container {id} did not end after it was killed"));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn cri_remove(&self, id: &str) -> Result<(), String> {
+        if self.cri_record(id).is_none() {
+            return Err(format!("no container {id:?} in this pod"));
+        }
+        self.cri_stop(id, Duration::ZERO)?;
+        self.cri
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .volumes
+            .forget_prefixed(&format!("{id}/"));
+        self.status
+            .update(|st| st.cri_containers.retain(|c| c.id != id));
+        Ok(())
+    }
+
+    pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Running {
+            return Err(format!("container {id} is not running"));
+        }
+        let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
+            return Err(format!("container {id} has no log file"));
+        };
+        let fresh = open_log(&rec.meta.log_path)?;
+        *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Stops every running CRI container when the pod stops: stdin closes,
+    /// and after `grace` the survivors are killed.
+    pub(super) async fn cri_stop_all(&self, grace: Duration) {
+        self.cri_closed.store(true, Ordering::SeqCst);
+        let running_ids: Vec<String> = self
+            .status
+            .get()
+            .cri_containers
+            .into_iter()
+            .filter(|c| c.state == CriState::Running)
+            .map(|c| c.id)
+            .collect();
+        let running: Vec<(KillSwitch, watch::Receiver<bool>)> = {
+            let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = Vec::new();
+            for id in &running_ids {
+                if let Some(e) = map.get_mut(id) {
+                    e.stdin = None;
+                    out.push((e.kill.clone(), e.exited.subscribe()));
+                }
+            }
+            out
+        };
+        let all = |limit: Duration| {
+            let rxs: Vec<_> = running.iter().map(|(_, rx)| rx.clone()).collect();
+            async move {
+                for rx in rxs {
+                    wait_exit(rx, limit).await;
+                }
+            }
+        };
+        if !running.is_empty() {
+            let _ = tokio::time::timeout(grace, all(grace)).await;
+            for (k, _) in &running {
+                k.kill();
+            }
+            all(KILL_WAIT).await;
+        }
+    }
+}

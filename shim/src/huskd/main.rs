@@ -1,0 +1,135 @@
+//! `huskd`: the CRI v1 runtime and image service a kubelet (or crictl)
+//! talks to, over a unix socket. It is one more front end over husk's pods:
+//! a pod sandbox is a husk pod with its own monitor, started without
+//! containers; containers are created, started, stopped and removed in it
+//! one by one. Everything huskd knows lives in husk's state directories,
+//! so it can be restarted (or killed) while pods run, and the `husk` CLI
+//! sees the same pods and images.
+
+mod image;
+mod runtime;
+mod store;
+
+use clap::Parser;
+use husk_sandbox::state::Roots;
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "huskd",
+    version,
+    about = "husk's CRI v1 runtime and image service (for a kubelet, crictl or critest)"
+)]
+struct Args {
+    /// The unix socket to serve CRI on.
+    #[arg(long, default_value = "/run/husk/huskd.sock", value_name = "PATH")]
+    socket: PathBuf,
+    /// Move both state dirs (/run/husk and /var/lib/husk) under DIR, as
+    /// `husk --root` does.
+    #[arg(long, env = "HUSK_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// The runtime handler for pods that name none.
+    #[arg(long, default_value = "husk-wasm", value_name = "HANDLER")]
+    default_runtime_handler: String,
+    /// The husk binary that runs pod monitors (default: `husk` beside huskd).
+    #[arg(long, value_name = "PATH")]
+    husk: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("HUSK_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .try_init();
+    std::process::exit(match serve(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("huskd: {e}");
+            1
+        }
+    });
+}
+
+fn serve(args: Args) -> Result<(), String> {
+    if !matches!(
+        args.default_runtime_handler.as_str(),
+        runtime::HANDLER_WASM | runtime::HANDLER_VM
+    ) {
+        eprintln!(
+            "huskd: --default-runtime-handler {:?}: use {} or {}",
+            args.default_runtime_handler,
+            runtime::HANDLER_WASM,
+            runtime::HANDLER_VM
+        );
+        std::process::exit(2);
+    }
+    let root = args.root.map(|r| {
+        if r.is_absolute() {
+            r
+        } else {
+            std::env::current_dir().map(|d| d.join(&r)).unwrap_or(r)
+        }
+    });
+    let roots = Roots::new(root.as_deref());
+    let husk = match args.husk {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find huskd's own binary: {e}"))?
+            .with_file_name("husk"),
+    };
+    if !husk.is_file() {
+        return Err(format!(
+            "{}: no husk binary there; give its path with --husk",
+            husk.display()
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async move {
+        if let Some(dir) = args.socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        // A socket left by a huskd that was killed: nobody answers on it.
+        if std::os::unix::net::UnixStream::connect(&args.socket).is_ok() {
+            return Err(format!(
+                "{}: another huskd serves this socket",
+                args.socket.display()
+            ));
+        }
+        let _ = std::fs::remove_file(&args.socket);
+        let listener = tokio::net::UnixListener::bind(&args.socket)
+            .map_err(|e| format!("{}: {e}", args.socket.display()))?;
+        let state =
+            std::sync::Arc::new(store::Huskd::new(roots, husk, args.default_runtime_handler));
+        state.recover();
+        tracing::info!(socket = %args.socket.display(), "huskd serving CRI v1");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let socket = args.socket.clone();
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("signal");
+            let mut int = signal(SignalKind::interrupt()).expect("signal");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("huskd stopping; pods keep running");
+        };
+        let result = tonic::transport::Server::builder()
+            .add_service(RuntimeServiceServer::new(runtime::Runtime(state.clone())))
+            .add_service(ImageServiceServer::new(image::Images(state)))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| format!("serving CRI: {e}"));
+        let _ = std::fs::remove_file(&socket);
+        result
+    })
+}

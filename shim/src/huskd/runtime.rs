@@ -1,0 +1,1116 @@
+//! CRI's RuntimeService over husk pods: a pod sandbox is a husk pod run by
+//! its own monitor in CRI mode (no containers until they are created);
+//! containers live in the monitor and their records in the pod's status.
+
+use crate::store::{internal, CriSandbox, Huskd, SandboxView};
+use husk_sandbox::pod::{
+    spec, DnsPlan, PodPlan, PortPlan, RestartPolicy, VolumePlan, VolumeSource,
+};
+use husk_sandbox::state::{CriContainer, CriMeta, CriState, PodRecord, Roots};
+use husk_shim::control::Request;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request as Req, Response, Status};
+
+pub const HANDLER_WASM: &str = "husk-wasm";
+pub const HANDLER_VM: &str = "husk-vm";
+const NAMESPACE_NODE: i32 = cri::NamespaceMode::Node as i32;
+
+pub struct Runtime(pub Arc<Huskd>);
+
+type R<T> = Result<Response<T>, Status>;
+
+fn nanos(t: Option<chrono::DateTime<chrono::Utc>>) -> i64 {
+    t.and_then(|t| t.timestamp_nanos_opt()).unwrap_or(0)
+}
+
+fn hmap(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn bmap(m: &HashMap<String, String>) -> BTreeMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn labels_match(have: &BTreeMap<String, String>, want: &HashMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+fn sandbox_meta(sb: &SandboxView) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: sb.record.plan.name.clone(),
+        uid: sb.record.plan.uid.clone(),
+        namespace: sb.record.plan.namespace.clone(),
+        attempt: sb.cri.attempt,
+    }
+}
+
+fn sandbox_state(sb: &SandboxView) -> i32 {
+    if sb.ready() {
+        cri::PodSandboxState::SandboxReady as i32
+    } else {
+        cri::PodSandboxState::SandboxNotready as i32
+    }
+}
+
+fn container_state(sb: &SandboxView, c: &CriContainer) -> i32 {
+    match c.state {
+        CriState::Created | CriState::Running if sb.monitor_lost() => {
+            cri::ContainerState::ContainerUnknown as i32
+        }
+        CriState::Created => cri::ContainerState::ContainerCreated as i32,
+        CriState::Running => cri::ContainerState::ContainerRunning as i32,
+        CriState::Exited => cri::ContainerState::ContainerExited as i32,
+    }
+}
+
+fn image_spec(c: &CriContainer) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: c.meta.image.clone(),
+        user_specified_image: c.meta.image.clone(),
+        ..Default::default()
+    }
+}
+
+fn to_container(sb: &SandboxView, c: &CriContainer) -> cri::Container {
+    cri::Container {
+        id: c.id.clone(),
+        pod_sandbox_id: sb.id().to_owned(),
+        metadata: Some(cri::ContainerMetadata {
+            name: c.meta.name.clone(),
+            attempt: c.meta.attempt,
+        }),
+        image: Some(image_spec(c)),
+        image_ref: c.meta.image_ref.clone(),
+        image_id: c.meta.image_ref.clone(),
+        state: container_state(sb, c),
+        created_at: nanos(Some(c.created_at)),
+        labels: hmap(&c.meta.labels),
+        annotations: hmap(&c.meta.annotations),
+    }
+}
+
+fn to_container_status(sb: &SandboxView, c: &CriContainer) -> cri::ContainerStatus {
+    let state = container_state(sb, c);
+    let (reason, message) = if state == cri::ContainerState::ContainerUnknown as i32 {
+        (
+            "MonitorDied".to_owned(),
+            format!(
+                "the monitor of pod sandbox {} is gone; the container's fate is unknown",
+                sb.id()
+            ),
+        )
+    } else {
+        (c.reason.clone(), c.message.clone())
+    };
+    cri::ContainerStatus {
+        id: c.id.clone(),
+        metadata: Some(cri::ContainerMetadata {
+            name: c.meta.name.clone(),
+            attempt: c.meta.attempt,
+        }),
+        state,
+        created_at: nanos(Some(c.created_at)),
+        started_at: nanos(c.started_at),
+        finished_at: nanos(c.finished_at),
+        exit_code: c.exit_code,
+        image: Some(image_spec(c)),
+        image_ref: c.meta.image_ref.clone(),
+        image_id: c.meta.image_ref.clone(),
+        reason,
+        message,
+        labels: hmap(&c.meta.labels),
+        annotations: hmap(&c.meta.annotations),
+        mounts: c
+            .meta
+            .mounts
+            .iter()
+            .map(|(h, p, ro)| cri::Mount {
+                container_path: p.clone(),
+                host_path: h.display().to_string(),
+                readonly: *ro,
+                ..Default::default()
+            })
+            .collect(),
+        log_path: c.meta.log_path.display().to_string(),
+        resources: None,
+        user: None,
+    }
+}
+
+fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
+    let ip = sb
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default();
+    cri::PodSandboxStatus {
+        id: sb.id().to_owned(),
+        metadata: Some(sandbox_meta(sb)),
+        state: sandbox_state(sb),
+        created_at: nanos(Some(sb.record.created_at)),
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip,
+            additional_ips: vec![],
+        }),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption::default()),
+            }),
+        }),
+        labels: hmap(&sb.record.plan.labels),
+        annotations: hmap(&sb.record.plan.annotations),
+        runtime_handler: sb.cri.runtime_handler.clone(),
+    }
+}
+
+/// Refuses host namespaces and privileged sandboxes: a wasm or VM pod has
+/// no host namespaces to join and no privileges to grant.
+fn check_namespaces(ns: Option<&cri::NamespaceOption>, what: &str) -> Result<(), Status> {
+    if let Some(ns) = ns {
+        for (mode, name) in [(ns.network, "network"), (ns.pid, "pid"), (ns.ipc, "ipc")] {
+            if mode == NAMESPACE_NODE {
+                return Err(Status::invalid_argument(format!(
+                    "{what}: the host {name} namespace is not available: husk pods are isolated sandboxes (wasm guests or microVMs); use a runc runtime class for host namespaces"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, Status> {
+    let meta = cfg
+        .metadata
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("config.metadata is missing"))?;
+    for (v, f) in [
+        (&meta.name, "name"),
+        (&meta.namespace, "namespace"),
+        (&meta.uid, "uid"),
+    ] {
+        if v.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "config.metadata.{f} is empty"
+            )));
+        }
+    }
+    if let Some(linux) = &cfg.linux {
+        if let Some(sc) = &linux.security_context {
+            if sc.privileged {
+                return Err(Status::invalid_argument(
+                    "config.linux.security_context.privileged: husk pods cannot be privileged (a wasm guest has no privileges to grant; a VM pod's guest is its boundary)",
+                ));
+            }
+            check_namespaces(
+                sc.namespace_options.as_ref(),
+                "config.linux.security_context.namespace_options",
+            )?;
+        }
+    }
+    let hostname = if cfg.hostname.is_empty() {
+        meta.name.clone()
+    } else {
+        cfg.hostname.clone()
+    };
+    let dns = match &cfg.dns_config {
+        Some(d) => DnsPlan {
+            policy_none: true,
+            nameservers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        },
+        None => DnsPlan::default(),
+    };
+    let mut port_mappings = Vec::new();
+    for (i, p) in cfg.port_mappings.iter().enumerate() {
+        let protocol = match cri::Protocol::try_from(p.protocol) {
+            Ok(cri::Protocol::Tcp) => "TCP",
+            Ok(cri::Protocol::Udp) => "UDP",
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "config.port_mappings[{i}].protocol: only TCP and UDP are supported"
+                )))
+            }
+        };
+        let cport = u16::try_from(p.container_port).ok().filter(|p| *p > 0);
+        let Some(container_port) = cport else {
+            return Err(Status::invalid_argument(format!(
+                "config.port_mappings[{i}].container_port {} is not a port",
+                p.container_port
+            )));
+        };
+        let host_port = match p.host_port {
+            0 => None,
+            h => Some(u16::try_from(h).ok().filter(|h| *h > 0).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "config.port_mappings[{i}].host_port {h} is not a port"
+                ))
+            })?),
+        };
+        port_mappings.push(PortPlan {
+            name: None,
+            container_port,
+            host_port,
+            protocol: protocol.into(),
+        });
+    }
+    Ok(PodPlan {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        labels: bmap(&cfg.labels),
+        annotations: bmap(&cfg.annotations),
+        runtime_class: handler.to_owned(),
+        restart_policy: RestartPolicy::Never,
+        grace_period_secs: husk_sandbox::pod::DEFAULT_GRACE_PERIOD_SECS,
+        init_containers: vec![],
+        containers: vec![],
+        volumes: vec![],
+        cpu_limit_millis: None,
+        source: None,
+        hostname,
+        dns,
+        host_aliases: vec![],
+        cri: true,
+        port_mappings,
+    })
+}
+
+/// Finds images in the store without pulling (CRI pulls with PullImage).
+struct NoPull<'a>(&'a Roots);
+
+impl husk_sandbox::pod::ImageResolver for NoPull<'_> {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+        let store = husk_shim::cli::images::open_store(self.0).map_err(|e| e.to_string())?;
+        let rec = crate::image::find(&store, reference)
+            .ok_or_else(|| format!("image {reference:?} not found; pull it first (PullImage)"))?;
+        store
+            .wasm_file(&rec)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "{} is not a wasm image; the husk-wasm runtime handler runs wasm modules and components",
+                    rec.name
+                )
+            })
+    }
+}
+
+/// A mount as the client gave it: host path, container path, read-only.
+type ClientMount = (PathBuf, String, bool);
+
+/// The container as the manifest code knows it, and the host directories
+/// its mounts name.
+fn container_spec(
+    cfg: &cri::ContainerConfig,
+    image: &str,
+) -> Result<(spec::Container, Vec<VolumePlan>, Vec<ClientMount>), Status> {
+    let meta = cfg
+        .metadata
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("config.metadata is missing"))?;
+    let mut env = Vec::new();
+    for e in &cfg.envs {
+        env.push(serde_json::json!({ "name": e.key, "value": e.value }));
+    }
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let mut recorded = Vec::new();
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        let host = Path::new(&m.host_path);
+        if !host.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "config.mounts[{i}].host_path {:?} must be an absolute path",
+                m.host_path
+            )));
+        }
+        if !host.exists() {
+            return Err(Status::invalid_argument(format!(
+                "config.mounts[{i}].host_path {} does not exist",
+                m.host_path
+            )));
+        }
+        recorded.push((host.to_owned(), m.container_path.clone(), m.readonly));
+        if !host.is_dir() {
+            // WASI preopens are directories: a file mount (the kubelet's
+            // /etc/hosts, /dev/termination-log) has no place in a wasm guest.
+            tracing::info!(
+                container = %meta.name,
+                "skipping file mount {} -> {}: a wasm guest only mounts directories",
+                m.host_path,
+                m.container_path
+            );
+            continue;
+        }
+        let name = format!("m{i}");
+        volumes.push(VolumePlan {
+            name: name.clone(),
+            source: VolumeSource::HostPath {
+                path: host.to_owned(),
+                create: false,
+            },
+        });
+        mounts.push(serde_json::json!({
+            "name": name, "mountPath": m.container_path, "readOnly": m.readonly
+        }));
+    }
+    let c: spec::Container = serde_json::from_value(serde_json::json!({
+        "name": meta.name,
+        "image": image,
+        "command": cfg.command,
+        "args": cfg.args,
+        "env": env,
+        "workingDir": if cfg.working_dir.is_empty() { None } else { Some(&cfg.working_dir) },
+        "volumeMounts": mounts,
+    }))
+    .map_err(|e| Status::invalid_argument(format!("config: {e}")))?;
+    Ok((c, volumes, recorded))
+}
+
+impl Runtime {
+    fn handler(&self, h: &str) -> Result<String, Status> {
+        let h = if h.is_empty() {
+            self.0.default_handler.as_str()
+        } else {
+            h
+        };
+        match h {
+            HANDLER_WASM => Ok(h.to_owned()),
+            HANDLER_VM => Err(Status::unimplemented(
+                "runtime handler husk-vm: VM pods are not served through CRI yet (their image layers reach the guest at boot, before CRI names any container); run them with `husk run`, or use husk-wasm",
+            )),
+            other => Err(Status::invalid_argument(format!(
+                "unknown runtime handler {other:?}; huskd serves {HANDLER_WASM} and {HANDLER_VM}"
+            ))),
+        }
+    }
+
+    /// Stops a sandbox's monitor (containers are killed at once) and waits
+    /// until it has released the pod's host resources.
+    async fn stop_sandbox(&self, sb: &SandboxView) -> Result<(), Status> {
+        if sb.monitor_alive() && !sb.status.as_ref().is_some_and(|s| s.finished) {
+            let _ = self
+                .0
+                .call(
+                    sb.id(),
+                    Request::Stop {
+                        grace_secs: Some(0),
+                    },
+                    Duration::from_secs(10),
+                )
+                .await;
+        }
+        let roots = self.0.roots.clone();
+        let id = sb.id().to_owned();
+        let done = tokio::task::spawn_blocking(move || {
+            husk_shim::cli::wait_finished(&roots, &id, Duration::from_secs(60))
+        })
+        .await
+        .map_err(internal)?;
+        if !done {
+            return Err(Status::deadline_exceeded(format!(
+                "pod sandbox {} did not stop within 60 s",
+                sb.id()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
+    async fn version(&self, _: Req<cri::VersionRequest>) -> R<cri::VersionResponse> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: "husk".into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Req<cri::RunPodSandboxRequest>,
+    ) -> R<cri::RunPodSandboxResponse> {
+        let req = req.into_inner();
+        let cfg = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is missing"))?;
+        let handler = self.handler(&req.runtime_handler)?;
+        let plan = sandbox_plan(&cfg, &handler)?;
+        let attempt = cfg.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
+        let roots = self.0.roots.clone();
+        let id = husk_sandbox::state::new_pod_id();
+        {
+            let _names = self.0.names.lock().await;
+            if let Some(other) = self.0.sandboxes().into_iter().find(|s| {
+                s.record.plan.name == plan.name
+                    && s.record.plan.namespace == plan.namespace
+                    && s.record.plan.uid == plan.uid
+                    && s.cri.attempt == attempt
+            }) {
+                return Err(Status::already_exists(format!(
+                    "pod sandbox {}/{} (uid {}, attempt {attempt}) already exists: {}",
+                    plan.namespace,
+                    plan.name,
+                    plan.uid,
+                    other.id()
+                )));
+            }
+            let paths = roots.pod(&id);
+            let record = PodRecord {
+                id: id.clone(),
+                created_at: chrono::Utc::now(),
+                auto_remove: false,
+                plan: plan.redacted(),
+            };
+            record.save(&paths).map_err(internal)?;
+            let info = CriSandbox {
+                attempt,
+                log_directory: cfg.log_directory.clone(),
+                runtime_handler: handler.clone(),
+            };
+            if let Err(e) =
+                husk_sandbox::state::write_json_atomic(&CriSandbox::path(&roots, &id), &info)
+            {
+                let _ = std::fs::remove_dir_all(&paths.lib);
+                return Err(internal(e));
+            }
+        }
+        let husk = self.0.husk.clone();
+        let id2 = id.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let r = husk_shim::cli::run::start_monitor_with(&husk, &roots, &id2, &plan);
+            match r {
+                Ok(mut child) => {
+                    // Reap the monitor when it ends (it outlives nobody's
+                    // wait otherwise while huskd runs).
+                    std::thread::spawn(move || {
+                        let _ = child.wait();
+                    });
+                    Ok(())
+                }
+                Err(e) => {
+                    let paths = roots.pod(&id2);
+                    let _ = std::fs::remove_dir_all(&paths.lib);
+                    let _ = std::fs::remove_dir_all(&paths.run);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(internal)?;
+        started.map_err(|e| Status::unknown(format!("pod sandbox: {e}")))?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Req<cri::StopPodSandboxRequest>,
+    ) -> R<cri::StopPodSandboxResponse> {
+        let sb = self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
+        self.stop_sandbox(&sb).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Req<cri::RemovePodSandboxRequest>,
+    ) -> R<cri::RemovePodSandboxResponse> {
+        let id = req.into_inner().pod_sandbox_id;
+        let sb = match self.0.sandbox(&id) {
+            Ok(sb) => sb,
+            // Removing what is gone is done.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::RemovePodSandboxResponse {}))
+            }
+            Err(s) => return Err(s),
+        };
+        self.stop_sandbox(&sb).await?;
+        let roots = self.0.roots.clone();
+        tokio::task::spawn_blocking(move || husk_shim::cli::rm::remove_pod(&roots, &id))
+            .await
+            .map_err(internal)?
+            .map_err(Status::unknown)?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Req<cri::PodSandboxStatusRequest>,
+    ) -> R<cri::PodSandboxStatusResponse> {
+        let req = req.into_inner();
+        let sb = self.0.sandbox(&req.pod_sandbox_id)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert(
+                "info".into(),
+                serde_json::json!({
+                    "monitorPid": sb.status.as_ref().and_then(|s| s.monitor_pid),
+                    "monitorAlive": sb.monitor_alive(),
+                    "runtimeHandler": sb.cri.runtime_handler,
+                    "logDirectory": sb.cri.log_directory,
+                })
+                .to_string(),
+            );
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(to_sandbox_status(&sb)),
+            info,
+            containers_statuses: sb
+                .containers()
+                .iter()
+                .map(|c| to_container_status(&sb, c))
+                .collect(),
+            timestamp: nanos(Some(chrono::Utc::now())),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Req<cri::ListPodSandboxRequest>,
+    ) -> R<cri::ListPodSandboxResponse> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let items = self
+            .0
+            .sandboxes()
+            .into_iter()
+            .filter(|sb| filter.id.is_empty() || sb.id().starts_with(&filter.id))
+            .filter(|sb| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == sandbox_state(sb))
+            })
+            .filter(|sb| labels_match(&sb.record.plan.labels, &filter.label_selector))
+            .map(|sb| cri::PodSandbox {
+                id: sb.id().to_owned(),
+                metadata: Some(sandbox_meta(&sb)),
+                state: sandbox_state(&sb),
+                created_at: nanos(Some(sb.record.created_at)),
+                labels: hmap(&sb.record.plan.labels),
+                annotations: hmap(&sb.record.plan.annotations),
+                runtime_handler: sb.cri.runtime_handler.clone(),
+            })
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Req<cri::CreateContainerRequest>,
+    ) -> R<cri::CreateContainerResponse> {
+        let req = req.into_inner();
+        let sb = self.0.sandbox(&req.pod_sandbox_id)?;
+        let cfg = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is missing"))?;
+        let meta = cfg
+            .metadata
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("config.metadata is missing"))?;
+        if meta.name.is_empty() {
+            return Err(Status::invalid_argument("config.metadata.name is empty"));
+        }
+        let image = cfg
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| Status::invalid_argument("config.image.image is empty"))?;
+        if let Some(linux) = &cfg.linux {
+            if let Some(sc) = &linux.security_context {
+                if sc.privileged {
+                    return Err(Status::invalid_argument(
+                        "config.linux.security_context.privileged: husk containers cannot be privileged",
+                    ));
+                }
+                check_namespaces(
+                    sc.namespace_options.as_ref(),
+                    "config.linux.security_context.namespace_options",
+                )?;
+            }
+        }
+        if !sb.ready() {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id()
+            )));
+        }
+        let (spec, volumes, recorded) = container_spec(&cfg, &image)?;
+        let roots = self.0.roots.clone();
+        let image2 = image.clone();
+        let (mut plan, image_ref) = tokio::task::spawn_blocking(move || {
+            let plan = husk_sandbox::pod::manifest::cri_container_plan(
+                &spec,
+                &volumes,
+                &NoPull(&roots),
+                false,
+                "config",
+            );
+            let image_ref = husk_shim::cli::images::open_store(&roots)
+                .ok()
+                .and_then(|s| crate::image::find(&s, &image2))
+                .map(|r| r.digest)
+                .unwrap_or_default();
+            plan.map(|p| (p, volumes, image_ref))
+        })
+        .await
+        .map_err(internal)?
+        .map(|(p, v, r)| ((p, v), r))
+        .map_err(|e| {
+            if e.msg.contains("not found; pull it first") {
+                Status::not_found(e.to_string())
+            } else {
+                Status::invalid_argument(e.to_string())
+            }
+        })?;
+        let (ref mut cplan, volumes) = plan;
+        if let Some(res) = cfg.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            if res.memory_limit_in_bytes > 0 {
+                cplan.memory_limit = Some(res.memory_limit_in_bytes as u64);
+            }
+            if res.cpu_quota > 0 && res.cpu_period > 0 {
+                cplan.cpu_limit_millis = Some((res.cpu_quota * 1000 / res.cpu_period) as u64);
+            }
+        }
+        let log_path = if sb.cri.log_directory.is_empty() || cfg.log_path.is_empty() {
+            PathBuf::new()
+        } else {
+            Path::new(&sb.cri.log_directory).join(&cfg.log_path)
+        };
+        let meta = CriMeta {
+            name: meta.name,
+            attempt: meta.attempt,
+            image,
+            image_ref,
+            labels: bmap(&cfg.labels),
+            annotations: bmap(&cfg.annotations),
+            log_path,
+            mounts: recorded,
+        };
+        let reply = self
+            .0
+            .call_ok(
+                sb.id(),
+                Request::CreateContainer {
+                    container: Box::new(cplan.clone()),
+                    volumes,
+                    meta,
+                },
+                Duration::from_secs(120),
+            )
+            .await?;
+        let id = reply
+            .id
+            .ok_or_else(|| internal("the monitor gave no container id"))?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Req<cri::StartContainerRequest>,
+    ) -> R<cri::StartContainerResponse> {
+        let id = req.into_inner().container_id;
+        let (sb, _) = self.0.container(&id)?;
+        if !sb.ready() {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id()
+            )));
+        }
+        self.0
+            .call_ok(
+                sb.id(),
+                Request::StartContainer { id },
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Req<cri::StopContainerRequest>,
+    ) -> R<cri::StopContainerResponse> {
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        if c.state != CriState::Running || !sb.monitor_alive() {
+            return Ok(Response::new(cri::StopContainerResponse {}));
+        }
+        let timeout = req.timeout.max(0) as u64;
+        self.0
+            .call_ok(
+                sb.id(),
+                Request::StopContainer {
+                    id: req.container_id,
+                    timeout_secs: timeout,
+                },
+                Duration::from_secs(timeout + 30),
+            )
+            .await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Req<cri::RemoveContainerRequest>,
+    ) -> R<cri::RemoveContainerResponse> {
+        let id = req.into_inner().container_id;
+        let (sb, _) = match self.0.container(&id) {
+            Ok(x) => x,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::RemoveContainerResponse {}))
+            }
+            Err(s) => return Err(s),
+        };
+        if sb.monitor_alive() && !sb.status.as_ref().is_some_and(|s| s.finished) {
+            self.0
+                .call_ok(
+                    sb.id(),
+                    Request::RemoveContainer { id },
+                    Duration::from_secs(60),
+                )
+                .await?;
+        } else {
+            // No monitor: the record is all that is left of it.
+            let paths = self.0.roots.pod(sb.id());
+            let mut st = husk_sandbox::state::PodStatus::load(&paths).map_err(internal)?;
+            st.cri_containers.retain(|c| c.id != id);
+            st.save(&paths).map_err(internal)?;
+        }
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Req<cri::ListContainersRequest>,
+    ) -> R<cri::ListContainersResponse> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let mut containers = Vec::new();
+        for sb in self.0.sandboxes() {
+            if !f.pod_sandbox_id.is_empty() && !sb.id().starts_with(&f.pod_sandbox_id) {
+                continue;
+            }
+            for c in sb.containers() {
+                let out = to_container(&sb, c);
+                if (f.id.is_empty() || c.id.starts_with(&f.id))
+                    && f.state.as_ref().is_none_or(|s| s.state == out.state)
+                    && labels_match(&c.meta.labels, &f.label_selector)
+                {
+                    containers.push(out);
+                }
+            }
+        }
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Req<cri::ContainerStatusRequest>,
+    ) -> R<cri::ContainerStatusResponse> {
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert(
+                "info".into(),
+                serde_json::json!({ "podSandboxId": sb.id(), "monitorAlive": sb.monitor_alive() })
+                    .to_string(),
+            );
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(to_container_status(&sb, &c)),
+            info,
+        }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Req<cri::UpdateContainerResourcesRequest>,
+    ) -> R<cri::UpdateContainerResourcesResponse> {
+        let (sb, _) = self.0.container(&req.into_inner().container_id)?;
+        Err(Status::unimplemented(format!(
+            "{}: a wasm container's memory limit is fixed when it starts",
+            sb.cri.runtime_handler
+        )))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Req<cri::ReopenContainerLogRequest>,
+    ) -> R<cri::ReopenContainerLogResponse> {
+        let id = req.into_inner().container_id;
+        let (sb, c) = self.0.container(&id)?;
+        if c.state != CriState::Running || !sb.monitor_alive() {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        self.0
+            .call_ok(sb.id(), Request::ReopenLog { id }, Duration::from_secs(10))
+            .await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(&self, req: Req<cri::ExecSyncRequest>) -> R<cri::ExecSyncResponse> {
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is empty"));
+        }
+        if c.state != CriState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        Err(Status::unimplemented(format!(
+            "{}: a wasm container has no processes to start beside its guest, so there is nothing to exec",
+            sb.cri.runtime_handler
+        )))
+    }
+
+    async fn exec(&self, req: Req<cri::ExecRequest>) -> R<cri::ExecResponse> {
+        let (sb, _) = self.0.container(&req.into_inner().container_id)?;
+        Err(Status::unimplemented(format!(
+            "{}: a wasm container has no processes to start beside its guest",
+            sb.cri.runtime_handler
+        )))
+    }
+
+    async fn attach(&self, req: Req<cri::AttachRequest>) -> R<cri::AttachResponse> {
+        self.0.container(&req.into_inner().container_id)?;
+        Err(Status::unimplemented(
+            "attach is not served yet (no CRI streaming server)",
+        ))
+    }
+
+    async fn port_forward(&self, req: Req<cri::PortForwardRequest>) -> R<cri::PortForwardResponse> {
+        self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
+        Err(Status::unimplemented(
+            "port-forward is not served yet (no CRI streaming server)",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Req<cri::ContainerStatsRequest>,
+    ) -> R<cri::ContainerStatsResponse> {
+        let (_, c) = self.0.container(&req.into_inner().container_id)?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats_of(&c)),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Req<cri::ListContainerStatsRequest>,
+    ) -> R<cri::ListContainerStatsResponse> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let mut stats = Vec::new();
+        for sb in self.0.sandboxes() {
+            if !f.pod_sandbox_id.is_empty() && !sb.id().starts_with(&f.pod_sandbox_id) {
+                continue;
+            }
+            for c in sb.containers() {
+                if (f.id.is_empty() || c.id.starts_with(&f.id))
+                    && labels_match(&c.meta.labels, &f.label_selector)
+                    && c.state == CriState::Running
+                {
+                    stats.push(stats_of(c));
+                }
+            }
+        }
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Req<cri::PodSandboxStatsRequest>,
+    ) -> R<cri::PodSandboxStatsResponse> {
+        let sb = self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(sandbox_stats(&sb)),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Req<cri::ListPodSandboxStatsRequest>,
+    ) -> R<cri::ListPodSandboxStatsResponse> {
+        let f = req.into_inner().filter.unwrap_or_default();
+        let stats = self
+            .0
+            .sandboxes()
+            .iter()
+            .filter(|sb| f.id.is_empty() || sb.id().starts_with(&f.id))
+            .filter(|sb| labels_match(&sb.record.plan.labels, &f.label_selector))
+            .filter(|sb| sb.ready())
+            .map(sandbox_stats)
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        _: Req<cri::UpdateRuntimeConfigRequest>,
+    ) -> R<cri::UpdateRuntimeConfigResponse> {
+        // The pod CIDR comes from husk's CNI configuration, not from here.
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(&self, req: Req<cri::StatusRequest>) -> R<cri::StatusResponse> {
+        let verbose = req.into_inner().verbose;
+        let cni = Path::new("/usr/lib/cni/bridge").is_file()
+            || Path::new("/opt/cni/bin/bridge").is_file();
+        let conditions = vec![
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: cni,
+                reason: if cni {
+                    String::new()
+                } else {
+                    "NetworkPluginNotReady".into()
+                },
+                message: if cni {
+                    String::new()
+                } else {
+                    "no CNI bridge plugin in /usr/lib/cni or /opt/cni/bin (install containernetworking-plugins)".into()
+                },
+            },
+        ];
+        let mut info = HashMap::new();
+        if verbose {
+            info.insert(
+                "config".into(),
+                serde_json::json!({
+                    "defaultRuntimeHandler": self.0.default_handler,
+                    "runRoot": self.0.roots.run,
+                    "libRoot": self.0.roots.lib,
+                })
+                .to_string(),
+            );
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers: [HANDLER_WASM, HANDLER_VM]
+                .iter()
+                .map(|h| cri::RuntimeHandler {
+                    name: h.to_string(),
+                    features: Some(cri::RuntimeHandlerFeatures::default()),
+                })
+                .collect(),
+            features: Some(cri::RuntimeFeatures::default()),
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _: Req<cri::CheckpointContainerRequest>,
+    ) -> R<cri::CheckpointContainerResponse> {
+        Err(Status::unimplemented("checkpointing is not supported"))
+    }
+
+    type GetContainerEventsStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    async fn get_container_events(
+        &self,
+        _: Req<cri::GetEventsRequest>,
+    ) -> R<Self::GetContainerEventsStream> {
+        // The kubelet polls (generic PLEG) when the runtime has no events.
+        Err(Status::unimplemented(
+            "container events are not served; poll",
+        ))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _: Req<cri::ListMetricDescriptorsRequest>,
+    ) -> R<cri::ListMetricDescriptorsResponse> {
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: vec![],
+        }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Req<cri::ListPodSandboxMetricsRequest>,
+    ) -> R<cri::ListPodSandboxMetricsResponse> {
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: vec![],
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _: Req<cri::RuntimeConfigRequest>,
+    ) -> R<cri::RuntimeConfigResponse> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+}
+
+/// A wasm container's stats: who it is; husk does not meter a wasm guest's
+/// CPU or memory separately from its pod's monitor, so those are absent
+/// rather than made up.
+fn stats_of(c: &CriContainer) -> cri::ContainerStats {
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: c.id.clone(),
+            metadata: Some(cri::ContainerMetadata {
+                name: c.meta.name.clone(),
+                attempt: c.meta.attempt,
+            }),
+            labels: hmap(&c.meta.labels),
+            annotations: hmap(&c.meta.annotations),
+        }),
+        ..Default::default()
+    }
+}
+
+fn sandbox_stats(sb: &SandboxView) -> cri::PodSandboxStats {
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: sb.id().to_owned(),
+            metadata: Some(sandbox_meta(sb)),
+            labels: hmap(&sb.record.plan.labels),
+            annotations: hmap(&sb.record.plan.annotations),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            containers: sb
+                .containers()
+                .iter()
+                .filter(|c| c.state == CriState::Running)
+                .map(stats_of)
+                .collect(),
+            ..Default::default()
+        }),
+        windows: None,
+    }
+}

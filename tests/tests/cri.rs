@@ -1,0 +1,864 @@
+//! huskd end to end: a Rust CRI v1 client (k8s-cri over tonic) drives the
+//! real huskd over its unix socket, which runs real pod monitors, CNI and
+//! wasmtime; images come from a real registry on loopback.
+
+mod common;
+use common::*;
+use husk_tests::{oci_client as client, rt, Registry};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use oci_client::client::{Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn huskd_bin() -> PathBuf {
+    husk_bin().with_file_name("huskd")
+}
+
+/// A huskd serving the test's root; killed (-9) on drop, as a crash would.
+struct Huskd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Huskd {
+    fn start(env: &Env) -> Self {
+        let socket = env.root().join("huskd.sock");
+        let child = Command::new(huskd_bin())
+            .arg("--root")
+            .arg(env.root())
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("HUSK_ROOT")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(env.root().join("huskd.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "huskd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Huskd { child, socket }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn channel(&self) -> Channel {
+        let sock = self.socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let s = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+                }
+            }))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Huskd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn push_probe(reg: &Registry, name: &str) -> String {
+    let reference = format!("{}/{name}", reg.host());
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let layer = ImageLayer::new(
+        std::fs::read(probe()).unwrap(),
+        "application/wasm".into(),
+        None,
+    );
+    let config = Config::new(
+        br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec(),
+        "application/vnd.wasm.config.v0+json".into(),
+        None,
+    );
+    rt().block_on(client().push(&r, &[layer], config, &RegistryAuth::Anonymous, None))
+        .unwrap();
+    reference
+}
+
+fn sandbox_config(env: &Env, name: &str, attempt: u32) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt,
+        }),
+        hostname: name.into(),
+        log_directory: env
+            .root()
+            .join("kubelet-logs")
+            .join(name)
+            .display()
+            .to_string(),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["192.0.2.53".into()],
+            searches: vec!["svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: HashMap::from([("app".into(), name.into()), ("suite".into(), "cri".into())]),
+        annotations: HashMap::from([("note".into(), "kept as given".into())]),
+        ..Default::default()
+    }
+}
+
+fn container_config(
+    name: &str,
+    image: &str,
+    args: &[&str],
+    mounts: Vec<cri::Mount>,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        envs: vec![cri::KeyValue {
+            key: "GREETING".into(),
+            value: "hello from cri".into(),
+        }],
+        mounts,
+        labels: HashMap::from([("container".into(), name.into())]),
+        annotations: HashMap::from([("io.kubernetes.container.hash".into(), "abc".into())]),
+        log_path: format!("{name}_0.log"),
+        ..Default::default()
+    }
+}
+
+async fn wait_state(
+    rs: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    state: cri::ContainerState,
+) -> cri::ContainerStatus {
+    let t0 = Instant::now();
+    loop {
+        let st = rs
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if st.state == state as i32 {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "container {id} never reached {state:?}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => {
+            assert!(!s.message().is_empty(), "an error without a message");
+            s.code()
+        }
+    }
+}
+
+fn log_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
+    let reg = Registry::start();
+    let env = Env::new();
+    let image = push_probe(&reg, "cri/probe:v1");
+    let mut huskd = Huskd::start(&env);
+    let data = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let ch = huskd.channel().await;
+        let mut rs = RuntimeServiceClient::new(ch.clone());
+        let mut is = ImageServiceClient::new(ch);
+
+        let v = rs
+            .version(cri::VersionRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+            ("husk", "v1")
+        );
+        let st = rs
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner();
+        let conds = st.status.unwrap().conditions;
+        assert!(
+            conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status),
+            "{conds:?}"
+        );
+        assert!(
+            conds.iter().any(|c| c.r#type == "NetworkReady" && c.status),
+            "{conds:?}"
+        );
+
+        // Images: pull, list, status, and an unknown one.
+        let spec = cri::ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        };
+        let image_ref = is
+            .pull_image(cri::PullImageRequest {
+                image: Some(spec.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+        let listed = is
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].id, image_ref);
+        assert!(listed[0]
+            .repo_tags
+            .iter()
+            .any(|t| t.ends_with("cri/probe:v1")));
+        let by_id = is
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image_ref.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(by_id.image.unwrap().id, image_ref);
+        let missing = is
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: format!("{}/cri/nothing:v1", reg.host()),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(missing.image.is_none());
+        assert_eq!(
+            code(
+                is.pull_image(cri::PullImageRequest {
+                    image: Some(cri::ImageSpec {
+                        image: format!("{}/cri/nothing:v1", reg.host()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+            ),
+            tonic::Code::NotFound
+        );
+        let fs = is
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value > 0);
+
+        // Bad sandboxes: each refused with its own code, nothing created.
+        let cfg = sandbox_config(&env, "web", 0);
+        let bad = |f: &dyn Fn(&mut cri::RunPodSandboxRequest)| {
+            let mut r = cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: "husk-wasm".into(),
+            };
+            f(&mut r);
+            r
+        };
+        for (req, want) in [
+            (
+                bad(&|r| r.runtime_handler = "runc".into()),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                bad(&|r| r.config.as_mut().unwrap().metadata = None),
+                tonic::Code::InvalidArgument,
+            ),
+            (bad(&|r| r.config = None), tonic::Code::InvalidArgument),
+            (
+                bad(&|r| {
+                    r.config.as_mut().unwrap().linux = Some(cri::LinuxPodSandboxConfig {
+                        security_context: Some(cri::LinuxSandboxSecurityContext {
+                            namespace_options: Some(cri::NamespaceOption {
+                                network: cri::NamespaceMode::Node as i32,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                }),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                bad(&|r| r.runtime_handler = "husk-vm".into()),
+                tonic::Code::Unimplemented,
+            ),
+        ] {
+            assert_eq!(code(rs.run_pod_sandbox(req.clone()).await), want, "{req:?}");
+        }
+        assert_eq!(env.pod_dirs(), 0, "a refused sandbox left state");
+
+        // The sandbox: ready, with an IP from CNI; the CLI sees it too.
+        let pod = rs
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        assert_eq!(
+            code(
+                rs.run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(cfg.clone()),
+                    runtime_handler: "husk-wasm".into(),
+                })
+                .await
+            ),
+            tonic::Code::AlreadyExists
+        );
+        let pst = rs
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(pst.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(pst.runtime_handler, "husk-wasm");
+        assert_eq!(
+            pst.annotations.get("note").map(String::as_str),
+            Some("kept as given")
+        );
+        let ip = pst.network.unwrap().ip;
+        assert!(
+            ip.starts_with(&format!("{}.", env.subnet_prefix)),
+            "pod IP {ip}"
+        );
+        let ps = env.husk(&["ps"]);
+        assert!(
+            stdout(&ps).contains("web"),
+            "husk ps does not show the CRI pod: {}",
+            stdout(&ps)
+        );
+
+        // A container that completes, its log in the CRI format where the
+        // kubelet asked, its env and its exit.
+        let log_dir = Path::new(&cfg.log_directory).to_owned();
+        let create =
+            |name: &str, args: &[&str], mounts: Vec<cri::Mount>| cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(name, &image, args, mounts)),
+                sandbox_config: Some(cfg.clone()),
+            };
+        let done = rs
+            .create_container(create("greet", &["env", "GREETING"], vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        assert!(
+            done.starts_with(&pod),
+            "container id {done} is not under its pod {pod}"
+        );
+        let created = wait_state(&mut rs, &done, cri::ContainerState::ContainerCreated).await;
+        assert_eq!(created.started_at, 0);
+        assert_eq!(
+            code(
+                rs.create_container(create("greet", &["echo"], vec![]))
+                    .await
+            ),
+            tonic::Code::AlreadyExists
+        );
+        rs.start_container(cri::StartContainerRequest {
+            container_id: done.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &done, cri::ContainerState::ContainerExited).await;
+        assert_eq!((st.exit_code, st.reason.as_str()), (0, "Completed"));
+        assert!(
+            st.started_at > 0 && st.finished_at >= st.started_at,
+            "{st:?}"
+        );
+        assert_eq!(
+            st.labels.get("container").map(String::as_str),
+            Some("greet")
+        );
+        assert_eq!(
+            st.annotations
+                .get("io.kubernetes.container.hash")
+                .map(String::as_str),
+            Some("abc")
+        );
+        assert_eq!(st.image_ref, image_ref);
+        let lines = log_lines(&log_dir.join("greet_0.log"));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with(" stdout F GREETING=hello from cri"),
+            "not a CRI log line: {:?}",
+            lines[0]
+        );
+        assert_eq!(
+            code(
+                rs.start_container(cri::StartContainerRequest {
+                    container_id: done.clone(),
+                })
+                .await
+            ),
+            tonic::Code::FailedPrecondition
+        );
+
+        // A container writing through a host directory the kubelet mounts.
+        let writer = rs
+            .create_container(create(
+                "writer",
+                &["write", "/data/out.txt", "written via cri"],
+                vec![cri::Mount {
+                    container_path: "/data".into(),
+                    host_path: data.path().display().to_string(),
+                    ..Default::default()
+                }],
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: writer.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &writer, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        assert_eq!(
+            std::fs::read_to_string(data.path().join("out.txt")).unwrap(),
+            "written via cri"
+        );
+        assert_eq!(st.mounts.len(), 1);
+
+        // Bad containers.
+        assert_eq!(
+            code(
+                rs.create_container(create(
+                    "nomount",
+                    &["echo"],
+                    vec![cri::Mount {
+                        container_path: "/x".into(),
+                        host_path: "/nonexistent/husk".into(),
+                        ..Default::default()
+                    }],
+                ))
+                .await
+            ),
+            tonic::Code::InvalidArgument
+        );
+        let mut unpulled = create("unpulled", &["echo"], vec![]);
+        unpulled.config.as_mut().unwrap().image = Some(cri::ImageSpec {
+            image: format!("{}/cri/nothing:v1", reg.host()),
+            ..Default::default()
+        });
+        assert_eq!(
+            code(rs.create_container(unpulled).await),
+            tonic::Code::NotFound
+        );
+        let mut nowhere = create("nowhere", &["echo"], vec![]);
+        nowhere.pod_sandbox_id = "0123456789abcdef".into();
+        assert_eq!(
+            code(rs.create_container(nowhere).await),
+            tonic::Code::NotFound
+        );
+        for id in ["", "nope", "0123456789abcdef01234567"] {
+            let r = rs
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                })
+                .await;
+            let c = code(r);
+            assert!(
+                matches!(c, tonic::Code::NotFound | tonic::Code::InvalidArgument),
+                "{id:?}: {c:?}"
+            );
+        }
+
+        // Two long-running containers: one ends when its stdin closes (the
+        // wasm guest's SIGTERM), one must be killed after the timeout.
+        let polite = rs
+            .create_container(create("polite", &["stdin"], vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        let stubborn = rs
+            .create_container(create("stubborn", &["spin"], vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        for id in [&polite, &stubborn] {
+            rs.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+            wait_state(&mut rs, id, cri::ContainerState::ContainerRunning).await;
+        }
+        let running = rs
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: pod.clone(),
+                    state: Some(cri::ContainerStateValue {
+                        state: cri::ContainerState::ContainerRunning as i32,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        let mut ids: Vec<_> = running.iter().map(|c| c.id.clone()).collect();
+        ids.sort();
+        let mut want = vec![polite.clone(), stubborn.clone()];
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(
+            code(
+                rs.exec_sync(cri::ExecSyncRequest {
+                    container_id: polite.clone(),
+                    cmd: vec!["sh".into()],
+                    timeout: 5,
+                })
+                .await
+            ),
+            tonic::Code::Unimplemented
+        );
+
+        // The kubelet rotates a log: the container writes to a fresh file.
+        let polite_log = log_dir.join("polite_0.log");
+        let t0 = Instant::now();
+        while log_lines(&polite_log).is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no log from polite");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::rename(&polite_log, log_dir.join("polite_0.log.1")).unwrap();
+        rs.reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: polite.clone(),
+        })
+        .await
+        .unwrap();
+        assert!(polite_log.exists(), "ReopenContainerLog made no new file");
+
+        // huskd dies (-9) and comes back: everything is found again, and
+        // the containers never noticed.
+        huskd.kill9();
+        let monitor_pid = pod_monitor_pid(&env, &pod);
+        let huskd2 = Huskd::start(&env);
+        let mut rs = RuntimeServiceClient::new(huskd2.channel().await);
+        assert_eq!(pod_monitor_pid(&env, &pod), monitor_pid);
+        let pods = rs
+            .list_pod_sandbox(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    label_selector: HashMap::from([("app".into(), "web".into())]),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].id, pod);
+        assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
+        wait_state(&mut rs, &polite, cri::ContainerState::ContainerRunning).await;
+        let st = wait_state(&mut rs, &done, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0);
+
+        // Stop: a graceful end, then a kill after the timeout.
+        rs.stop_container(cri::StopContainerRequest {
+            container_id: polite.clone(),
+            timeout: 10,
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &polite, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        assert!(log_lines(&polite_log)
+            .iter()
+            .any(|l| l.ends_with("stdout F stdin closed, exiting cleanly")));
+        let t0 = Instant::now();
+        rs.stop_container(cri::StopContainerRequest {
+            container_id: stubborn.clone(),
+            timeout: 1,
+        })
+        .await
+        .unwrap();
+        assert!(t0.elapsed() >= Duration::from_secs(1));
+        let st = wait_state(&mut rs, &stubborn, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 137, "{st:?}");
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: stubborn.clone(),
+        })
+        .await
+        .unwrap();
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: stubborn.clone(),
+        })
+        .await
+        .unwrap();
+        let left = rs
+            .list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        assert_eq!(left.len(), 3, "{left:?}");
+
+        // The sandbox stops (its network goes), then is removed.
+        rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        let stopped = rs
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            stopped.status.unwrap().state,
+            cri::PodSandboxState::SandboxNotready as i32
+        );
+        assert_eq!(stopped.containers_statuses.len(), 3);
+        assert!(!env.root().join("run/netns").join(&pod).exists());
+        assert_eq!(
+            code(rs.create_container(create("late", &["echo"], vec![])).await),
+            tonic::Code::FailedPrecondition
+        );
+        rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            code(
+                rs.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                })
+                .await
+            ),
+            tonic::Code::NotFound
+        );
+        assert!(rs
+            .list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .is_empty());
+        // The kubelet's logs are the kubelet's: removal leaves them.
+        assert!(log_dir.join("greet_0.log").exists());
+        drop(huskd2);
+    });
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("out.txt")).unwrap(),
+        "written via cri",
+        "a hostPath's files must survive the pod"
+    );
+    env.finish();
+}
+
+fn pod_monitor_pid(env: &Env, pod: &str) -> u64 {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.root().join("lib/pods").join(pod).join("status.json")).unwrap(),
+    )
+    .unwrap();
+    st["monitorPid"].as_u64().unwrap()
+}
+
+#[test]
+fn fifty_sandboxes_at_once_and_a_monitor_that_dies_is_reported() {
+    let env = Env::new();
+    let huskd = Huskd::start(&env);
+    rt().block_on(async {
+        let ch = huskd.channel().await;
+        let calls = (0..50).map(|i| {
+            let mut rs = RuntimeServiceClient::new(ch.clone());
+            let cfg = sandbox_config(&env, &format!("many-{i}"), 0);
+            async move {
+                rs.run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(cfg),
+                    runtime_handler: "husk-wasm".into(),
+                })
+                .await
+                .map(|r| r.into_inner().pod_sandbox_id)
+            }
+        });
+        let ids: Vec<String> = futures_all(calls.collect()).await;
+        let mut rs = RuntimeServiceClient::new(ch);
+        let listed = rs
+            .list_pod_sandbox(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    state: Some(cri::PodSandboxStateValue {
+                        state: cri::PodSandboxState::SandboxReady as i32,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert_eq!(listed.len(), 50);
+        let mut ips = std::collections::HashSet::new();
+        for id in &ids {
+            let st = rs
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            assert!(
+                ips.insert(st.network.unwrap().ip),
+                "two sandboxes share an IP"
+            );
+        }
+
+        // A monitor killed under huskd: its sandbox is reported NOTREADY,
+        // not forgotten, and can still be removed.
+        let victim = &ids[7];
+        let pid = pod_monitor_pid(&env, victim);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let st = rs
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: victim.clone(),
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if st.state == cri::PodSandboxState::SandboxNotready as i32 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the dead monitor's pod stays READY"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let removals = ids.iter().map(|id| {
+            let mut rs = rs.clone();
+            let id = id.clone();
+            async move {
+                rs.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+                    .await
+                    .map(|_| String::new())
+            }
+        });
+        futures_all(removals.collect()).await;
+        assert!(rs
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .is_empty());
+    });
+    assert_eq!(env.pod_dirs(), 0);
+    drop(huskd);
+    env.finish();
+}
+
+/// Runs the calls concurrently; every one must succeed.
+async fn futures_all<F>(calls: Vec<F>) -> Vec<String>
+where
+    F: std::future::Future<Output = Result<String, tonic::Status>> + Send + 'static,
+{
+    let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap().unwrap());
+    }
+    out
+}
