@@ -581,6 +581,12 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         let mut want = vec![polite.clone(), stubborn.clone()];
         want.sort();
         assert_eq!(ids, want);
+        let ps = stdout(&env.husk(&["ps"]));
+        assert!(
+            ps.lines()
+                .any(|l| l.contains("polite") && l.contains("Running")),
+            "husk ps does not show huskd's containers:\n{ps}"
+        );
         assert_eq!(
             code(
                 rs.exec_sync(cri::ExecSyncRequest {

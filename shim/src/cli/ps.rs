@@ -2,7 +2,9 @@
 //! IP, age), as a table or `--format json`.
 
 use super::PodView;
-use husk_sandbox::state::{ContainerState, ContainerStatus, PodStatus, Roots};
+use husk_sandbox::state::{
+    ContainerState, ContainerStatus, CriContainer, CriState, PodStatus, Roots,
+};
 
 #[derive(clap::Args)]
 pub struct PsArgs {
@@ -18,6 +20,14 @@ pub fn state_str(c: &ContainerStatus) -> String {
         ContainerState::Terminated {
             exit_code, reason, ..
         } => format!("{reason} ({exit_code})"),
+    }
+}
+
+pub fn cri_state_str(c: &CriContainer) -> String {
+    match c.state {
+        CriState::Created => "Created".into(),
+        CriState::Running => "Running".into(),
+        CriState::Exited => format!("{} ({})", c.reason, c.exit_code),
     }
 }
 
@@ -53,6 +63,20 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
                             "exitCode": c.exit_code(),
                         })
                     })
+                    .chain(
+                        p.status
+                            .iter()
+                            .flat_map(|s| s.cri_containers.iter())
+                            .map(|c| {
+                                serde_json::json!({
+                                    "name": c.meta.name,
+                                    "id": c.id,
+                                    "state": cri_state_str(c),
+                                    "restartCount": c.meta.attempt,
+                                    "exitCode": (c.state == CriState::Exited).then_some(c.exit_code),
+                                })
+                            }),
+                    )
                     .collect();
                 serde_json::json!({
                     "id": p.record.id,
@@ -84,14 +108,27 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
             .iter()
             .flat_map(PodStatus::all_containers)
             .collect();
-        let rows: Vec<(String, String, String)> = if containers.is_empty() {
-            vec![("-".into(), "-".into(), "-".into())]
-        } else {
-            containers
+        let mut rows: Vec<(String, String, String)> = containers
+            .iter()
+            .map(|c| (c.name.clone(), state_str(c), c.restart_count.to_string()))
+            .collect();
+        // Containers a CRI client (huskd) created; their attempt is the
+        // kubelet's restart count.
+        rows.extend(
+            p.status
                 .iter()
-                .map(|c| (c.name.clone(), state_str(c), c.restart_count.to_string()))
-                .collect()
-        };
+                .flat_map(|s| s.cri_containers.iter())
+                .map(|c| {
+                    (
+                        c.meta.name.clone(),
+                        cri_state_str(c),
+                        c.meta.attempt.to_string(),
+                    )
+                }),
+        );
+        if rows.is_empty() {
+            rows.push(("-".into(), "-".into(), "-".into()));
+        }
         for (i, (cname, st, restarts)) in rows.iter().enumerate() {
             let (id, name, rt, phase, ipc, agec) = if i == 0 {
                 (

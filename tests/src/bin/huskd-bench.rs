@@ -1,0 +1,249 @@
+//! huskd's benchmark, through its CRI socket with a Rust CRI client:
+//! RunPodSandbox + CreateContainer + StartContainer latency (until the
+//! container runs), p50/p99 over 30 pods; sustained churn (run, create,
+//! start, stop, remove) in pods per second over 40 pods one after another; and huskd's
+//! idle memory (RSS and PSS) with those pods gone. Only the husk-wasm
+//! handler: husk-vm is not served through CRI yet.
+//! Run: `cargo run --release -p husk-tests --bin huskd-bench` (as root;
+//! needs docker-registry and the CNI plugins).
+
+use husk_tests::{oci_client, rt, Registry};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe().unwrap().with_file_name(name)
+}
+
+fn kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn channel(sock: PathBuf) -> Channel {
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let s = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+fn sandbox(i: usize, logs: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: format!("bench-{i}"),
+            uid: format!("uid-{i}"),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.join(i.to_string()).display().to_string(),
+        ..Default::default()
+    }
+}
+
+fn container(image: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        args: vec!["stdin".into()],
+        log_path: "c_0.log".into(),
+        ..Default::default()
+    }
+}
+
+/// Run + create + start; returns (pod, container, time until running).
+async fn start_one(
+    rs: &mut RuntimeServiceClient<Channel>,
+    i: usize,
+    image: &str,
+    logs: &Path,
+) -> (String, String, Duration) {
+    let t0 = Instant::now();
+    let cfg = sandbox(i, logs);
+    let pod = rs
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "husk-wasm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let c = rs
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container(image)),
+            sandbox_config: Some(cfg),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    (pod, c, t0.elapsed())
+}
+
+async fn remove_one(rs: &mut RuntimeServiceClient<Channel>, pod: String, c: String) {
+    rs.stop_container(cri::StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 10,
+    })
+    .await
+    .unwrap();
+    rs.remove_container(cri::RemoveContainerRequest { container_id: c })
+        .await
+        .unwrap();
+    rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}
+
+fn main() {
+    let reg = Registry::start();
+    let image = format!("{}/bench/probe:v1", reg.host());
+    let wasm = std::fs::read(Path::new(env!("HUSK_TEST_GUESTS")).join("probe.wasm")).unwrap();
+    rt().block_on(oci_client().push(
+        &image.parse().unwrap(),
+        &[oci_client::client::ImageLayer::new(
+            wasm,
+            "application/wasm".into(),
+            None,
+        )],
+        oci_client::client::Config::new(
+            br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec(),
+            "application/vnd.wasm.config.v0+json".into(),
+            None,
+        ),
+        &oci_client::secrets::RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = format!("hkb{}", std::process::id() % 100000);
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[network]\ncni_conf_dir = \"{}\"\nbridge = \"{bridge}\"\nsubnet = \"10.151.0.0/24\"\nname = \"{bridge}\"\n",
+            dir.path().join("net.d").display()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("huskd.sock");
+    let mut huskd = Command::new(bin("huskd"))
+        .arg("--root")
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&sock)
+        .env_remove("HUSK_ROOT")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let logs = dir.path().join("logs");
+    rt().block_on(async {
+        let ch = channel(sock.clone()).await;
+        let mut rs = RuntimeServiceClient::new(ch.clone());
+        ImageServiceClient::new(ch)
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+
+        // Latency: one pod at a time, 30 pods (removed after).
+        let mut lat = Vec::new();
+        let mut made = Vec::new();
+        for i in 0..30 {
+            let (p, c, d) = start_one(&mut rs, i, &image, &logs).await;
+            lat.push(d);
+            made.push((p, c));
+        }
+        println!(
+            "RunPodSandbox + CreateContainer + StartContainer (husk-wasm, 30 pods): p50 {} p99 {}",
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99))
+        );
+        let pid = huskd.id();
+        println!(
+            "huskd memory with 30 pods running: RSS {:.1} MiB, PSS {:.1} MiB",
+            kib(pid, "Rss:") as f64 / 1024.0,
+            kib(pid, "Pss:") as f64 / 1024.0
+        );
+        for (p, c) in made {
+            remove_one(&mut rs, p, c).await;
+        }
+
+        // Churn: full lifecycles back to back, 40 pods.
+        let t0 = Instant::now();
+        let n = 40;
+        for i in 100..100 + n {
+            let (p, c, _) = start_one(&mut rs, i, &image, &logs).await;
+            remove_one(&mut rs, p, c).await;
+        }
+        let el = t0.elapsed();
+        println!(
+            "sustained churn (run, create, start, stop, remove; {n} pods one after another): {:.1} pods/s",
+            n as f64 / el.as_secs_f64()
+        );
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = huskd.id();
+    println!(
+        "huskd idle (after the pods are gone): RSS {:.1} MiB, PSS {:.1} MiB",
+        kib(pid, "Rss:") as f64 / 1024.0,
+        kib(pid, "Pss:") as f64 / 1024.0
+    );
+    let _ = huskd.kill();
+    let _ = huskd.wait();
+    let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+}
