@@ -229,3 +229,20 @@ pub fn push_busybox_image(reg: &Registry, name: &str) -> String {
     .unwrap();
     reference
 }
+
+/// A gRPC channel to a CRI server (huskd) on a unix socket.
+pub async fn cri_channel(socket: &Path) -> tonic::transport::Channel {
+    let sock = socket.to_owned();
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let s = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(s).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}

@@ -4,8 +4,7 @@
 
 mod common;
 use common::*;
-use husk_tests::{oci_client as client, rt, Registry};
-use hyper_util::rt::TokioIo;
+use husk_tests::{cri_channel, oci_client as client, rt, Registry};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -15,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 fn huskd_bin() -> PathBuf {
     husk_bin().with_file_name("huskd")
@@ -63,17 +62,7 @@ impl Huskd {
     }
 
     async fn channel(&self) -> Channel {
-        let sock = self.socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let s = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
-                }
-            }))
-            .await
-            .unwrap()
+        cri_channel(&self.socket).await
     }
 }
 

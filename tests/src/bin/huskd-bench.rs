@@ -7,15 +7,14 @@
 //! Run: `cargo run --release -p husk-tests --bin huskd-bench` (as root;
 //! needs docker-registry and the CNI plugins).
 
-use husk_tests::{oci_client, rt, Registry};
-use hyper_util::rt::TokioIo;
+use husk_tests::{cri_channel, oci_client, rt, Registry};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -39,19 +38,6 @@ fn kib(pid: u32, key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-async fn channel(sock: PathBuf) -> Channel {
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let s = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 fn sandbox(i: usize, logs: &Path) -> cri::PodSandboxConfig {
@@ -187,7 +173,7 @@ fn main() {
     }
     let logs = dir.path().join("logs");
     rt().block_on(async {
-        let ch = channel(sock.clone()).await;
+        let ch = cri_channel(&sock).await;
         let mut rs = RuntimeServiceClient::new(ch.clone());
         ImageServiceClient::new(ch)
             .pull_image(cri::PullImageRequest {

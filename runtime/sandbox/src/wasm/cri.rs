@@ -8,7 +8,7 @@ use super::WasmSandbox;
 use crate::cri_log::{self, Stream};
 use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
-use husk_wasm::{CompiledGuest, GuestExit, GuestSpec, KillSwitch};
+use husk_wasm::{CompiledGuest, GuestExit, KillSwitch};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -200,28 +200,7 @@ impl WasmSandbox {
                 }
             })
         });
-        let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), self.plan.hostname().into())];
-        if let Some(wd) = &plan.working_dir {
-            env.push(("PWD".into(), wd.clone()));
-        }
-        env.extend(plan.env.iter().map(|e| (e.name.clone(), e.value.clone())));
-        let spec = GuestSpec {
-            args: plan.argv.clone(),
-            env,
-            preopens,
-            cwd: plan.working_dir.clone(),
-            stdin: Some(in_r),
-            stdout: std::fs::File::from(out_w),
-            stderr: std::fs::File::from(err_w),
-            memory_limit: plan.memory_limit,
-            network: true,
-            listen_ports: plan
-                .ports
-                .iter()
-                .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
-                .map(|p| p.container_port)
-                .collect(),
-        };
+        let spec = self.guest_spec(&plan, preopens, in_r, out_w, err_w);
         self.cri_update(id, |c| {
             c.state = CriState::Running;
             c.started_at = Some(chrono::Utc::now());

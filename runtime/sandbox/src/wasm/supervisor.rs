@@ -255,28 +255,7 @@ impl WasmSandbox {
             let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
             res.volumes.preopens_for(c).map_err(|e| e.to_string())?
         };
-        let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), self.plan.name.clone())];
-        if let Some(wd) = &c.working_dir {
-            env.push(("PWD".into(), wd.clone()));
-        }
-        env.extend(c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
-        let spec = GuestSpec {
-            args: c.argv.clone(),
-            env,
-            preopens,
-            cwd: c.working_dir.clone(),
-            stdin: Some(in_r),
-            stdout: std::fs::File::from(out_w),
-            stderr: std::fs::File::from(err_w),
-            memory_limit: c.memory_limit,
-            network: true,
-            listen_ports: c
-                .ports
-                .iter()
-                .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
-                .map(|p| p.container_port)
-                .collect(),
-        };
+        let spec = self.guest_spec(c, preopens, in_r, out_w, err_w);
         let kill = self.stop.kill.clone();
         let result = self.engine.run(&guest, spec, &kill).await;
         // The guest's pipe ends are closed with its store; wait until the
@@ -288,5 +267,40 @@ impl WasmSandbox {
         })
         .await;
         result.map_err(|e| e.to_string())
+    }
+
+    /// What a container's guest is given: its argv, env (HOSTNAME and PWD
+    /// first, as the kubelet sets them), preopens, stdio and limits.
+    pub(super) fn guest_spec(
+        &self,
+        c: &ContainerPlan,
+        preopens: Vec<husk_wasm::Preopen>,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> GuestSpec {
+        let mut env: Vec<(String, String)> =
+            vec![("HOSTNAME".into(), self.plan.hostname().to_owned())];
+        if let Some(wd) = &c.working_dir {
+            env.push(("PWD".into(), wd.clone()));
+        }
+        env.extend(c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
+        GuestSpec {
+            args: c.argv.clone(),
+            env,
+            preopens,
+            cwd: c.working_dir.clone(),
+            stdin: Some(stdin),
+            stdout: std::fs::File::from(stdout),
+            stderr: std::fs::File::from(stderr),
+            memory_limit: c.memory_limit,
+            network: true,
+            listen_ports: c
+                .ports
+                .iter()
+                .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
+                .map(|p| p.container_port)
+                .collect(),
+        }
     }
 }
