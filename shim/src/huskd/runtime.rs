@@ -6,7 +6,7 @@ use crate::store::{internal, CriSandbox, Huskd, SandboxView};
 use husk_sandbox::pod::{
     spec, DnsPlan, PodPlan, PortPlan, RestartPolicy, VolumePlan, VolumeSource,
 };
-use husk_sandbox::state::{CriContainer, CriMeta, CriState, PodRecord, Roots};
+use husk_sandbox::state::{CriContainer, CriMeta, CriState, PodRecord};
 use husk_shim::control::Request;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -281,16 +281,14 @@ fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, S
     })
 }
 
-/// Finds images in the store without pulling (CRI pulls with PullImage).
-struct NoPull<'a>(&'a Roots);
+/// The one image a CRI container names, already in the store.
+struct Pulled<'a>(&'a husk_image::Store, &'a husk_image::ImageRecord);
 
-impl husk_sandbox::pod::ImageResolver for NoPull<'_> {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
-        let store = husk_shim::cli::images::open_store(self.0).map_err(|e| e.to_string())?;
-        let rec = crate::image::find(&store, reference)
-            .ok_or_else(|| format!("image {reference:?} not found; pull it first (PullImage)"))?;
+impl husk_sandbox::pod::ImageResolver for Pulled<'_> {
+    fn resolve(&self, _reference: &str) -> Result<PathBuf, String> {
+        let Pulled(store, rec) = self;
         store
-            .wasm_file(&rec)
+            .wasm_file(rec)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {
                 format!(
@@ -647,32 +645,27 @@ impl RuntimeService for Runtime {
         let (spec, volumes, recorded) = container_spec(&cfg, &image)?;
         let roots = self.0.roots.clone();
         let image2 = image.clone();
-        let (mut plan, image_ref) = tokio::task::spawn_blocking(move || {
+        let (mut cplan, volumes, image_ref) = tokio::task::spawn_blocking(move || {
+            let store = husk_shim::cli::images::open_store(&roots)
+                .map_err(|e| Status::unknown(e.to_string()))?;
+            // CRI pulls with PullImage; CreateContainer never does.
+            let rec = crate::image::find(&store, &image2).ok_or_else(|| {
+                Status::not_found(format!(
+                    "image {image2:?} not found; pull it first (PullImage)"
+                ))
+            })?;
             let plan = husk_sandbox::pod::manifest::cri_container_plan(
                 &spec,
                 &volumes,
-                &NoPull(&roots),
+                &Pulled(&store, &rec),
                 false,
                 "config",
-            );
-            let image_ref = husk_shim::cli::images::open_store(&roots)
-                .ok()
-                .and_then(|s| crate::image::find(&s, &image2))
-                .map(|r| r.digest)
-                .unwrap_or_default();
-            plan.map(|p| (p, volumes, image_ref))
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok::<_, Status>((plan, volumes, rec.digest))
         })
         .await
-        .map_err(internal)?
-        .map(|(p, v, r)| ((p, v), r))
-        .map_err(|e| {
-            if e.msg.contains("not found; pull it first") {
-                Status::not_found(e.to_string())
-            } else {
-                Status::invalid_argument(e.to_string())
-            }
-        })?;
-        let (ref mut cplan, volumes) = plan;
+        .map_err(internal)??;
         if let Some(res) = cfg.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             if res.memory_limit_in_bytes > 0 {
                 cplan.memory_limit = Some(res.memory_limit_in_bytes as u64);
@@ -701,7 +694,7 @@ impl RuntimeService for Runtime {
             .call_ok(
                 sb.id(),
                 Request::CreateContainer {
-                    container: Box::new(cplan.clone()),
+                    container: Box::new(cplan),
                     volumes,
                     meta,
                 },

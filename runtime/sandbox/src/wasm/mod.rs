@@ -56,9 +56,6 @@ pub trait Sandbox: Send + Sync {
     /// Asks every container to end: stdin closes, and after `grace` the
     /// survivors are killed. Restarts stop.
     fn request_stop(&self, grace: std::time::Duration);
-    /// Runs `argv` in a running container (`kubectl exec` without a TTY;
-    /// the pod's first container when `container` is None) and returns
-    /// its output and exit code. Blocking.
     /// Changes a container's limits (`docker update`): the given ones
     /// change, for the running instance and its restarts.
     fn update(
@@ -98,6 +95,9 @@ pub trait Sandbox: Send + Sync {
             self.runtime_class()
         ))
     }
+    /// Runs `argv` in a running container (`kubectl exec` without a TTY;
+    /// the pod's first container when `container` is None) and returns
+    /// its output and exit code. Blocking.
     fn exec(
         &self,
         container: Option<&str>,
