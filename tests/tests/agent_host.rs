@@ -100,6 +100,7 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
     c.rootfs = Some(Rootfs {
         layers: vec![dev.0.clone()],
         hostname: Some("hostpod".into()),
+        ..Default::default()
     });
     let c1 = agent.start(c).unwrap();
     let mut out = Vec::new();

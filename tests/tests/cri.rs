@@ -332,10 +332,6 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
                 }),
                 tonic::Code::InvalidArgument,
             ),
-            (
-                bad(&|r| r.runtime_handler = "husk-vm".into()),
-                tonic::Code::Unimplemented,
-            ),
         ] {
             assert_eq!(code(rs.run_pod_sandbox(req.clone()).await), want, "{req:?}");
         }
@@ -856,4 +852,278 @@ where
         out.push(h.await.unwrap().unwrap());
     }
     out
+}
+
+async fn exec_sync(
+    rs: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    script: &str,
+) -> cri::ExecSyncResponse {
+    rs.exec_sync(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout: 60,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_owned()
+}
+
+/// The husk-vm handler: the sandbox is a microVM booted at RunPodSandbox
+/// (QEMU/TCG here); containers that CRI creates afterwards get their
+/// layers and host directories over virtio-fs and run in the guest.
+#[test]
+fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
+    let reg = Registry::start();
+    let image = husk_tests::push_busybox_image(&reg, "cri/busybox:v1");
+    let env = vm_env();
+    let mut huskd = Huskd::start(&env);
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in.txt"), "from the host\n").unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("keep.txt"), "read only\n").unwrap();
+    rt().block_on(async {
+        let mut rs = RuntimeServiceClient::new(huskd.channel().await);
+        let mut is = ImageServiceClient::new(huskd.channel().await);
+        let image_ref = is
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+
+        let cfg = sandbox_config(&env, "vmweb", 0);
+        let pod = rs
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: "husk-vm".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_sandbox_id;
+        let pst = rs
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(pst.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(pst.runtime_handler, "husk-vm");
+        let ip = pst.network.unwrap().ip;
+        assert!(
+            ip.starts_with(&format!("{}.", env.subnet_prefix)),
+            "pod IP {ip}"
+        );
+
+        let config = |name: &str, script: &str, mounts: Vec<cri::Mount>| {
+            let mut c = container_config(name, &image, &[], mounts);
+            c.command = vec!["/bin/sh".into(), "-c".into(), script.into()];
+            c
+        };
+        let create = |c: cri::ContainerConfig| cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(cfg.clone()),
+        };
+        let mount = |host: &Path, path: &str, readonly: bool| cri::Mount {
+            host_path: host.display().to_string(),
+            container_path: path.into(),
+            readonly,
+            ..Default::default()
+        };
+        // A long-running container with a writable and a read-only host
+        // directory; SIGTERM is ignored by PID 1 here, so the stop below
+        // has to kill it.
+        let main = rs
+            .create_container(create(config(
+                "main",
+                "echo started; cat /etc/greeting; cat /etc/keep; cat /etc/motd 2>/dev/null || echo motd is whited out; cat /data/in.txt; echo written > /data/out.txt; echo $GREETING; exec sleep 600",
+                vec![
+                    mount(data.path(), "/data", false),
+                    mount(ro.path(), "/ro", true),
+                ],
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        assert!(main.starts_with(&pod), "{main} is not under {pod}");
+        rs.start_container(cri::StartContainerRequest {
+            container_id: main.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &main, cri::ContainerState::ContainerRunning).await;
+        assert_eq!(st.image_ref, image_ref);
+        let log = Path::new(&cfg.log_directory).join("main_0.log");
+        let t0 = Instant::now();
+        while !log_lines(&log).iter().any(|l| l.ends_with("hello from cri")) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "main's log: {:?}",
+                log_lines(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let lines: Vec<String> = log_lines(&log)
+            .iter()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "started",
+                "from the top layer",
+                "kept",
+                "motd is whited out",
+                "from the host",
+                "hello from cri"
+            ],
+            "{lines:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(data.path().join("out.txt")).unwrap(),
+            "written\n"
+        );
+
+        // ExecSync runs real processes in the container, in the guest.
+        let out = exec_sync(&mut rs, &main, "hostname; uname -r; cat /ro/keep.txt").await;
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let o = text(&out.stdout);
+        let o: Vec<&str> = o.lines().collect();
+        let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(o[0], "vmweb", "{o:?}");
+        assert_ne!(o[1], host_kernel.trim(), "the guest runs its own kernel");
+        assert_eq!(o[2], "read only");
+        let out = exec_sync(&mut rs, &main, "echo oops >&2; touch /ro/x || exit 7").await;
+        assert_eq!(out.exit_code, 7, "a read-only mount was writable: {out:?}");
+        assert!(text(&out.stderr).starts_with("oops"), "{out:?}");
+        assert!(!ro.path().join("x").exists());
+        // The image's layers are shared read-only: a container's writes
+        // land in its own upper layer.
+        let out = exec_sync(&mut rs, &main, "echo changed > /etc/greeting && cat /etc/greeting").await;
+        assert_eq!(text(&out.stdout), "changed", "{out:?}");
+
+        // huskd killed with -9 and restarted: the VM and its container
+        // never noticed.
+        huskd.kill9();
+        let huskd = Huskd::start(&env);
+        let mut rs = RuntimeServiceClient::new(huskd.channel().await);
+        let out = exec_sync(&mut rs, &main, "cat /data/out.txt").await;
+        assert_eq!(text(&out.stdout), "written", "{out:?}");
+
+        // A second container on the same layers: a fresh root, an exit code.
+        let quick = rs
+            .create_container(create(config(
+                "quick",
+                "cat /etc/greeting; exit 3",
+                vec![],
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: quick.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &quick, cri::ContainerState::ContainerExited).await;
+        assert_eq!((st.exit_code, st.reason.as_str()), (3, "Error"), "{st:?}");
+        let qlog = log_lines(&Path::new(&cfg.log_directory).join("quick_0.log"));
+        assert!(
+            qlog.iter().any(|l| l.ends_with("from the top layer")),
+            "{qlog:?}"
+        );
+        assert_eq!(
+            code(
+                rs.exec_sync(cri::ExecSyncRequest {
+                    container_id: quick.clone(),
+                    cmd: vec!["/bin/sh".into()],
+                    timeout: 5,
+                })
+                .await
+            ),
+            tonic::Code::FailedPrecondition
+        );
+        // A graceful container ends on SIGTERM.
+        let polite = rs
+            .create_container(create(config(
+                "polite",
+                "trap 'echo bye; exit 0' TERM; echo up; while true; do sleep 0.2; done",
+                vec![],
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: polite.clone(),
+        })
+        .await
+        .unwrap();
+        let plog = Path::new(&cfg.log_directory).join("polite_0.log");
+        let t0 = Instant::now();
+        while !log_lines(&plog).iter().any(|l| l.ends_with(" up")) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", log_lines(&plog));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (id, timeout, want) in [(&polite, 30, 0), (&main, 2, 137)] {
+            rs.stop_container(cri::StopContainerRequest {
+                container_id: id.clone(),
+                timeout,
+            })
+            .await
+            .unwrap();
+            let st = wait_state(&mut rs, id, cri::ContainerState::ContainerExited).await;
+            assert_eq!(st.exit_code, want, "{st:?}");
+        }
+        assert!(log_lines(&plog).iter().any(|l| l.ends_with(" bye")));
+
+        // Removing the containers releases their mounts in the share.
+        for id in [&main, &quick, &polite] {
+            rs.remove_container(cri::RemoveContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(data.path().to_str().unwrap()),
+            "a removed container's host mount is still bound: {mounts}"
+        );
+
+        rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("in.txt")).unwrap(),
+        "from the host\n"
+    );
+    drop(huskd);
+    env.finish();
 }

@@ -275,6 +275,7 @@ fn containers_run_on_an_image_pulled_from_a_registry() {
         rootfs: Some(husk_protocol::Rootfs {
             layers: vec!["/dev/vda".into(), "/dev/vdb".into()],
             hostname: Some(format!("{id}-host")),
+            ..Default::default()
         }),
         cwd: Some("/etc".into()),
         ..sh(id, script)
@@ -321,6 +322,7 @@ fn containers_run_on_an_image_pulled_from_a_registry() {
             rootfs: Some(husk_protocol::Rootfs {
                 layers: vec!["../etc".into()],
                 hostname: None,
+                ..Default::default()
             }),
             ..sh("bad", "true")
         })

@@ -7,20 +7,6 @@
 mod common;
 use common::*;
 
-/// An Env whose config points VM pods at the static agent and kernel B.
-fn vm_env() -> Env {
-    let env = Env::new();
-    let cfg = env.root().join("config.toml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!(
-        "\n[vm]\nagent = \"{}\"\nkernel = \"{}\"\n",
-        static_agent().display(),
-        image("kernel-b.bzImage").display()
-    ));
-    std::fs::write(&cfg, text).unwrap();
-    env
-}
-
 /// A registry on loopback holding the busybox test image as
 /// `tests/busybox:<tag>` (keep it alive while pods pull), its reference,
 /// and a VM-pod Env.

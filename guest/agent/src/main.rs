@@ -679,13 +679,37 @@ fn container_root(id: &str, r: &Rootfs) -> std::io::Result<PathBuf> {
             format!("id {id:?} cannot name a directory"),
         ));
     }
-    if r.layers.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no layers",
-        ));
-    }
+    let bad = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
     let mut lowers = Vec::new();
+    match &r.layer_dirs {
+        Some(_) if !r.layers.is_empty() => {
+            return Err(bad("layers and layer_dirs exclude each other".into()))
+        }
+        None if r.layers.is_empty() => return Err(bad("no layers".into())),
+        Some(ld) if ld.dirs.is_empty() => return Err(bad("no layers".into())),
+        Some(ld) => {
+            let volume = volume::path_of(&ld.volume).map_err(bad)?;
+            for d in &ld.dirs {
+                let rel = Path::new(d);
+                if d.is_empty()
+                    || !rel
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(bad(format!("layer dir {d:?} is not a relative path")));
+                }
+                let at = volume.join(rel);
+                if !at.is_dir() {
+                    return Err(bad(format!(
+                        "layer dir {d:?} is not a directory of volume {:?}",
+                        ld.volume
+                    )));
+                }
+                lowers.push(at);
+            }
+        }
+        None => {}
+    }
     for dev in &r.layers {
         if !dev.starts_with("/dev/") || dev.contains("..") {
             return Err(std::io::Error::new(

@@ -25,6 +25,18 @@ pub fn is_mount_point(p: &Path) -> bool {
     })
 }
 
+/// Where a volume that is ready is mounted.
+pub fn path_of(name: &str) -> Result<PathBuf, String> {
+    if !is_volume_name(name) {
+        return Err(format!("{name:?} is not a volume name"));
+    }
+    let dir = Path::new(VOLUMES).join(name);
+    if !is_mount_point(&dir) {
+        return Err(format!("no volume {name:?}"));
+    }
+    Ok(dir)
+}
+
 /// Makes `req`'s volume ready. On error nothing of it is left.
 pub fn add(req: &VolumeRequest) -> Result<(), String> {
     if !is_volume_name(&req.name) {

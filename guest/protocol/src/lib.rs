@@ -352,15 +352,29 @@ pub struct File {
 }
 
 /// A container's root: the image's layers (read-only file systems on
-/// block devices) under a writable layer of its own, and its own mount,
-/// UTS and IPC namespaces.
+/// block devices, or directories in a pod volume) under a writable layer
+/// of its own, and its own mount, UTS and IPC namespaces.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rootfs {
     /// Guest block devices holding the layers (ext4), lowest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<String>,
+    /// Or: the layers as directories inside a pod volume (a virtio-fs
+    /// share the host fills while the VM runs: containers that CRI
+    /// creates after the boot), lowest first; relative paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_dirs: Option<LayerDirs>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+}
+
+/// Image layers as directories of a pod volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerDirs {
+    pub volume: String,
+    pub dirs: Vec<String>,
 }
 
 /// The pod's network as the guest sees it: its NIC carries the pod IP

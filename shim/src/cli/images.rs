@@ -101,28 +101,37 @@ impl ImageResolver for StoreResolver<'_> {
 
     fn resolve_linux(&self, reference: &str) -> Result<husk_sandbox::pod::LinuxImage, String> {
         let (store, rec) = self.find_or_pull(reference, Want::Linux)?;
-        if rec.wasm_layer().is_some() {
-            return Err(format!(
-                "{} is a wasm image; a husk-vm pod runs Linux images (use runtimeClassName: husk-wasm)",
-                rec.name
-            ));
-        }
-        let layers = store.unpack(&rec).map_err(|e| e.to_string())?;
-        let run = store.run_config(&rec);
-        let layer_images = layers
-            .iter()
-            .map(|d| husk_image::layer_image_path(d))
-            .collect();
-        Ok(husk_sandbox::pod::LinuxImage {
-            layers,
-            layer_images,
-            entrypoint: run.entrypoint,
-            cmd: run.cmd,
-            env: run.env,
-            working_dir: run.working_dir,
-            user: run.user,
-        })
+        linux_image(&store, &rec)
     }
+}
+
+/// A Linux image of the store, unpacked, as a VM pod's container runs on
+/// it.
+pub fn linux_image(
+    store: &Store,
+    rec: &ImageRecord,
+) -> Result<husk_sandbox::pod::LinuxImage, String> {
+    if rec.wasm_layer().is_some() {
+        return Err(format!(
+            "{} is a wasm image; a husk-vm pod runs Linux images (use the husk-wasm runtime class)",
+            rec.name
+        ));
+    }
+    let layers = store.unpack(rec).map_err(|e| e.to_string())?;
+    let run = store.run_config(rec);
+    let layer_images = layers
+        .iter()
+        .map(|d| husk_image::layer_image_path(d))
+        .collect();
+    Ok(husk_sandbox::pod::LinuxImage {
+        layers,
+        layer_images,
+        entrypoint: run.entrypoint,
+        cmd: run.cmd,
+        env: run.env,
+        working_dir: run.working_dir,
+        user: run.user,
+    })
 }
 
 #[derive(clap::Args)]

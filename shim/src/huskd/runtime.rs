@@ -297,6 +297,50 @@ impl husk_sandbox::pod::ImageResolver for Pulled<'_> {
                 )
             })
     }
+
+    fn resolve_linux(&self, _reference: &str) -> Result<husk_sandbox::pod::LinuxImage, String> {
+        husk_shim::cli::images::linux_image(self.0, self.1)
+    }
+}
+
+/// A CRI container's security context onto its plan: who it runs as (the
+/// image's user unless the client names one), its groups, a read-only
+/// root, no_new_privs and capabilities. The agent in a VM applies them.
+fn apply_security(
+    plan: &mut husk_sandbox::pod::SecurityPlan,
+    sc: &cri::LinuxContainerSecurityContext,
+) {
+    let group = sc.run_as_group.as_ref().map(|g| g.value);
+    let user = if !sc.run_as_username.is_empty() {
+        Some(sc.run_as_username.clone())
+    } else {
+        sc.run_as_user.as_ref().map(|u| u.value.to_string())
+    };
+    match (user, group) {
+        (Some(u), Some(g)) => plan.user = Some(format!("{u}:{g}")),
+        (Some(u), None) => plan.user = Some(u),
+        (None, Some(g)) => {
+            let u = plan.user.clone().unwrap_or_else(|| "0".into());
+            let u = u.split(':').next().unwrap_or("0").to_owned();
+            plan.user = Some(format!("{u}:{g}"));
+        }
+        (None, None) => {}
+    }
+    plan.supplemental_groups = sc
+        .supplemental_groups
+        .iter()
+        .filter_map(|g| u32::try_from(*g).ok())
+        .collect();
+    plan.read_only_root = sc.readonly_rootfs;
+    plan.no_new_privs = sc.no_new_privs;
+    if let Some(caps) = &sc.capabilities {
+        let norm = |c: &String| {
+            let c = c.to_ascii_uppercase();
+            c.strip_prefix("CAP_").map(str::to_owned).unwrap_or(c)
+        };
+        plan.cap_add = caps.add_capabilities.iter().map(norm).collect();
+        plan.cap_drop = caps.drop_capabilities.iter().map(norm).collect();
+    }
 }
 
 /// A mount as the client gave it: host path, container path, read-only.
@@ -307,6 +351,7 @@ type ClientMount = (PathBuf, String, bool);
 fn container_spec(
     cfg: &cri::ContainerConfig,
     image: &str,
+    vm: bool,
 ) -> Result<(spec::Container, Vec<VolumePlan>, Vec<ClientMount>), Status> {
     let meta = cfg
         .metadata
@@ -336,12 +381,15 @@ fn container_spec(
         recorded.push((host.to_owned(), m.container_path.clone(), m.readonly));
         if !host.is_dir() {
             // WASI preopens are directories: a file mount (the kubelet's
-            // /etc/hosts, /dev/termination-log) has no place in a wasm guest.
+            // /etc/hosts, /dev/termination-log) has no place in a wasm
+            // guest. A VM's container gets /etc/hosts and friends from the
+            // guest, and directories only over virtio-fs.
             tracing::info!(
                 container = %meta.name,
-                "skipping file mount {} -> {}: a wasm guest only mounts directories",
+                "skipping file mount {} -> {}: {} containers mount directories only",
                 m.host_path,
-                m.container_path
+                m.container_path,
+                if vm { HANDLER_VM } else { HANDLER_WASM }
             );
             continue;
         }
@@ -378,10 +426,7 @@ impl Runtime {
             h
         };
         match h {
-            HANDLER_WASM => Ok(h.to_owned()),
-            HANDLER_VM => Err(Status::unimplemented(
-                "runtime handler husk-vm: VM pods are not served through CRI yet (their image layers reach the guest at boot, before CRI names any container); run them with `husk run`, or use husk-wasm",
-            )),
+            HANDLER_WASM | HANDLER_VM => Ok(h.to_owned()),
             other => Err(Status::invalid_argument(format!(
                 "unknown runtime handler {other:?}; huskd serves {HANDLER_WASM} and {HANDLER_VM}"
             ))),
@@ -642,7 +687,8 @@ impl RuntimeService for Runtime {
                 sb.id()
             )));
         }
-        let (spec, volumes, recorded) = container_spec(&cfg, &image)?;
+        let vm = sb.cri.runtime_handler == HANDLER_VM;
+        let (spec, volumes, recorded) = container_spec(&cfg, &image, vm)?;
         let roots = self.0.roots.clone();
         let image2 = image.clone();
         let (mut cplan, volumes, image_ref) = tokio::task::spawn_blocking(move || {
@@ -658,7 +704,7 @@ impl RuntimeService for Runtime {
                 &spec,
                 &volumes,
                 &Pulled(&store, &rec),
-                false,
+                vm,
                 "config",
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -666,6 +712,9 @@ impl RuntimeService for Runtime {
         })
         .await
         .map_err(internal)??;
+        if let Some(sc) = cfg.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
+            apply_security(&mut cplan.security, sc);
+        }
         if let Some(res) = cfg.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             if res.memory_limit_in_bytes > 0 {
                 cplan.memory_limit = Some(res.memory_limit_in_bytes as u64);
@@ -867,10 +916,38 @@ impl RuntimeService for Runtime {
                 c.id
             )));
         }
-        Err(Status::unimplemented(format!(
-            "{}: a wasm container has no processes to start beside its guest, so there is nothing to exec",
-            sb.cri.runtime_handler
-        )))
+        if sb.cri.runtime_handler != HANDLER_VM {
+            return Err(Status::unimplemented(format!(
+                "{}: a wasm container has no processes to start beside its guest, so there is nothing to exec",
+                sb.cri.runtime_handler
+            )));
+        }
+        // No timeout: a day, as good as none for a probe.
+        let secs = if req.timeout > 0 {
+            req.timeout as u64
+        } else {
+            24 * 3600
+        };
+        let reply = self
+            .0
+            .call_ok(
+                sb.id(),
+                Request::Exec {
+                    container: Some(c.id.clone()),
+                    argv: req.cmd,
+                    timeout_secs: secs,
+                },
+                Duration::from_secs(secs + 30),
+            )
+            .await?;
+        let out = reply
+            .exec
+            .ok_or_else(|| Status::internal("the monitor's exec reply had no output"))?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        }))
     }
 
     async fn exec(&self, req: Req<cri::ExecRequest>) -> R<cri::ExecResponse> {

@@ -270,6 +270,20 @@ impl Drop for Env {
     }
 }
 
+/// An Env whose config points VM pods at the static agent and kernel B.
+pub fn vm_env() -> Env {
+    let env = Env::new();
+    let cfg = env.root().join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[vm]\nagent = \"{}\"\nkernel = \"{}\"\n",
+        husk_tests::static_agent().display(),
+        image("kernel-b.bzImage").display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    env
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -7,6 +7,7 @@
 //! on these.
 
 pub mod agent;
+pub mod cri;
 pub mod initramfs;
 pub mod nic;
 pub mod qemu;

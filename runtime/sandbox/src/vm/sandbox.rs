@@ -9,6 +9,7 @@
 //! output in CRI log files, SIGTERM then SIGKILL after the grace period.
 
 use super::agent::{AgentClient, Signaller};
+use super::cri::{CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
@@ -183,35 +184,42 @@ pub fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf
     Ok((kernel, agent))
 }
 
-struct Resources {
+pub(crate) struct Resources {
     network: Option<PodNetwork>,
     vm: Option<QemuVm>,
     /// virtiofsd for the host-side volumes.
     shares: Option<FsShares>,
     /// The host-side volumes (emptyDir on disk, hostPath).
     volumes: Option<PodVolumes>,
+    /// What CRI containers see of the host (CRI sandboxes only).
+    pub(crate) cri_share: Option<CriShare>,
 }
 
 pub struct VmSandbox {
-    plan: Arc<PodPlan>,
-    paths: PodPaths,
+    /// This sandbox, for the threads it starts.
+    me: std::sync::Weak<VmSandbox>,
+    pub(crate) plan: Arc<PodPlan>,
+    pub(crate) paths: PodPaths,
     config: HuskConfig,
-    status: StatusCell,
-    agent: AgentClient,
+    pub(crate) status: StatusCell,
+    pub(crate) agent: AgentClient,
     /// Guest block devices of each container's layers, lowest first.
     layers: HashMap<String, Vec<String>>,
-    stop: StopState,
-    resources: Mutex<Resources>,
+    pub(crate) stop: StopState,
+    pub(crate) resources: Mutex<Resources>,
     /// Limits changed by `update`, by container: they replace the plan's.
     limits: Mutex<HashMap<String, husk_protocol::Limits>>,
+    /// Containers created through CRI, by id.
+    pub(crate) cri: Mutex<HashMap<String, VmCriEntry>>,
 }
 
 /// The pod-wide stop request and the processes it signals.
 #[derive(Default)]
-struct StopState {
-    requested: AtomicBool,
-    deadline: Mutex<Option<Instant>>,
-    running: Mutex<HashMap<String, Signaller>>,
+pub(crate) struct StopState {
+    pub(crate) requested: AtomicBool,
+    pub(crate) deadline: Mutex<Option<Instant>>,
+    /// Running processes by their id in the guest.
+    pub(crate) running: Mutex<HashMap<String, Signaller>>,
 }
 
 impl VmSandbox {
@@ -231,9 +239,11 @@ impl VmSandbox {
             vm: None,
             shares: None,
             volumes: None,
+            cri_share: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
-            Ok((agent, layers, status)) => Ok(Arc::new(VmSandbox {
+            Ok((agent, layers, status)) => Ok(Arc::new_cyclic(|me| VmSandbox {
+                me: me.clone(),
                 status: StatusCell::new(status, paths.clone(), plan.init_containers.len()),
                 plan: Arc::new(plan),
                 paths,
@@ -243,6 +253,7 @@ impl VmSandbox {
                 stop: StopState::default(),
                 resources: Mutex::new(res),
                 limits: Mutex::new(HashMap::new()),
+                cri: Mutex::new(HashMap::new()),
             })),
             Err(e) => {
                 release(&mut res, &paths);
@@ -378,6 +389,25 @@ impl VmSandbox {
                 },
             });
         }
+        if plan.cri {
+            // Containers that CRI creates after the boot find their layers
+            // and host mounts here (see super::cri).
+            let share = res.cri_share.insert(
+                CriShare::new(paths.run.join("cri-share"))
+                    .map_err(|e| vm_err(VmPodError::Setup(e.to_string())))?,
+            );
+            let shares = res.shares.as_mut().expect("made above");
+            shares
+                .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
+                .map_err(|e| vm_err(e.into()))?;
+            guest_volumes.push(husk_protocol::VolumeRequest {
+                name: CRI_VOLUME.into(),
+                source: husk_protocol::VolumeSource::VirtioFs {
+                    tag: CRI_TAG.into(),
+                    read_only: false,
+                },
+            });
+        }
 
         let (mem_mib, vcpus) = pod_vm_size(plan, &config.vm);
         let qemu = QemuConfig {
@@ -389,7 +419,11 @@ impl VmSandbox {
             accel,
             acpi: config.vm.acpi,
             disks,
-            shares: shares.shares().to_vec(),
+            shares: res
+                .shares
+                .as_ref()
+                .map(|s| s.shares().to_vec())
+                .unwrap_or_default(),
             extra_args: Vec::new(),
         };
         let host_before_boot = t0.elapsed();
@@ -452,6 +486,10 @@ impl VmSandbox {
     }
 
     fn run_blocking(self: &Arc<Self>) -> PodPhase {
+        if self.plan.cri {
+            self.cri_run();
+            return self.power_off();
+        }
         let mut init_ok = true;
         for i in 0..self.plan.init_containers.len() {
             if !self.supervise(true, i) {
@@ -473,6 +511,11 @@ impl VmSandbox {
             self.status
                 .init_failed(self.stop.requested.load(Ordering::SeqCst));
         }
+        self.power_off()
+    }
+
+    /// Records the pod's end, then powers the guest off.
+    fn power_off(&self) -> PodPhase {
         let phase = self.status.finish();
         // Power the guest off; the teardown kills it if it does not go.
         if let Err(e) = self.agent.shutdown() {
@@ -598,16 +641,44 @@ impl VmSandbox {
         }
     }
 
-    /// The named container, or the pod's first (as kubectl picks it).
-    fn container(&self, name: Option<&str>) -> Result<&ContainerPlan, String> {
-        match name {
-            None => Ok(&self.plan.containers[0]),
-            Some(name) => self
-                .plan
-                .all_containers()
-                .find(|c| c.name == name)
-                .ok_or_else(|| format!("pod {} has no container {name:?}", self.plan.name)),
+    /// The named container, or the pod's first (as kubectl picks it); in
+    /// a CRI sandbox, a CRI container by id. With the id of its running
+    /// process in the guest, if it runs.
+    fn container(
+        &self,
+        name: Option<&str>,
+    ) -> Result<(Arc<ContainerPlan>, Option<String>), String> {
+        if self.plan.cri {
+            let id = name.ok_or_else(|| {
+                format!(
+                    "pod sandbox {} has containers by id only; name one",
+                    self.paths.id
+                )
+            })?;
+            let plan = self
+                .cri_plan(id)
+                .ok_or_else(|| format!("pod sandbox {} has no container {id:?}", self.paths.id))?;
+            let running = self
+                .stop
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
+                .then(|| id.to_owned());
+            return Ok((plan, running));
         }
+        let c = match name {
+            None => self.plan.containers.first(),
+            Some(name) => self.plan.all_containers().find(|c| c.name == name),
+        }
+        .ok_or_else(|| {
+            format!(
+                "pod {} has no container {:?}",
+                self.plan.name,
+                name.unwrap_or_default()
+            )
+        })?;
+        Ok((Arc::new(c.clone()), self.running_id(&c.name)))
     }
 
     /// A container's limits: the plan's, or what `update` set.
@@ -644,16 +715,15 @@ impl VmSandbox {
         stdin: bool,
     ) -> Result<super::agent::Process, String> {
         let pod = &self.plan.name;
-        let c = self.container(container)?;
+        let (c, running) = self.container(container)?;
         let crate::ExecSpec { argv, tty, copy } = spec;
         match (&copy, argv.is_empty()) {
             (None, true) => return Err("exec: no command given".into()),
             (Some(_), false) => return Err("exec: a copy takes no command".into()),
             _ => {}
         }
-        let target = self
-            .running_id(&c.name)
-            .ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
+        let target =
+            running.ok_or_else(|| format!("container {:?} of pod {pod} is not running", c.name))?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
@@ -677,8 +747,17 @@ impl VmSandbox {
             .map_err(|e| e.to_string())
     }
 
+    /// Why the pod's VM is gone when it is, or else `msg`.
+    pub(crate) fn vm_ended_message_or(&self, msg: String) -> String {
+        if self.agent.is_closed() {
+            self.vm_ended_message()
+        } else {
+            msg
+        }
+    }
+
     /// Why the pod's VM is gone, with the end of its console.
-    fn vm_ended_message(&self) -> String {
+    pub(crate) fn vm_ended_message(&self) -> String {
         let console = self
             .resources
             .lock()
@@ -712,29 +791,62 @@ impl VmSandbox {
             .open(log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log = Arc::new(Mutex::new(log));
+        let req = self.start_request(
+            c,
+            format!("{}.{restart}", c.name),
+            husk_protocol::Rootfs {
+                layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
+                hostname: Some(self.plan.hostname().to_owned()),
+                ..Default::default()
+            },
+        );
+        self.run_process(req, log, None)
+    }
+
+    /// What starts container `c` in the guest as `id`, on `rootfs`.
+    pub(crate) fn start_request(
+        &self,
+        c: &ContainerPlan,
+        id: String,
+        rootfs: husk_protocol::Rootfs,
+    ) -> StartRequest {
         let mut env: Vec<String> = vec![format!("HOSTNAME={}", self.plan.hostname())];
         env.extend(c.env.iter().map(|e| format!("{}={}", e.name, e.value)));
-        let id = format!("{}.{restart}", c.name);
-        let proc = self
-            .agent
-            .start(StartRequest {
-                id: id.clone(),
-                argv: c.argv.clone(),
-                env,
-                cwd: c.working_dir.clone(),
-                stdin: false,
-                rootfs: Some(husk_protocol::Rootfs {
-                    layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
-                    hostname: Some(self.plan.hostname().to_owned()),
-                }),
-                mounts: container_mounts(c),
-                limits: Some(self.limits_of(c)),
-                exec_in: None,
-                security: Some(security(&c.security)),
-                tty: None,
-                tool: None,
-            })
-            .map_err(|e| e.to_string())?;
+        StartRequest {
+            id,
+            argv: c.argv.clone(),
+            env,
+            cwd: c.working_dir.clone(),
+            stdin: false,
+            rootfs: Some(rootfs),
+            mounts: container_mounts(c),
+            limits: Some(self.limits_of(c)),
+            exec_in: None,
+            security: Some(security(&c.security)),
+            tty: None,
+            tool: None,
+        }
+    }
+
+    /// Starts `req` in the guest and pumps its output into `log`, in the
+    /// CRI format, until it exits; `started` hears whether it started.
+    /// Returns (exit code, signal, whether the OOM killer struck).
+    pub(crate) fn run_process(
+        &self,
+        req: StartRequest,
+        log: Arc<Mutex<std::fs::File>>,
+        started: Option<std::sync::mpsc::SyncSender<Result<(), String>>>,
+    ) -> Result<(Option<i32>, Option<i32>, bool), String> {
+        let id = req.id.clone();
+        let proc = match self.agent.start(req) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(s) = started {
+                    let _ = s.send(Err(e.to_string()));
+                }
+                return Err(e.to_string());
+            }
+        };
         self.stop
             .running
             .lock()
@@ -743,6 +855,9 @@ impl VmSandbox {
         // A stop that came while starting reaches this process too.
         if self.stop.requested.load(Ordering::SeqCst) {
             let _ = proc.signal(libc::SIGTERM);
+        }
+        if let Some(s) = started {
+            let _ = s.send(Ok(()));
         }
         // Output goes through pipes into the CRI framing of cri_log::pump.
         let pipes = [Stream::Stdout, Stream::Stderr].map(|s| {
@@ -995,6 +1110,7 @@ fn release(res: &mut Resources, paths: &PodPaths) {
     // the virtio-fs connections.
     res.vm = None;
     res.shares = None;
+    res.cri_share = None;
     if let Some(mut v) = res.volumes.take() {
         v.teardown();
     }
@@ -1129,7 +1245,8 @@ impl Sandbox for VmSandbox {
         memory_bytes: Option<u64>,
         cpu_millis: Option<u64>,
     ) -> Result<(), String> {
-        let c = self.container(container)?;
+        let (c, running) = self.container(container)?;
+        let c = &*c;
         let mut limits = self.limits_of(c);
         if memory_bytes.is_some() {
             limits.memory_max = memory_bytes;
@@ -1156,7 +1273,7 @@ impl Sandbox for VmSandbox {
                 ));
             }
         }
-        if let Some(id) = self.running_id(&c.name) {
+        if let Some(id) = running {
             self.agent
                 .update(&id, limits.clone())
                 .map_err(|e| e.to_string())?;
@@ -1177,9 +1294,13 @@ impl Sandbox for VmSandbox {
                 // Execs have no cgroup of their own; a container's id is
                 // `<name>.<restart>`.
                 .filter_map(|c| {
-                    let (name, _) = c.id.rsplit_once('.')?;
+                    let name = if self.plan.cri {
+                        self.cri_plan(&c.id).map(|_| c.id.clone())?
+                    } else {
+                        c.id.rsplit_once('.')?.0.to_owned()
+                    };
                     Some(crate::ContainerUsage {
-                        name: name.to_owned(),
+                        name,
                         cpu_usage_usec: c.cpu_usage_usec,
                         memory_bytes: c.memory_bytes,
                         memory_limit_bytes: c.memory_limit_bytes,
@@ -1193,6 +1314,34 @@ impl Sandbox for VmSandbox {
                 memory_available_bytes: s.memory_available_bytes,
             }),
         })
+    }
+
+    fn create_container(
+        &self,
+        container: ContainerPlan,
+        volumes: Vec<crate::pod::VolumePlan>,
+        meta: crate::state::CriMeta,
+    ) -> Result<String, String> {
+        self.cri_create(container, volumes, meta)
+    }
+
+    fn start_container(&self, id: &str) -> Result<(), String> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| "the sandbox is going away".to_owned())?
+            .cri_start(id)
+    }
+
+    fn stop_container(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        self.cri_stop(id, timeout)
+    }
+
+    fn remove_container(&self, id: &str) -> Result<(), String> {
+        self.cri_remove(id)
+    }
+
+    fn reopen_log(&self, id: &str) -> Result<(), String> {
+        self.cri_reopen_log(id)
     }
 
     fn request_stop(&self, grace: Duration) {

@@ -62,6 +62,28 @@ impl FsShares {
         source: &Path,
         read_only: bool,
     ) -> Result<(), ShareError> {
+        self.add_opts(virtiofsd, tag, source, read_only, false)
+    }
+
+    /// Serves `source` (writable) with its extended attributes: image
+    /// layers keep overlayfs' opaque-directory marks in `trusted.*`.
+    pub fn add_with_xattrs(
+        &mut self,
+        virtiofsd: &Path,
+        tag: &str,
+        source: &Path,
+    ) -> Result<(), ShareError> {
+        self.add_opts(virtiofsd, tag, source, false, true)
+    }
+
+    fn add_opts(
+        &mut self,
+        virtiofsd: &Path,
+        tag: &str,
+        source: &Path,
+        read_only: bool,
+        xattr: bool,
+    ) -> Result<(), ShareError> {
         let io = |p: &Path| {
             let p = p.to_owned();
             move |e| ShareError::Io(p, e)
@@ -100,6 +122,7 @@ impl FsShares {
             .arg("-o")
             .arg(format!("source={}", served.display()))
             .args(["-o", "cache=auto", "-o", "sandbox=namespace"])
+            .args(if xattr { &["-o", "xattr"][..] } else { &[] })
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)
             .stderr(log);

@@ -1,0 +1,569 @@
+//! Containers that a CRI client (huskd) creates, starts, stops and removes
+//! one at a time in a VM pod sandbox, after its VM booted.
+//!
+//! A VM pod run from a manifest gets its image layers as block devices at
+//! boot; containers that CRI names later cannot (the microvm machine has
+//! no hot-plug). So a CRI VM sandbox boots with one more virtio-fs share,
+//! [`CriShare`]: a directory of the pod's run directory that the host fills
+//! while the VM runs. Each layer a container needs is bind-mounted into it
+//! read-only (once per pod), each host directory the client mounts is
+//! bind-mounted under the container's id, and the agent stacks the layers
+//! into the container's overlay root. The share directory is a shared
+//! mount, so mounts made after virtiofsd started propagate into its mount
+//! namespace; read-only binds are made read-only before they enter it,
+//! because a remount's flags do not propagate.
+//!
+//! The containers never restart (under CRI the kubelet decides that),
+//! their log goes where the client said, in the CRI format, and their
+//! records live in the pod's status.
+
+use super::sandbox::VmSandbox;
+use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
+use crate::state::{CriContainer, CriMeta, CriState};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The guest volume (and virtio-fs tag) of the share.
+pub const CRI_VOLUME: &str = "husk-cri";
+pub const CRI_TAG: &str = "cri";
+
+/// How long a killed container may take to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("bind mount {0} -> {1}: {2}")]
+    Mount(PathBuf, PathBuf, nix::Error),
+}
+
+/// The directory shared into a CRI VM sandbox, and every mount in it.
+/// Drop unmounts them all and removes the directory.
+pub struct CriShare {
+    root: PathBuf,
+    /// Where read-only binds are made before they move into `root`.
+    stage: PathBuf,
+    /// Layer snapshot directory -> its name in the share.
+    layers: HashMap<PathBuf, String>,
+    /// Mounts in the share, in the order made, with the container they
+    /// belong to (None: a layer).
+    mounts: Vec<(Option<String>, PathBuf)>,
+    root_mounted: bool,
+}
+
+impl CriShare {
+    /// Makes `root` (which must not exist) a shared mount of its own.
+    pub fn new(root: PathBuf) -> Result<Self, ShareError> {
+        let stage = root.with_extension("stage");
+        let mut me = CriShare {
+            root,
+            stage,
+            layers: HashMap::new(),
+            mounts: Vec::new(),
+            root_mounted: false,
+        };
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |e| ShareError::Io(p, e)
+        };
+        std::fs::create_dir_all(&me.root).map_err(io(&me.root))?;
+        std::fs::create_dir_all(&me.stage).map_err(io(&me.stage))?;
+        bind(&me.root, &me.root, false)?;
+        me.root_mounted = true;
+        mount(
+            None::<&str>,
+            &me.root,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| ShareError::Mount(me.root.clone(), me.root.clone(), e))?;
+        Ok(me)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The share's name for a layer directory, bound in read-only on
+    /// first use.
+    pub fn layer(&mut self, dir: &Path) -> Result<String, ShareError> {
+        if let Some(n) = self.layers.get(dir) {
+            return Ok(n.clone());
+        }
+        let name = format!("l{}", self.layers.len());
+        let at = self.root.join(&name);
+        self.put(dir, &at, true, None)?;
+        self.layers.insert(dir.to_owned(), name.clone());
+        Ok(name)
+    }
+
+    /// Binds a host directory in for container `id`; returns its path in
+    /// the share.
+    pub fn bind_for(
+        &mut self,
+        id: &str,
+        name: &str,
+        host: &Path,
+        read_only: bool,
+    ) -> Result<String, ShareError> {
+        let rel = format!("c/{id}/{name}");
+        self.put(host, &self.root.join(&rel), read_only, Some(id))?;
+        Ok(rel)
+    }
+
+    fn put(
+        &mut self,
+        src: &Path,
+        at: &Path,
+        read_only: bool,
+        owner: Option<&str>,
+    ) -> Result<(), ShareError> {
+        std::fs::create_dir_all(at).map_err(|e| ShareError::Io(at.to_owned(), e))?;
+        if !read_only {
+            if let Err(e) = bind(src, at, true) {
+                let _ = std::fs::remove_dir(at);
+                return Err(e);
+            }
+        } else {
+            // Read-only first, outside the shared tree: the copy that
+            // propagates into virtiofsd's namespace is made from it.
+            let stage = self.stage.join("x");
+            std::fs::create_dir_all(&stage).map_err(|e| ShareError::Io(stage.clone(), e))?;
+            let r = bind(src, &stage, false)
+                .and_then(|()| {
+                    mount(
+                        None::<&str>,
+                        &stage,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    )
+                    .map_err(|e| ShareError::Mount(src.to_owned(), stage.clone(), e))
+                })
+                .and_then(|()| bind(&stage, at, false));
+            let _ = umount2(&stage, MntFlags::MNT_DETACH);
+            if let Err(e) = r {
+                let _ = umount2(at, MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir(at);
+                return Err(e);
+            }
+        }
+        self.mounts.push((owner.map(str::to_owned), at.to_owned()));
+        Ok(())
+    }
+
+    /// Unmounts what was bound in for container `id`.
+    pub fn forget(&mut self, id: &str) {
+        let mut keep = Vec::new();
+        for (owner, at) in std::mem::take(&mut self.mounts) {
+            if owner.as_deref() == Some(id) {
+                let _ = umount2(&at, MntFlags::MNT_DETACH);
+            } else {
+                keep.push((owner, at));
+            }
+        }
+        self.mounts = keep;
+        let _ = std::fs::remove_dir_all(self.root.join("c").join(id));
+    }
+}
+
+impl Drop for CriShare {
+    fn drop(&mut self) {
+        for (_, at) in self.mounts.drain(..).rev() {
+            if let Err(e) = umount2(&at, MntFlags::MNT_DETACH) {
+                tracing::warn!("umount {}: {e}", at.display());
+            }
+        }
+        if self.root_mounted {
+            let _ = umount2(&self.root, MntFlags::MNT_DETACH);
+        }
+        // Only empty directories are left: never remove through a mount.
+        remove_empty_tree(&self.root);
+        remove_empty_tree(&self.stage);
+    }
+}
+
+/// Removes a tree of empty directories, bottom up (what is not empty, a
+/// file or a mount that is still there, stays).
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn bind(src: &Path, at: &Path, recursive: bool) -> Result<(), ShareError> {
+    let rec = if recursive {
+        MsFlags::MS_REC
+    } else {
+        MsFlags::empty()
+    };
+    mount(
+        Some(src),
+        at,
+        None::<&str>,
+        MsFlags::MS_BIND | rec,
+        None::<&str>,
+    )
+    .map_err(|e| ShareError::Mount(src.to_owned(), at.to_owned(), e))
+}
+
+/// A CRI container of a VM sandbox, as the monitor holds it.
+pub(crate) struct VmCriEntry {
+    /// Its plan, mounts rewritten to the share.
+    pub(crate) plan: Arc<ContainerPlan>,
+    /// Its layers, as directories of the share, lowest first.
+    pub(crate) layer_dirs: Vec<String>,
+    pub(crate) log: Option<Arc<Mutex<std::fs::File>>>,
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl VmSandbox {
+    pub(crate) fn cri_record(&self, id: &str) -> Option<CriContainer> {
+        self.status
+            .get()
+            .cri_containers
+            .into_iter()
+            .find(|c| c.id == id)
+    }
+
+    fn cri_update(&self, id: &str, f: impl FnOnce(&mut CriContainer)) {
+        self.status.update(|st| {
+            if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
+                f(c);
+            }
+        });
+    }
+
+    fn cri_open(&self) -> Result<(), String> {
+        if !self.plan.cri {
+            return Err(format!(
+                "pod {} was run from a manifest; its containers cannot be changed one by one",
+                self.plan.name
+            ));
+        }
+        if self.stop.requested.load(Ordering::SeqCst) || self.agent.is_closed() {
+            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn cri_create(
+        &self,
+        mut c: ContainerPlan,
+        volumes: Vec<VolumePlan>,
+        meta: CriMeta,
+    ) -> Result<String, String> {
+        self.cri_open()?;
+        if let Some(x) = self
+            .status
+            .get()
+            .cri_containers
+            .iter()
+            .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
+        {
+            return Err(format!(
+                "already exists: container {:?} attempt {} is {} in this pod",
+                meta.name, meta.attempt, x.id
+            ));
+        }
+        if c.layers.is_empty() {
+            return Err(format!(
+                "container {:?}: image {} has no Linux layers",
+                meta.name, meta.image
+            ));
+        }
+        let id = format!(
+            "{}{}",
+            self.paths.id,
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let mut layer_dirs = Vec::new();
+        {
+            let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+            let share = res
+                .cri_share
+                .as_mut()
+                .ok_or_else(|| "internal: the sandbox has no CRI share".to_owned())?;
+            for dir in &c.layers {
+                layer_dirs.push(share.layer(dir).map_err(|e| e.to_string())?);
+            }
+            for m in &mut c.mounts {
+                let host = volumes.iter().find_map(|v| match &v.source {
+                    VolumeSource::HostPath { path, .. } if v.name == m.volume => Some(path),
+                    _ => None,
+                });
+                let Some(host) = host else {
+                    share.forget(&id);
+                    return Err(format!(
+                        "container {:?}: mount {} names no host directory",
+                        meta.name, m.mount_path
+                    ));
+                };
+                match share.bind_for(&id, &m.volume, host, m.read_only) {
+                    Ok(rel) => {
+                        m.volume = CRI_VOLUME.to_owned();
+                        m.sub_path = Some(rel);
+                    }
+                    Err(e) => {
+                        share.forget(&id);
+                        return Err(e.to_string());
+                    }
+                }
+            }
+        }
+        self.cri.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            VmCriEntry {
+                plan: Arc::new(c),
+                layer_dirs,
+                log: None,
+            },
+        );
+        let rec = CriContainer {
+            id: id.clone(),
+            meta,
+            state: CriState::Created,
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+        };
+        self.status.update(|st| st.cri_containers.push(rec));
+        Ok(id)
+    }
+
+    pub(crate) fn cri_start(self: &Arc<Self>, id: &str) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Created {
+            return Err(format!(
+                "container {id} is {:?}; only a created container can start",
+                rec.state
+            ));
+        }
+        self.cri_open()?;
+        let log = if rec.meta.log_path.as_os_str().is_empty() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .map_err(|e| format!("/dev/null: {e}"))?
+        } else {
+            open_log(&rec.meta.log_path)?
+        };
+        let log = Arc::new(Mutex::new(log));
+        let (plan, layer_dirs) = {
+            let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+            let e = map
+                .get_mut(id)
+                .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+            e.log = Some(log.clone());
+            (e.plan.clone(), e.layer_dirs.clone())
+        };
+        let req = self.start_request(
+            &plan,
+            id.to_owned(),
+            husk_protocol::Rootfs {
+                layer_dirs: Some(husk_protocol::LayerDirs {
+                    volume: CRI_VOLUME.to_owned(),
+                    dirs: layer_dirs,
+                }),
+                hostname: Some(self.plan.hostname().to_owned()),
+                ..Default::default()
+            },
+        );
+        self.cri_update(id, |c| {
+            c.state = CriState::Running;
+            c.started_at = Some(chrono::Utc::now());
+        });
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let me = self.clone();
+        let id2 = id.to_owned();
+        std::thread::spawn(move || {
+            let result = me.run_process(req, log, Some(tx));
+            let (code, reason, message) = match result {
+                Ok((code, signal, oom)) => match (code, signal) {
+                    _ if oom => (
+                        code.unwrap_or(128 + signal.unwrap_or(libc::SIGKILL)),
+                        "OOMKilled",
+                        String::new(),
+                    ),
+                    (Some(0), _) => (0, "Completed", String::new()),
+                    (Some(n), _) => (n, "Error", String::new()),
+                    (None, Some(s)) => (128 + s, "Error", format!("killed by signal {s}")),
+                    (None, None) => (1, "Error", String::new()),
+                },
+                Err(msg) if me.agent.is_closed() => (137, "Error", me.vm_ended_message_or(msg)),
+                Err(msg) => (128, "StartError", msg),
+            };
+            me.cri_update(&id2, |c| {
+                c.state = CriState::Exited;
+                c.finished_at = Some(chrono::Utc::now());
+                c.exit_code = code;
+                c.reason = reason.to_owned();
+                c.message = message;
+            });
+        });
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(format!("container {id}: {msg}")),
+            Err(_) => Err(format!("container {id}: its supervisor ended")),
+        }
+    }
+
+    /// Waits until the container is no longer running, up to `limit`.
+    fn cri_wait(&self, id: &str, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            let running = self
+                .cri_record(id)
+                .is_some_and(|c| c.state == CriState::Running);
+            if !running {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Running {
+            // As containerd: stopping a container that does not run is done.
+            return Ok(());
+        }
+        let signaller = self
+            .stop
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        if let Some(s) = &signaller {
+            if !timeout.is_zero() {
+                let _ = s.signal(libc::SIGTERM);
+                if self.cri_wait(id, timeout) {
+                    return Ok(());
+                }
+            }
+            let _ = s.signal(libc::SIGKILL);
+        }
+        if self.cri_wait(id, KILL_WAIT) {
+            Ok(())
+        } else {
+            Err(format!("container {id} did not end after it was killed"))
+        }
+    }
+
+    pub(crate) fn cri_remove(&self, id: &str) -> Result<(), String> {
+        if self.cri_record(id).is_none() {
+            return Err(format!("no container {id:?} in this pod"));
+        }
+        self.cri_stop(id, Duration::ZERO)?;
+        self.cri
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(share) = self
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cri_share
+            .as_mut()
+        {
+            share.forget(id);
+        }
+        self.status
+            .update(|st| st.cri_containers.retain(|c| c.id != id));
+        Ok(())
+    }
+
+    pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Running {
+            return Err(format!("container {id} is not running"));
+        }
+        if rec.meta.log_path.as_os_str().is_empty() {
+            return Err(format!("container {id} has no log file"));
+        }
+        let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
+            return Err(format!("container {id} has no log file"));
+        };
+        let fresh = open_log(&rec.meta.log_path)?;
+        *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// A CRI container's plan, by id.
+    pub(crate) fn cri_plan(&self, id: &str) -> Option<Arc<ContainerPlan>> {
+        self.cri
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|e| e.plan.clone())
+    }
+
+    /// A CRI sandbox's life: up until it is stopped or its VM ends; then
+    /// its running containers are stopped (the stop request has signalled
+    /// them; the grace period's deadline kills them).
+    pub(crate) fn cri_run(&self) {
+        while !self.stop.requested.load(Ordering::SeqCst) && !self.agent.is_closed() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.agent.is_closed() && !self.stop.requested.load(Ordering::SeqCst) {
+            let message = self.vm_ended_message();
+            self.status.update(|st| {
+                st.reason = Some("VMExited".into());
+                st.message = Some(message);
+            });
+        }
+        let grace = self
+            .stop
+            .deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let until = Instant::now() + grace + KILL_WAIT;
+        while Instant::now() < until
+            && self
+                .status
+                .get()
+                .cri_containers
+                .iter()
+                .any(|c| c.state == CriState::Running)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
