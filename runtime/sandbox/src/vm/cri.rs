@@ -567,3 +567,55 @@ impl VmSandbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What virtiofsd sees: a mount namespace made (as a slave) before the
+    /// layer and the directory were bound in. Both must appear there, the
+    /// layer read-only and the directory writable, and vanish on drop.
+    #[test]
+    fn binds_reach_a_namespace_made_earlier_with_their_read_only_flag() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: needs root (mounts)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = tmp.path().join("layer");
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::write(layer.join("f"), "layer file").unwrap();
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        let mut share = CriShare::new(tmp.path().join("share")).unwrap();
+        let root = share.root().to_owned();
+        let script = format!(
+            "sleep 1; cat {r}/l0/f; echo; touch {r}/l0/x 2>/dev/null && echo layer-writable; echo hi > {r}/c/c1/m0/y && echo vol-written",
+            r = root.display()
+        );
+        let child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "slave", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(share.layer(&layer).unwrap(), "l0");
+        assert_eq!(share.layer(&layer).unwrap(), "l0", "a layer is bound once");
+        assert_eq!(share.bind_for("c1", "m0", &vol, false).unwrap(), "c/c1/m0");
+        let out = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.trim(), "layer file\nvol-written", "{out}");
+        assert!(!layer.join("x").exists());
+        assert_eq!(std::fs::read_to_string(vol.join("y")).unwrap(), "hi\n");
+        share.forget("c1");
+        assert!(!root.join("c/c1").exists());
+        drop(share);
+        assert!(!root.exists(), "the share directory is left");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&*root.to_string_lossy()), "{mounts}");
+        assert_eq!(
+            std::fs::read_to_string(layer.join("f")).unwrap(),
+            "layer file"
+        );
+    }
+}
