@@ -246,3 +246,41 @@ pub async fn cri_channel(socket: &Path) -> tonic::transport::Channel {
         .await
         .unwrap()
 }
+
+/// A WebSocket to a CRI streaming URL (`http://…`), offering `protocol`.
+pub async fn ws_connect(
+    url: &str,
+    protocol: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    ws_try(url, protocol)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Whether the streaming server refuses a WebSocket to `url`.
+pub async fn ws_refused(url: &str, protocol: &str) -> bool {
+    ws_try(url, protocol).await.is_err()
+}
+
+async fn ws_try(
+    url: &str,
+    protocol: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let rest = url.strip_prefix("http://").ok_or("not an http URL")?;
+    let host = rest.split('/').next().unwrap_or_default();
+    let tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut req = format!("ws://{rest}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        protocol.parse().map_err(|_| "bad protocol")?,
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}

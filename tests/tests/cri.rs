@@ -73,10 +73,14 @@ impl Drop for Huskd {
 }
 
 fn push_probe(reg: &Registry, name: &str) -> String {
+    push_wasm(reg, name, &probe())
+}
+
+fn push_wasm(reg: &Registry, name: &str, file: &Path) -> String {
     let reference = format!("{}/{name}", reg.host());
     let r: oci_client::Reference = reference.parse().unwrap();
     let layer = ImageLayer::new(
-        std::fs::read(probe()).unwrap(),
+        std::fs::read(file).unwrap(),
         "application/wasm".into(),
         None,
     );
@@ -195,6 +199,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
     let reg = Registry::start();
     let env = Env::new();
     let image = push_probe(&reg, "cri/probe:v1");
+    let server_image = push_wasm(&reg, "cri/netprobe:v1", &netprobe());
     let mut huskd = Huskd::start(&env);
     let data = tempfile::tempdir().unwrap();
     rt().block_on(async {
@@ -583,6 +588,79 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             ),
             tonic::Code::Unimplemented
         );
+        assert_eq!(
+            code(
+                rs.exec(cri::ExecRequest {
+                    container_id: polite.clone(),
+                    cmd: vec!["sh".into()],
+                    stdout: true,
+                    ..Default::default()
+                })
+                .await
+            ),
+            tonic::Code::Unimplemented
+        );
+
+        // Port-forward: a wasm server listening in the pod's network,
+        // reached through the streaming server's WebSocket.
+        is.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: server_image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let server = rs
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "server",
+                    &server_image,
+                    &["serve", "8080", "1"],
+                    vec![],
+                )),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: server.clone(),
+        })
+        .await
+        .unwrap();
+        let url = rs
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        assert_eq!(forward_line(&url, 8080, "ping").await, "pong ping");
+        let st = wait_state(&mut rs, &server, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        // A URL is good for one stream only.
+        assert!(husk_tests::ws_refused(&url, "v4.channel.k8s.io").await);
+        assert_eq!(
+            code(
+                rs.port_forward(cri::PortForwardRequest {
+                    pod_sandbox_id: pod.clone(),
+                    port: vec![70000],
+                })
+                .await
+            ),
+            tonic::Code::InvalidArgument
+        );
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: server.clone(),
+        })
+        .await
+        .unwrap();
 
         // The kubelet rotates a log: the container writes to a fresh file.
         let polite_log = log_dir.join("polite_0.log");
@@ -869,6 +947,79 @@ async fn exec_sync(
     .into_inner()
 }
 
+/// Forwards `port` through the streaming `url`, sends `line`, and returns
+/// the line the server answers.
+async fn forward_line(url: &str, port: u16, line: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = husk_tests::ws_connect(url, "v4.channel.k8s.io").await;
+    // Each channel opens with its port, little-endian.
+    let le = port.to_le_bytes();
+    let mut opened = Vec::new();
+    for _ in 0..2 {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => opened.push(b.to_vec()),
+            other => panic!("expected a channel's port, got {other:?}"),
+        }
+    }
+    opened.sort();
+    assert_eq!(opened, [vec![0, le[0], le[1]], vec![1, le[0], le[1]]]);
+    ws.send(Message::binary(
+        [&[0u8][..], format!("{line}\n").as_bytes()].concat(),
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&0) => got.extend(&b[1..]),
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&1) => {
+                panic!("port-forward error: {}", String::from_utf8_lossy(&b[1..]))
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("port-forward ended early ({other:?}); got {got:?}"),
+        }
+    }
+    let _ = ws.close(None).await;
+    text(&got)
+}
+
+/// What an exec streamed: stdout, stderr and its final status.
+struct Streamed {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    status: serde_json::Value,
+}
+
+/// Runs an exec through its streaming `url`: sends `input` frames, then
+/// reads until the server closes.
+async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = husk_tests::ws_connect(url, "v5.channel.k8s.io").await;
+    for f in input {
+        ws.send(Message::binary(f)).await.unwrap();
+    }
+    let mut r = Streamed {
+        out: vec![],
+        err: vec![],
+        status: serde_json::Value::Null,
+    };
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => match b.first() {
+                Some(1) => r.out.extend(&b[1..]),
+                Some(2) => r.err.extend(&b[1..]),
+                Some(3) => r.status = serde_json::from_slice(&b[1..]).unwrap(),
+                _ => {}
+            },
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return r,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => panic!("the exec stream did not end"),
+        }
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
 }
@@ -952,7 +1103,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         let main = rs
             .create_container(create(config(
                 "main",
-                "echo started; cat /etc/greeting; cat /etc/keep; cat /etc/motd 2>/dev/null || echo motd is whited out; cat /data/in.txt; echo written > /data/out.txt; echo $GREETING; exec sleep 600",
+                "echo started; cat /etc/greeting; cat /etc/keep; cat /etc/motd 2>/dev/null || echo motd is whited out; cat /data/in.txt; echo written > /data/out.txt; printf '#!/bin/sh\\nread l; echo pong $l\\n' > /pong; chmod +x /pong; nc -ll -p 8080 -e /pong & echo $GREETING; exec sleep 600",
                 vec![
                     mount(data.path(), "/data", false),
                     mount(ro.path(), "/ro", true),
@@ -1018,6 +1169,85 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         // land in its own upper layer.
         let out = exec_sync(&mut rs, &main, "echo changed > /etc/greeting && cat /etc/greeting").await;
         assert_eq!(text(&out.stdout), "changed", "{out:?}");
+
+        // Exec through the streaming server: stdin in, both outputs and
+        // the exit code out, as `kubectl exec -i` has them.
+        let exec = |cmd: &str, tty: bool| cri::ExecRequest {
+            container_id: main.clone(),
+            cmd: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+            tty,
+            stdin: true,
+            stdout: true,
+            stderr: !tty,
+        };
+        let url = rs
+            .exec(exec("read l; echo got $l; echo to-stderr >&2; exit 5", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let r = exec_stream(&url, vec![b"\0hello\n".to_vec(), vec![255, 0]]).await;
+        assert_eq!(text(&r.out), "got hello");
+        assert_eq!(text(&r.err), "to-stderr");
+        assert_eq!(r.status["status"], "Failure", "{}", r.status);
+        assert_eq!(r.status["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(r.status["details"]["causes"][0]["message"], "5");
+        // With a terminal that the client resizes.
+        let url = rs
+            .exec(exec("read l; stty size; tty", true))
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let r = exec_stream(
+            &url,
+            vec![
+                [&[4u8][..], br#"{"Width":100,"Height":30}"#].concat(),
+                b"\0go\n".to_vec(),
+            ],
+        )
+        .await;
+        let out = text(&r.out);
+        assert!(out.contains("30 100"), "{out:?}");
+        assert!(out.contains("/dev/pts/"), "{out:?}");
+        assert_eq!(r.status["status"], "Success", "{}", r.status);
+        for (req, want) in [
+            (
+                cri::ExecRequest {
+                    stderr: true,
+                    ..exec("true", true)
+                },
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                cri::ExecRequest {
+                    cmd: vec![],
+                    ..exec("true", false)
+                },
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                cri::ExecRequest {
+                    container_id: format!("{pod}00000000"),
+                    ..exec("true", false)
+                },
+                tonic::Code::NotFound,
+            ),
+        ] {
+            assert_eq!(code(rs.exec(req.clone()).await), want, "{req:?}");
+        }
+
+        // Port-forward into the VM: to a server on the guest's localhost.
+        let url = rs
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        assert_eq!(forward_line(&url, 8080, "ping").await, "pong ping");
 
         // huskd killed with -9 and restarted: the VM and its container
         // never noticed.

@@ -1076,11 +1076,16 @@ unsafe impl Sync for SendPtrs {}
 /// `tool` (see [`run_tool`]).
 fn tool_exec(tool: &husk_protocol::Tool) -> std::io::Result<(std::fs::File, Vec<CString>)> {
     use husk_protocol::Tool;
+    let port;
     let (flag, path) = match tool {
         Tool::TarOut { path } => ("--tar-out", path),
         Tool::TarIn { path } => ("--tar-in", path),
+        Tool::Connect { port: p } => {
+            port = p.to_string();
+            ("--connect", &port)
+        }
     };
-    if !path.starts_with('/') {
+    if flag != "--connect" && !path.starts_with('/') {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{path:?} is not an absolute path"),
@@ -1096,8 +1101,38 @@ fn tool_exec(tool: &husk_protocol::Tool) -> std::io::Result<(std::fs::File, Vec<
 /// `husk-agent --tar-out PATH` / `--tar-in PATH`, run inside a container
 /// for `husk cp`: writes a tar of PATH to stdout, or puts the tar read
 /// from stdin at PATH.
+/// `--connect PORT`: relays between stdin/stdout and 127.0.0.1:PORT until
+/// the connection closes (stdin's end only ends the sending half).
+fn relay(port: &str) -> std::io::Result<()> {
+    let port: u16 = port.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{port:?} is not a port"),
+        )
+    })?;
+    let conn = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("127.0.0.1:{port}: {e}")))?;
+    let mut to = conn.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from = conn;
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 32 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
+}
+
 fn run_tool(flag: &str, path: &str) -> i32 {
     let r = match flag {
+        "--connect" => relay(path),
         "--tar-out" => husk_protocol::copy::pack(Path::new(path), std::io::stdout().lock()),
         _ => husk_protocol::copy::unpack(std::io::stdin().lock(), Path::new(path)),
     };
@@ -1264,7 +1299,7 @@ fn power_off() -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let [_, flag, path] = &args[..] {
-        if flag == "--tar-out" || flag == "--tar-in" {
+        if flag == "--tar-out" || flag == "--tar-in" || flag == "--connect" {
             std::process::exit(run_tool(flag, path));
         }
     }

@@ -161,6 +161,9 @@ pub enum Tool {
     /// Reads such a tar from stdin and puts its one top entry at `path`,
     /// or into `path` when that is a directory ([`copy::unpack`]).
     TarIn { path: String },
+    /// Connects to `port` on the container's localhost and relays: stdin
+    /// to the connection, the connection to stdout (port-forward).
+    Connect { port: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

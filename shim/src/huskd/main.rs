@@ -9,6 +9,7 @@
 mod image;
 mod runtime;
 mod store;
+mod stream;
 
 use clap::Parser;
 use husk_sandbox::state::Roots;
@@ -36,6 +37,10 @@ struct Args {
     /// The husk binary that runs pod monitors (default: `husk` beside huskd).
     #[arg(long, value_name = "PATH")]
     husk: Option<PathBuf>,
+    /// Where the streaming server (exec, port-forward) listens; port 0
+    /// picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR:PORT")]
+    streaming_address: String,
 }
 
 fn main() {
@@ -107,8 +112,17 @@ fn serve(args: Args) -> Result<(), String> {
         let _ = std::fs::remove_file(&args.socket);
         let listener = tokio::net::UnixListener::bind(&args.socket)
             .map_err(|e| format!("{}: {e}", args.socket.display()))?;
-        let state =
-            std::sync::Arc::new(store::Huskd::new(roots, husk, args.default_runtime_handler));
+        let (streaming, stream_listener) =
+            stream::Streaming::bind(&args.streaming_address, roots.clone())
+                .await
+                .map_err(|e| format!("streaming server on {}: {e}", args.streaming_address))?;
+        tokio::spawn(streaming.clone().serve(stream_listener));
+        let state = std::sync::Arc::new(store::Huskd::new(
+            roots,
+            husk,
+            args.default_runtime_handler,
+            streaming,
+        ));
         state.recover();
         tracing::info!(socket = %args.socket.display(), "huskd serving CRI v1");
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

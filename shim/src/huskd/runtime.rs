@@ -3,6 +3,7 @@
 //! containers live in the monitor and their records in the pod's status.
 
 use crate::store::{internal, CriSandbox, Huskd, SandboxView};
+use crate::stream::{Forward, Pending};
 use husk_sandbox::pod::{
     spec, DnsPlan, PodPlan, PortPlan, RestartPolicy, VolumePlan, VolumeSource,
 };
@@ -951,11 +952,43 @@ impl RuntimeService for Runtime {
     }
 
     async fn exec(&self, req: Req<cri::ExecRequest>) -> R<cri::ExecResponse> {
-        let (sb, _) = self.0.container(&req.into_inner().container_id)?;
-        Err(Status::unimplemented(format!(
-            "{}: a wasm container has no processes to start beside its guest",
-            sb.cri.runtime_handler
-        )))
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is empty"));
+        }
+        if !(req.stdin || req.stdout || req.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if req.tty && req.stderr {
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be set (a terminal has one output stream)",
+            ));
+        }
+        if c.state != CriState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        if sb.cri.runtime_handler != HANDLER_VM {
+            return Err(Status::unimplemented(format!(
+                "{}: a wasm container has no processes to start beside its guest",
+                sb.cri.runtime_handler
+            )));
+        }
+        let url = self.0.streaming.register(Pending::Exec {
+            pod: sb.id().to_owned(),
+            container: c.id,
+            argv: req.cmd,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        });
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(&self, req: Req<cri::AttachRequest>) -> R<cri::AttachResponse> {
@@ -966,10 +999,48 @@ impl RuntimeService for Runtime {
     }
 
     async fn port_forward(&self, req: Req<cri::PortForwardRequest>) -> R<cri::PortForwardResponse> {
-        self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
-        Err(Status::unimplemented(
-            "port-forward is not served yet (no CRI streaming server)",
-        ))
+        let req = req.into_inner();
+        let sb = self.0.sandbox(&req.pod_sandbox_id)?;
+        let mut ports = Vec::new();
+        for p in &req.port {
+            ports.push(
+                u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| Status::invalid_argument(format!("port {p} is not a port")))?,
+            );
+        }
+        if !sb.ready() {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id()
+            )));
+        }
+        let target = if sb.cri.runtime_handler == HANDLER_VM {
+            // Containers share the VM's network: any running one reaches
+            // the pod's localhost.
+            let running = sb.status.as_ref().and_then(|st| {
+                st.cri_containers
+                    .iter()
+                    .find(|c| c.state == CriState::Running)
+                    .map(|c| c.id.clone())
+            });
+            let container = running.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "pod sandbox {} has no running container to forward to",
+                    sb.id()
+                ))
+            })?;
+            Forward::Vm { container }
+        } else {
+            Forward::Netns(self.0.roots.pod(sb.id()).netns)
+        };
+        let url = self.0.streaming.register(Pending::PortForward {
+            pod: sb.id().to_owned(),
+            ports,
+            target,
+        });
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

@@ -76,6 +76,8 @@ pub struct Huskd {
     pub default_handler: String,
     /// Held while a sandbox name is checked and taken.
     pub names: tokio::sync::Mutex<()>,
+    /// Where Exec and PortForward URLs point.
+    pub streaming: std::sync::Arc<crate::stream::Streaming>,
 }
 
 pub fn internal(e: impl std::fmt::Display) -> Status {
@@ -83,8 +85,14 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 impl Huskd {
-    pub fn new(roots: Roots, husk: PathBuf, default_handler: String) -> Self {
+    pub fn new(
+        roots: Roots,
+        husk: PathBuf,
+        default_handler: String,
+        streaming: std::sync::Arc<crate::stream::Streaming>,
+    ) -> Self {
         Huskd {
+            streaming,
             roots,
             husk,
             default_handler,
