@@ -1237,6 +1237,56 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             assert_eq!(code(rs.exec(req.clone()).await), want, "{req:?}");
         }
 
+        // Stats: the container's cgroup in the guest, and the whole VM.
+        let cstats = |rs: &mut RuntimeServiceClient<Channel>| {
+            let mut rs = rs.clone();
+            let id = main.clone();
+            async move {
+                rs.container_stats(cri::ContainerStatsRequest { container_id: id })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .stats
+                    .unwrap()
+            }
+        };
+        let st = cstats(&mut rs).await;
+        let cpu = st.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref());
+        assert!(cpu.is_some_and(|c| c.value > 0), "{st:?}");
+        let mem = st.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref());
+        assert!(mem.is_some_and(|m| m.value > 0), "{st:?}");
+        let pstats = rs
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap()
+            .linux
+            .unwrap();
+        assert!(pstats.memory.is_some_and(|m| m.working_set_bytes.is_some_and(|w| w.value > 0)));
+        assert!(pstats.containers.iter().any(|c| c.attributes.as_ref().unwrap().id == main));
+        // UpdateContainerResources reaches the container's cgroup.
+        rs.update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: main.clone(),
+            linux: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let st = cstats(&mut rs).await;
+        let m = st.memory.unwrap();
+        assert_eq!(
+            m.working_set_bytes.unwrap().value + m.available_bytes.unwrap().value,
+            64 << 20,
+            "the new limit is not the cgroup's"
+        );
+
         // Port-forward into the VM: to a server on the guest's localhost.
         let url = rs
             .port_forward(cri::PortForwardRequest {

@@ -434,6 +434,19 @@ impl Runtime {
         }
     }
 
+    /// A sandbox's usage figures from its monitor (VM sandboxes), if any.
+    async fn usage(&self, sb: &SandboxView) -> Option<husk_sandbox::PodStats> {
+        if !sb.ready() || sb.cri.runtime_handler != HANDLER_VM {
+            return None;
+        }
+        let reply = self
+            .0
+            .call_ok(sb.id(), Request::Stats, Duration::from_secs(10))
+            .await
+            .ok()?;
+        reply.stats
+    }
+
     /// Stops a sandbox's monitor (containers are killed at once) and waits
     /// until it has released the pod's host resources.
     async fn stop_sandbox(&self, sb: &SandboxView) -> Result<(), Status> {
@@ -881,11 +894,31 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::UpdateContainerResourcesRequest>,
     ) -> R<cri::UpdateContainerResourcesResponse> {
-        let (sb, _) = self.0.container(&req.into_inner().container_id)?;
-        Err(Status::unimplemented(format!(
-            "{}: a wasm container's memory limit is fixed when it starts",
-            sb.cri.runtime_handler
-        )))
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        if sb.cri.runtime_handler != HANDLER_VM {
+            return Err(Status::unimplemented(format!(
+                "{}: a wasm container's memory limit is fixed when it starts",
+                sb.cri.runtime_handler
+            )));
+        }
+        let res = req.linux.unwrap_or_default();
+        let memory_bytes =
+            (res.memory_limit_in_bytes > 0).then_some(res.memory_limit_in_bytes as u64);
+        let cpu_millis = (res.cpu_quota > 0 && res.cpu_period > 0)
+            .then(|| (res.cpu_quota * 1000 / res.cpu_period) as u64);
+        self.0
+            .call_ok(
+                sb.id(),
+                Request::Update {
+                    container: Some(c.id),
+                    memory_bytes,
+                    cpu_millis,
+                },
+                Duration::from_secs(10),
+            )
+            .await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
@@ -1047,9 +1080,10 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::ContainerStatsRequest>,
     ) -> R<cri::ContainerStatsResponse> {
-        let (_, c) = self.0.container(&req.into_inner().container_id)?;
+        let (sb, c) = self.0.container(&req.into_inner().container_id)?;
+        let usage = self.usage(&sb).await;
         Ok(Response::new(cri::ContainerStatsResponse {
-            stats: Some(stats_of(&c)),
+            stats: Some(stats_of(&c, usage.as_ref())),
         }))
     }
 
@@ -1063,14 +1097,20 @@ impl RuntimeService for Runtime {
             if !f.pod_sandbox_id.is_empty() && !sb.id().starts_with(&f.pod_sandbox_id) {
                 continue;
             }
-            for c in sb.containers() {
-                if (f.id.is_empty() || c.id.starts_with(&f.id))
-                    && labels_match(&c.meta.labels, &f.label_selector)
-                    && c.state == CriState::Running
-                {
-                    stats.push(stats_of(c));
-                }
+            let wanted: Vec<&CriContainer> = sb
+                .containers()
+                .iter()
+                .filter(|c| {
+                    (f.id.is_empty() || c.id.starts_with(&f.id))
+                        && labels_match(&c.meta.labels, &f.label_selector)
+                        && c.state == CriState::Running
+                })
+                .collect();
+            if wanted.is_empty() {
+                continue;
             }
+            let usage = self.usage(&sb).await;
+            stats.extend(wanted.into_iter().map(|c| stats_of(c, usage.as_ref())));
         }
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
@@ -1080,8 +1120,9 @@ impl RuntimeService for Runtime {
         req: Req<cri::PodSandboxStatsRequest>,
     ) -> R<cri::PodSandboxStatsResponse> {
         let sb = self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
+        let usage = self.usage(&sb).await;
         Ok(Response::new(cri::PodSandboxStatsResponse {
-            stats: Some(sandbox_stats(&sb)),
+            stats: Some(sandbox_stats(&sb, usage.as_ref())),
         }))
     }
 
@@ -1090,15 +1131,18 @@ impl RuntimeService for Runtime {
         req: Req<cri::ListPodSandboxStatsRequest>,
     ) -> R<cri::ListPodSandboxStatsResponse> {
         let f = req.into_inner().filter.unwrap_or_default();
-        let stats = self
+        let mut stats = Vec::new();
+        for sb in self
             .0
             .sandboxes()
             .iter()
             .filter(|sb| f.id.is_empty() || sb.id().starts_with(&f.id))
             .filter(|sb| labels_match(&sb.record.plan.labels, &f.label_selector))
             .filter(|sb| sb.ready())
-            .map(sandbox_stats)
-            .collect();
+        {
+            let usage = self.usage(sb).await;
+            stats.push(sandbox_stats(sb, usage.as_ref()));
+        }
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
@@ -1220,8 +1264,55 @@ impl RuntimeService for Runtime {
 /// A wasm container's stats: who it is; husk does not meter a wasm guest's
 /// CPU or memory separately from its pod's monitor, so those are absent
 /// rather than made up.
-fn stats_of(c: &CriContainer) -> cri::ContainerStats {
+/// CPU and memory figures as CRI has them, at `ts` (ns since the epoch).
+fn cpu_mem(
+    ts: i64,
+    cpu_usec: u64,
+    memory_bytes: u64,
+    available: Option<u64>,
+) -> (cri::CpuUsage, cri::MemoryUsage) {
+    let v = |x: u64| Some(cri::UInt64Value { value: x });
+    (
+        cri::CpuUsage {
+            timestamp: ts,
+            usage_core_nano_seconds: v(cpu_usec.saturating_mul(1000)),
+            ..Default::default()
+        },
+        cri::MemoryUsage {
+            timestamp: ts,
+            working_set_bytes: v(memory_bytes),
+            usage_bytes: v(memory_bytes),
+            available_bytes: available.and_then(v),
+            ..Default::default()
+        },
+    )
+}
+
+fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+}
+
+/// A container's stats: its attributes, and its CPU and memory when the
+/// sandbox measures them (VM sandboxes: the container's cgroup in the
+/// guest); wasm sandboxes leave the figures out rather than make them up.
+fn stats_of(c: &CriContainer, usage: Option<&husk_sandbox::PodStats>) -> cri::ContainerStats {
+    let measured = usage.and_then(|u| u.containers.iter().find(|x| x.name == c.id));
+    let (cpu, memory) = match measured {
+        Some(m) => {
+            let (cpu, mem) = cpu_mem(
+                now_ns(),
+                m.cpu_usage_usec,
+                m.memory_bytes,
+                m.memory_limit_bytes
+                    .map(|l| l.saturating_sub(m.memory_bytes)),
+            );
+            (Some(cpu), Some(mem))
+        }
+        None => (None, None),
+    };
     cri::ContainerStats {
+        cpu,
+        memory,
         attributes: Some(cri::ContainerAttributes {
             id: c.id.clone(),
             metadata: Some(cri::ContainerMetadata {
@@ -1235,7 +1326,22 @@ fn stats_of(c: &CriContainer) -> cri::ContainerStats {
     }
 }
 
-fn sandbox_stats(sb: &SandboxView) -> cri::PodSandboxStats {
+fn sandbox_stats(sb: &SandboxView, usage: Option<&husk_sandbox::PodStats>) -> cri::PodSandboxStats {
+    let (cpu, memory) = match usage.and_then(|u| u.vm.as_ref()) {
+        Some(vm) => {
+            let used = vm
+                .memory_total_bytes
+                .saturating_sub(vm.memory_available_bytes);
+            let (cpu, mem) = cpu_mem(
+                now_ns(),
+                vm.cpu_usage_usec,
+                used,
+                Some(vm.memory_available_bytes),
+            );
+            (Some(cpu), Some(mem))
+        }
+        None => (None, None),
+    };
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
             id: sb.id().to_owned(),
@@ -1248,8 +1354,10 @@ fn sandbox_stats(sb: &SandboxView) -> cri::PodSandboxStats {
                 .containers()
                 .iter()
                 .filter(|c| c.state == CriState::Running)
-                .map(stats_of)
+                .map(|c| stats_of(c, usage))
                 .collect(),
+            cpu,
+            memory,
             ..Default::default()
         }),
         windows: None,
