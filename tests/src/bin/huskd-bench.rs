@@ -59,7 +59,10 @@ const VM: &str = "husk-vm";
 
 fn container(image: &str, handler: &str) -> cri::ContainerConfig {
     let (command, args) = if handler == VM {
-        (vec!["/bin/sh".into(), "-c".into(), "exec sleep 600".into()], vec![])
+        (
+            vec!["/bin/sh".into(), "-c".into(), "exec sleep 600".into()],
+            vec![],
+        )
     } else {
         (vec![], vec!["stdin".into()])
     };
