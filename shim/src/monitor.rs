@@ -324,9 +324,16 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                         Err(e) => Reply::err(e),
                     }
                 }
-                Ok(Request::ExecStream { container, spec }) => {
+                Ok(r @ (Request::ExecStream { .. } | Request::AttachStream { .. })) => {
                     let sb = sb.clone();
-                    match blocking(move || sb.exec_interactive(container.as_deref(), spec)).await {
+                    let open = move || match r {
+                        Request::ExecStream { container, spec } => {
+                            sb.exec_interactive(container.as_deref(), spec)
+                        }
+                        Request::AttachStream { id } => sb.attach(&id),
+                        _ => Err("internal: not a stream".into()),
+                    };
+                    match blocking(open).await {
                         Ok(session) => {
                             let mut out = serde_json::to_vec(&Reply::ok()).expect("json");
                             out.push(b'\n');

@@ -1287,6 +1287,61 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             "the new limit is not the cgroup's"
         );
 
+        // Attach: to a container created with stdin; what it prints goes
+        // to the attached client and to its log, and its exit ends the
+        // stream.
+        let mut chat = config("chat", "read l; echo got $l; echo to-stderr >&2; exit 4", vec![]);
+        chat.stdin = true;
+        let chat = rs
+            .create_container(create(chat))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: chat.clone(),
+        })
+        .await
+        .unwrap();
+        let url = rs
+            .attach(cri::AttachRequest {
+                container_id: chat.clone(),
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                tty: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let r = exec_stream(&url, vec![b"\0hi\n".to_vec()]).await;
+        assert_eq!(text(&r.out), "got hi");
+        assert_eq!(text(&r.err), "to-stderr");
+        assert_eq!(r.status["details"]["causes"][0]["message"], "4", "{}", r.status);
+        let st = wait_state(&mut rs, &chat, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 4);
+        let clog = log_lines(&Path::new(&cfg.log_directory).join("chat_0.log"));
+        assert!(clog.iter().any(|l| l.ends_with("got hi")), "{clog:?}");
+        // Stdin to a container created without it is refused.
+        assert_eq!(
+            code(
+                rs.attach(cri::AttachRequest {
+                    container_id: main.clone(),
+                    stdin: true,
+                    stdout: true,
+                    ..Default::default()
+                })
+                .await
+            ),
+            tonic::Code::InvalidArgument
+        );
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: chat.clone(),
+        })
+        .await
+        .unwrap();
+
         // Port-forward into the VM: to a server on the guest's localhost.
         let url = rs
             .port_forward(cri::PortForwardRequest {

@@ -315,6 +315,14 @@ pub struct CriMeta {
     /// read-only.
     #[serde(default)]
     pub mounts: Vec<(PathBuf, String, bool)>,
+    /// Keep the container's stdin open (for attach); close it when the
+    /// first attach ends (`stdin_once`); give it a terminal.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// A CRI container's lifecycle state.

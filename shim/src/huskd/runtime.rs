@@ -751,6 +751,9 @@ impl RuntimeService for Runtime {
             annotations: bmap(&cfg.annotations),
             log_path,
             mounts: recorded,
+            stdin: cfg.stdin,
+            stdin_once: cfg.stdin_once,
+            tty: cfg.tty,
         };
         let reply = self
             .0
@@ -1025,10 +1028,39 @@ impl RuntimeService for Runtime {
     }
 
     async fn attach(&self, req: Req<cri::AttachRequest>) -> R<cri::AttachResponse> {
-        self.0.container(&req.into_inner().container_id)?;
-        Err(Status::unimplemented(
-            "attach is not served yet (no CRI streaming server)",
-        ))
+        let req = req.into_inner();
+        let (sb, c) = self.0.container(&req.container_id)?;
+        if !(req.stdin || req.stdout || req.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if c.state != CriState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        if sb.cri.runtime_handler != HANDLER_VM {
+            return Err(Status::unimplemented(format!(
+                "{}: attach to a wasm container is not supported",
+                sb.cri.runtime_handler
+            )));
+        }
+        if req.stdin && !c.meta.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {} was created without stdin; attach without it",
+                c.id
+            )));
+        }
+        let url = self.0.streaming.register(Pending::Attach {
+            pod: sb.id().to_owned(),
+            container: c.id,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr && !c.meta.tty,
+        });
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(&self, req: Req<cri::PortForwardRequest>) -> R<cri::PortForwardResponse> {

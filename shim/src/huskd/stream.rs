@@ -1,4 +1,4 @@
-//! The CRI streaming server. Exec and PortForward answer with a URL of
+//! The CRI streaming server. Exec, Attach and PortForward answer with a URL of
 //! this server holding a one-time token (as the kubelet's own streaming
 //! library does); the client (the kubelet's proxy, crictl) then connects
 //! there and speaks Kubernetes' WebSocket channel protocols:
@@ -8,7 +8,9 @@
 //! port-forward (for the i-th port, channel 2i carries data and 2i+1
 //! errors; each starts with the port, 2 bytes little-endian).
 //!
-//! An exec is the monitor's ExecStream; a port-forward connects to the
+//! An exec is the monitor's ExecStream, an attach its AttachStream (the
+//! container's own process: its output from then on, its stdin and
+//! terminal; leaving does not end it); a port-forward connects to the
 //! port on the pod's localhost: inside its network namespace for a wasm
 //! pod, and through the agent (its connect tool) inside a VM.
 //!
@@ -43,6 +45,13 @@ pub enum Pending {
         container: String,
         argv: Vec<String>,
         tty: bool,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
+    Attach {
+        pod: String,
+        container: String,
         stdin: bool,
         stdout: bool,
         stderr: bool,
@@ -88,6 +97,7 @@ impl Streaming {
     pub fn register(&self, p: Pending) -> String {
         let kind = match p {
             Pending::Exec { .. } => "exec",
+            Pending::Attach { .. } => "attach",
             Pending::PortForward { .. } => "portforward",
         };
         let token = hex::encode(rand::random::<[u8; 16]>());
@@ -102,7 +112,9 @@ impl Streaming {
         let (t, p) = map.remove(token)?;
         let kind_ok = matches!(
             (&p, kind),
-            (Pending::Exec { .. }, "exec") | (Pending::PortForward { .. }, "portforward")
+            (Pending::Exec { .. }, "exec")
+                | (Pending::Attach { .. }, "attach")
+                | (Pending::PortForward { .. }, "portforward")
         );
         (kind_ok && t.elapsed() < TOKEN_TTL).then_some(p)
     }
@@ -141,7 +153,9 @@ impl Streaming {
                     .map(|s| s.trim().to_owned())
                     .collect();
                 let wanted: &[&'static str] = match p {
-                    Pending::Exec { .. } => &["v5.channel.k8s.io", "v4.channel.k8s.io"],
+                    Pending::Exec { .. } | Pending::Attach { .. } => {
+                        &["v5.channel.k8s.io", "v4.channel.k8s.io"]
+                    }
                     Pending::PortForward { .. } => &["v4.channel.k8s.io", ""],
                 };
                 let Some(proto) = wanted.iter().find(|w| {
@@ -195,7 +209,33 @@ impl Streaming {
                     tty: tty.then_some(husk_sandbox::TtySize { rows: 24, cols: 80 }),
                     copy: None,
                 };
-                self.exec(ws, &pod, container, spec, argv, opts).await
+                let req = Request::ExecStream {
+                    container: Some(container),
+                    spec,
+                };
+                self.exec(ws, &pod, req, argv, opts).await
+            }
+            Some((
+                Pending::Attach {
+                    pod,
+                    container,
+                    stdin,
+                    stdout,
+                    stderr,
+                },
+                proto,
+            )) => {
+                let opts = ExecOpts {
+                    v5: proto == "v5.channel.k8s.io",
+                    stdin,
+                    stdout,
+                    stderr,
+                };
+                let req = Request::AttachStream {
+                    id: container.clone(),
+                };
+                self.exec(ws, &pod, req, vec![format!("attach {container}")], opts)
+                    .await
             }
             Some((Pending::PortForward { pod, ports, target }, _)) => {
                 self.port_forward(ws, &pod, ports, target).await
@@ -208,13 +248,13 @@ impl Streaming {
         &self,
         ws: WebSocketStream<TcpStream>,
         pod: &str,
-        container: String,
-        spec: husk_sandbox::ExecSpec,
+        req: Request,
         argv: Vec<String>,
         o: ExecOpts,
     ) {
         let (mut sink, mut stream) = ws.split();
-        let (mut rd, mut wr) = match open_exec(&self.roots, pod, container, spec).await {
+        let attach = matches!(req, Request::AttachStream { .. });
+        let (mut rd, mut wr) = match open_stream(&self.roots, pod, req).await {
             Ok(c) => c,
             Err(msg) => {
                 let _ = sink.send(Message::binary(status_frame(Err(msg)))).await;
@@ -222,7 +262,9 @@ impl Streaming {
                 return;
             }
         };
-        if !o.stdin {
+        // An exec without stdin sees it end at once; an attach leaves the
+        // container's stdin alone.
+        if !o.stdin && !attach {
             let _ = send_msg(
                 &mut wr,
                 &ExecMsg::Stdin {
@@ -417,24 +459,19 @@ async fn send_msg(wr: &mut tokio::net::unix::OwnedWriteHalf, m: &ExecMsg) -> std
 type MonitorRead = BufReader<tokio::net::unix::OwnedReadHalf>;
 type MonitorWrite = tokio::net::unix::OwnedWriteHalf;
 
-/// Opens an ExecStream on a pod's monitor; returns the connection once
-/// the monitor accepted it.
-async fn open_exec(
+/// Opens an ExecStream or AttachStream on a pod's monitor; returns the
+/// connection once the monitor accepted it.
+async fn open_stream(
     roots: &Roots,
     pod: &str,
-    container: String,
-    spec: husk_sandbox::ExecSpec,
+    req: Request,
 ) -> Result<(MonitorRead, MonitorWrite), String> {
     let socket = roots.pod(pod).socket();
     let conn = UnixStream::connect(&socket)
         .await
         .map_err(|e| format!("pod sandbox {pod}: its monitor: {e}"))?;
     let (rd, mut wr) = conn.into_split();
-    let mut req = serde_json::to_vec(&Request::ExecStream {
-        container: Some(container),
-        spec,
-    })
-    .map_err(|e| e.to_string())?;
+    let mut req = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
     req.push(b'\n');
     wr.write_all(&req).await.map_err(|e| e.to_string())?;
     let mut rd = BufReader::new(rd);
@@ -520,7 +557,11 @@ async fn relay_vm(
         tty: None,
         copy: Some(husk_protocol::Tool::Connect { port }),
     };
-    let (mut rd, mut wr) = open_exec(roots, pod, container, spec).await?;
+    let req = Request::ExecStream {
+        container: Some(container),
+        spec,
+    };
+    let (mut rd, mut wr) = open_stream(roots, pod, req).await?;
     let up = async {
         while let Some(d) = input.recv().await {
             if send_msg(

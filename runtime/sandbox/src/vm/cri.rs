@@ -218,8 +218,46 @@ fn bind(src: &Path, at: &Path, recursive: bool) -> Result<(), ShareError> {
     .map_err(|e| ShareError::Mount(src.to_owned(), at.to_owned(), e))
 }
 
+/// Who is attached to a CRI container's process: its output goes to them
+/// too, and they write its stdin and resize its terminal.
+#[derive(Default)]
+pub(crate) struct AttachHub {
+    listeners: Mutex<Vec<std::sync::mpsc::Sender<crate::ExecMsg>>>,
+    stdin: Mutex<Option<crate::StdinWriter>>,
+    resize: Mutex<Option<crate::Resizer>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AttachHub {
+    /// The process started: its stdin and terminal are there to use.
+    pub(crate) fn connect(&self, proc: &super::agent::Process) {
+        let write = proc.stdin_writer();
+        *locked(&self.stdin) = Some(Box::new(move |d: &[u8], eof: bool| {
+            write(d, eof).map_err(|e| e.to_string())
+        }));
+        let resize = proc.resizer();
+        *locked(&self.resize) = Some(Box::new(move |s| resize(s).map_err(|e| e.to_string())));
+    }
+
+    pub(crate) fn publish(&self, m: crate::ExecMsg) {
+        locked(&self.listeners).retain(|l| l.send(m.clone()).is_ok());
+    }
+
+    /// The process ended with `m`: the last message to everyone attached.
+    pub(crate) fn close(&self, m: crate::ExecMsg) {
+        self.publish(m);
+        locked(&self.listeners).clear();
+        *locked(&self.stdin) = None;
+        *locked(&self.resize) = None;
+    }
+}
+
 /// A CRI container of a VM sandbox, as the monitor holds it.
 pub(crate) struct VmCriEntry {
+    pub(crate) hub: Arc<AttachHub>,
     /// Its plan, mounts rewritten to the share.
     pub(crate) plan: Arc<ContainerPlan>,
     /// Its layers, as directories of the share, lowest first.
@@ -338,6 +376,7 @@ impl VmSandbox {
                 plan: Arc::new(c),
                 layer_dirs,
                 log: None,
+                hub: Arc::new(AttachHub::default()),
             },
         );
         let rec = CriContainer {
@@ -375,15 +414,15 @@ impl VmSandbox {
             open_log(&rec.meta.log_path)?
         };
         let log = Arc::new(Mutex::new(log));
-        let (plan, layer_dirs) = {
+        let (plan, layer_dirs, hub) = {
             let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
             let e = map
                 .get_mut(id)
                 .ok_or_else(|| format!("no container {id:?} in this pod"))?;
             e.log = Some(log.clone());
-            (e.plan.clone(), e.layer_dirs.clone())
+            (e.plan.clone(), e.layer_dirs.clone(), e.hub.clone())
         };
-        let req = self.start_request(
+        let mut req = self.start_request(
             &plan,
             id.to_owned(),
             husk_protocol::Rootfs {
@@ -395,6 +434,11 @@ impl VmSandbox {
                 ..Default::default()
             },
         );
+        req.stdin = rec.meta.stdin;
+        req.tty = rec
+            .meta
+            .tty
+            .then_some(husk_protocol::TtySize { rows: 24, cols: 80 });
         self.cri_update(id, |c| {
             c.state = CriState::Running;
             c.started_at = Some(chrono::Utc::now());
@@ -403,7 +447,7 @@ impl VmSandbox {
         let me = self.clone();
         let id2 = id.to_owned();
         std::thread::spawn(move || {
-            let result = me.run_process(req, log, Some(tx));
+            let result = me.run_process(req, log, Some(tx), Some(hub));
             let (code, reason, message) = match result {
                 Ok((code, signal, oom)) => match (code, signal) {
                     _ if oom => (
@@ -522,6 +566,55 @@ impl VmSandbox {
         let fresh = open_log(&rec.meta.log_path)?;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
+    }
+
+    pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, String> {
+        let rec = self
+            .cri_record(id)
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        if rec.state != CriState::Running {
+            return Err(format!("container {id} is not running"));
+        }
+        let hub = self
+            .cri
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|e| e.hub.clone())
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        locked(&hub.listeners).push(tx);
+        let (h, cid) = (hub.clone(), id.to_owned());
+        let stdin: crate::StdinWriter = Box::new(move |d: &[u8], eof: bool| {
+            if !rec.meta.stdin {
+                return Err(format!("container {cid} was created without stdin"));
+            }
+            match &*locked(&h.stdin) {
+                Some(w) => w(d, eof),
+                None => Err(format!("container {cid} has ended")),
+            }
+        });
+        let h = hub.clone();
+        let resize: crate::Resizer = Box::new(move |s| match &*locked(&h.resize) {
+            Some(r) => r(s),
+            None => Ok(()),
+        });
+        // Leaving an attach leaves the process running; with stdin_once
+        // its stdin ends with the first attach.
+        let once = rec.meta.stdin_once;
+        let kill: crate::Killer = Box::new(move || {
+            if once {
+                if let Some(w) = &*locked(&hub.stdin) {
+                    let _ = w(&[], true);
+                }
+            }
+        });
+        Ok(crate::ExecSession {
+            output: rx,
+            stdin,
+            resize,
+            kill,
+        })
     }
 
     /// A CRI container's plan, by id.

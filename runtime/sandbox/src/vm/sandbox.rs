@@ -9,7 +9,7 @@
 //! output in CRI log files, SIGTERM then SIGKILL after the grace period.
 
 use super::agent::{AgentClient, Signaller};
-use super::cri::{CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
+use super::cri::{AttachHub, CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
@@ -800,7 +800,7 @@ impl VmSandbox {
                 ..Default::default()
             },
         );
-        self.run_process(req, log, None)
+        self.run_process(req, log, None, None)
     }
 
     /// What starts container `c` in the guest as `id`, on `rootfs`.
@@ -836,6 +836,7 @@ impl VmSandbox {
         req: StartRequest,
         log: Arc<Mutex<std::fs::File>>,
         started: Option<std::sync::mpsc::SyncSender<Result<(), String>>>,
+        hub: Option<Arc<AttachHub>>,
     ) -> Result<(Option<i32>, Option<i32>, bool), String> {
         let id = req.id.clone();
         let proc = match self.agent.start(req) {
@@ -855,6 +856,9 @@ impl VmSandbox {
         // A stop that came while starting reaches this process too.
         if self.stop.requested.load(Ordering::SeqCst) {
             let _ = proc.signal(libc::SIGTERM);
+        }
+        if let Some(h) = &hub {
+            h.connect(&proc);
         }
         if let Some(s) = started {
             let _ = s.send(Ok(()));
@@ -877,6 +881,12 @@ impl VmSandbox {
                         husk_protocol::Stream::Stderr => &mut err_w,
                     };
                     let _ = w.write_all(&data);
+                    if let Some(h) = &hub {
+                        h.publish(match stream {
+                            husk_protocol::Stream::Stdout => crate::ExecMsg::Stdout { data },
+                            husk_protocol::Stream::Stderr => crate::ExecMsg::Stderr { data },
+                        });
+                    }
                 }
                 Ok(Event::Exited {
                     code,
@@ -904,6 +914,16 @@ impl VmSandbox {
         drop((out_w, err_w));
         let _ = out_pump.join();
         let _ = err_pump.join();
+        if let Some(h) = &hub {
+            h.close(match &result {
+                Ok((code, signal, _)) => crate::ExecMsg::Exit {
+                    code: code.unwrap_or_else(|| 128 + signal.unwrap_or(libc::SIGKILL)),
+                },
+                Err(message) => crate::ExecMsg::Error {
+                    message: message.clone(),
+                },
+            });
+        }
         result
     }
 }
@@ -1342,6 +1362,10 @@ impl Sandbox for VmSandbox {
 
     fn reopen_log(&self, id: &str) -> Result<(), String> {
         self.cri_reopen_log(id)
+    }
+
+    fn attach(&self, id: &str) -> Result<crate::ExecSession, String> {
+        self.cri_attach(id)
     }
 
     fn request_stop(&self, grace: Duration) {

@@ -143,6 +143,15 @@ pub trait Sandbox: Send + Sync {
     fn reopen_log(&self, id: &str) -> Result<(), String> {
         Err(format!("no container {id:?} in this pod"))
     }
+    /// CRI: attaches to a running container's process: its output from
+    /// now on, its stdin (when it was created with one) and its terminal.
+    /// Leaving does not end it.
+    fn attach(&self, id: &str) -> Result<ExecSession, String> {
+        Err(format!(
+            "attach is not supported in {} pods (container {id})",
+            self.runtime_class()
+        ))
+    }
 }
 
 /// A pod's resource usage at one moment.
