@@ -354,7 +354,40 @@ pub struct CriContainer {
     pub message: String,
 }
 
+impl CriContainer {
+    /// A container just created, as CRI has it.
+    pub fn created(id: String, meta: CriMeta) -> Self {
+        CriContainer {
+            id,
+            meta,
+            state: CriState::Created,
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            finished_at: None,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+        }
+    }
+}
+
 impl PodStatus {
+    /// Err when a CRI container of the pod already has `meta`'s name and
+    /// attempt.
+    pub fn cri_name_free(&self, meta: &CriMeta) -> Result<(), String> {
+        match self
+            .cri_containers
+            .iter()
+            .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
+        {
+            Some(x) => Err(format!(
+                "already exists: container {:?} attempt {} is {} in this pod",
+                meta.name, meta.attempt, x.id
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn load(paths: &PodPaths) -> Result<Self, StateError> {
         read_json(&paths.status())
     }

@@ -18,6 +18,7 @@
 //! records live in the pod's status.
 
 use super::sandbox::VmSandbox;
+use crate::cri_log;
 use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -265,17 +266,6 @@ pub(crate) struct VmCriEntry {
     pub(crate) log: Option<Arc<Mutex<std::fs::File>>>,
 }
 
-fn open_log(path: &Path) -> Result<std::fs::File, String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 impl VmSandbox {
     pub(crate) fn cri_record(&self, id: &str) -> Option<CriContainer> {
         self.status
@@ -313,18 +303,7 @@ impl VmSandbox {
         meta: CriMeta,
     ) -> Result<String, String> {
         self.cri_open()?;
-        if let Some(x) = self
-            .status
-            .get()
-            .cri_containers
-            .iter()
-            .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
-        {
-            return Err(format!(
-                "already exists: container {:?} attempt {} is {} in this pod",
-                meta.name, meta.attempt, x.id
-            ));
-        }
+        self.status.get().cri_name_free(&meta)?;
         if c.layers.is_empty() {
             return Err(format!(
                 "container {:?}: image {} has no Linux layers",
@@ -379,17 +358,7 @@ impl VmSandbox {
                 hub: Arc::new(AttachHub::default()),
             },
         );
-        let rec = CriContainer {
-            id: id.clone(),
-            meta,
-            state: CriState::Created,
-            created_at: chrono::Utc::now(),
-            started_at: None,
-            finished_at: None,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-        };
+        let rec = CriContainer::created(id.clone(), meta);
         self.status.update(|st| st.cri_containers.push(rec));
         Ok(id)
     }
@@ -411,7 +380,7 @@ impl VmSandbox {
                 .open("/dev/null")
                 .map_err(|e| format!("/dev/null: {e}"))?
         } else {
-            open_log(&rec.meta.log_path)?
+            cri_log::open_log(&rec.meta.log_path)?
         };
         let log = Arc::new(Mutex::new(log));
         let (plan, layer_dirs, hub) = {
@@ -563,7 +532,7 @@ impl VmSandbox {
         let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
             return Err(format!("container {id} has no log file"));
         };
-        let fresh = open_log(&rec.meta.log_path)?;
+        let fresh = cri_log::open_log(&rec.meta.log_path)?;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }

@@ -10,7 +10,6 @@ use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
 use husk_wasm::{CompiledGuest, GuestExit, KillSwitch};
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,17 +28,6 @@ pub(crate) struct CriEntry {
     stdin: Option<OwnedFd>,
     log: Option<Arc<Mutex<std::fs::File>>>,
     exited: Arc<watch::Sender<bool>>,
-}
-
-fn open_log(path: &Path) -> Result<std::fs::File, String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
@@ -85,18 +73,7 @@ impl WasmSandbox {
         if self.cri_closed.load(Ordering::SeqCst) || self.stop.is_requested() {
             return Err(format!("pod sandbox {} is stopped", self.paths.id));
         }
-        if let Some(x) = self
-            .status
-            .get()
-            .cri_containers
-            .iter()
-            .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
-        {
-            return Err(format!(
-                "already exists: container {:?} attempt {} is {} in this pod",
-                meta.name, meta.attempt, x.id
-            ));
-        }
+        self.status.get().cri_name_free(&meta)?;
         let id = format!(
             "{}{}",
             self.paths.id,
@@ -133,17 +110,7 @@ impl WasmSandbox {
                 exited: Arc::new(tx),
             },
         );
-        let rec = CriContainer {
-            id: id.clone(),
-            meta,
-            state: CriState::Created,
-            created_at: chrono::Utc::now(),
-            started_at: None,
-            finished_at: None,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-        };
+        let rec = CriContainer::created(id.clone(), meta);
         self.status.update(|st| st.cri_containers.push(rec));
         Ok(id)
     }
@@ -166,7 +133,7 @@ impl WasmSandbox {
         let log = if rec.meta.log_path.as_os_str().is_empty() {
             None
         } else {
-            Some(Arc::new(Mutex::new(open_log(&rec.meta.log_path)?)))
+            Some(Arc::new(Mutex::new(cri_log::open_log(&rec.meta.log_path)?)))
         };
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -306,7 +273,7 @@ impl WasmSandbox {
         let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
             return Err(format!("container {id} has no log file"));
         };
-        let fresh = open_log(&rec.meta.log_path)?;
+        let fresh = cri_log::open_log(&rec.meta.log_path)?;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }
