@@ -1396,6 +1396,54 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             ),
             tonic::Code::FailedPrecondition
         );
+        // The security context applies in the guest: user, group, a
+        // read-only root, no capabilities.
+        let mut secure = config(
+            "secure",
+            "id -u; id -g; touch /x 2>/dev/null && echo writable || echo read-only-root; grep CapEff /proc/self/status",
+            vec![],
+        );
+        secure.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                run_as_group: Some(cri::Int64Value { value: 1001 }),
+                readonly_rootfs: true,
+                capabilities: Some(cri::Capability {
+                    drop_capabilities: vec!["ALL".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let secure = rs
+            .create_container(create(secure))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: secure.clone(),
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &secure, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        let slog: Vec<String> = log_lines(&Path::new(&cfg.log_directory).join("secure_0.log"))
+            .iter()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            slog,
+            ["1000", "1001", "read-only-root", "CapEff:\t0000000000000000"],
+            "{slog:?}"
+        );
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: secure.clone(),
+        })
+        .await
+        .unwrap();
+
         // A graceful container ends on SIGTERM.
         let polite = rs
             .create_container(create(config(
