@@ -90,6 +90,21 @@ impl StatusCell {
         }
     }
 
+    /// A CRI container's record.
+    pub fn cri(&self, id: &str) -> Option<crate::state::CriContainer> {
+        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.cri_containers.iter().find(|c| c.id == id).cloned()
+    }
+
+    /// Changes a CRI container's record (if it is there) and saves.
+    pub fn with_cri(&self, id: &str, f: impl FnOnce(&mut crate::state::CriContainer)) {
+        self.update(|st| {
+            if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
+                f(c);
+            }
+        });
+    }
+
     pub fn with_container(&self, init: bool, idx: usize, f: impl FnOnce(&mut ContainerStatus)) {
         self.update(|st| {
             let list = if init {

@@ -3,7 +3,7 @@
 //! containers live in the monitor and their records in the pod's status.
 
 use crate::store::{internal, CriSandbox, Huskd, SandboxView};
-use crate::stream::{Forward, Pending};
+use crate::stream::{Forward, Io, Pending};
 use husk_sandbox::pod::{
     spec, DnsPlan, PodPlan, PortPlan, RestartPolicy, VolumePlan, VolumeSource,
 };
@@ -432,6 +432,35 @@ impl Runtime {
                 "unknown runtime handler {other:?}; huskd serves {HANDLER_WASM} and {HANDLER_VM}"
             ))),
         }
+    }
+
+    /// The running VM container that an exec or attach with `io` may
+    /// stream from.
+    fn stream_target(
+        &self,
+        id: &str,
+        io: Io,
+        what: &str,
+    ) -> Result<(SandboxView, CriContainer), Status> {
+        let (sb, c) = self.0.container(id)?;
+        if !(io.stdin || io.stdout || io.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if c.state != CriState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        if sb.cri.runtime_handler != HANDLER_VM {
+            return Err(Status::unimplemented(format!(
+                "{}: no {what} into a wasm container (it has no processes beside its guest)",
+                sb.cri.runtime_handler
+            )));
+        }
+        Ok((sb, c))
     }
 
     /// A sandbox's usage figures from its monitor (VM sandboxes), if any.
@@ -989,76 +1018,62 @@ impl RuntimeService for Runtime {
 
     async fn exec(&self, req: Req<cri::ExecRequest>) -> R<cri::ExecResponse> {
         let req = req.into_inner();
-        let (sb, c) = self.0.container(&req.container_id)?;
         if req.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is empty"));
-        }
-        if !(req.stdin || req.stdout || req.stderr) {
-            return Err(Status::invalid_argument(
-                "one of stdin, stdout and stderr must be set",
-            ));
         }
         if req.tty && req.stderr {
             return Err(Status::invalid_argument(
                 "tty and stderr cannot both be set (a terminal has one output stream)",
             ));
         }
-        if c.state != CriState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
-        if sb.cri.runtime_handler != HANDLER_VM {
-            return Err(Status::unimplemented(format!(
-                "{}: a wasm container has no processes to start beside its guest",
-                sb.cri.runtime_handler
-            )));
-        }
-        let url = self.0.streaming.register(Pending::Exec {
-            pod: sb.id().to_owned(),
-            container: c.id,
-            argv: req.cmd,
-            tty: req.tty,
+        let io = Io {
             stdin: req.stdin,
             stdout: req.stdout,
             stderr: req.stderr,
+        };
+        let (sb, c) = self.stream_target(&req.container_id, io, "exec")?;
+        let spec = husk_sandbox::ExecSpec {
+            argv: req.cmd.clone(),
+            tty: req
+                .tty
+                .then_some(husk_sandbox::TtySize { rows: 24, cols: 80 }),
+            copy: None,
+        };
+        let url = self.0.streaming.register(Pending::Process {
+            pod: sb.id().to_owned(),
+            request: Request::ExecStream {
+                container: Some(c.id),
+                spec,
+            },
+            label: req.cmd,
+            io,
         });
         Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(&self, req: Req<cri::AttachRequest>) -> R<cri::AttachResponse> {
         let req = req.into_inner();
-        let (sb, c) = self.0.container(&req.container_id)?;
-        if !(req.stdin || req.stdout || req.stderr) {
-            return Err(Status::invalid_argument(
-                "one of stdin, stdout and stderr must be set",
-            ));
-        }
-        if c.state != CriState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
-        if sb.cri.runtime_handler != HANDLER_VM {
-            return Err(Status::unimplemented(format!(
-                "{}: attach to a wasm container is not supported",
-                sb.cri.runtime_handler
-            )));
-        }
+        let io = Io {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        };
+        let (sb, c) = self.stream_target(&req.container_id, io, "attach")?;
         if req.stdin && !c.meta.stdin {
             return Err(Status::invalid_argument(format!(
                 "container {} was created without stdin; attach without it",
                 c.id
             )));
         }
-        let url = self.0.streaming.register(Pending::Attach {
+        let url = self.0.streaming.register(Pending::Process {
             pod: sb.id().to_owned(),
-            container: c.id,
-            stdin: req.stdin,
-            stdout: req.stdout,
-            stderr: req.stderr && !c.meta.tty,
+            label: vec![format!("attach {}", c.id)],
+            request: Request::AttachStream { id: c.id },
+            io: Io {
+                // A terminal has one output stream.
+                stderr: req.stderr && !c.meta.tty,
+                ..io
+            },
         });
         Ok(Response::new(cri::AttachResponse { url }))
     }

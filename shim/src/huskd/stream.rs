@@ -38,29 +38,42 @@ use tokio_tungstenite::WebSocketStream;
 const TOKEN_TTL: Duration = Duration::from_secs(60);
 
 /// A stream a client was promised.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Pending {
-    Exec {
+    /// An exec or an attach: `request` (ExecStream or AttachStream) on
+    /// the pod's monitor; `label` names it in a failure status.
+    Process {
         pod: String,
-        container: String,
-        argv: Vec<String>,
-        tty: bool,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
-    },
-    Attach {
-        pod: String,
-        container: String,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
+        request: Request,
+        label: Vec<String>,
+        io: Io,
     },
     PortForward {
         pod: String,
         ports: Vec<u16>,
         target: Forward,
     },
+}
+
+impl Pending {
+    fn kind(&self) -> &'static str {
+        match self {
+            Pending::Process {
+                request: Request::AttachStream { .. },
+                ..
+            } => "attach",
+            Pending::Process { .. } => "exec",
+            Pending::PortForward { .. } => "portforward",
+        }
+    }
+}
+
+/// Which of a process's streams the client wants.
+#[derive(Debug, Clone, Copy)]
+pub struct Io {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
 }
 
 /// Where a forwarded port is.
@@ -95,11 +108,7 @@ impl Streaming {
 
     /// A URL for one use of `p`.
     pub fn register(&self, p: Pending) -> String {
-        let kind = match p {
-            Pending::Exec { .. } => "exec",
-            Pending::Attach { .. } => "attach",
-            Pending::PortForward { .. } => "portforward",
-        };
+        let kind = p.kind();
         let token = hex::encode(rand::random::<[u8; 16]>());
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, (t, _)| t.elapsed() < TOKEN_TTL);
@@ -110,19 +119,19 @@ impl Streaming {
     fn take(&self, kind: &str, token: &str) -> Option<Pending> {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let (t, p) = map.remove(token)?;
-        let kind_ok = matches!(
-            (&p, kind),
-            (Pending::Exec { .. }, "exec")
-                | (Pending::Attach { .. }, "attach")
-                | (Pending::PortForward { .. }, "portforward")
-        );
-        (kind_ok && t.elapsed() < TOKEN_TTL).then_some(p)
+        (p.kind() == kind && t.elapsed() < TOKEN_TTL).then_some(p)
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors, say: do not spin on it.
+                    tracing::warn!("streaming: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let me = self.clone();
             tokio::spawn(async move { me.handle(tcp).await });
@@ -153,9 +162,7 @@ impl Streaming {
                     .map(|s| s.trim().to_owned())
                     .collect();
                 let wanted: &[&'static str] = match p {
-                    Pending::Exec { .. } | Pending::Attach { .. } => {
-                        &["v5.channel.k8s.io", "v4.channel.k8s.io"]
-                    }
+                    Pending::Process { .. } => &["v5.channel.k8s.io", "v4.channel.k8s.io"],
                     Pending::PortForward { .. } => &["v4.channel.k8s.io", ""],
                 };
                 let Some(proto) = wanted.iter().find(|w| {
@@ -187,54 +194,16 @@ impl Streaming {
         };
         match found {
             Some((
-                Pending::Exec {
+                Pending::Process {
                     pod,
-                    container,
-                    argv,
-                    tty,
-                    stdin,
-                    stdout,
-                    stderr,
+                    request,
+                    label,
+                    io,
                 },
                 proto,
             )) => {
-                let opts = ExecOpts {
-                    v5: proto == "v5.channel.k8s.io",
-                    stdin,
-                    stdout,
-                    stderr,
-                };
-                let spec = husk_sandbox::ExecSpec {
-                    argv: argv.clone(),
-                    tty: tty.then_some(husk_sandbox::TtySize { rows: 24, cols: 80 }),
-                    copy: None,
-                };
-                let req = Request::ExecStream {
-                    container: Some(container),
-                    spec,
-                };
-                self.exec(ws, &pod, req, argv, opts).await
-            }
-            Some((
-                Pending::Attach {
-                    pod,
-                    container,
-                    stdin,
-                    stdout,
-                    stderr,
-                },
-                proto,
-            )) => {
-                let opts = ExecOpts {
-                    v5: proto == "v5.channel.k8s.io",
-                    stdin,
-                    stdout,
-                    stderr,
-                };
-                let req = Request::AttachStream {
-                    id: container.clone(),
-                };
-                self.exec(ws, &pod, req, vec![format!("attach {container}")], opts)
+                let v5 = proto == "v5.channel.k8s.io";
+                self.exec(ws, &pod, request, label, ExecOpts { v5, io })
                     .await
             }
             Some((Pending::PortForward { pod, ports, target }, _)) => {
@@ -264,7 +233,7 @@ impl Streaming {
         };
         // An exec without stdin sees it end at once; an attach leaves the
         // container's stdin alone.
-        if !o.stdin && !attach {
+        if !o.io.stdin && !attach {
             let _ = send_msg(
                 &mut wr,
                 &ExecMsg::Stdin {
@@ -283,7 +252,7 @@ impl Streaming {
                     continue;
                 };
                 let m = match (b.first(), b.get(1)) {
-                    (Some(0), _) if o.stdin => ExecMsg::Stdin {
+                    (Some(0), _) if o.io.stdin => ExecMsg::Stdin {
                         data: b[1..].to_vec(),
                         eof: false,
                     },
@@ -294,7 +263,7 @@ impl Streaming {
                         },
                         Err(_) => continue,
                     },
-                    (Some(255), Some(0)) if o.v5 && o.stdin => ExecMsg::Stdin {
+                    (Some(255), Some(0)) if o.v5 && o.io.stdin => ExecMsg::Stdin {
                         data: vec![],
                         eof: true,
                     },
@@ -312,11 +281,11 @@ impl Streaming {
                 let result = match rd.read_line(&mut line).await {
                     Ok(0) | Err(_) => Err("the monitor closed the exec".to_owned()),
                     Ok(_) => match serde_json::from_str::<ExecMsg>(&line) {
-                        Ok(ExecMsg::Stdout { data }) if o.stdout => {
+                        Ok(ExecMsg::Stdout { data }) if o.io.stdout => {
                             let _ = sink.send(Message::binary(frame(1, &data))).await;
                             continue;
                         }
-                        Ok(ExecMsg::Stderr { data }) if o.stderr => {
+                        Ok(ExecMsg::Stderr { data }) if o.io.stderr => {
                             let _ = sink.send(Message::binary(frame(2, &data))).await;
                             continue;
                         }
@@ -403,9 +372,7 @@ impl Streaming {
 #[derive(Clone, Copy)]
 struct ExecOpts {
     v5: bool,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
+    io: Io,
 }
 
 #[derive(serde::Deserialize)]

@@ -267,22 +267,6 @@ pub(crate) struct VmCriEntry {
 }
 
 impl VmSandbox {
-    pub(crate) fn cri_record(&self, id: &str) -> Option<CriContainer> {
-        self.status
-            .get()
-            .cri_containers
-            .into_iter()
-            .find(|c| c.id == id)
-    }
-
-    fn cri_update(&self, id: &str, f: impl FnOnce(&mut CriContainer)) {
-        self.status.update(|st| {
-            if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
-                f(c);
-            }
-        });
-    }
-
     fn cri_open(&self) -> Result<(), String> {
         if !self.plan.cri {
             return Err(format!(
@@ -365,7 +349,8 @@ impl VmSandbox {
 
     pub(crate) fn cri_start(self: &Arc<Self>, id: &str) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Created {
             return Err(format!(
@@ -408,7 +393,7 @@ impl VmSandbox {
             .meta
             .tty
             .then_some(husk_protocol::TtySize { rows: 24, cols: 80 });
-        self.cri_update(id, |c| {
+        self.status.with_cri(id, |c| {
             c.state = CriState::Running;
             c.started_at = Some(chrono::Utc::now());
         });
@@ -429,10 +414,10 @@ impl VmSandbox {
                     (None, Some(s)) => (128 + s, "Error", format!("killed by signal {s}")),
                     (None, None) => (1, "Error", String::new()),
                 },
-                Err(msg) if me.agent.is_closed() => (137, "Error", me.vm_ended_message_or(msg)),
+                Err(_) if me.agent.is_closed() => (137, "Error", me.vm_ended_message()),
                 Err(msg) => (128, "StartError", msg),
             };
-            me.cri_update(&id2, |c| {
+            me.status.with_cri(&id2, |c| {
                 c.state = CriState::Exited;
                 c.finished_at = Some(chrono::Utc::now());
                 c.exit_code = code;
@@ -452,7 +437,8 @@ impl VmSandbox {
         let until = Instant::now() + limit;
         loop {
             let running = self
-                .cri_record(id)
+                .status
+                .cri(id)
                 .is_some_and(|c| c.state == CriState::Running);
             if !running {
                 return true;
@@ -466,7 +452,8 @@ impl VmSandbox {
 
     pub(crate) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
@@ -496,7 +483,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_remove(&self, id: &str) -> Result<(), String> {
-        if self.cri_record(id).is_none() {
+        if self.status.cri(id).is_none() {
             return Err(format!("no container {id:?} in this pod"));
         }
         self.cri_stop(id, Duration::ZERO)?;
@@ -520,7 +507,8 @@ impl VmSandbox {
 
     pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Running {
             return Err(format!("container {id} is not running"));
@@ -539,7 +527,8 @@ impl VmSandbox {
 
     pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Running {
             return Err(format!("container {id} is not running"));

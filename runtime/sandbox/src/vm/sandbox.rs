@@ -747,15 +747,6 @@ impl VmSandbox {
             .map_err(|e| e.to_string())
     }
 
-    /// Why the pod's VM is gone when it is, or else `msg`.
-    pub(crate) fn vm_ended_message_or(&self, msg: String) -> String {
-        if self.agent.is_closed() {
-            self.vm_ended_message()
-        } else {
-            msg
-        }
-    }
-
     /// Why the pod's VM is gone, with the end of its console.
     pub(crate) fn vm_ended_message(&self) -> String {
         let console = self

@@ -42,22 +42,6 @@ async fn wait_exit(mut rx: watch::Receiver<bool>, limit: Duration) -> bool {
 }
 
 impl WasmSandbox {
-    fn cri_record(&self, id: &str) -> Option<CriContainer> {
-        self.status
-            .get()
-            .cri_containers
-            .into_iter()
-            .find(|c| c.id == id)
-    }
-
-    fn cri_update(&self, id: &str, f: impl FnOnce(&mut CriContainer)) {
-        self.status.update(|st| {
-            if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
-                f(c);
-            }
-        });
-    }
-
     pub(super) fn cri_create(
         &self,
         mut c: ContainerPlan,
@@ -117,7 +101,8 @@ impl WasmSandbox {
 
     pub(super) fn cri_start(&self, id: &str) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Created {
             return Err(format!(
@@ -168,7 +153,7 @@ impl WasmSandbox {
             })
         });
         let spec = self.guest_spec(&plan, preopens, in_r, out_w, err_w);
-        self.cri_update(id, |c| {
+        self.status.with_cri(id, |c| {
             c.state = CriState::Running;
             c.started_at = Some(chrono::Utc::now());
         });
@@ -215,7 +200,8 @@ impl WasmSandbox {
 
     pub(super) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
@@ -244,7 +230,7 @@ impl WasmSandbox {
     }
 
     pub(super) fn cri_remove(&self, id: &str) -> Result<(), String> {
-        if self.cri_record(id).is_none() {
+        if self.status.cri(id).is_none() {
             return Err(format!("no container {id:?} in this pod"));
         }
         self.cri_stop(id, Duration::ZERO)?;
@@ -264,7 +250,8 @@ impl WasmSandbox {
 
     pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
         let rec = self
-            .cri_record(id)
+            .status
+            .cri(id)
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
         if rec.state != CriState::Running {
             return Err(format!("container {id} is not running"));
