@@ -2,7 +2,7 @@
 # husk's guest kernels and test initramfs, built reproducibly from Debian's
 # packages into a cache that a machine fills once.
 #
-#   images/build.sh [all | kernel-a | kernel-b | init]
+#   images/build.sh [all | kernel-a | kernel-b | init | kubectl]
 #
 # Output (default ~/.cache/husk-images, or $HUSK_IMAGES_DIR), each name a
 # symlink into a directory keyed by what it was built from:
@@ -13,6 +13,8 @@
 #   test-init            the tiny static test init (init/test-init.c)
 #   initramfs-a.cpio.gz  test-init as /init + kernel A's modules
 #   initramfs-b.cpio.gz  test-init as /init
+#   kubectl              Debian's kubernetes-client (1.20): a real SPDY client
+#                        for huskd's streaming tests, unpacked, not installed
 # Needs root only to apt-get install missing build tools.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -185,6 +187,25 @@ build_kernel_b() {
     prune kernel-b "kernel-b-$key"
 }
 
+build_kubectl() {
+    local ver dir deb
+    ver="$(apt-cache policy kubernetes-client 2>/dev/null | awk '/Candidate:/ { print $2 }')"
+    [ -n "$ver" ] && [ "$ver" != "(none)" ] ||
+        { log "apt does not know kubernetes-client; run apt-get update"; exit 1; }
+    dir="$out/kubectl-${ver//[:+~]/_}"
+    if [ ! -x "$dir/kubectl" ]; then
+        log "kubectl: kubernetes-client $ver"
+        rm -rf "$dir" && mkdir -p "$dir"
+        deb="$(download kubernetes-client "$ver")"
+        dpkg-deb --fsys-tarfile "$deb" | tar -x -O ./usr/bin/kubectl > "$dir/kubectl.tmp"
+        rm -rf "$(dirname "$deb")"
+        chmod +x "$dir/kubectl.tmp"
+        mv "$dir/kubectl.tmp" "$dir/kubectl"
+    fi
+    link "$(basename "$dir")/kubectl" kubectl
+    prune kubectl "$(basename "$dir")"
+}
+
 build_initramfs() {
     local which="$1" stage
     stage="$(mktemp -d "$out/tmp.XXXXXX")"
@@ -200,6 +221,7 @@ build_initramfs() {
 target="${1:-all}"
 case "$target" in
     init) build_init ;;
+    kubectl) build_kubectl ;;
     kernel-a) build_kernel_a ;;
     kernel-b) build_kernel_b ;;
     all)
@@ -208,6 +230,7 @@ case "$target" in
         build_kernel_b
         build_initramfs a
         build_initramfs b
+        build_kubectl
         ;;
-    *) echo "usage: images/build.sh [all|kernel-a|kernel-b|init]" >&2; exit 2 ;;
+    *) echo "usage: images/build.sh [all|kernel-a|kernel-b|init|kubectl]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 //! wasmtime; images come from a real registry on loopback.
 
 mod common;
+mod kubeapi;
 use common::*;
 use husk_tests::{cri_channel, oci_client as client, rt, Registry};
 use k8s_cri::v1 as cri;
@@ -1020,6 +1021,194 @@ async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
     }
 }
 
+/// kubectl exec (with stdin, exit codes, a terminal and its size), attach
+/// and port-forward over SPDY into the VM pod; then what huskd refuses.
+async fn spdy_clients(
+    rs: &mut RuntimeServiceClient<Channel>,
+    forward_url: &str,
+    pod: &str,
+    main: &str,
+    create: &dyn Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    config: &dyn Fn(&str, &str, Vec<cri::Mount>) -> cri::ContainerConfig,
+) {
+    use kubeapi::{output, Container, KubeApi, PortForward};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut chat = config(
+        "chat2",
+        "read l; echo got $l; echo to-stderr >&2; exit 4",
+        vec![],
+    );
+    chat.stdin = true;
+    let chat = rs
+        .create_container(create(chat))
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: chat.clone(),
+    })
+    .await
+    .unwrap();
+    let api = KubeApi::start(rs.clone()).await;
+    api.add(kubeapi::Pod {
+        name: "vmweb".into(),
+        sandbox: pod.into(),
+        containers: vec![
+            Container {
+                name: "main".into(),
+                id: main.into(),
+                stdin: false,
+            },
+            Container {
+                name: "chat2".into(),
+                id: chat.clone(),
+                stdin: true,
+            },
+        ],
+    });
+
+    let o = output(
+        api.kubectl(&[
+            "exec",
+            "-i",
+            "vmweb",
+            "-c",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "read l; echo out $l; echo err >&2; exit 5",
+        ]),
+        b"hi\n",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    assert_eq!(text(&o.stdout), "out hi", "{o:?}");
+    assert!(text(&o.stderr).starts_with("err"), "{o:?}");
+    let o = output(
+        api.kubectl(&[
+            "exec",
+            "vmweb",
+            "-c",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "cat /ro/keep.txt",
+        ]),
+        b"",
+    )
+    .await;
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(text(&o.stdout), "read only");
+
+    // A terminal: kubectl in a pty of `script` sized 30x100 sends that
+    // size on its resize stream.
+    let line = api.kubectl_line("exec -it vmweb -c main -- sh -c 'stty size; tty'");
+    let o = output(
+        {
+            let mut c = std::process::Command::new("script");
+            c.args([
+                "-qec",
+                &format!("stty rows 30 cols 100; {line}"),
+                "/dev/null",
+            ]);
+            c
+        },
+        b"",
+    )
+    .await;
+    let shown = text(&o.stdout);
+    assert!(shown.contains("30 100"), "{o:?}");
+    assert!(shown.contains("/dev/pts/"), "{o:?}");
+
+    let o = output(
+        api.kubectl(&["attach", "-i", "vmweb", "-c", "chat2"]),
+        b"hi\n",
+    )
+    .await;
+    assert_eq!(text(&o.stdout), "got hi", "{o:?}");
+    assert!(text(&o.stderr).contains("to-stderr"), "{o:?}");
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+
+    // Port-forward: two connections through one kubectl, each its own
+    // pair of SPDY streams.
+    let pf = PortForward::start(api.kubectl(&["port-forward", "pod/vmweb", ":8080"])).await;
+    for word in ["ping", "again"] {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", pf.port))
+            .await
+            .unwrap();
+        c.write_all(format!("{word}\n").as_bytes()).await.unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(60), c.read_to_string(&mut got))
+            .await
+            .expect("the forwarded connection did not end")
+            .unwrap();
+        assert_eq!(got.trim(), format!("pong {word}"));
+    }
+    drop(pf);
+    drop(api);
+    rs.remove_container(cri::RemoveContainerRequest {
+        container_id: chat.clone(),
+    })
+    .await
+    .unwrap();
+
+    // Refusals, before any upgrade: an unknown token, a protocol huskd
+    // does not speak, a request that upgrades to nothing.
+    let host = forward_url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let raw = |path: String, extra: &str| {
+        let host = host.clone();
+        let req = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n");
+        async move {
+            let mut c = tokio::net::TcpStream::connect(host).await.unwrap();
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got).await.unwrap();
+            got
+        }
+    };
+    let spdy = "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n";
+    let r = raw(
+        format!("/exec/{}", "0".repeat(32)),
+        &format!("{spdy}X-Stream-Protocol-Version: v4.channel.k8s.io\r\n"),
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("no such stream"),
+        "{r}"
+    );
+    let fresh = rs
+        .exec(cri::ExecRequest {
+            container_id: main.into(),
+            cmd: vec!["true".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let path = format!("/{}", fresh.splitn(4, '/').nth(3).unwrap());
+    let r = raw(
+        path.clone(),
+        &format!("{spdy}X-Stream-Protocol-Version: v1.channel.k8s.io\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("huskd speaks v4.channel.k8s.io"), "{r}");
+    let r = raw(path, "").await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("SPDY/3.1 upgrade"),
+        "{r}"
+    );
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
 }
@@ -1353,6 +1542,10 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             .into_inner()
             .url;
         assert_eq!(forward_line(&url, 8080, "ping").await, "pong ping");
+
+        // A real SPDY client: Debian's kubectl 1.20, through a stand-in for
+        // the API server and the kubelet's streaming proxy.
+        spdy_clients(&mut rs, &url, &pod, &main, &create, &config).await;
 
         // huskd killed with -9 and restarted: the VM and its container
         // never noticed.

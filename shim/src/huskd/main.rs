@@ -8,6 +8,7 @@
 
 mod image;
 mod runtime;
+mod spdy;
 mod store;
 mod stream;
 

@@ -1030,6 +1030,7 @@ impl RuntimeService for Runtime {
             stdin: req.stdin,
             stdout: req.stdout,
             stderr: req.stderr,
+            tty: req.tty,
         };
         let (sb, c) = self.stream_target(&req.container_id, io, "exec")?;
         let spec = husk_sandbox::ExecSpec {
@@ -1057,6 +1058,7 @@ impl RuntimeService for Runtime {
             stdin: req.stdin,
             stdout: req.stdout,
             stderr: req.stderr,
+            tty: req.tty,
         };
         let (sb, c) = self.stream_target(&req.container_id, io, "attach")?;
         if req.stdin && !c.meta.stdin {

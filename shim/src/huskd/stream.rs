@@ -14,9 +14,14 @@
 //! port on the pod's localhost: inside its network namespace for a wasm
 //! pod, and through the agent (its connect tool) inside a VM.
 //!
-//! SPDY/3.1, which older clients use, is not spoken: such a request is
-//! refused with a message saying so.
+//! Older clients (kubectl and crictl before 1.30, the API server's proxy)
+//! upgrade to SPDY/3.1 instead and open one SPDY stream per channel, named
+//! by its `streamtype` header: `v4`/`v3`/`v2.channel.k8s.io` for exec and
+//! attach (error, stdin, stdout, stderr, resize), `portforward.k8s.io` for
+//! port-forward (a data and an error stream per forwarded connection, with
+//! its `port` and `requestid`).
 
+use crate::spdy::{self, Frame, FrameReader, FrameWriter};
 use futures_util::{SinkExt, StreamExt};
 use husk_sandbox::state::Roots;
 use husk_sandbox::ExecMsg;
@@ -36,6 +41,20 @@ use tokio_tungstenite::WebSocketStream;
 
 /// How long a URL handed out stays valid (the kubelet's default).
 const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// How long a client may take to send its request, and a SPDY client to
+/// open the streams it asked for (the kubelet's stream creation timeout).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest HTTP request head taken.
+const MAX_HEAD: usize = 16 << 10;
+/// Forwarded connections at once on one SPDY port-forward.
+const MAX_FORWARDS: usize = 256;
+
+/// A client connection after its request head was read: the head is
+/// replayed to the WebSocket handshake.
+type Conn = tokio::io::Join<
+    tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+>;
 
 /// A stream a client was promised.
 #[derive(Debug)]
@@ -74,6 +93,8 @@ pub struct Io {
     pub stdin: bool,
     pub stdout: bool,
     pub stderr: bool,
+    /// A terminal: a SPDY client opens a resize stream for it.
+    pub tty: bool,
 }
 
 /// Where a forwarded port is.
@@ -138,9 +159,49 @@ impl Streaming {
         }
     }
 
+    async fn handle(self: Arc<Self>, mut tcp: TcpStream) {
+        let (head, rest) = match tokio::time::timeout(CLIENT_TIMEOUT, read_head(&mut tcp)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::info!("streaming: a bad request: {e}");
+                let _ = respond(&mut tcp, 400, &[], &e).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let req = match Head::parse(&head) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = respond(&mut tcp, 400, &[], &e).await;
+                return;
+            }
+        };
+        let upgrade = req
+            .values("upgrade")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match upgrade.as_str() {
+            "websocket" => {
+                let (rd, wr) = tcp.into_split();
+                let replay = std::io::Cursor::new([head, rest].concat());
+                let conn = tokio::io::join(AsyncReadExt::chain(replay, rd), wr);
+                self.websocket(conn).await
+            }
+            "spdy/3.1" => self.spdy(tcp, &req, rest).await,
+            _ => {
+                let msg = format!(
+                    "{}: huskd's streaming server takes a WebSocket (v5/v4.channel.k8s.io) or a SPDY/3.1 upgrade",
+                    req.path
+                );
+                let _ = respond(&mut tcp, 400, &[], &msg).await;
+            }
+        }
+    }
+
     // The callback's error type is tungstenite's, not ours to shrink.
     #[allow(clippy::result_large_err)]
-    async fn handle(self: Arc<Self>, tcp: TcpStream) {
+    async fn websocket(self: Arc<Self>, tcp: Conn) {
         let mut found: Option<(Pending, &'static str)> = None;
         let callback =
             |req: &WsRequest, mut resp: WsResponse| -> Result<WsResponse, ErrorResponse> {
@@ -188,7 +249,7 @@ impl Streaming {
         let ws = match tokio_tungstenite::accept_hdr_async(tcp, callback).await {
             Ok(ws) => ws,
             Err(e) => {
-                tracing::info!("streaming: refused a connection: {e} (huskd serves WebSocket streams; SPDY is not supported)");
+                tracing::info!("streaming: refused a WebSocket connection: {e}");
                 return;
             }
         };
@@ -215,7 +276,7 @@ impl Streaming {
 
     async fn exec(
         &self,
-        ws: WebSocketStream<TcpStream>,
+        ws: WebSocketStream<Conn>,
         pod: &str,
         req: Request,
         argv: Vec<String>,
@@ -311,7 +372,7 @@ impl Streaming {
 
     async fn port_forward(
         &self,
-        ws: WebSocketStream<TcpStream>,
+        ws: WebSocketStream<Conn>,
         pod: &str,
         ports: Vec<u16>,
         target: Forward,
@@ -341,9 +402,14 @@ impl Streaming {
             let roots = self.roots.clone();
             tokio::spawn(async move {
                 let r = match target {
-                    Forward::Netns(netns) => relay_netns(&netns, port, in_rx, &tx, data_ch).await,
+                    Forward::Netns(netns) => {
+                        relay_netns(&netns, port, in_rx, &tx, |d| frame(data_ch, d)).await
+                    }
                     Forward::Vm { container } => {
-                        relay_vm(&roots, &pod, container, port, in_rx, &tx, data_ch).await
+                        relay_vm(&roots, &pod, container, port, in_rx, &tx, |d| {
+                            frame(data_ch, d)
+                        })
+                        .await
                     }
                 };
                 if let Err(e) = r {
@@ -398,7 +464,12 @@ fn frame(channel: u8, data: &[u8]) -> Vec<u8> {
 /// The final frame on channel 3: a Kubernetes Status, as client-go reads
 /// it (a non-zero exit becomes its exit code error).
 fn status_frame(r: Result<(i32, Vec<String>), String>) -> Vec<u8> {
-    let v = match r {
+    frame(3, &serde_json::to_vec(&status(r)).unwrap_or_default())
+}
+
+/// The Kubernetes Status that ends an exec or attach.
+fn status(r: Result<(i32, Vec<String>), String>) -> serde_json::Value {
+    match r {
         Ok((0, _)) => serde_json::json!({"metadata": {}, "status": "Success"}),
         Ok((code, argv)) => serde_json::json!({
             "metadata": {},
@@ -413,8 +484,7 @@ fn status_frame(r: Result<(i32, Vec<String>), String>) -> Vec<u8> {
             "message": message,
             "reason": "InternalError",
         }),
-    };
-    frame(3, &serde_json::to_vec(&v).unwrap_or_default())
+    }
 }
 
 async fn send_msg(wr: &mut tokio::net::unix::OwnedWriteHalf, m: &ExecMsg) -> std::io::Result<()> {
@@ -474,12 +544,14 @@ async fn connect_in(netns: &std::path::Path, port: u16) -> std::io::Result<TcpSt
     TcpStream::from_std(s)
 }
 
-async fn relay_netns(
+/// Relays one connection to localhost:`port` in `netns`: `input` to it,
+/// what it sends (wrapped for the client's protocol) to `out`.
+async fn relay_netns<T>(
     netns: &std::path::Path,
     port: u16,
     mut input: mpsc::Receiver<Vec<u8>>,
-    out: &mpsc::Sender<Vec<u8>>,
-    ch: u8,
+    out: &mpsc::Sender<T>,
+    wrap: impl Fn(&[u8]) -> T,
 ) -> Result<(), String> {
     let conn = connect_in(netns, port)
         .await
@@ -499,7 +571,7 @@ async fn relay_netns(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if out.send(frame(ch, &buf[..n])).await.is_err() {
+                    if out.send(wrap(&buf[..n])).await.is_err() {
                         break;
                     }
                 }
@@ -510,14 +582,16 @@ async fn relay_netns(
     Ok(())
 }
 
-async fn relay_vm(
+/// As relay_netns, to localhost:`port` in a VM pod, through the agent's
+/// connect tool in one of its running containers.
+async fn relay_vm<T>(
     roots: &Roots,
     pod: &str,
     container: String,
     port: u16,
     mut input: mpsc::Receiver<Vec<u8>>,
-    out: &mpsc::Sender<Vec<u8>>,
-    ch: u8,
+    out: &mpsc::Sender<T>,
+    wrap: impl Fn(&[u8]) -> T,
 ) -> Result<(), String> {
     let spec = husk_sandbox::ExecSpec {
         argv: vec![],
@@ -566,7 +640,7 @@ async fn relay_vm(
             }
             match serde_json::from_str::<ExecMsg>(&line) {
                 Ok(ExecMsg::Stdout { data }) => {
-                    if out.send(frame(ch, &data)).await.is_err() {
+                    if out.send(wrap(&data)).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -585,4 +659,696 @@ async fn relay_vm(
         r = down => r,
         _ = up => Ok(()),
     }
+}
+
+/// Reads an HTTP request head; returns it and whatever followed it.
+async fn read_head(tcp: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the connection closed before its request ended".into());
+        }
+        let start = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf[start..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(start + i + 4);
+            return Ok((buf, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(format!("a request head over {MAX_HEAD} bytes"));
+        }
+    }
+}
+
+/// An HTTP request head: its path and headers (names in lower case).
+struct Head {
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn parse(b: &[u8]) -> Result<Head, String> {
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut hs);
+        match req.parse(b) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err("an incomplete request".into()),
+            Err(e) => return Err(format!("a bad request: {e}")),
+        }
+        Ok(Head {
+            path: req.path.unwrap_or("/").to_owned(),
+            headers: req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Every value of header `name`, comma-separated lists split.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The stream kind and token the path names (`/exec/TOKEN`).
+    fn target(&self) -> (&str, &str) {
+        let path = self.path.split('?').next().unwrap_or_default();
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+    }
+}
+
+/// Writes an HTTP response; any but 101 carries `body` and ends the
+/// connection.
+async fn respond(
+    tcp: &mut TcpStream,
+    code: u16,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match code {
+        101 => "Switching Protocols",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        _ => "Not Found",
+    };
+    let mut r = format!("HTTP/1.1 {code} {reason}\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if code != 101 {
+        r.push_str(&format!(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            body.len() + 1
+        ));
+    } else {
+        r.push_str("\r\n");
+    }
+    tcp.write_all(r.as_bytes()).await
+}
+
+/// A SPDY connection after the upgrade. Frames from the client arrive on
+/// `frames`, which ends when the client closes the connection, goes away
+/// or breaks the protocol; frames sent to `out` are written in order.
+/// Client pings are answered here.
+struct Session {
+    frames: mpsc::Receiver<Frame>,
+    out: mpsc::Sender<Frame>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    fn start(tcp: TcpStream, rest: Vec<u8>) -> Session {
+        let (rd, wr) = tcp.into_split();
+        let mut reader = FrameReader::new(AsyncReadExt::chain(std::io::Cursor::new(rest), rd));
+        let mut writer = FrameWriter::new(wr);
+        let (out, mut queue) = mpsc::channel::<Frame>(64);
+        let (to_session, frames) = mpsc::channel::<Frame>(64);
+        let echo = out.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match reader.read().await {
+                    Ok(Some(Frame::Ping(id))) => {
+                        let _ = echo.send(Frame::Ping(id)).await;
+                    }
+                    Ok(Some(Frame::Ignored(_))) => {}
+                    Ok(Some(f)) => {
+                        if to_session.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!("streaming: a SPDY client: {e}");
+                        if let spdy::SpdyError::Protocol(_) = e {
+                            let _ = echo
+                                .send(Frame::GoAway {
+                                    last: 0,
+                                    status: spdy::PROTOCOL_ERROR,
+                                })
+                                .await;
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(f) = queue.recv().await {
+                if writer.write(&f).await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        Session {
+            frames,
+            out,
+            reader,
+            writer: Some(writer),
+        }
+    }
+
+    async fn send(&self, f: Frame) {
+        let _ = self.out.send(f).await;
+    }
+
+    /// Ends the connection: GOAWAY, then a while for the client to close
+    /// its side, then what is queued is written and the socket closed.
+    async fn close(&mut self, last: u32) {
+        self.send(Frame::GoAway { last, status: 0 }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.frames.recv().await.is_some() {}
+        })
+        .await;
+        self.reader.abort();
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.out, closed));
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The streams of an exec or attach over SPDY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Channel {
+    Error,
+    Stdin,
+    Stdout,
+    Stderr,
+    Resize,
+}
+
+/// Terminal sizes from a resize stream's JSON objects; a partial one stays
+/// in `buf` for the next frame.
+fn take_sizes(buf: &mut Vec<u8>) -> Vec<TermSize> {
+    let mut sizes = Vec::new();
+    let mut it = serde_json::Deserializer::from_slice(buf).into_iter::<TermSize>();
+    loop {
+        match it.next() {
+            Some(Ok(s)) => sizes.push(s),
+            Some(Err(e)) if e.is_eof() => break,
+            Some(Err(_)) => {
+                // Not a size: drop what is buffered.
+                buf.clear();
+                return sizes;
+            }
+            None => break,
+        }
+    }
+    let used = it.byte_offset();
+    buf.drain(..used);
+    sizes
+}
+
+impl Streaming {
+    async fn spdy(self: Arc<Self>, mut tcp: TcpStream, req: &Head, rest: Vec<u8>) {
+        let (kind, token) = req.target();
+        let Some(p) = self.take(kind, token) else {
+            let msg = format!("{}: no such stream (unknown or expired token)", req.path);
+            let _ = respond(&mut tcp, 404, &[], &msg).await;
+            return;
+        };
+        let wanted: &[&'static str] = match p {
+            Pending::Process { .. } => &[
+                "v4.channel.k8s.io",
+                "v3.channel.k8s.io",
+                "v2.channel.k8s.io",
+            ],
+            Pending::PortForward { .. } => &["portforward.k8s.io"],
+        };
+        let offered: Vec<&str> = req.values("x-stream-protocol-version").collect();
+        let Some(proto) = wanted.iter().copied().find(|w| offered.contains(w)) else {
+            let all = wanted.join(", ");
+            let msg = format!(
+                "unable to negotiate a stream protocol: the client offers {offered:?}, huskd speaks {all}"
+            );
+            let accepted = [("X-Accepted-Stream-Protocol-Versions", all.as_str())];
+            let _ = respond(&mut tcp, 403, &accepted, &msg).await;
+            return;
+        };
+        let upgrade = [
+            ("Connection", "Upgrade"),
+            ("Upgrade", "SPDY/3.1"),
+            ("X-Stream-Protocol-Version", proto),
+        ];
+        if respond(&mut tcp, 101, &upgrade, "").await.is_err() {
+            return;
+        }
+        let mut s = Session::start(tcp, rest);
+        match p {
+            Pending::Process {
+                pod,
+                request,
+                label,
+                io,
+            } => {
+                self.spdy_exec(&mut s, &pod, request, label, io, proto)
+                    .await
+            }
+            Pending::PortForward { pod, ports, target } => {
+                self.spdy_port_forward(&mut s, &pod, ports, target).await
+            }
+        }
+    }
+
+    /// An exec or attach over SPDY: once the client has opened the
+    /// streams it asked for, the process runs; its end is written to the
+    /// error stream and every stream is closed.
+    async fn spdy_exec(
+        &self,
+        s: &mut Session,
+        pod: &str,
+        req: Request,
+        argv: Vec<String>,
+        io: Io,
+        proto: &str,
+    ) {
+        let mut wanted = vec![Channel::Error];
+        for (on, ch) in [
+            (io.stdin, Channel::Stdin),
+            (io.stdout, Channel::Stdout),
+            (io.stderr, Channel::Stderr),
+            (io.tty && proto != "v2.channel.k8s.io", Channel::Resize),
+        ] {
+            if on {
+                wanted.push(ch);
+            }
+        }
+        let mut ids: HashMap<Channel, u32> = HashMap::new();
+        let mut early = Vec::new();
+        let mut last = 0;
+        let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
+        while !wanted.iter().all(|c| ids.contains_key(c)) {
+            let f = match tokio::time::timeout_at(deadline, s.frames.recv()).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(_) => {
+                    let msg =
+                        format!("timed out waiting for the client to open streams {wanted:?}");
+                    spdy_finish(s, &ids, proto, Err(msg), last).await;
+                    return;
+                }
+            };
+            match f {
+                Frame::SynStream { id, headers, .. } => {
+                    last = last.max(id);
+                    let ch = match spdy::header(&headers, "streamtype") {
+                        Some("error") => Some(Channel::Error),
+                        Some("stdin") => Some(Channel::Stdin),
+                        Some("stdout") => Some(Channel::Stdout),
+                        Some("stderr") => Some(Channel::Stderr),
+                        Some("resize") => Some(Channel::Resize),
+                        _ => None,
+                    };
+                    match ch {
+                        Some(c) if wanted.contains(&c) && !ids.contains_key(&c) => {
+                            ids.insert(c, id);
+                            s.send(Frame::SynReply {
+                                id,
+                                fin: false,
+                                headers: vec![],
+                            })
+                            .await;
+                        }
+                        _ => {
+                            tracing::info!(
+                                "streaming: refused an unexpected SPDY stream {headers:?} (wanted {wanted:?})"
+                            );
+                            s.send(Frame::RstStream {
+                                id,
+                                status: spdy::REFUSED_STREAM,
+                            })
+                            .await;
+                        }
+                    }
+                }
+                Frame::Data { .. } => early.push(f),
+                Frame::RstStream { .. } | Frame::GoAway { .. } => return,
+                _ => {}
+            }
+        }
+        let attach = matches!(req, Request::AttachStream { .. });
+        let (mut rd, mut wr) = match open_stream(&self.roots, pod, req).await {
+            Ok(c) => c,
+            Err(msg) => {
+                spdy_finish(s, &ids, proto, Err(msg), last).await;
+                return;
+            }
+        };
+        if !io.stdin && !attach {
+            let eof = ExecMsg::Stdin {
+                data: vec![],
+                eof: true,
+            };
+            let _ = send_msg(&mut wr, &eof).await;
+        }
+        let id = |c| ids.get(&c).copied();
+        let (stdin, resize, stdout, stderr) = (
+            id(Channel::Stdin),
+            id(Channel::Resize),
+            id(Channel::Stdout),
+            id(Channel::Stderr),
+        );
+        let out = s.out.clone();
+        let frames = &mut s.frames;
+        let from_client = async {
+            let mut early = early.into_iter();
+            let mut sizes = Vec::new();
+            loop {
+                let f = match early.next() {
+                    Some(f) => f,
+                    None => match frames.recv().await {
+                        Some(f) => f,
+                        None => return,
+                    },
+                };
+                let mut msgs = Vec::new();
+                match f {
+                    Frame::Data { id, fin, data } if Some(id) == stdin => {
+                        if !data.is_empty() {
+                            msgs.push(ExecMsg::Stdin { data, eof: false });
+                        }
+                        if fin {
+                            msgs.push(ExecMsg::Stdin {
+                                data: vec![],
+                                eof: true,
+                            });
+                        }
+                    }
+                    Frame::RstStream { id, .. } if Some(id) == stdin => {
+                        msgs.push(ExecMsg::Stdin {
+                            data: vec![],
+                            eof: true,
+                        });
+                    }
+                    Frame::Data { id, data, .. } if Some(id) == resize => {
+                        sizes.extend(data);
+                        for t in take_sizes(&mut sizes) {
+                            msgs.push(ExecMsg::Resize {
+                                rows: t.height,
+                                cols: t.width,
+                            });
+                        }
+                    }
+                    Frame::SynStream { id, .. } => {
+                        let _ = out
+                            .send(Frame::RstStream {
+                                id,
+                                status: spdy::REFUSED_STREAM,
+                            })
+                            .await;
+                    }
+                    Frame::GoAway { .. } => return,
+                    _ => {}
+                }
+                for m in &msgs {
+                    if send_msg(&mut wr, m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let to_client = async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let (id, data) = match rd.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return Err("the monitor closed the exec".to_owned()),
+                    Ok(_) => match serde_json::from_str::<ExecMsg>(&line) {
+                        Ok(ExecMsg::Stdout { data }) => (stdout, data),
+                        Ok(ExecMsg::Stderr { data }) => (stderr, data),
+                        Ok(ExecMsg::Exit { code }) => return Ok((code, argv.clone())),
+                        Ok(ExecMsg::Error { message }) => return Err(message),
+                        Ok(_) => continue,
+                        Err(e) => return Err(format!("the monitor sent {line:?}: {e}")),
+                    },
+                };
+                if let Some(id) = id {
+                    let _ = out
+                        .send(Frame::Data {
+                            id,
+                            fin: false,
+                            data,
+                        })
+                        .await;
+                }
+            }
+        };
+        // As over WebSocket: the exec ends with its process, or when the
+        // client goes away (dropping the monitor connection kills it).
+        let result = tokio::select! {
+            r = to_client => Some(r),
+            _ = from_client => None,
+        };
+        if let Some(r) = result {
+            spdy_finish(s, &ids, proto, r, last).await;
+        }
+    }
+
+    /// Port-forward over SPDY: each forwarded connection is a data and an
+    /// error stream with the same request id; when both are open, the data
+    /// is relayed to the port on the pod's localhost.
+    async fn spdy_port_forward(
+        &self,
+        s: &mut Session,
+        pod: &str,
+        allowed: Vec<u16>,
+        target: Forward,
+    ) {
+        #[derive(Default)]
+        struct Fwd {
+            data: Option<u32>,
+            error: Option<u32>,
+            port: Option<String>,
+            input: Option<mpsc::Sender<Vec<u8>>>,
+            early: Vec<Vec<u8>>,
+            eof: bool,
+            task: Option<tokio::task::JoinHandle<()>>,
+        }
+        let mut fwds: HashMap<String, Fwd> = HashMap::new();
+        let mut owner: HashMap<u32, String> = HashMap::new();
+        let (done_tx, mut done) = mpsc::channel::<String>(16);
+        let mut last = 0;
+        loop {
+            let f = tokio::select! {
+                f = s.frames.recv() => match f {
+                    Some(f) => f,
+                    None => break,
+                },
+                Some(rid) = done.recv() => {
+                    if let Some(fw) = fwds.remove(&rid) {
+                        for id in [fw.data, fw.error].into_iter().flatten() {
+                            owner.remove(&id);
+                        }
+                    }
+                    continue;
+                }
+            };
+            match f {
+                Frame::SynStream { id, headers, .. } => {
+                    last = last.max(id);
+                    let kind = spdy::header(&headers, "streamtype").unwrap_or_default();
+                    // Clients before request ids: a connection's error
+                    // stream is opened right before its data stream.
+                    let rid = match (spdy::header(&headers, "requestid"), kind) {
+                        (Some(r), _) => r.to_owned(),
+                        (None, "data") => id.saturating_sub(2).to_string(),
+                        (None, _) => id.to_string(),
+                    };
+                    let refuse = |status| Frame::RstStream { id, status };
+                    if kind != "data" && kind != "error" {
+                        s.send(refuse(spdy::PROTOCOL_ERROR)).await;
+                        continue;
+                    }
+                    if !fwds.contains_key(&rid) && fwds.len() >= MAX_FORWARDS {
+                        s.send(refuse(spdy::REFUSED_STREAM)).await;
+                        continue;
+                    }
+                    let fw = fwds.entry(rid.clone()).or_default();
+                    let slot = if kind == "data" {
+                        &mut fw.data
+                    } else {
+                        &mut fw.error
+                    };
+                    if slot.is_some() {
+                        s.send(refuse(spdy::PROTOCOL_ERROR)).await;
+                        continue;
+                    }
+                    *slot = Some(id);
+                    if fw.port.is_none() {
+                        fw.port = spdy::header(&headers, "port").map(str::to_owned);
+                    }
+                    owner.insert(id, rid.clone());
+                    s.send(Frame::SynReply {
+                        id,
+                        fin: false,
+                        headers: vec![],
+                    })
+                    .await;
+                    let (Some(data_id), Some(err_id)) = (fw.data, fw.error) else {
+                        continue;
+                    };
+                    let port = match fw.port.as_deref().map(str::parse::<u16>) {
+                        Some(Ok(p)) if p > 0 && (allowed.is_empty() || allowed.contains(&p)) => {
+                            Ok(p)
+                        }
+                        Some(Ok(p)) if p > 0 => Err(format!(
+                            "port {p} is not among the requested ports {allowed:?}"
+                        )),
+                        _ => Err(format!(
+                            "invalid port {:?}",
+                            fw.port.as_deref().unwrap_or("")
+                        )),
+                    };
+                    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(64);
+                    let (out, done_tx) = (s.out.clone(), done_tx.clone());
+                    let (roots, target, pod) = (self.roots.clone(), target.clone(), pod.to_owned());
+                    fw.task = Some(tokio::spawn(async move {
+                        let wrap = |d: &[u8]| Frame::Data {
+                            id: data_id,
+                            fin: false,
+                            data: d.to_vec(),
+                        };
+                        let r = match port {
+                            Err(e) => Err(e),
+                            Ok(port) => match target {
+                                Forward::Netns(netns) => {
+                                    relay_netns(&netns, port, in_rx, &out, wrap).await
+                                }
+                                Forward::Vm { container } => {
+                                    relay_vm(&roots, &pod, container, port, in_rx, &out, wrap).await
+                                }
+                            }
+                            .map_err(|e| {
+                                format!("forwarding port {port} of pod sandbox {pod}: {e}")
+                            }),
+                        };
+                        if let Err(e) = r {
+                            let _ = out
+                                .send(Frame::Data {
+                                    id: err_id,
+                                    fin: false,
+                                    data: e.into_bytes(),
+                                })
+                                .await;
+                        }
+                        for id in [data_id, err_id] {
+                            let _ = out
+                                .send(Frame::Data {
+                                    id,
+                                    fin: true,
+                                    data: vec![],
+                                })
+                                .await;
+                        }
+                        let _ = done_tx.send(rid).await;
+                    }));
+                    for d in fw.early.drain(..) {
+                        let _ = in_tx.send(d).await;
+                    }
+                    if !fw.eof {
+                        fw.input = Some(in_tx);
+                    }
+                }
+                Frame::Data { id, fin, data } => {
+                    let Some(fw) = owner.get(&id).and_then(|r| fwds.get_mut(r)) else {
+                        continue;
+                    };
+                    if fw.data != Some(id) {
+                        continue;
+                    }
+                    match &fw.input {
+                        Some(tx) if !data.is_empty() => {
+                            let _ = tx.send(data).await;
+                        }
+                        None if fw.task.is_none() => fw.early.push(data),
+                        _ => {}
+                    }
+                    if fin {
+                        fw.input = None;
+                        fw.eof = true;
+                    }
+                }
+                Frame::RstStream { id, .. } => {
+                    if let Some(fw) = owner.get(&id).and_then(|r| fwds.get_mut(r)) {
+                        fw.input = None;
+                        if let Some(t) = fw.task.take() {
+                            t.abort();
+                        }
+                    }
+                }
+                Frame::GoAway { .. } => break,
+                _ => {}
+            }
+        }
+        for fw in fwds.values_mut() {
+            if let Some(t) = fw.task.take() {
+                t.abort();
+            }
+        }
+        s.close(last).await;
+    }
+}
+
+/// Ends an exec over SPDY: its result on the error stream (a Status for
+/// v4, the message of a failure before), then every stream closed.
+async fn spdy_finish(
+    s: &mut Session,
+    ids: &HashMap<Channel, u32>,
+    proto: &str,
+    r: Result<(i32, Vec<String>), String>,
+    last: u32,
+) {
+    if let Some(&id) = ids.get(&Channel::Error) {
+        let st = status(r);
+        let data = if proto == "v4.channel.k8s.io" {
+            serde_json::to_vec(&st).unwrap_or_default()
+        } else if st["status"] == "Success" {
+            vec![]
+        } else {
+            st["message"]
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
+        };
+        if !data.is_empty() {
+            s.send(Frame::Data {
+                id,
+                fin: false,
+                data,
+            })
+            .await;
+        }
+    }
+    for &id in ids.values() {
+        s.send(Frame::Data {
+            id,
+            fin: true,
+            data: vec![],
+        })
+        .await;
+    }
+    s.close(last).await;
 }
