@@ -662,6 +662,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         })
         .await
         .unwrap();
+        spdy_forward_to_wasm(&mut rs, &pod, &cfg, &server_image).await;
 
         // The kubelet rotates a log: the container writes to a fresh file.
         let polite_log = log_dir.join("polite_0.log");
@@ -1019,6 +1020,89 @@ async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
             Err(_) => panic!("the exec stream did not end"),
         }
     }
+}
+
+/// kubectl port-forward over SPDY to a wasm server in the pod's network
+/// namespace; a port nobody listens on comes back as kubectl's error.
+async fn spdy_forward_to_wasm(
+    rs: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+) {
+    use kubeapi::{Container, KubeApi, PortForward};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = rs
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(container_config(
+                "server2",
+                image,
+                &["serve", "8081", "1"],
+                vec![],
+            )),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: server.clone(),
+    })
+    .await
+    .unwrap();
+    let api = KubeApi::start(rs.clone()).await;
+    api.add(kubeapi::Pod {
+        name: "wasmweb".into(),
+        sandbox: pod.into(),
+        containers: vec![Container {
+            name: "server2".into(),
+            id: server.clone(),
+            stdin: false,
+        }],
+    });
+    let ask = |port: u16, line: &'static str| async move {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(line.as_bytes()).await.unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(60), c.read_to_string(&mut got))
+            .await
+            .expect("the forwarded connection did not end")
+            .unwrap();
+        got
+    };
+    let pf = PortForward::start(api.kubectl(&["port-forward", "wasmweb", ":8081"])).await;
+    assert_eq!(ask(pf.port, "ping\n").await.trim(), "pong ping");
+    drop(pf);
+    let st = wait_state(rs, &server, cri::ContainerState::ContainerExited).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    // Nobody listens on 8082 now: the data stream ends empty and the
+    // error stream says why.
+    let pf = PortForward::start(api.kubectl(&["port-forward", "wasmweb", ":8082"])).await;
+    assert_eq!(ask(pf.port, "ping\n").await, "");
+    let t0 = Instant::now();
+    while !pf.errors().contains("Connection refused") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "kubectl said: {}",
+            pf.errors()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        pf.errors().contains("forwarding port 8082"),
+        "{}",
+        pf.errors()
+    );
+    drop(pf);
+    rs.remove_container(cri::RemoveContainerRequest {
+        container_id: server,
+    })
+    .await
+    .unwrap();
 }
 
 /// kubectl exec (with stdin, exit codes, a terminal and its size), attach

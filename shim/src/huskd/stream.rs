@@ -578,7 +578,16 @@ async fn relay_netns<T>(
             }
         }
     };
-    tokio::join!(up, down);
+    // The server's end of the connection ends the relay (after a moment
+    // for the client's last bytes, as containerd does); the client's end
+    // only half-closes it, so a server may still answer.
+    tokio::pin!(up, down);
+    tokio::select! {
+        _ = &mut up => down.await,
+        _ = &mut down => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), up).await;
+        }
+    }
     Ok(())
 }
 

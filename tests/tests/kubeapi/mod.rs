@@ -373,17 +373,20 @@ pub async fn output(mut c: std::process::Command, stdin: &[u8]) -> std::process:
 pub struct PortForward {
     child: std::process::Child,
     pub port: u16,
+    errors: tempfile::NamedTempFile,
 }
 
 impl PortForward {
     pub async fn start(mut c: std::process::Command) -> PortForward {
         use std::io::BufRead;
         use std::process::Stdio;
+        let errors = tempfile::NamedTempFile::new().unwrap();
+        let stderr = errors.reopen().unwrap();
         tokio::task::spawn_blocking(move || {
             let mut child = c
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
+                .stderr(stderr)
                 .spawn()
                 .unwrap();
             let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
@@ -403,10 +406,19 @@ impl PortForward {
                     sink.clear();
                 }
             });
-            PortForward { child, port }
+            PortForward {
+                child,
+                port,
+                errors,
+            }
         })
         .await
         .unwrap()
+    }
+
+    /// What kubectl has reported on stderr so far.
+    pub fn errors(&self) -> String {
+        std::fs::read_to_string(self.errors.path()).unwrap()
     }
 }
 
