@@ -77,6 +77,111 @@ fn push_probe(reg: &Registry, name: &str) -> String {
     push_wasm(reg, name, &probe())
 }
 
+/// A small Linux image whose config runs as `user`.
+fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
+    use sha2::Digest as _;
+    let layer = husk_tests::layer_tar(&[("etc/user", 0o644, Ok(user.as_bytes()))]);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"User": user},
+        "rootfs": {"type": "layers",
+                   "diff_ids": [format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)))]},
+    });
+    let reference = format!("{}/{name}", reg.host());
+    rt().block_on(client().push(
+        &reference.parse().unwrap(),
+        &[ImageLayer::new(
+            layer,
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        )],
+        Config::new(
+            config.to_string().into_bytes(),
+            "application/vnd.oci.image.config.v1+json".into(),
+            None,
+        ),
+        &RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+    reference
+}
+
+/// ImageStatus reports the user an image's config names (a uid, or a
+/// name; a group is not the user), and an image pulled by digest lists
+/// that digest and no tag.
+async fn image_users_and_digests(
+    is: &mut ImageServiceClient<Channel>,
+    users: &[(String, Option<i64>, &str)],
+) {
+    let spec = |image: &str| {
+        Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        })
+    };
+    let mut ids = Vec::new();
+    for (image, uid, name) in users {
+        let id = is
+            .pull_image(cri::PullImageRequest {
+                image: spec(image),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        let st = is
+            .image_status(cri::ImageStatusRequest {
+                image: spec(image),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap();
+        assert_eq!(st.uid.map(|u| u.value), *uid, "{image}: {st:?}");
+        assert_eq!(st.username, *name, "{image}: {st:?}");
+        assert_eq!(st.repo_tags, [image.clone()]);
+        ids.push((image.clone(), id));
+    }
+    // The first again, by digest only.
+    let (tagged, id) = &ids[0];
+    is.remove_image(cri::RemoveImageRequest {
+        image: spec(tagged),
+    })
+    .await
+    .unwrap();
+    let by_digest = format!("{}@{id}", tagged.rsplit_once(':').unwrap().0);
+    let got = is
+        .pull_image(cri::PullImageRequest {
+            image: spec(&by_digest),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    assert_eq!(&got, id);
+    let st = is
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&by_digest),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert!(st.repo_tags.is_empty(), "{st:?}");
+    assert_eq!(st.repo_digests, [by_digest], "{st:?}");
+    for (_, id) in &ids {
+        is.remove_image(cri::RemoveImageRequest { image: spec(id) })
+            .await
+            .unwrap();
+    }
+}
+
 fn push_wasm(reg: &Registry, name: &str, file: &Path) -> String {
     let reference = format!("{}/{name}", reg.host());
     let r: oci_client::Reference = reference.parse().unwrap();
@@ -201,6 +306,15 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
     let env = Env::new();
     let image = push_probe(&reg, "cri/probe:v1");
     let server_image = push_wasm(&reg, "cri/netprobe:v1", &netprobe());
+    let users = [
+        ("1002", Some(1002), ""),
+        ("www-data:www-data", None, "www-data"),
+        ("1003:50", Some(1003), ""),
+    ]
+    .map(|(user, uid, name)| {
+        let tag = user.replace(':', "-");
+        (push_user_image(&reg, &format!("cri/user:{tag}"), user), uid, name)
+    });
     let mut huskd = Huskd::start(&env);
     let data = tempfile::tempdir().unwrap();
     rt().block_on(async {
@@ -271,6 +385,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             .unwrap()
             .into_inner();
         assert_eq!(by_id.image.unwrap().id, image_ref);
+        image_users_and_digests(&mut is, &users).await;
         let missing = is
             .image_status(cri::ImageStatusRequest {
                 image: Some(cri::ImageSpec {
@@ -530,6 +645,48 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
                 "{id:?}: {c:?}"
             );
         }
+        // An image volume is not something husk mounts: Unimplemented, so
+        // a client can tell it from a bad request.
+        let mut imagevol = create("imagevol", &["echo"], vec![]);
+        imagevol.config.as_mut().unwrap().mounts = vec![cri::Mount {
+            container_path: "/img".into(),
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            code(rs.create_container(imagevol).await),
+            tonic::Code::Unimplemented
+        );
+        // Stops are idempotent: what does not exist is stopped.
+        rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: "6d1f3c1e-0000-4000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap();
+        rs.stop_container(cri::StopContainerRequest {
+            container_id: "0123456789abcdef01234567".into(),
+            timeout: 0,
+        })
+        .await
+        .unwrap();
+        // No made-up metrics: the stats calls serve the figures.
+        assert_eq!(
+            code(
+                rs.list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+                    .await
+            ),
+            tonic::Code::Unimplemented
+        );
+        assert_eq!(
+            code(
+                rs.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+                    .await
+            ),
+            tonic::Code::Unimplemented
+        );
 
         // Two long-running containers: one ends when its stdin closes (the
         // wasm guest's SIGTERM), one must be killed after the timeout.
@@ -1326,7 +1483,15 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             .into_inner()
             .image_ref;
 
-        let cfg = sandbox_config(&env, "vmweb", 0);
+        // No hostname in the config, and a pod name longer than a host
+        // name may be (critest's are): the name cut to 63 bytes, without
+        // the trailing '-', is the guest's host name.
+        let mut cfg = sandbox_config(&env, "vmweb", 0);
+        cfg.hostname = String::new();
+        let long_name = format!("vmweb--{}", "a-".repeat(40));
+        cfg.metadata.as_mut().unwrap().name = long_name.clone();
+        let hostname = long_name[..62].to_owned();
+        assert!(hostname.ends_with('a') && long_name.as_bytes()[62] == b'-');
         let pod = rs
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(cfg.clone()),
@@ -1431,7 +1596,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         let o = text(&out.stdout);
         let o: Vec<&str> = o.lines().collect();
         let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        assert_eq!(o[0], "vmweb", "{o:?}");
+        assert_eq!(o[0], hostname, "{o:?}");
         assert_ne!(o[1], host_kernel.trim(), "the guest runs its own kernel");
         assert_eq!(o[2], "read only");
         let out = exec_sync(&mut rs, &main, "echo oops >&2; touch /ro/x || exit 7").await;
@@ -1693,6 +1858,20 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             }),
             ..Default::default()
         });
+        // A group without a user is refused (the image's user is not
+        // silently taken with it).
+        let mut groupless = secure.clone();
+        if let Some(sc) = groupless
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+        {
+            sc.run_as_user = None;
+        }
+        assert_eq!(
+            code(rs.create_container(create(groupless)).await),
+            tonic::Code::InvalidArgument
+        );
         let secure = rs
             .create_container(create(secure))
             .await

@@ -17,17 +17,29 @@ pub fn find(store: &Store, key: &str) -> Option<ImageRecord> {
     store.find(key).ok()
 }
 
-fn to_image(rec: &ImageRecord) -> cri::Image {
+fn to_image(store: &Store, rec: &ImageRecord) -> cri::Image {
     let repo = ImageRef::parse(&rec.name)
         .map(|r| format!("{}/{}", r.registry(), r.repository()))
         .unwrap_or_else(|_| rec.name.clone());
+    // A name pulled by digest is a repo digest (the digest it was pulled
+    // by: an index's, where the manifest's is the id), not a tag.
+    let (repo_tags, mut repo_digests) = if rec.name.contains('@') {
+        (vec![], vec![rec.name.clone()])
+    } else {
+        (vec![rec.name.clone()], vec![])
+    };
+    let own = format!("{repo}@{}", rec.digest);
+    if !repo_digests.contains(&own) {
+        repo_digests.push(own);
+    }
+    let (uid, username) = image_user(store, rec);
     cri::Image {
         id: rec.digest.clone(),
-        repo_tags: vec![rec.name.clone()],
-        repo_digests: vec![format!("{repo}@{}", rec.digest)],
+        repo_tags,
+        repo_digests,
         size: rec.size(),
-        uid: None,
-        username: String::new(),
+        uid,
+        username,
         spec: Some(cri::ImageSpec {
             image: rec.digest.clone(),
             ..Default::default()
@@ -36,11 +48,26 @@ fn to_image(rec: &ImageRecord) -> cri::Image {
     }
 }
 
+/// The user an image's config names (`USER`; a group after `:` is not
+/// the user): a uid when numeric, else a name, as CRI reports it.
+fn image_user(store: &Store, rec: &ImageRecord) -> (Option<cri::Int64Value>, String) {
+    let user = std::fs::read(store.blob_path(&rec.config.digest))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["config"]["User"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let user = user.split(':').next().unwrap_or_default();
+    match user.parse::<i64>() {
+        Ok(uid) => (Some(cri::Int64Value { value: uid }), String::new()),
+        Err(_) => (None, user.to_owned()),
+    }
+}
+
 /// All names of one image id become one CRI image.
-fn merged(recs: &[ImageRecord]) -> Vec<cri::Image> {
+fn merged(store: &Store, recs: &[ImageRecord]) -> Vec<cri::Image> {
     let mut out: Vec<cri::Image> = Vec::new();
     for r in recs {
-        let img = to_image(r);
+        let img = to_image(store, r);
         match out.iter_mut().find(|i| i.id == img.id) {
             Some(i) => {
                 i.repo_tags.extend(img.repo_tags);
@@ -126,7 +153,7 @@ impl ImageService for Images {
                         None => vec![],
                     },
                 };
-                Ok(merged(&all))
+                Ok(merged(&store, &all))
             })
             .await?;
         Ok(Response::new(cri::ListImagesResponse { images }))
@@ -154,7 +181,7 @@ impl ImageService for Images {
                             .to_string(),
                     );
                 }
-                Ok((merged(&same).into_iter().next(), info))
+                Ok((merged(&store, &same).into_iter().next(), info))
             })
             .await?;
         Ok(Response::new(cri::ImageStatusResponse { image, info }))

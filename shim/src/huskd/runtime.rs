@@ -214,7 +214,12 @@ fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, S
         }
     }
     let hostname = if cfg.hostname.is_empty() {
-        meta.name.clone()
+        default_hostname(&meta.name)
+    } else if cfg.hostname.len() > 63 {
+        return Err(Status::invalid_argument(format!(
+            "config.hostname {:?} is longer than 63 bytes (a host name is one DNS label)",
+            cfg.hostname
+        )));
     } else {
         cfg.hostname.clone()
     };
@@ -304,14 +309,30 @@ impl husk_sandbox::pod::ImageResolver for Pulled<'_> {
     }
 }
 
+/// The host name of a sandbox whose config names none: its pod's name,
+/// cut to the 63 bytes a host name may have, without a trailing `-` or
+/// `.` (as the kubelet does).
+fn default_hostname(name: &str) -> String {
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].trim_end_matches(['-', '.']).to_owned()
+}
+
 /// A CRI container's security context onto its plan: who it runs as (the
 /// image's user unless the client names one), its groups, a read-only
 /// root, no_new_privs and capabilities. The agent in a VM applies them.
 fn apply_security(
     plan: &mut husk_sandbox::pod::SecurityPlan,
     sc: &cri::LinuxContainerSecurityContext,
-) {
+) -> Result<(), Status> {
     let group = sc.run_as_group.as_ref().map(|g| g.value);
+    if group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+        return Err(Status::invalid_argument(
+            "config.linux.security_context.run_as_group needs run_as_user or run_as_username",
+        ));
+    }
     let user = if !sc.run_as_username.is_empty() {
         Some(sc.run_as_username.clone())
     } else {
@@ -320,12 +341,7 @@ fn apply_security(
     match (user, group) {
         (Some(u), Some(g)) => plan.user = Some(format!("{u}:{g}")),
         (Some(u), None) => plan.user = Some(u),
-        (None, Some(g)) => {
-            let u = plan.user.clone().unwrap_or_else(|| "0".into());
-            let u = u.split(':').next().unwrap_or("0").to_owned();
-            plan.user = Some(format!("{u}:{g}"));
-        }
-        (None, None) => {}
+        (None, _) => {}
     }
     plan.supplemental_groups = sc
         .supplemental_groups
@@ -342,6 +358,7 @@ fn apply_security(
         plan.cap_add = caps.add_capabilities.iter().map(norm).collect();
         plan.cap_drop = caps.drop_capabilities.iter().map(norm).collect();
     }
+    Ok(())
 }
 
 /// A mount as the client gave it: host path, container path, read-only.
@@ -366,6 +383,11 @@ fn container_spec(
     let mut mounts = Vec::new();
     let mut recorded = Vec::new();
     for (i, m) in cfg.mounts.iter().enumerate() {
+        if m.image.is_some() {
+            return Err(Status::unimplemented(format!(
+                "config.mounts[{i}].image: image volumes are not supported"
+            )));
+        }
         let host = Path::new(&m.host_path);
         if !host.is_absolute() {
             return Err(Status::invalid_argument(format!(
@@ -601,7 +623,14 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::StopPodSandboxRequest>,
     ) -> R<cri::StopPodSandboxResponse> {
-        let sb = self.0.sandbox(&req.into_inner().pod_sandbox_id)?;
+        let sb = match self.0.sandbox(&req.into_inner().pod_sandbox_id) {
+            Ok(sb) => sb,
+            // Stopping what is gone is done (the kubelet retries stops).
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::StopPodSandboxResponse {}))
+            }
+            Err(s) => return Err(s),
+        };
         self.stop_sandbox(&sb).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
@@ -756,7 +785,7 @@ impl RuntimeService for Runtime {
         .await
         .map_err(internal)??;
         if let Some(sc) = cfg.linux.as_ref().and_then(|l| l.security_context.as_ref()) {
-            apply_security(&mut cplan.security, sc);
+            apply_security(&mut cplan.security, sc)?;
         }
         if let Some(res) = cfg.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             if res.memory_limit_in_bytes > 0 {
@@ -831,7 +860,13 @@ impl RuntimeService for Runtime {
         req: Req<cri::StopContainerRequest>,
     ) -> R<cri::StopContainerResponse> {
         let req = req.into_inner();
-        let (sb, c) = self.0.container(&req.container_id)?;
+        let (sb, c) = match self.0.container(&req.container_id) {
+            Ok(x) => x,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Ok(Response::new(cri::StopContainerResponse {}))
+            }
+            Err(s) => return Err(s),
+        };
         if c.state != CriState::Running || !sb.monitor_alive() {
             return Ok(Response::new(cri::StopContainerResponse {}));
         }
@@ -1284,18 +1319,21 @@ impl RuntimeService for Runtime {
         &self,
         _: Req<cri::ListMetricDescriptorsRequest>,
     ) -> R<cri::ListMetricDescriptorsResponse> {
-        Ok(Response::new(cri::ListMetricDescriptorsResponse {
-            descriptors: vec![],
-        }))
+        // Stats come from ContainerStats and PodSandboxStats; the
+        // cAdvisor-style metrics are not served (the kubelet then uses
+        // the stats calls).
+        Err(Status::unimplemented(
+            "metric descriptors are not served; use the stats calls",
+        ))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _: Req<cri::ListPodSandboxMetricsRequest>,
     ) -> R<cri::ListPodSandboxMetricsResponse> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
-            pod_metrics: vec![],
-        }))
+        Err(Status::unimplemented(
+            "pod sandbox metrics are not served; use the stats calls",
+        ))
     }
 
     async fn runtime_config(
