@@ -142,7 +142,7 @@ async fn image_users_and_digests(
             .unwrap();
         assert_eq!(st.uid.map(|u| u.value), *uid, "{image}: {st:?}");
         assert_eq!(st.username, *name, "{image}: {st:?}");
-        assert_eq!(st.repo_tags, [image.clone()]);
+        assert_eq!(st.repo_tags, std::slice::from_ref(image));
         ids.push((image.clone(), id));
     }
     // The first again, by digest only.
@@ -313,7 +313,11 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
     ]
     .map(|(user, uid, name)| {
         let tag = user.replace(':', "-");
-        (push_user_image(&reg, &format!("cri/user:{tag}"), user), uid, name)
+        (
+            push_user_image(&reg, &format!("cri/user:{tag}"), user),
+            uid,
+            name,
+        )
     });
     let mut huskd = Huskd::start(&env);
     let data = tempfile::tempdir().unwrap();
@@ -1603,6 +1607,23 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         assert_eq!(out.exit_code, 7, "a read-only mount was writable: {out:?}");
         assert!(text(&out.stderr).starts_with("oops"), "{out:?}");
         assert!(!ro.path().join("x").exists());
+        // An ExecSync that outlives its timeout is DeadlineExceeded (a
+        // probe timeout for the kubelet), and its process is gone by then.
+        let t0 = Instant::now();
+        assert_eq!(
+            code(
+                rs.exec_sync(cri::ExecSyncRequest {
+                    container_id: main.clone(),
+                    cmd: vec!["/bin/sh".into(), "-c".into(), "exec sleep 31".into()],
+                    timeout: 1,
+                })
+                .await
+            ),
+            tonic::Code::DeadlineExceeded
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        let out = exec_sync(&mut rs, &main, "pgrep -f 'sleep 31' || echo none").await;
+        assert_eq!(text(&out.stdout), "none", "{out:?}");
         // The image's layers are shared read-only: a container's writes
         // land in its own upper layer.
         let out = exec_sync(&mut rs, &main, "echo changed > /etc/greeting && cat /etc/greeting").await;

@@ -214,6 +214,9 @@ pub fn status_of(msg: String) -> Status {
         Status::not_found(msg)
     } else if msg.contains("only a created container") || msg.contains("is stopped") {
         Status::failed_precondition(msg)
+    } else if msg.starts_with("exec timed out") {
+        // A probe's exec that ran out of time (the kubelet reads this code).
+        Status::deadline_exceeded(msg)
     } else if msg.contains("not supported") {
         Status::unimplemented(msg)
     } else {

@@ -421,7 +421,7 @@ impl Process {
     }
 
     /// Collects the output until the process ends (or `timeout` passes).
-    pub fn wait(self, timeout: Duration) -> Result<Finished, AgentError> {
+    pub fn wait(&self, timeout: Duration) -> Result<Finished, AgentError> {
         let deadline = Instant::now() + timeout;
         let mut f = Finished::default();
         loop {

@@ -1243,7 +1243,10 @@ impl Sandbox for VmSandbox {
                 stderr: f.stderr,
             }),
             Err(super::agent::AgentError::Timeout(_)) => {
+                // Killed and reaped before the answer: a caller that looks
+                // for the process next does not find it.
                 let _ = killer.signal(libc::SIGKILL);
+                let _ = proc.wait(Duration::from_secs(10));
                 Err(format!("exec timed out after {} s", timeout.as_secs()))
             }
             Err(e) => Err(e.to_string()),
