@@ -1607,6 +1607,45 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         assert_eq!(out.exit_code, 7, "a read-only mount was writable: {out:?}");
         assert!(text(&out.stderr).starts_with("oops"), "{out:?}");
         assert!(!ro.path().join("x").exists());
+        // Without NET_ADMIN (not a default capability) no bridge; with it,
+        // the guest kernel makes one.
+        let out = exec_sync(&mut rs, &main, "brctl addbr huskbr0 || echo refused").await;
+        assert_eq!(text(&out.stdout), "refused", "{out:?}");
+        let mut netadmin = config("netadmin", "exec sleep 600", vec![]);
+        netadmin.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: vec!["NET_ADMIN".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let netadmin = rs
+            .create_container(create(netadmin))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: netadmin.clone(),
+        })
+        .await
+        .unwrap();
+        wait_state(&mut rs, &netadmin, cri::ContainerState::ContainerRunning).await;
+        let out = exec_sync(
+            &mut rs,
+            &netadmin,
+            "brctl addbr huskbr0 && grep -o huskbr0 /proc/net/dev",
+        )
+        .await;
+        assert_eq!(text(&out.stdout), "huskbr0", "{out:?}");
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: netadmin,
+        })
+        .await
+        .unwrap();
         // An ExecSync that outlives its timeout is DeadlineExceeded (a
         // probe timeout for the kubelet), and its process is gone by then.
         let t0 = Instant::now();
