@@ -254,6 +254,25 @@ fn container_config(
     }
 }
 
+/// Creates a container and starts it; its id.
+async fn started(
+    rs: &mut RuntimeServiceClient<Channel>,
+    req: cri::CreateContainerRequest,
+) -> String {
+    let id = rs
+        .create_container(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    id
+}
+
 async fn wait_state(
     rs: &mut RuntimeServiceClient<Channel>,
     id: &str,
@@ -1193,8 +1212,9 @@ async fn spdy_forward_to_wasm(
 ) {
     use kubeapi::{Container, KubeApi, PortForward};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = rs
-        .create_container(cri::CreateContainerRequest {
+    let server = started(
+        rs,
+        cri::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
             config: Some(container_config(
                 "server2",
@@ -1203,16 +1223,9 @@ async fn spdy_forward_to_wasm(
                 vec![],
             )),
             sandbox_config: Some(cfg.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rs.start_container(cri::StartContainerRequest {
-        container_id: server.clone(),
-    })
-    .await
-    .unwrap();
+        },
+    )
+    .await;
     let api = KubeApi::start(rs.clone()).await;
     api.add(kubeapi::Pod {
         name: "wasmweb".into(),
@@ -1284,17 +1297,7 @@ async fn spdy_clients(
         vec![],
     );
     chat.stdin = true;
-    let chat = rs
-        .create_container(create(chat))
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rs.start_container(cri::StartContainerRequest {
-        container_id: chat.clone(),
-    })
-    .await
-    .unwrap();
+    let chat = started(rs, create(chat)).await;
     let api = KubeApi::start(rs.clone()).await;
     api.add(kubeapi::Pod {
         name: "vmweb".into(),
@@ -1622,17 +1625,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             }),
             ..Default::default()
         });
-        let netadmin = rs
-            .create_container(create(netadmin))
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        rs.start_container(cri::StartContainerRequest {
-            container_id: netadmin.clone(),
-        })
-        .await
-        .unwrap();
+        let netadmin = started(&mut rs, create(netadmin)).await;
         wait_state(&mut rs, &netadmin, cri::ContainerState::ContainerRunning).await;
         let out = exec_sync(
             &mut rs,
