@@ -91,9 +91,22 @@ impl StatusCell {
     }
 
     /// A CRI container's record.
-    pub fn cri(&self, id: &str) -> Option<crate::state::CriContainer> {
+    pub fn cri(&self, id: &str) -> Result<crate::state::CriContainer, String> {
         let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.cri_containers.iter().find(|c| c.id == id).cloned()
+        st.cri_containers
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .ok_or_else(|| format!("no container {id:?} in this pod"))
+    }
+
+    /// A CRI container's record, if it is running.
+    pub fn cri_running(&self, id: &str) -> Result<crate::state::CriContainer, String> {
+        let rec = self.cri(id)?;
+        if rec.state != crate::state::CriState::Running {
+            return Err(format!("container {id} is not running"));
+        }
+        Ok(rec)
     }
 
     /// Changes a CRI container's record (if it is there) and saves.

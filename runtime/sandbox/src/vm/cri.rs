@@ -348,10 +348,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_start(self: &Arc<Self>, id: &str) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        let rec = self.status.cri(id)?;
         if rec.state != CriState::Created {
             return Err(format!(
                 "container {id} is {:?}; only a created container can start",
@@ -436,10 +433,7 @@ impl VmSandbox {
     fn cri_wait(&self, id: &str, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         loop {
-            let running = self
-                .status
-                .cri(id)
-                .is_some_and(|c| c.state == CriState::Running);
+            let running = self.status.cri_running(id).is_ok();
             if !running {
                 return true;
             }
@@ -451,10 +445,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        let rec = self.status.cri(id)?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
             return Ok(());
@@ -483,9 +474,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_remove(&self, id: &str) -> Result<(), String> {
-        if self.status.cri(id).is_none() {
-            return Err(format!("no container {id:?} in this pod"));
-        }
+        self.status.cri(id)?;
         self.cri_stop(id, Duration::ZERO)?;
         self.cri
             .lock()
@@ -506,13 +495,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        if rec.state != CriState::Running {
-            return Err(format!("container {id} is not running"));
-        }
+        let rec = self.status.cri_running(id)?;
         if rec.meta.log_path.as_os_str().is_empty() {
             return Err(format!("container {id} has no log file"));
         }
@@ -526,13 +509,7 @@ impl VmSandbox {
     }
 
     pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        if rec.state != CriState::Running {
-            return Err(format!("container {id} is not running"));
-        }
+        let rec = self.status.cri_running(id)?;
         let hub = self
             .cri
             .lock()

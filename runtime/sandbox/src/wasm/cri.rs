@@ -100,10 +100,7 @@ impl WasmSandbox {
     }
 
     pub(super) fn cri_start(&self, id: &str) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        let rec = self.status.cri(id)?;
         if rec.state != CriState::Created {
             return Err(format!(
                 "container {id} is {:?}; only a created container can start",
@@ -199,10 +196,7 @@ impl WasmSandbox {
     }
 
     pub(super) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        let rec = self.status.cri(id)?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
             return Ok(());
@@ -230,9 +224,7 @@ impl WasmSandbox {
     }
 
     pub(super) fn cri_remove(&self, id: &str) -> Result<(), String> {
-        if self.status.cri(id).is_none() {
-            return Err(format!("no container {id:?} in this pod"));
-        }
+        self.status.cri(id)?;
         self.cri_stop(id, Duration::ZERO)?;
         self.cri
             .lock()
@@ -249,13 +241,7 @@ impl WasmSandbox {
     }
 
     pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
-        let rec = self
-            .status
-            .cri(id)
-            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        if rec.state != CriState::Running {
-            return Err(format!("container {id} is not running"));
-        }
+        let rec = self.status.cri_running(id)?;
         let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
         let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
             return Err(format!("container {id} has no log file"));
