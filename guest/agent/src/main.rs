@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod network;
+mod seccomp;
 mod user;
 mod volume;
 
@@ -337,14 +338,30 @@ impl<W: Write + Send + 'static> Session<W> {
         };
         match (&root, &req.cwd) {
             _ if req.exec_in.is_some() => {}
-            (Some(root), cwd) => enter_container(
-                &mut cmd,
-                root,
-                cwd.as_deref(),
-                req.rootfs.as_ref().and_then(|r| r.hostname.clone()),
-                mounts,
-                req.security.as_ref().is_some_and(|s| s.read_only_root),
-            ),
+            (Some(root), cwd) => {
+                let sec = req.security.clone().unwrap_or_default();
+                let share = req.rootfs.as_ref().is_some_and(|r| r.pod_pid);
+                let pod_pid = match share.then(pod_pid_namespace).transpose() {
+                    Ok(ns) => ns,
+                    Err(e) => {
+                        remove_container_root(id);
+                        return self.error(Some(id), format!("the pod's PID namespace: {e}"));
+                    }
+                };
+                enter_container(
+                    &mut cmd,
+                    root,
+                    cwd.as_deref(),
+                    req.rootfs.as_ref().and_then(|r| r.hostname.clone()),
+                    mounts,
+                    Hardening {
+                        read_only_root: sec.read_only_root,
+                        masked: sec.masked_paths,
+                        readonly: sec.readonly_paths,
+                        pod_pid,
+                    },
+                )
+            }
             (None, Some(cwd)) => {
                 cmd.current_dir(cwd);
             }
@@ -757,19 +774,44 @@ fn remove_container_root(id: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The child's side, between fork and exec: its own mount, UTS and IPC
-/// namespaces, the host name, then the container's root with /proc, /dev
-/// and its volumes, and its working directory.
+/// What a container's securityContext asks of its mounts, and the pod's
+/// PID namespace when the containers share one.
+struct Hardening {
+    read_only_root: bool,
+    /// Paths made unreadable (runc's maskedPaths).
+    masked: Vec<String>,
+    /// Paths made read-only (runc's readonlyPaths).
+    readonly: Vec<String>,
+    pod_pid: Option<std::os::fd::OwnedFd>,
+}
+
+/// The child's side, between fork and exec: its own mount and UTS
+/// namespaces (the IPC namespace is the pod's: the VM's), a PID namespace
+/// of its own or the pod's, the host name, then the container's root with
+/// /proc, /dev and its volumes, masked and read-only paths, and its
+/// working directory.
 fn enter_container(
     cmd: &mut Command,
     root: &Path,
     cwd: Option<&str>,
     hostname: Option<String>,
     mounts: Vec<volume::Prepared>,
-    read_only_root: bool,
+    hardening: Hardening,
 ) {
+    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let c = |s: &str| CString::new(s).unwrap_or_default();
+    let Hardening {
+        read_only_root,
+        masked,
+        readonly,
+        pod_pid,
+    } = hardening;
+    // Paths inside the container, resolved after the chroot: a symlink in
+    // the image cannot point them outside it.
+    let masked: Vec<CString> = masked.iter().map(|p| c(p)).collect();
+    let readonly: Vec<CString> = readonly.iter().map(|p| c(p)).collect();
+    let (tmpfs, devnull) = (c("tmpfs"), c("/dev/null"));
     let root_c = c(&root.to_string_lossy());
     let proc_c = c(&root.join("proc").to_string_lossy());
     let dev_c = c(&root.join("dev").to_string_lossy());
@@ -787,13 +829,17 @@ fn enter_container(
             // The cgroup namespace is rooted at the container's own cgroup,
             // joined before this. The PID namespace takes the next child:
             // the container's program, after the fork below.
+            let pid_ns = if pod_pid.is_some() {
+                0
+            } else {
+                libc::CLONE_NEWPID
+            };
             check(libc::unshare(
-                libc::CLONE_NEWNS
-                    | libc::CLONE_NEWUTS
-                    | libc::CLONE_NEWIPC
-                    | libc::CLONE_NEWCGROUP
-                    | libc::CLONE_NEWPID,
+                libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP | pid_ns,
             ))?;
+            if let Some(ns) = &pod_pid {
+                check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID))?;
+            }
             check(libc::mount(
                 none.as_ptr(),
                 slash.as_ptr(),
@@ -867,9 +913,161 @@ fn enter_container(
                 ))?;
             }
             check(libc::chroot(root_c.as_ptr()))?;
+            for p in &masked {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(p.as_ptr(), &mut st) != 0 {
+                    continue; // nothing there to mask
+                }
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    check(libc::mount(
+                        tmpfs.as_ptr(),
+                        p.as_ptr(),
+                        tmpfs.as_ptr(),
+                        libc::MS_RDONLY,
+                        std::ptr::null(),
+                    ))?;
+                } else {
+                    check(libc::mount(
+                        devnull.as_ptr(),
+                        p.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
+            for p in &readonly {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(p.as_ptr(), &mut st) != 0 {
+                    continue;
+                }
+                check(libc::mount(
+                    p.as_ptr(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                // Keep the flags the mount has (nosuid, noexec… of /proc).
+                // (glibc's statvfs is one statfs call on kernels that
+                // report mount flags, as every kernel since 2.6.36 does.)
+                let mut fs: libc::statvfs = std::mem::zeroed();
+                let kept = if libc::statvfs(p.as_ptr(), &mut fs) == 0 {
+                    fs.f_flag & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)
+                } else {
+                    0
+                };
+                check(libc::mount(
+                    std::ptr::null(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept,
+                    std::ptr::null(),
+                ))?;
+            }
             check(libc::chdir(cwd_c.as_ptr()))?;
             Ok(())
         });
+    }
+}
+
+/// The pod's shared PID namespace ([`husk_protocol::Rootfs::pod_pid`]):
+/// its `pause` process, PID 1 of the namespace, started on first use.
+struct PodPid {
+    /// The pause, as the agent sees it.
+    pause: u32,
+}
+
+static POD_PID: Mutex<Option<PodPid>> = Mutex::new(None);
+
+/// The PID namespace shared by the pod's containers that share one, its
+/// pause started when none runs, as the kubelet's pause container is.
+fn pod_pid_namespace() -> Result<std::os::fd::OwnedFd, String> {
+    let mut pod = lock(&POD_PID);
+    if pod.is_none() {
+        *pod = Some(start_pause()?);
+    }
+    let pause = pod.as_ref().map_or(0, |p| p.pause);
+    std::fs::File::open(format!("/proc/{pause}/ns/pid"))
+        .map(Into::into)
+        .map_err(|e| format!("pause (pid {pause}): {e}"))
+}
+
+/// Applies the pod-wide settings: sysctls, in the VM's namespaces (which
+/// are the pod's alone).
+fn configure_pod(cfg: &husk_protocol::PodConfig) -> Result<(), String> {
+    for (name, value) in &cfg.sysctls {
+        let path = husk_protocol::seccomp::sysctl_path(name)?;
+        std::fs::write(Path::new("/proc/sys").join(&path), value)
+            .map_err(|e| format!("sysctl {name}={value:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `/pause` (this binary), PID 1 of a new PID namespace: it holds the
+/// namespace for the pod's containers and reaps what is orphaned in it.
+fn start_pause() -> Result<PodPid, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0(PAUSE)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid,
+    // unshare, and the raw clone of fork_into_pid_namespace).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            check(libc::unshare(libc::CLONE_NEWPID))?;
+            fork_into_pid_namespace()
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("pause: {e}"))?;
+    let outside = child.id();
+    // The namespace is the pause's once it runs; containers must not
+    // enter it before (the first process in it becomes its PID 1).
+    let t0 = Instant::now();
+    let pause = loop {
+        if let Some(p) = child_of(outside) {
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(PAUSE.as_bytes()) {
+                break p;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(outside as i32, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err("pause did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::spawn(move || {
+        let status = child.wait();
+        *lock(&POD_PID) = None;
+        log(&format!("the pod's pause process ended: {status:?}"));
+    });
+    Ok(PodPid { pause })
+}
+
+/// argv[0] of the pause process, which is what `ps` and /proc/1/cmdline
+/// show in a pod that shares its PID namespace.
+const PAUSE: &str = "/pause";
+
+/// The pause process's life: nothing, until killed. SIGCHLD ignored makes
+/// the kernel reap the orphans it inherits; as PID 1 of its namespace it
+/// gets no signal from inside without a handler.
+fn pause() -> ! {
+    // SAFETY: signal with SIG_IGN, and pause, take no pointers.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+        loop {
+            libc::pause();
+        }
     }
 }
 
@@ -1203,6 +1401,10 @@ fn serve<R: Read, W: Write + Send + 'static>(
             Request::Stdin { id, data, eof } => session.stdin(id, data, *eof)?,
             Request::Signal { id, signal } => session.signal(id, *signal)?,
             Request::Resize { id, size } => session.resize(id, *size)?,
+            Request::Pod(cfg) => match configure_pod(cfg) {
+                Ok(()) => session.send(&Event::PodReady)?,
+                Err(e) => session.error(None, format!("pod: {e}"))?,
+            },
             Request::Network(cfg) => match network::configure(cfg) {
                 Ok(interface) => session.send(&Event::NetworkReady { interface })?,
                 Err(e) => session.error(None, format!("network: {e}"))?,
@@ -1298,6 +1500,9 @@ fn power_off() -> ! {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 1 && args[0] == PAUSE {
+        pause();
+    }
     if let [_, flag, path] = &args[..] {
         if flag == "--tar-out" || flag == "--tar-in" || flag == "--connect" {
             std::process::exit(run_tool(flag, path));

@@ -16,6 +16,8 @@ pub struct Resolved {
     /// Bit n: keep capability n.
     pub keep: u64,
     pub no_new_privs: bool,
+    /// Seccomp filters to install ([`crate::seccomp::compile`]).
+    pub seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 /// A file of the container's /etc, or "" when it has none; a symlink is
@@ -122,6 +124,10 @@ pub fn resolve(root: &Path, s: &Security) -> Result<Resolved, String> {
         home: home.filter(|h| !h.is_empty()).unwrap_or("/").to_owned(),
         keep,
         no_new_privs: s.no_new_privs,
+        seccomp: match &s.seccomp {
+            Some(f) => crate::seccomp::compile(f)?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -146,11 +152,19 @@ pub unsafe fn apply(r: &Resolved) -> std::io::Result<()> {
                 let _ = libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
             }
         }
+        // Installing a filter takes CAP_SYS_ADMIN or no_new_privs. Without
+        // no_new_privs it goes in while the process still has its
+        // capabilities, before the user changes (runc's order); the filter
+        // then also sees the calls below.
+        if !r.no_new_privs {
+            crate::seccomp::install(&r.seccomp)?;
+        }
         check(libc::setgroups(r.groups.len(), r.groups.as_ptr()) == 0)?;
         check(libc::setgid(r.gid) == 0)?;
         check(libc::setuid(r.uid) == 0)?;
         if r.no_new_privs {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0)?;
+            crate::seccomp::install(&r.seccomp)?;
         }
     }
     Ok(())

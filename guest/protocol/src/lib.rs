@@ -19,9 +19,12 @@ use std::io::{Read, Write};
 
 pub mod copy;
 pub mod projected;
+pub mod seccomp;
+
+pub use seccomp::{Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule};
 
 /// The protocol version; bumped on every incompatible change.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
 /// The vsock port the agent listens on (husk-vmm).
@@ -82,6 +85,9 @@ pub enum Request {
     /// Gives the guest's NIC with this MAC the pod's address and default
     /// route; answered with NetworkReady or an Error.
     Network(NetworkConfig),
+    /// Pod-wide settings, before any container starts (sysctls);
+    /// answered with PodReady or an Error naming what failed.
+    Pod(PodConfig),
     /// Makes a pod volume ready at `/run/husk/volumes/<name>` for
     /// containers to mount; answered with VolumeReady or an Error naming
     /// the volume.
@@ -210,6 +216,27 @@ pub struct Security {
     /// The capabilities kept (names from [`CAPABILITIES`]); every other
     /// one leaves the bounding set. A non-root user has none.
     pub capabilities: Vec<String>,
+    /// Paths in the container made unreadable (a directory gets an empty
+    /// read-only tmpfs, anything else /dev/null), as runc's maskedPaths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
+    /// Paths in the container made read-only, as runc's readonlyPaths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readonly_paths: Vec<String>,
+    /// A seccomp filter for the process; None: unconfined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<Seccomp>,
+}
+
+/// The pod-wide settings of [`Request::Pod`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodConfig {
+    /// Kernel parameters for the pod, (`net.ipv4.ip_forward`, `1`) or
+    /// with `/` separators; the guest kernel is the pod's own, so any
+    /// parameter applies to this pod only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysctls: Vec<(String, String)>,
 }
 
 /// The capabilities a container keeps by default (Docker's and
@@ -356,7 +383,8 @@ pub struct File {
 
 /// A container's root: the image's layers (read-only file systems on
 /// block devices, or directories in a pod volume) under a writable layer
-/// of its own, and its own mount, UTS and IPC namespaces.
+/// of its own, and its own mount and UTS namespaces (the IPC namespace is
+/// the pod's, as the containers of a Kubernetes pod share theirs).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rootfs {
@@ -370,6 +398,12 @@ pub struct Rootfs {
     pub layer_dirs: Option<LayerDirs>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Join the pod's PID namespace, shared with its other containers that
+    /// join it, whose PID 1 is the agent's `pause` (Kubernetes'
+    /// shareProcessNamespace; started on first use); otherwise the
+    /// container has a PID namespace of its own.
+    #[serde(default)]
+    pub pod_pid: bool,
 }
 
 /// Image layers as directories of a pod volume.
@@ -440,6 +474,8 @@ pub enum Event {
     NetworkReady {
         interface: String,
     },
+    /// The pod-wide settings are applied.
+    PodReady,
     /// The volume is ready for containers to mount.
     VolumeReady {
         name: String,

@@ -232,6 +232,45 @@ pub fn delete_netns(path: &Path) -> Result<(), NetworkError> {
     })
 }
 
+/// Writes `net.*` sysctls in the network namespace pinned at `netns`, from
+/// a thread of its own that enters it (/proc/sys/net shows the opening
+/// thread's namespace).
+pub fn set_sysctls(netns: &Path, sysctls: &[(String, String)]) -> Result<(), NetworkError> {
+    let netns = netns.to_owned();
+    let list = sysctls.to_vec();
+    let err = |msg: String| NetworkError::Netns {
+        path: netns.clone(),
+        msg,
+    };
+    for (name, _) in &list {
+        if !(name.starts_with("net.") || name.starts_with("net/")) {
+            return Err(err(format!(
+                "sysctl {name:?} is not a network namespace's (net.*)"
+            )));
+        }
+    }
+    let path = netns.clone();
+    std::thread::spawn(move || -> Result<(), NetworkError> {
+        enter_netns(&path)?;
+        for (name, value) in &list {
+            let rel =
+                husk_protocol::seccomp::sysctl_path(name).map_err(|msg| NetworkError::Netns {
+                    path: path.clone(),
+                    msg,
+                })?;
+            std::fs::write(Path::new("/proc/sys").join(rel), value).map_err(|e| {
+                NetworkError::Netns {
+                    path: path.clone(),
+                    msg: format!("sysctl {name}={value:?}: {e}"),
+                }
+            })?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| err("sysctl thread panicked".into()))?
+}
+
 /// Moves the calling thread into the namespace pinned at `path`.
 pub fn enter_netns(path: &Path) -> Result<(), NetworkError> {
     let f = std::fs::File::open(path).map_err(|e| NetworkError::Netns {
@@ -309,6 +348,15 @@ impl PodNetwork {
             &plan.namespace,
             &host_ports,
         )?;
+        // A wasm pod's kernel is the host's: its net.* sysctls (the only
+        // ones it may have) go into its network namespace. A VM pod's go
+        // into its guest.
+        if plan.runtime_class != crate::pod::manifest::RUNTIME_VM && !plan.sysctls.is_empty() {
+            if let Err(e) = set_sysctls(&paths.netns, &plan.sysctls) {
+                let _ = net.teardown();
+                return Err(e.into());
+            }
+        }
         if let Err(e) = crate::state::write_json_atomic(&paths.network_record(), &net.record) {
             let _ = net.teardown();
             return Err(e.into());

@@ -20,6 +20,8 @@ use tonic::{Request as Req, Response, Status};
 pub const HANDLER_WASM: &str = "husk-wasm";
 pub const HANDLER_VM: &str = "husk-vm";
 const NAMESPACE_NODE: i32 = cri::NamespaceMode::Node as i32;
+const NAMESPACE_CONTAINER: i32 = cri::NamespaceMode::Container as i32;
+const NAMESPACE_TARGET: i32 = cri::NamespaceMode::Target as i32;
 
 pub struct Runtime(pub Arc<Huskd>);
 
@@ -213,6 +215,22 @@ fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, S
             )?;
         }
     }
+    let mut sysctls: Vec<(String, String)> = cfg
+        .linux
+        .as_ref()
+        .map(|l| {
+            l.sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    sysctls.sort();
+    for (name, _) in &sysctls {
+        husk_sandbox::pod::manifest::check_sysctl(name, handler == HANDLER_VM).map_err(|e| {
+            Status::invalid_argument(format!("config.linux.sysctls[{name:?}]: {e}"))
+        })?;
+    }
     let hostname = if cfg.hostname.is_empty() {
         default_hostname(&meta.name)
     } else if cfg.hostname.len() > 63 {
@@ -284,6 +302,7 @@ fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, S
         host_aliases: vec![],
         cri: true,
         port_mappings,
+        sysctls,
     })
 }
 
@@ -322,7 +341,10 @@ fn default_hostname(name: &str) -> String {
 
 /// A CRI container's security context onto its plan: who it runs as (the
 /// image's user unless the client names one), its groups, a read-only
-/// root, no_new_privs and capabilities. The agent in a VM applies them.
+/// root, no_new_privs, capabilities, masked and read-only paths, seccomp
+/// and the PID namespace. The agent in a VM applies them; a wasm guest
+/// makes no syscalls and sees only its preopened directories, so the
+/// paths, seccomp and PID namespace mean nothing to it.
 fn apply_security(
     plan: &mut husk_sandbox::pod::SecurityPlan,
     sc: &cri::LinuxContainerSecurityContext,
@@ -358,7 +380,86 @@ fn apply_security(
         plan.cap_add = caps.add_capabilities.iter().map(norm).collect();
         plan.cap_drop = caps.drop_capabilities.iter().map(norm).collect();
     }
+    plan.masked_paths = checked_paths(&sc.masked_paths, "masked_paths")?;
+    plan.readonly_paths = checked_paths(&sc.readonly_paths, "readonly_paths")?;
+    plan.seccomp = seccomp_plan(sc, &plan.capabilities())?;
+    // As containerd: a container joins the sandbox's PID namespace unless
+    // it asks for its own (POD is the field's zero value).
+    plan.share_pid = match sc.namespace_options.as_ref().map(|n| n.pid) {
+        Some(NAMESPACE_CONTAINER) => false,
+        Some(NAMESPACE_TARGET) => {
+            return Err(Status::unimplemented(
+                "config.linux.security_context.namespace_options.pid: TARGET (another container's PID namespace) is not supported",
+            ))
+        }
+        _ => true,
+    };
     Ok(())
+}
+
+/// masked_paths / readonly_paths: absolute paths in the container.
+fn checked_paths(paths: &[String], field: &str) -> Result<Vec<String>, Status> {
+    for (i, p) in paths.iter().enumerate() {
+        if !p.starts_with('/') || p.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.security_context.{field}[{i}] {p:?} is not an absolute path"
+            )));
+        }
+    }
+    Ok(paths.to_vec())
+}
+
+/// The container's seccomp choice: the `seccomp` field, else the
+/// deprecated `seccomp_profile_path`; a Localhost profile is a file on
+/// this host, read now (as containerd reads it at create).
+fn seccomp_plan(
+    sc: &cri::LinuxContainerSecurityContext,
+    caps: &[String],
+) -> Result<Option<husk_sandbox::pod::seccomp::SeccompPlan>, Status> {
+    use husk_sandbox::pod::seccomp::{parse_profile, SeccompPlan};
+    let localhost = |path: &str, field: &str| {
+        if !path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.security_context.{field} {path:?} must be an absolute path to a profile on the node"
+            )));
+        }
+        let json = std::fs::read(path).map_err(|e| {
+            Status::invalid_argument(format!(
+                "config.linux.security_context.{field}: {path}: {e}"
+            ))
+        })?;
+        parse_profile(&json, caps, path)
+            .map(|p| Some(SeccompPlan::Profile(p)))
+            .map_err(|e| {
+                Status::invalid_argument(format!("config.linux.security_context.{field}: {e}"))
+            })
+    };
+    if let Some(p) = &sc.seccomp {
+        return match cri::security_profile::ProfileType::try_from(p.profile_type) {
+            Ok(cri::security_profile::ProfileType::RuntimeDefault) => Ok(Some(SeccompPlan::RuntimeDefault)),
+            Ok(cri::security_profile::ProfileType::Unconfined) => Ok(None),
+            Ok(cri::security_profile::ProfileType::Localhost) => {
+                localhost(&p.localhost_ref, "seccomp.localhost_ref")
+            }
+            Err(_) => Err(Status::invalid_argument(format!(
+                "config.linux.security_context.seccomp.profile_type {} is not RuntimeDefault, Unconfined or Localhost",
+                p.profile_type
+            ))),
+        };
+    }
+    // Kubelets before 1.19's `seccomp` field still send the path.
+    #[allow(deprecated)]
+    let path = sc.seccomp_profile_path.as_str();
+    match path {
+        "" | "unconfined" => Ok(None),
+        "runtime/default" | "docker/default" => Ok(Some(SeccompPlan::RuntimeDefault)),
+        p => match p.strip_prefix("localhost/") {
+            Some(path) => localhost(path, "seccomp_profile_path"),
+            None => Err(Status::invalid_argument(format!(
+                "config.linux.security_context.seccomp_profile_path {p:?} is not runtime/default, unconfined or localhost/PATH"
+            ))),
+        },
+    }
 }
 
 /// A mount as the client gave it: host path, container path, read-only.

@@ -618,6 +618,7 @@ fn validate_pod(
             let vm = runtime_class == RUNTIME_VM;
             let mut plan = validate_container(c, &at, &volumes, docs, src, vm, err)?;
             plan.security = validate_security(&spec.security_context, c, &plan, &at, err)?;
+            plan.security.share_pid = spec.share_process_namespace.unwrap_or(false);
             out.push(plan);
         }
     }
@@ -654,6 +655,13 @@ fn validate_pod(
         .iter()
         .map(|c: &ContainerPlan| c.cpu_limit_millis)
         .sum::<Option<u64>>();
+    let mut sysctls = Vec::new();
+    for (i, s) in spec.security_context.sysctls.iter().enumerate() {
+        let at = format!("spec.securityContext.sysctls[{i}]");
+        check_sysctl(&s.name, runtime_class == RUNTIME_VM)
+            .map_err(|e| err(&format!("{at}.name"), e))?;
+        sysctls.push((s.name.clone(), s.value.clone()));
+    }
     Ok(PodPlan {
         name,
         namespace,
@@ -675,7 +683,59 @@ fn validate_pod(
         host_aliases,
         cri: false,
         port_mappings: Vec::new(),
+        sysctls,
     })
+}
+
+/// Checks a pod sysctl's name for a VM pod (any parameter: the kernel is
+/// the pod's own) or a wasm pod (`net.*` only: the pod's network
+/// namespace is all the kernel it has).
+pub fn check_sysctl(name: &str, vm: bool) -> Result<(), String> {
+    husk_protocol::seccomp::sysctl_path(name)?;
+    if !vm && !(name.starts_with("net.") || name.starts_with("net/")) {
+        return Err(format!(
+            "sysctl {name:?} does not apply to a wasm pod, which has no kernel of its own; only net.* sysctls (its network namespace) do: run the pod with runtimeClassName husk-vm"
+        ));
+    }
+    Ok(())
+}
+
+/// The kubelet's directory of Localhost seccomp profiles.
+pub const SECCOMP_ROOT: &str = "/var/lib/kubelet/seccomp";
+
+/// A securityContext.seccompProfile (the container's over the pod's) as a
+/// plan: RuntimeDefault, Unconfined (None), or a Localhost profile file
+/// read now, relative to [`SECCOMP_ROOT`].
+fn seccomp_plan(
+    p: Option<&spec::SeccompProfile>,
+    capabilities: &[String],
+    field: &str,
+) -> Result<Option<super::seccomp::SeccompPlan>, String> {
+    use super::seccomp::{parse_profile, SeccompPlan};
+    let Some(p) = p else { return Ok(None) };
+    match (p.kind.as_str(), p.localhost_profile.as_deref()) {
+        ("RuntimeDefault", _) => Ok(Some(SeccompPlan::RuntimeDefault)),
+        ("Unconfined", _) => Ok(None),
+        ("Localhost", Some(rel)) => {
+            if rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
+                return Err(format!(
+                    "{field}.localhostProfile {rel:?} must be a path inside {SECCOMP_ROOT}"
+                ));
+            }
+            let path = Path::new(SECCOMP_ROOT).join(rel);
+            let json = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let what = path.display().to_string();
+            Ok(Some(SeccompPlan::Profile(parse_profile(
+                &json,
+                capabilities,
+                &what,
+            )?)))
+        }
+        ("Localhost", None) => Err(format!("{field}: type Localhost needs localhostProfile")),
+        (other, _) => Err(format!(
+            "{field}.type {other:?} is not RuntimeDefault, Unconfined or Localhost"
+        )),
+    }
 }
 
 /// A container created through CRI: `c` as the client described it (its
@@ -1308,7 +1368,7 @@ fn validate_security(
             })
             .collect()
     };
-    Ok(SecurityPlan {
+    let mut plan = SecurityPlan {
         user,
         supplemental_groups: groups,
         run_as_non_root: sc.run_as_non_root.or(pod.run_as_non_root).unwrap_or(false),
@@ -1316,7 +1376,18 @@ fn validate_security(
         no_new_privs: sc.allow_privilege_escalation == Some(false),
         cap_add: caps(&sc.capabilities.add, "add")?,
         cap_drop: caps(&sc.capabilities.drop, "drop")?,
-    })
+        ..Default::default()
+    };
+    let (profile, field) = match &sc.seccomp_profile {
+        Some(p) => (Some(p), format!("{at}.securityContext.seccompProfile")),
+        None => (
+            pod.seccomp_profile.as_ref(),
+            "spec.securityContext.seccompProfile".to_owned(),
+        ),
+    };
+    plan.seccomp =
+        seccomp_plan(profile, &plan.capabilities(), &field).map_err(|e| err(&field, e))?;
+    Ok(plan)
 }
 
 /// Kubernetes `$(VAR)` expansion: known variables are replaced, unknown

@@ -3,6 +3,7 @@
 pub mod manifest;
 pub mod plan;
 pub mod quantity;
+pub mod seccomp;
 pub mod spec;
 
 pub use manifest::{

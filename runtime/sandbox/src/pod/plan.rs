@@ -47,6 +47,11 @@ pub struct PodPlan {
     /// the containers' hostPorts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<PortPlan>,
+    /// Kernel parameters for the pod (securityContext.sysctls), checked
+    /// names: any for a VM pod (its kernel is its own), `net.*` for a wasm
+    /// pod (its network namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysctls: Vec<(String, String)>,
 }
 
 /// A container's user and privileges: securityContext over the pod's over
@@ -68,6 +73,46 @@ pub struct SecurityPlan {
     pub cap_add: Vec<String>,
     /// Capabilities taken away (`ALL` takes every one).
     pub cap_drop: Vec<String>,
+    /// Paths made unreadable in the container (CRI's masked_paths: the
+    /// kubelet's defaults hide /proc/kcore and the like).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only in the container (CRI's readonly_paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readonly_paths: Vec<String>,
+    /// The seccomp filter; None: unconfined (Kubernetes' default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<super::seccomp::SeccompPlan>,
+    /// Join the pod's shared PID namespace (shareProcessNamespace).
+    #[serde(default)]
+    pub share_pid: bool,
+}
+
+impl SecurityPlan {
+    /// The capabilities the container keeps: the default set less `drop`,
+    /// plus `add` (`ALL` in either means every one).
+    pub fn capabilities(&self) -> Vec<String> {
+        use husk_protocol::{CAPABILITIES, DEFAULT_CAPABILITIES};
+        let mut caps: Vec<String> = if self.cap_drop.iter().any(|c| c == "ALL") {
+            Vec::new()
+        } else {
+            DEFAULT_CAPABILITIES
+                .iter()
+                .filter(|c| !self.cap_drop.iter().any(|d| d == *c))
+                .map(|c| c.to_string())
+                .collect()
+        };
+        if self.cap_add.iter().any(|c| c == "ALL") {
+            caps = CAPABILITIES.iter().map(|c| c.to_string()).collect();
+        } else {
+            for c in &self.cap_add {
+                if !caps.contains(c) {
+                    caps.push(c.clone());
+                }
+            }
+        }
+        caps
+    }
 }
 
 /// spec.dnsPolicy and spec.dnsConfig, checked.

@@ -44,6 +44,8 @@ pub struct PodSpec {
     pub host_aliases: Vec<HostAlias>,
     #[serde(default)]
     pub security_context: PodSecurityContext,
+    /// One PID namespace for all the pod's containers.
+    pub share_process_namespace: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -54,6 +56,26 @@ pub struct PodSecurityContext {
     pub run_as_non_root: Option<bool>,
     #[serde(default)]
     pub supplemental_groups: Vec<i64>,
+    #[serde(default)]
+    pub sysctls: Vec<Sysctl>,
+    pub seccomp_profile: Option<SeccompProfile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sysctl {
+    pub name: String,
+    pub value: String,
+}
+
+/// securityContext.seccompProfile.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeccompProfile {
+    /// RuntimeDefault, Unconfined or Localhost.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// With Localhost: a path relative to the kubelet's seccomp directory.
+    pub localhost_profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,6 +89,7 @@ pub struct SecurityContext {
     pub privileged: Option<bool>,
     #[serde(default)]
     pub capabilities: Capabilities,
+    pub seccomp_profile: Option<SeccompProfile>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

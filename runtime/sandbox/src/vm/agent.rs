@@ -207,6 +207,19 @@ impl AgentClient {
         }
     }
 
+    /// Applies the pod-wide settings (sysctls) in the guest.
+    pub fn configure_pod(&self, cfg: husk_protocol::PodConfig) -> Result<(), AgentError> {
+        write_frame(&mut *lock(&self.writer), &Request::Pod(cfg))?;
+        let limit = Duration::from_secs(30);
+        match lock(&self.control).recv_timeout(limit) {
+            Ok(Event::PodReady) => Ok(()),
+            Ok(Event::Error { message, .. }) => Err(AgentError::Guest(message)),
+            Ok(other) => Err(ProtocolError::Unexpected(format!("{other:?}")).into()),
+            Err(RecvTimeoutError::Timeout) => Err(AgentError::Timeout(limit)),
+            Err(RecvTimeoutError::Disconnected) => Err(AgentError::Gone),
+        }
+    }
+
     /// Makes pod volumes ready in the guest for containers to mount. The
     /// requests go out at once and the agent answers them in order, so the
     /// guest works through them without waiting for the host in between.

@@ -382,6 +382,7 @@ impl VmSandbox {
                     dirs: layer_dirs,
                 }),
                 hostname: Some(self.plan.hostname().to_owned()),
+                pod_pid: plan.security.share_pid,
                 ..Default::default()
             },
         );

@@ -445,6 +445,13 @@ impl VmSandbox {
                 })
                 .map_err(|e| vm_err(e.into()))?;
         }
+        if !plan.sysctls.is_empty() {
+            agent
+                .configure_pod(husk_protocol::PodConfig {
+                    sysctls: plan.sysctls.clone(),
+                })
+                .map_err(|e| vm_err(e.into()))?;
+        }
         let net_ms = t_net.elapsed().as_secs_f64() * 1e3;
         guest_volumes.push(etc_volume(plan, pod_ip.as_deref()));
         agent
@@ -788,6 +795,7 @@ impl VmSandbox {
             husk_protocol::Rootfs {
                 layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
                 hostname: Some(self.plan.hostname().to_owned()),
+                pod_pid: c.security.share_pid,
                 ..Default::default()
             },
         );
@@ -919,28 +927,17 @@ impl VmSandbox {
     }
 }
 
-/// What the agent applies for a container's securityContext: the default
-/// capabilities, less `drop`, plus `add` (`ALL` in either means every one).
+/// What the agent applies for a container's securityContext: its
+/// capabilities ([`crate::pod::SecurityPlan::capabilities`]), paths and
+/// seccomp filter (husk's default one fitted to those capabilities).
 fn security(s: &crate::pod::SecurityPlan) -> husk_protocol::Security {
-    use husk_protocol::{CAPABILITIES, DEFAULT_CAPABILITIES};
-    let mut caps: Vec<String> = if s.cap_drop.iter().any(|c| c == "ALL") {
-        Vec::new()
-    } else {
-        DEFAULT_CAPABILITIES
-            .iter()
-            .filter(|c| !s.cap_drop.iter().any(|d| d == *c))
-            .map(|c| c.to_string())
-            .collect()
+    use crate::pod::seccomp::{runtime_default, SeccompPlan};
+    let caps = s.capabilities();
+    let seccomp = match &s.seccomp {
+        None => None,
+        Some(SeccompPlan::RuntimeDefault) => Some(runtime_default(&caps)),
+        Some(SeccompPlan::Profile(p)) => Some(p.clone()),
     };
-    if s.cap_add.iter().any(|c| c == "ALL") {
-        caps = CAPABILITIES.iter().map(|c| c.to_string()).collect();
-    } else {
-        for c in &s.cap_add {
-            if !caps.contains(c) {
-                caps.push(c.clone());
-            }
-        }
-    }
     husk_protocol::Security {
         user: s.user.clone(),
         supplemental_groups: s.supplemental_groups.clone(),
@@ -948,6 +945,9 @@ fn security(s: &crate::pod::SecurityPlan) -> husk_protocol::Security {
         read_only_root: s.read_only_root,
         no_new_privs: s.no_new_privs,
         capabilities: caps,
+        masked_paths: s.masked_paths.clone(),
+        readonly_paths: s.readonly_paths.clone(),
+        seccomp,
     }
 }
 
