@@ -45,6 +45,8 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
     std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::create_dir_all(tree.join("srv")).unwrap();
+    std::fs::write(tree.join("srv/secret"), "s3cret\n").unwrap();
     let img = t.path().join("layer.ext4");
     std::fs::File::create(&img)
         .unwrap()
@@ -165,6 +167,8 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
         "kept\n"
     );
 
+    hardening(&agent, &dev.0);
+
     // The container ends by its signal (SIGKILL: as PID 1 of its
     // namespace, `sleep` ignores SIGTERM); its root and cgroup go with it.
     c1.signal(libc::SIGKILL).unwrap();
@@ -180,7 +184,9 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
         .unwrap();
     let seen = String::from_utf8_lossy(&f.stdout);
     assert!(!seen.contains("/run/husk/containers/c1"), "{seen}");
-    assert!(!seen.lines().any(|l| l == "c1"), "{seen}");
+    for c in ["c1", "c2", "c3"] {
+        assert!(!seen.lines().any(|l| l == c), "{c} is left: {seen}");
+    }
 
     // Shutdown ends the agent, and with it its namespaces and mounts.
     agent.shutdown().unwrap();
@@ -215,4 +221,142 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
         }
     }
     drop(dev);
+}
+
+/// Reads a running container's output until `until` shows up.
+fn output_until(p: &husk_sandbox::vm::agent::Process, until: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(until) {
+        match p.next_event(Duration::from_secs(20)).unwrap() {
+            husk_protocol::Event::Output { data, .. } => out.extend(data),
+            other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Pod sysctls (in the pod's IPC namespace, which its containers share),
+/// masked and read-only paths, seccomp (husk's default and a profile that
+/// blocks chmod, as critest's) and a PID namespace shared through /pause.
+fn hardening(agent: &AgentClient, layer: &str) {
+    use husk_protocol::{PodConfig, Security};
+    let sysctl = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+    // A bad name or value fails naming it, and nothing is half-applied
+    // that a later good request would not set.
+    let e = agent
+        .configure_pod(PodConfig {
+            sysctls: vec![sysctl("kernel.no_such_knob", "1")],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kernel.no_such_knob"), "{e}");
+    let e = agent
+        .configure_pod(PodConfig {
+            sysctls: vec![sysctl("kernel/../../etc/x", "1")],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a sysctl name"), "{e}");
+    agent
+        .configure_pod(PodConfig {
+            sysctls: vec![
+                sysctl("kernel.shm_rmid_forced", "1"),
+                sysctl("fs.mqueue.msg_max", "100"),
+            ],
+        })
+        .unwrap();
+
+    let caps: Vec<String> = husk_protocol::DEFAULT_CAPABILITIES
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let rootfs = || Rootfs {
+        layers: vec![layer.to_owned()],
+        hostname: Some("hostpod".into()),
+        pod_pid: true,
+        ..Default::default()
+    };
+    // c3: husk's default seccomp profile, in the pod's PID namespace.
+    let mut c = sh(
+        "c3",
+        "grep Seccomp: /proc/self/status; echo up; exec sleep 601",
+    );
+    c.rootfs = Some(rootfs());
+    c.security = Some(Security {
+        capabilities: caps.clone(),
+        seccomp: Some(husk_sandbox::pod::seccomp::runtime_default(&caps)),
+        ..Default::default()
+    });
+    let c3 = agent.start(c).unwrap();
+    let out = output_until(&c3, "up");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+
+    // c2: critest's chmod-blocking profile, masked and read-only paths.
+    let profile = husk_sandbox::pod::seccomp::parse_profile(
+        br#"{"defaultAction": "SCMP_ACT_ALLOW",
+             "syscalls": [{"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO"}]}"#,
+        &caps,
+        "block-chmod.json",
+    )
+    .unwrap();
+    let mut c = sh(
+        "c2",
+        "echo passwd=$(cat /etc/passwd); echo srv=$(ls /srv); \
+         touch /tmp/x; chmod 755 /etc; \
+         echo pid1=$(tr -d '\\0' < /proc/1/cmdline); \
+         for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null | grep -c '[s]leep 601'; \
+         cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max",
+    );
+    c.rootfs = Some(rootfs());
+    c.security = Some(Security {
+        capabilities: caps.clone(),
+        masked_paths: vec!["/etc/passwd".into(), "/srv".into(), "/no/such".into()],
+        readonly_paths: vec!["/tmp".into()],
+        seccomp: Some(profile),
+        ..Default::default()
+    });
+    let f = agent
+        .start(c)
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&f.stdout).into_owned(),
+        String::from_utf8_lossy(&f.stderr).into_owned(),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["passwd=", "srv=", "pid1=/pause", "1", "1", "100"],
+        "stderr: {err}"
+    );
+    assert!(
+        err.contains("touch: /tmp/x: Read-only file system"),
+        "{err}"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    // A container of its own PID namespace is its PID 1, and sees neither
+    // the pause nor c3.
+    let mut c = sh(
+        "c4",
+        "echo $$; for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null | grep -cE '[s]leep 601|^/[p]ause'",
+    );
+    c.rootfs = Some(Rootfs {
+        layers: vec![layer.to_owned()],
+        ..Default::default()
+    });
+    let f = agent
+        .start(c)
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&f.stdout),
+        "1\n0\n",
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
+    c3.signal(libc::SIGKILL).unwrap();
+    c3.wait(Duration::from_secs(20)).unwrap();
 }

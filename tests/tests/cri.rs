@@ -442,7 +442,10 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value > 0);
 
         // Bad sandboxes: each refused with its own code, nothing created.
-        let cfg = sandbox_config(&env, "web", 0);
+        // The good one has a sysctl of its network namespace.
+        let mut cfg = sandbox_config(&env, "web", 0);
+        cfg.linux.get_or_insert_default().sysctls =
+            HashMap::from([("net.ipv4.ip_unprivileged_port_start".into(), "443".into())]);
         let bad = |f: &dyn Fn(&mut cri::RunPodSandboxRequest)| {
             let mut r = cri::RunPodSandboxRequest {
                 config: Some(cfg.clone()),
@@ -471,6 +474,16 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
                             }),
                             ..Default::default()
                         }),
+                        ..Default::default()
+                    })
+                }),
+                tonic::Code::InvalidArgument,
+            ),
+            // A wasm pod has no kernel of its own: no kernel.* sysctls.
+            (
+                bad(&|r| {
+                    r.config.as_mut().unwrap().linux = Some(cri::LinuxPodSandboxConfig {
+                        sysctls: HashMap::from([("kernel.shm_rmid_forced".into(), "1".into())]),
                         ..Default::default()
                     })
                 }),
@@ -513,6 +526,20 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             .unwrap();
         assert_eq!(pst.state, cri::PodSandboxState::SandboxReady as i32);
         assert_eq!(pst.runtime_handler, "husk-wasm");
+        let netns = env.root().join("run/netns").join(&pod);
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"])
+            .output()
+            .unwrap();
+        assert_eq!(text(&out.stdout), "443", "{out:?}");
+        let host =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap();
+        assert_ne!(
+            host.trim(),
+            "443",
+            "the sysctl reached the host's namespace"
+        );
         assert_eq!(
             pst.annotations.get("note").map(String::as_str),
             Some("kept as given")
@@ -1464,6 +1491,104 @@ fn text(b: &[u8]) -> String {
 /// The husk-vm handler: the sandbox is a microVM booted at RunPodSandbox
 /// (QEMU/TCG here); containers that CRI creates afterwards get their
 /// layers and host directories over virtio-fs and run in the guest.
+/// critest's sysctl, seccomp, masked/read-only path and PID namespace
+/// specs in a VM sandbox: `main` has its own PID namespace and husk's
+/// default seccomp profile; the sandbox has sysctls.
+async fn vm_security_specs(
+    rs: &mut RuntimeServiceClient<tonic::transport::Channel>,
+    main: &str,
+    create: impl Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    config: impl Fn(&str, &str) -> cri::ContainerConfig,
+) {
+    // The sandbox's sysctls, in the guest.
+    let out = exec_sync(
+        rs,
+        main,
+        "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max /proc/sys/net/ipv4/ip_unprivileged_port_start",
+    )
+    .await;
+    assert_eq!(text(&out.stdout), "1\n100\n80", "{out:?}");
+    // RuntimeDefault seccomp; PID 1 is main's own process.
+    let out = exec_sync(
+        rs,
+        main,
+        "grep Seccomp: /proc/self/status; tr -d '\\0' < /proc/1/cmdline",
+    )
+    .await;
+    assert_eq!(text(&out.stdout), "Seccomp:\t2\nsleep600", "{out:?}");
+
+    // A Localhost profile (critest's, blocking chmod), masked and
+    // read-only paths as the kubelet sends them, and the pod's shared PID
+    // namespace (no namespace options: POD, as containerd reads it).
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("block-chmod.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO"}]}"#,
+    )
+    .unwrap();
+    let mut sec = config("sec", "exec sleep 600");
+    let sc = cri::LinuxContainerSecurityContext {
+        masked_paths: vec![
+            "/etc/greeting".into(),
+            "/proc/kcore".into(),
+            "/proc/sys/kernel".into(),
+        ],
+        readonly_paths: vec!["/tmp".into(), "/proc/sys".into()],
+        seccomp: Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: profile.display().to_string(),
+        }),
+        ..Default::default()
+    };
+    sec.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(sc.clone()),
+        ..Default::default()
+    });
+    let sec = started(rs, create(sec)).await;
+    wait_state(rs, &sec, cri::ContainerState::ContainerRunning).await;
+    let out = exec_sync(
+        rs,
+        &sec,
+        "echo greeting=$(cat /etc/greeting); ls /proc/sys/kernel | wc -l; cat /proc/kcore 2>/dev/null | wc -c; \
+         touch /tmp/x 2>&1; (echo 10 > /proc/sys/fs/mqueue/msg_max) 2>&1; \
+         chmod 755 /etc 2>&1; tr -d '\\0' < /proc/1/cmdline; echo; \
+         for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null | grep -c '^[s]leep 600'",
+    )
+    .await;
+    let o = text(&out.stdout);
+    let lines: Vec<&str> = o.lines().collect();
+    assert_eq!(lines[..3], ["greeting=", "0", "0"], "{out:?}");
+    assert!(lines[3].contains("Read-only file system"), "{out:?}");
+    assert!(lines[4].contains("Read-only file system"), "{out:?}");
+    assert!(lines[5].contains("Operation not permitted"), "{out:?}");
+    // The pause is PID 1, and sec sees itself but not main (which has
+    // its own namespace).
+    assert_eq!(lines[6..], ["/pause", "1"], "{out:?}");
+    // Without the profile chmod works: the profile, not the kernel,
+    // refused it.
+    let out = exec_sync(rs, main, "chmod 755 /etc && echo changed").await;
+    assert_eq!(text(&out.stdout), "changed", "{out:?}");
+
+    // A profile that is not there, or not a profile, is the client's
+    // error, and nothing is created.
+    for bad in ["/no/such/profile.json", "/etc/hostname"] {
+        let mut c = config("badseccomp", "exec sleep 600");
+        let mut sc = sc.clone();
+        sc.seccomp.as_mut().unwrap().localhost_ref = bad.into();
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        });
+        let err = rs.create_container(create(c)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(bad), "{err:?}");
+    }
+    rs.remove_container(cri::RemoveContainerRequest { container_id: sec })
+        .await
+        .unwrap();
+}
+
 #[test]
 fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
     let reg = Registry::start();
@@ -1499,6 +1624,13 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         cfg.metadata.as_mut().unwrap().name = long_name.clone();
         let hostname = long_name[..62].to_owned();
         assert!(hostname.ends_with('a') && long_name.as_bytes()[62] == b'-');
+        // critest's safe and unsafe sysctls, and a network one: the guest
+        // kernel is the pod's own.
+        cfg.linux.get_or_insert_default().sysctls = HashMap::from([
+            ("kernel.shm_rmid_forced".into(), "1".into()),
+            ("fs.mqueue.msg_max".into(), "100".into()),
+            ("net.ipv4.ip_unprivileged_port_start".into(), "80".into()),
+        ]);
         let pod = rs
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(cfg.clone()),
@@ -1543,17 +1675,29 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             ..Default::default()
         };
         // A long-running container with a writable and a read-only host
-        // directory; SIGTERM is ignored by PID 1 here, so the stop below
-        // has to kill it.
+        // directory, in a PID namespace of its own (CONTAINER): SIGTERM is
+        // ignored by PID 1 here, so the stop below has to kill it.
+        let mut main_cfg = config(
+            "main",
+            "echo started; cat /etc/greeting; cat /etc/keep; cat /etc/motd 2>/dev/null || echo motd is whited out; cat /data/in.txt; echo written > /data/out.txt; printf '#!/bin/sh\\nread l; echo pong $l\\n' > /pong; chmod +x /pong; nc -ll -p 8080 -e /pong & echo $GREETING; exec sleep 600",
+            vec![
+                mount(data.path(), "/data", false),
+                mount(ro.path(), "/ro", true),
+            ],
+        );
+        main_cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                seccomp: Some(cri::SecurityProfile::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let main = rs
-            .create_container(create(config(
-                "main",
-                "echo started; cat /etc/greeting; cat /etc/keep; cat /etc/motd 2>/dev/null || echo motd is whited out; cat /data/in.txt; echo written > /data/out.txt; printf '#!/bin/sh\\nread l; echo pong $l\\n' > /pong; chmod +x /pong; nc -ll -p 8080 -e /pong & echo $GREETING; exec sleep 600",
-                vec![
-                    mount(data.path(), "/data", false),
-                    mount(ro.path(), "/ro", true),
-                ],
-            )))
+            .create_container(create(main_cfg))
             .await
             .unwrap()
             .into_inner()
@@ -1639,6 +1783,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         })
         .await
         .unwrap();
+        vm_security_specs(&mut rs, &main, &create, |n, s| config(n, s, vec![])).await;
         // An ExecSync that outlives its timeout is DeadlineExceeded (a
         // probe timeout for the kubelet), and its process is gone by then.
         let t0 = Instant::now();

@@ -692,7 +692,8 @@ fn validate_pod(
 /// namespace is all the kernel it has).
 pub fn check_sysctl(name: &str, vm: bool) -> Result<(), String> {
     husk_protocol::seccomp::sysctl_path(name)?;
-    if !vm && !(name.starts_with("net.") || name.starts_with("net/")) {
+    let net = name.starts_with("net.") || name.starts_with("net/");
+    if !vm && !net {
         return Err(format!(
             "sysctl {name:?} does not apply to a wasm pod, which has no kernel of its own; only net.* sysctls (its network namespace) do: run the pod with runtimeClassName husk-vm"
         ));
@@ -1498,5 +1499,63 @@ mod security_tests {
             e.starts_with("spec.containers[0].securityContext.runAsUser"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn seccomp_profiles_come_from_the_container_over_the_pod() {
+        use crate::pod::seccomp::SeccompPlan;
+        let profile = |kind: &str, path: Option<&str>| spec::SeccompProfile {
+            kind: kind.into(),
+            localhost_profile: path.map(str::to_owned),
+        };
+        let pod = spec::PodSecurityContext {
+            seccomp_profile: Some(profile("RuntimeDefault", None)),
+            ..Default::default()
+        };
+        let p = merged(pod.clone(), None, None).unwrap();
+        assert_eq!(p.seccomp, Some(SeccompPlan::RuntimeDefault));
+        let sc = spec::SecurityContext {
+            seccomp_profile: Some(profile("Unconfined", None)),
+            ..Default::default()
+        };
+        assert_eq!(merged(pod.clone(), Some(sc), None).unwrap().seccomp, None);
+        assert_eq!(
+            merged(Default::default(), None, None).unwrap().seccomp,
+            None
+        );
+        for (kind, path, want) in [
+            (
+                "Sometimes",
+                None,
+                "spec.containers[0].securityContext.seccompProfile: ",
+            ),
+            ("Localhost", None, "needs localhostProfile"),
+            (
+                "Localhost",
+                Some("../../etc/passwd"),
+                "must be a path inside",
+            ),
+            (
+                "Localhost",
+                Some("no-such-profile.json"),
+                "no-such-profile.json: No such file",
+            ),
+        ] {
+            let sc = spec::SecurityContext {
+                seccomp_profile: Some(profile(kind, path)),
+                ..Default::default()
+            };
+            let e = merged(pod.clone(), Some(sc), None).unwrap_err();
+            assert!(e.contains(want), "{kind} {path:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_wasm_pod_takes_only_network_sysctls() {
+        assert!(check_sysctl("kernel.shm_rmid_forced", true).is_ok());
+        assert!(check_sysctl("net.ipv4.ip_unprivileged_port_start", false).is_ok());
+        let e = check_sysctl("kernel.shm_rmid_forced", false).unwrap_err();
+        assert!(e.contains("husk-vm"), "{e}");
+        assert!(check_sysctl("net/../../x", true).is_err());
     }
 }
