@@ -803,18 +803,22 @@ metadata: {{name: vmsec}}
 spec:
   runtimeClassName: husk-vm
   restartPolicy: Never
-  securityContext: {{supplementalGroups: [50]}}
+  shareProcessNamespace: true
+  securityContext:
+    supplementalGroups: [50]
+    sysctls: [{{name: kernel.shm_rmid_forced, value: "1"}}]
   volumes: [{{name: data, emptyDir: {{medium: Memory}}}}]
   containers:
   - name: user
     image: {reference}
-    command: ["/bin/sh", "-c", "id -u; id -g; id -G; echo $HOME; grep CapEff /proc/self/status"]
+    command: ["/bin/sh", "-c", "id -u; id -g; id -G; echo $HOME; grep CapEff /proc/self/status; cat /proc/sys/kernel/shm_rmid_forced; tr -d '\\0' < /proc/1/cmdline; echo; grep Seccomp: /proc/self/status"]
     securityContext: {{runAsUser: 1000, runAsGroup: 1001}}
   - name: locked
     image: {reference}
-    command: ["/bin/sh", "-c", "id -u; (touch /new) 2>/dev/null && echo root-writable || echo root-read-only; touch /data/x && echo volume-writable; grep -E 'CapEff|NoNewPrivs' /proc/self/status"]
+    command: ["/bin/sh", "-c", "id -u; (touch /new) 2>/dev/null && echo root-writable || echo root-read-only; touch /data/x && echo volume-writable; grep -E 'CapEff|NoNewPrivs|Seccomp:' /proc/self/status"]
     volumeMounts: [{{name: data, mountPath: /data}}]
     securityContext:
+      seccompProfile: {{type: RuntimeDefault}}
       readOnlyRootFilesystem: true
       allowPrivilegeEscalation: false
       capabilities: {{drop: [NET_RAW], add: [SYS_TIME]}}
@@ -832,16 +836,18 @@ spec:
     let logs = |c: &str| stdout(&env.husk(&["logs", "vmsec", "-c", c]));
     // A non-root user has no capabilities; the busybox image's /etc/group
     // lists no groups for uid 1000, so only the pod's supplemental one.
+    // The pod's sysctl is set, its PID 1 is the pause of the shared PID
+    // namespace, and seccomp is unconfined unless asked for.
     assert_eq!(
         logs("user"),
-        "1000\n1001\n1001 50\n/\nCapEff:\t0000000000000000\n",
+        "1000\n1001\n1001 50\n/\nCapEff:\t0000000000000000\n1\n/pause\nSeccomp:\t0\n",
         "{v:#}"
     );
     // Root keeps the default set, less NET_RAW (bit 13), plus SYS_TIME
     // (bit 25): Docker's a80425fb - 0x2000 + 0x2000000.
     assert_eq!(
         logs("locked"),
-        "0\nroot-read-only\nvolume-writable\nCapEff:\t00000000aa0405fb\nNoNewPrivs:\t1\n",
+        "0\nroot-read-only\nvolume-writable\nCapEff:\t00000000aa0405fb\nNoNewPrivs:\t1\nSeccomp:\t2\n",
         "{v:#}"
     );
     let nonroot = env.container(&v, "nonroot");
