@@ -106,6 +106,51 @@ fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
     reference
 }
 
+/// critest's image with a predefined group: busybox, user 1000
+/// (default-user) who is a member of group 50000 in /etc/group.
+fn push_group_image(reg: &Registry, name: &str) -> String {
+    use sha2::Digest as _;
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let layer = husk_tests::layer_tar(&[
+        ("bin/busybox", 0o755, Ok(&busybox)),
+        ("bin/sh", 0o777, Err("busybox")),
+        (
+            "etc/passwd",
+            0o644,
+            Ok(b"root:x:0:0:root:/root:/bin/sh\ndefault-user:x:1000:1000::/home:/bin/sh\n"),
+        ),
+        (
+            "etc/group",
+            0o644,
+            Ok(b"root:x:0:\ndefault-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"),
+        ),
+    ]);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"User": "1000", "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers",
+                   "diff_ids": [format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)))]},
+    });
+    let reference = format!("{}/{name}", reg.host());
+    rt().block_on(client().push(
+        &reference.parse().unwrap(),
+        &[ImageLayer::new(
+            layer,
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        )],
+        Config::new(
+            config.to_string().into_bytes(),
+            "application/vnd.oci.image.config.v1+json".into(),
+            None,
+        ),
+        &RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+    reference
+}
+
 /// ImageStatus reports the user an image's config names (a uid, or a
 /// name; a group is not the user), and an image pulled by digest lists
 /// that digest and no tag.
@@ -1589,10 +1634,60 @@ async fn vm_security_specs(
         .unwrap();
 }
 
+/// critest's SupplementalGroupsPolicy specs: Merge (the default) adds the
+/// groups the image's /etc/group gives the user, Strict does not; both
+/// the process and ContainerStatus.user show it.
+async fn supplemental_groups_policy(
+    rs: &mut RuntimeServiceClient<tonic::transport::Channel>,
+    create: impl Fn(cri::ContainerConfig) -> cri::CreateContainerRequest,
+    group_image: &str,
+) {
+    let features = rs
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .features
+        .unwrap();
+    assert!(features.supplemental_groups_policy);
+    for (policy, want) in [
+        (
+            cri::SupplementalGroupsPolicy::Merge,
+            vec![1000, 1234, 50000],
+        ),
+        (cri::SupplementalGroupsPolicy::Strict, vec![1000, 1234]),
+    ] {
+        let name = format!("groups-{}", policy.as_str_name().to_ascii_lowercase());
+        let mut c = container_config(&name, group_image, &[], vec![]);
+        c.command = vec!["/bin/sh".into(), "-c".into(), "exec sleep 600".into()];
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                supplemental_groups: vec![1234],
+                supplemental_groups_policy: policy as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = started(rs, create(c)).await;
+        let st = wait_state(rs, &id, cri::ContainerState::ContainerRunning).await;
+        let user = st.user.and_then(|u| u.linux).expect("ContainerStatus.user");
+        assert_eq!((user.uid, user.gid), (1000, 1000), "{policy:?}");
+        assert_eq!(user.supplemental_groups, want, "{policy:?}");
+        let out = exec_sync(rs, &id, "id -G").await;
+        let ids: Vec<String> = want.iter().map(|g| g.to_string()).collect();
+        assert_eq!(text(&out.stdout), ids.join(" "), "{policy:?} {out:?}");
+        rs.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
     let reg = Registry::start();
     let image = husk_tests::push_busybox_image(&reg, "cri/busybox:v1");
+    let group_image = push_group_image(&reg, "cri/groups:v1");
     let env = vm_env();
     let mut huskd = Huskd::start(&env);
     let data = tempfile::tempdir().unwrap();
@@ -1614,6 +1709,15 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             .unwrap()
             .into_inner()
             .image_ref;
+        is.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: group_image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
         // No hostname in the config, and a pod name longer than a host
         // name may be (critest's are): the name cut to 63 bytes, without
@@ -1784,6 +1888,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         .await
         .unwrap();
         vm_security_specs(&mut rs, &main, &create, |n, s| config(n, s, vec![])).await;
+        supplemental_groups_policy(&mut rs, &create, &group_image).await;
         // An ExecSync that outlives its timeout is DeadlineExceeded (a
         // probe timeout for the kubelet), and its process is gone by then.
         let t0 = Instant::now();

@@ -369,6 +369,7 @@ impl<W: Write + Send + 'static> Session<W> {
         }
         // The user and privileges, applied last in the child (after the
         // fork into the PID namespace and the chroot).
+        let mut started_as = None;
         if let Some(sec) = &req.security {
             let container_root = match (&root, &req.exec_in) {
                 (Some(r), _) => r.clone(),
@@ -377,6 +378,7 @@ impl<W: Write + Send + 'static> Session<W> {
             };
             match user::resolve(&container_root, sec) {
                 Ok(r) => {
+                    started_as = Some(r.report());
                     if !req.env.iter().any(|e| e.starts_with("HOME=")) {
                         cmd.env("HOME", &r.home);
                     }
@@ -492,6 +494,7 @@ impl<W: Write + Send + 'static> Session<W> {
         self.send(&Event::Started {
             id: id.to_owned(),
             pid,
+            user: started_as,
         })?;
         // One thread per output stream; the waiter reports the exit after
         // both have drained, so Exited is the last event of the id.

@@ -98,7 +98,7 @@ pub fn resolve(root: &Path, s: &Security) -> Result<Resolved, String> {
         );
     }
     let mut groups: Vec<libc::gid_t> = s.supplemental_groups.clone();
-    if let Some(name) = name {
+    if let Some(name) = name.filter(|_| !s.strict_groups) {
         for f in group.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
             if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
                 if let Some(g) = numeric(f[2]) {
@@ -129,6 +129,22 @@ pub fn resolve(root: &Path, s: &Security) -> Result<Resolved, String> {
             None => Vec::new(),
         },
     })
+}
+
+impl Resolved {
+    /// The identity as reported to the host: the primary group among the
+    /// supplementary ones, sorted, as containerd reports them.
+    pub fn report(&self) -> husk_protocol::ProcessUser {
+        let mut groups: Vec<u32> = self.groups.clone();
+        groups.push(self.gid);
+        groups.sort_unstable();
+        groups.dedup();
+        husk_protocol::ProcessUser {
+            uid: self.uid,
+            gid: self.gid,
+            groups,
+        }
+    }
 }
 
 /// Between fork and exec, in the container: applies `r`. Only
@@ -196,6 +212,27 @@ mod tests {
             capabilities: vec!["CHOWN".into(), "KILL".into()],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_strict_policy_keeps_only_the_given_groups() {
+        let t = root();
+        let mut s = sec(Some("app"));
+        s.supplemental_groups = vec![1234];
+        let r = resolve(t.path(), &s).unwrap();
+        assert_eq!(r.groups, vec![1234, 50]);
+        assert_eq!(r.report().groups, vec![50, 1000, 1234]);
+        s.strict_groups = true;
+        let r = resolve(t.path(), &s).unwrap();
+        assert_eq!(r.groups, vec![1234]);
+        assert_eq!(
+            r.report(),
+            husk_protocol::ProcessUser {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000, 1234]
+            }
+        );
     }
 
     #[test]

@@ -206,6 +206,11 @@ pub struct Security {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub supplemental_groups: Vec<u32>,
+    /// Only `supplemental_groups` (and the primary group): not the groups
+    /// the container's /etc/group gives the user (Kubernetes'
+    /// supplementalGroupsPolicy: Strict; the default merges them).
+    #[serde(default)]
+    pub strict_groups: bool,
     /// Refuse to run as uid 0.
     #[serde(default)]
     pub run_as_non_root: bool,
@@ -226,6 +231,17 @@ pub struct Security {
     /// A seccomp filter for the process; None: unconfined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<Seccomp>,
+}
+
+/// The identity a process was started with.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// The supplementary groups, the primary one included, sorted (as
+    /// containerd reports them).
+    pub groups: Vec<u32>,
 }
 
 /// The pod-wide settings of [`Request::Pod`].
@@ -446,6 +462,10 @@ pub enum Event {
     Started {
         id: String,
         pid: u32,
+        /// Who the process runs as, when the request had a security
+        /// context (for CRI's ContainerStatus.user).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<ProcessUser>,
     },
     Output {
         id: String,

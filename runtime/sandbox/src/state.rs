@@ -352,6 +352,18 @@ pub struct CriContainer {
     pub reason: String,
     #[serde(default)]
     pub message: String,
+    /// Who its process runs as (VM containers), for ContainerStatus.user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<CriUser>,
+}
+
+/// A running container's identity: uid, gid and the supplementary groups
+/// (the primary one included, sorted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CriUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 impl CriContainer {
@@ -367,6 +379,7 @@ impl CriContainer {
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
+            user: None,
         }
     }
 }

@@ -141,7 +141,13 @@ fn to_container_status(sb: &SandboxView, c: &CriContainer) -> cri::ContainerStat
             .collect(),
         log_path: c.meta.log_path.display().to_string(),
         resources: None,
-        user: None,
+        user: c.user.as_ref().map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u.groups.iter().map(|g| i64::from(*g)).collect(),
+            }),
+        }),
     }
 }
 
@@ -370,6 +376,8 @@ fn apply_security(
         .iter()
         .filter_map(|g| u32::try_from(*g).ok())
         .collect();
+    plan.strict_groups =
+        sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32;
     plan.read_only_root = sc.readonly_rootfs;
     plan.no_new_privs = sc.no_new_privs;
     if let Some(caps) = &sc.capabilities {
@@ -1387,7 +1395,11 @@ impl RuntimeService for Runtime {
                     features: Some(cri::RuntimeHandlerFeatures::default()),
                 })
                 .collect(),
-            features: Some(cri::RuntimeFeatures::default()),
+            // supplementalGroupsPolicy (Merge and Strict) is honoured in
+            // VM containers; wasm guests have no groups.
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: true,
+            }),
         }))
     }
 

@@ -1377,6 +1377,16 @@ fn validate_security(
         no_new_privs: sc.allow_privilege_escalation == Some(false),
         cap_add: caps(&sc.capabilities.add, "add")?,
         cap_drop: caps(&sc.capabilities.drop, "drop")?,
+        strict_groups: match pod.supplemental_groups_policy.as_deref() {
+            None | Some("Merge") => false,
+            Some("Strict") => true,
+            Some(other) => {
+                return Err(err(
+                    "spec.securityContext.supplementalGroupsPolicy",
+                    format!("{other:?} is not Merge or Strict"),
+                ))
+            }
+        },
         ..Default::default()
     };
     let (profile, field) = match &sc.seccomp_profile {
@@ -1548,6 +1558,26 @@ mod security_tests {
             let e = merged(pod.clone(), Some(sc), None).unwrap_err();
             assert!(e.contains(want), "{kind} {path:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_supplemental_groups_policy_is_merge_or_strict() {
+        let policy = |p: &str| spec::PodSecurityContext {
+            supplemental_groups_policy: Some(p.into()),
+            ..Default::default()
+        };
+        assert!(
+            !merged(Default::default(), None, None)
+                .unwrap()
+                .strict_groups
+        );
+        assert!(!merged(policy("Merge"), None, None).unwrap().strict_groups);
+        assert!(merged(policy("Strict"), None, None).unwrap().strict_groups);
+        let e = merged(policy("Loose"), None, None).unwrap_err();
+        assert!(
+            e.starts_with("spec.securityContext.supplementalGroupsPolicy") && e.contains("Loose"),
+            "{e}"
+        );
     }
 
     #[test]

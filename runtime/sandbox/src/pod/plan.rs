@@ -64,6 +64,9 @@ pub struct SecurityPlan {
     /// root.
     pub user: Option<String>,
     pub supplemental_groups: Vec<u32>,
+    /// supplementalGroupsPolicy Strict: not the image's groups for the user.
+    #[serde(default)]
+    pub strict_groups: bool,
     /// Refuse to start as uid 0 (or as a user name that cannot be checked).
     pub run_as_non_root: bool,
     pub read_only_root: bool,

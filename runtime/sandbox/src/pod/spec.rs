@@ -59,6 +59,8 @@ pub struct PodSecurityContext {
     #[serde(default)]
     pub sysctls: Vec<Sysctl>,
     pub seccomp_profile: Option<SeccompProfile>,
+    /// Merge (the default) or Strict.
+    pub supplemental_groups_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

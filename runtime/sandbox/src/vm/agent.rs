@@ -170,9 +170,10 @@ impl AgentClient {
                 })
         });
         match first {
-            Ok(Event::Started { pid, .. }) => Ok(Process {
+            Ok(Event::Started { pid, user, .. }) => Ok(Process {
                 id,
                 pid,
+                user,
                 events: rx,
                 writer: self.writer.clone(),
             }),
@@ -341,6 +342,8 @@ impl Drop for AgentClient {
 pub struct Process {
     id: String,
     pid: u32,
+    /// Who it runs as, as the agent resolved it.
+    pub user: Option<husk_protocol::ProcessUser>,
     events: Receiver<Event>,
     writer: Arc<Mutex<UnixStream>>,
 }

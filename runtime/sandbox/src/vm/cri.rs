@@ -424,7 +424,16 @@ impl VmSandbox {
             });
         });
         match rx.recv() {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(user)) => {
+                self.status.with_cri(id, |c| {
+                    c.user = user.map(|u| crate::state::CriUser {
+                        uid: u.uid,
+                        gid: u.gid,
+                        groups: u.groups,
+                    })
+                });
+                Ok(())
+            }
             Ok(Err(msg)) => Err(format!("container {id}: {msg}")),
             Err(_) => Err(format!("container {id}: its supervisor ended")),
         }

@@ -834,7 +834,9 @@ impl VmSandbox {
         &self,
         req: StartRequest,
         log: Arc<Mutex<std::fs::File>>,
-        started: Option<std::sync::mpsc::SyncSender<Result<(), String>>>,
+        started: Option<
+            std::sync::mpsc::SyncSender<Result<Option<husk_protocol::ProcessUser>, String>>,
+        >,
         hub: Option<Arc<AttachHub>>,
     ) -> Result<(Option<i32>, Option<i32>, bool), String> {
         let id = req.id.clone();
@@ -860,7 +862,7 @@ impl VmSandbox {
             h.connect(&proc);
         }
         if let Some(s) = started {
-            let _ = s.send(Ok(()));
+            let _ = s.send(Ok(proc.user.clone()));
         }
         // Output goes through pipes into the CRI framing of cri_log::pump.
         let pipes = [Stream::Stdout, Stream::Stderr].map(|s| {
@@ -941,6 +943,7 @@ fn security(s: &crate::pod::SecurityPlan) -> husk_protocol::Security {
     husk_protocol::Security {
         user: s.user.clone(),
         supplemental_groups: s.supplemental_groups.clone(),
+        strict_groups: s.strict_groups,
         run_as_non_root: s.run_as_non_root,
         read_only_root: s.read_only_root,
         no_new_privs: s.no_new_privs,
