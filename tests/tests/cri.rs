@@ -62,6 +62,10 @@ impl Huskd {
         let _ = self.child.wait();
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     async fn channel(&self) -> Channel {
         cri_channel(&self.socket).await
     }
@@ -104,6 +108,19 @@ fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
     ))
     .unwrap();
     reference
+}
+
+/// How many threads of process `pid` have this name.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// critest's image with a predefined group: busybox, user 1000
@@ -695,6 +712,69 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             "written via cri"
         );
         assert_eq!(st.mounts.len(), 1);
+
+        // Container events (the kubelet's evented PLEG): a container's
+        // life, created to deleted, in order, with its sandbox's status.
+        let mut events = rs
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(threads_named(huskd.pid(), "cri-events"), 1);
+        let ev = rs
+            .create_container(create("events", &["echo"], vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: ev.clone(),
+        })
+        .await
+        .unwrap();
+        wait_state(&mut rs, &ev, cri::ContainerState::ContainerExited).await;
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: ev.clone(),
+        })
+        .await
+        .unwrap();
+        let mut kinds = Vec::new();
+        while kinds.last() != Some(&cri::ContainerEventType::ContainerDeletedEvent) {
+            let e = tokio::time::timeout(Duration::from_secs(20), events.message())
+                .await
+                .expect("no container event within 20 s")
+                .unwrap()
+                .expect("the event stream ended");
+            if e.container_id != ev {
+                continue;
+            }
+            let kind = cri::ContainerEventType::try_from(e.container_event_type).unwrap();
+            let sb = e.pod_sandbox_status.expect("the sandbox's status");
+            assert_eq!(sb.id, pod);
+            if kind != cri::ContainerEventType::ContainerDeletedEvent {
+                assert!(e.containers_statuses.iter().any(|c| c.id == ev), "{kind:?}");
+            }
+            kinds.push(kind);
+        }
+        assert_eq!(
+            kinds,
+            [
+                cri::ContainerEventType::ContainerCreatedEvent,
+                cri::ContainerEventType::ContainerStartedEvent,
+                cri::ContainerEventType::ContainerStoppedEvent,
+                cri::ContainerEventType::ContainerDeletedEvent
+            ]
+        );
+        drop(events);
+        // The subscription's end stops huskd's watcher thread.
+        let t0 = Instant::now();
+        while threads_named(huskd.pid(), "cri-events") > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the event watcher outlived its subscriber"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // Bad containers.
         assert_eq!(

@@ -6,6 +6,7 @@
 //! so it can be restarted (or killed) while pods run, and the `husk` CLI
 //! sees the same pods and images.
 
+mod events;
 mod image;
 mod runtime;
 mod spdy;

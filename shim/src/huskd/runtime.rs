@@ -27,7 +27,7 @@ pub struct Runtime(pub Arc<Huskd>);
 
 type R<T> = Result<Response<T>, Status>;
 
-fn nanos(t: Option<chrono::DateTime<chrono::Utc>>) -> i64 {
+pub(crate) fn nanos(t: Option<chrono::DateTime<chrono::Utc>>) -> i64 {
     t.and_then(|t| t.timestamp_nanos_opt()).unwrap_or(0)
 }
 
@@ -60,7 +60,7 @@ fn sandbox_state(sb: &SandboxView) -> i32 {
     }
 }
 
-fn container_state(sb: &SandboxView, c: &CriContainer) -> i32 {
+pub(crate) fn container_state(sb: &SandboxView, c: &CriContainer) -> i32 {
     match c.state {
         CriState::Created | CriState::Running if sb.monitor_lost() => {
             cri::ContainerState::ContainerUnknown as i32
@@ -97,7 +97,7 @@ fn to_container(sb: &SandboxView, c: &CriContainer) -> cri::Container {
     }
 }
 
-fn to_container_status(sb: &SandboxView, c: &CriContainer) -> cri::ContainerStatus {
+pub(crate) fn to_container_status(sb: &SandboxView, c: &CriContainer) -> cri::ContainerStatus {
     let state = container_state(sb, c);
     let (reason, message) = if state == cri::ContainerState::ContainerUnknown as i32 {
         (
@@ -151,7 +151,7 @@ fn to_container_status(sb: &SandboxView, c: &CriContainer) -> cri::ContainerStat
     }
 }
 
-fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
+pub(crate) fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
     let ip = sb
         .status
         .as_ref()
@@ -654,6 +654,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::RunPodSandboxRequest>,
     ) -> R<cri::RunPodSandboxResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let req = req.into_inner();
         let cfg = req
             .config
@@ -732,6 +733,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::StopPodSandboxRequest>,
     ) -> R<cri::StopPodSandboxResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let sb = match self.0.sandbox(&req.into_inner().pod_sandbox_id) {
             Ok(sb) => sb,
             // Stopping what is gone is done (the kubelet retries stops).
@@ -748,6 +750,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::RemovePodSandboxRequest>,
     ) -> R<cri::RemovePodSandboxResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let id = req.into_inner().pod_sandbox_id;
         let sb = match self.0.sandbox(&id) {
             Ok(sb) => sb,
@@ -831,6 +834,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::CreateContainerRequest>,
     ) -> R<cri::CreateContainerResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let req = req.into_inner();
         let sb = self.0.sandbox(&req.pod_sandbox_id)?;
         let cfg = req
@@ -946,6 +950,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::StartContainerRequest>,
     ) -> R<cri::StartContainerResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let id = req.into_inner().container_id;
         let (sb, _) = self.0.container(&id)?;
         if !sb.ready() {
@@ -968,6 +973,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::StopContainerRequest>,
     ) -> R<cri::StopContainerResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let req = req.into_inner();
         let (sb, c) = match self.0.container(&req.container_id) {
             Ok(x) => x,
@@ -997,6 +1003,7 @@ impl RuntimeService for Runtime {
         &self,
         req: Req<cri::RemoveContainerRequest>,
     ) -> R<cri::RemoveContainerResponse> {
+        let _events = crate::events::Guard::new(&self.0);
         let id = req.into_inner().container_id;
         let (sb, _) = match self.0.container(&id) {
             Ok(x) => x,
@@ -1422,10 +1429,10 @@ impl RuntimeService for Runtime {
         &self,
         _: Req<cri::GetEventsRequest>,
     ) -> R<Self::GetContainerEventsStream> {
-        // The kubelet polls (generic PLEG) when the runtime has no events.
-        Err(Status::unimplemented(
-            "container events are not served; poll",
-        ))
+        let rx = crate::events::subscribe(&self.0).map_err(internal)?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_metric_descriptors(

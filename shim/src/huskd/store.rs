@@ -78,6 +78,8 @@ pub struct Huskd {
     pub names: tokio::sync::Mutex<()>,
     /// Where Exec and PortForward URLs point.
     pub streaming: std::sync::Arc<crate::stream::Streaming>,
+    /// GetContainerEvents' subscribers.
+    pub events: crate::events::Events,
 }
 
 pub fn internal(e: impl std::fmt::Display) -> Status {
@@ -97,6 +99,7 @@ impl Huskd {
             husk,
             default_handler,
             names: tokio::sync::Mutex::new(()),
+            events: Default::default(),
         }
     }
 
