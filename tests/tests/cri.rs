@@ -81,12 +81,11 @@ fn push_probe(reg: &Registry, name: &str) -> String {
     push_wasm(reg, name, &probe())
 }
 
-/// A small Linux image whose config runs as `user`.
-fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
+/// Pushes a one-layer linux/amd64 image whose config has `config`.
+fn push_one_layer(reg: &Registry, name: &str, layer: Vec<u8>, config: serde_json::Value) -> String {
     use sha2::Digest as _;
-    let layer = husk_tests::layer_tar(&[("etc/user", 0o644, Ok(user.as_bytes()))]);
     let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {"User": user},
+        "architecture": "amd64", "os": "linux", "config": config,
         "rootfs": {"type": "layers",
                    "diff_ids": [format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)))]},
     });
@@ -108,6 +107,12 @@ fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
     ))
     .unwrap();
     reference
+}
+
+/// A small Linux image whose config runs as `user`.
+fn push_user_image(reg: &Registry, name: &str, user: &str) -> String {
+    let layer = husk_tests::layer_tar(&[("etc/user", 0o644, Ok(user.as_bytes()))]);
+    push_one_layer(reg, name, layer, serde_json::json!({ "User": user }))
 }
 
 /// How many threads of process `pid` have this name.
@@ -126,7 +131,6 @@ fn threads_named(pid: u32, name: &str) -> usize {
 /// critest's image with a predefined group: busybox, user 1000
 /// (default-user) who is a member of group 50000 in /etc/group.
 fn push_group_image(reg: &Registry, name: &str) -> String {
-    use sha2::Digest as _;
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
     let layer = husk_tests::layer_tar(&[
         ("bin/busybox", 0o755, Ok(&busybox)),
@@ -142,30 +146,12 @@ fn push_group_image(reg: &Registry, name: &str) -> String {
             Ok(b"root:x:0:\ndefault-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"),
         ),
     ]);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"User": "1000", "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers",
-                   "diff_ids": [format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)))]},
-    });
-    let reference = format!("{}/{name}", reg.host());
-    rt().block_on(client().push(
-        &reference.parse().unwrap(),
-        &[ImageLayer::new(
-            layer,
-            "application/vnd.oci.image.layer.v1.tar".into(),
-            None,
-        )],
-        Config::new(
-            config.to_string().into_bytes(),
-            "application/vnd.oci.image.config.v1+json".into(),
-            None,
-        ),
-        &RegistryAuth::Anonymous,
-        None,
-    ))
-    .unwrap();
-    reference
+    push_one_layer(
+        reg,
+        name,
+        layer,
+        serde_json::json!({"User": "1000", "Env": ["PATH=/bin"]}),
+    )
 }
 
 /// ImageStatus reports the user an image's config names (a uid, or a
