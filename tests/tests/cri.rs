@@ -1955,6 +1955,44 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         .unwrap();
         vm_security_specs(&mut rs, &main, &create, |n, s| config(n, s, vec![])).await;
         supplemental_groups_policy(&mut rs, &create, &group_image).await;
+        // The kubelet's file mounts: its /etc/hosts (read-only) over the
+        // guest's, and a termination log the container writes and the
+        // kubelet reads on the host after it ends.
+        let files = tempfile::tempdir().unwrap();
+        let (hosts, term) = (files.path().join("etc-hosts"), files.path().join("termination-log"));
+        std::fs::write(&hosts, "10.9.8.7 from-the-kubelet\n").unwrap();
+        std::fs::write(&term, "").unwrap();
+        let filer = started(
+            &mut rs,
+            create(config(
+                "files",
+                "cat /etc/hosts; echo bye > /dev/termination-log; (echo no > /etc/hosts) 2>/dev/null || echo hosts is read-only",
+                vec![mount(&hosts, "/etc/hosts", true), mount(&term, "/dev/termination-log", false)],
+            )),
+        )
+        .await;
+        let st = wait_state(&mut rs, &filer, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        let log = Path::new(&cfg.log_directory).join("files_0.log");
+        let lines: Vec<String> = log_lines(&log)
+            .iter()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(lines, ["10.9.8.7 from-the-kubelet", "hosts is read-only"]);
+        assert_eq!(std::fs::read_to_string(&term).unwrap(), "bye\n");
+        assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "10.9.8.7 from-the-kubelet\n");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(mounts.contains(files.path().to_str().unwrap()), "the file mounts are not bound");
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: filer,
+        })
+        .await
+        .unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(files.path().to_str().unwrap()),
+            "a removed container's file mounts are still bound: {mounts}"
+        );
         // An ExecSync that outlives its timeout is DeadlineExceeded (a
         // probe timeout for the kubelet), and its process is gone by then.
         let t0 = Instant::now();

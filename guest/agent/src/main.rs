@@ -888,6 +888,18 @@ fn enter_container(
                 std::ptr::null(),
             ))?;
             for m in &mounts {
+                if m.file {
+                    // Under /dev (the VM's, bound in above) the file made
+                    // in the container's layer is hidden: make it there.
+                    let fd = libc::open(
+                        m.target.as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                }
                 check(libc::mount(
                     m.source.as_ptr(),
                     m.target.as_ptr(),

@@ -195,6 +195,9 @@ pub struct Prepared {
     pub source: CString,
     pub target: CString,
     pub read_only: bool,
+    /// A file onto a file: its target may have to be made again in the
+    /// child, under a mount made there (/dev/termination-log).
+    pub file: bool,
 }
 
 /// Resolves `mounts` for a container whose root is `root`: each source is
@@ -259,6 +262,7 @@ pub fn prepare(root: &Path, mounts: &[Mount]) -> Result<Vec<Prepared>, String> {
             source: c(&source)?,
             target: c(&target)?,
             read_only: m.read_only,
+            file: is_file,
         });
     }
     Ok(out)

@@ -511,17 +511,18 @@ fn container_spec(
             )));
         }
         recorded.push((host.to_owned(), m.container_path.clone(), m.readonly));
-        if !host.is_dir() {
-            // WASI preopens are directories: a file mount (the kubelet's
-            // /etc/hosts, /dev/termination-log) has no place in a wasm
-            // guest. A VM's container gets /etc/hosts and friends from the
-            // guest, and directories only over virtio-fs.
+        // A VM container mounts directories and files (the kubelet's
+        // /etc/hosts and /dev/termination-log) over virtio-fs. WASI
+        // preopens are directories: a file has no place in a wasm guest.
+        let mountable = host.is_dir() || (vm && host.is_file());
+        if !mountable {
             tracing::info!(
                 container = %meta.name,
-                "skipping file mount {} -> {}: {} containers mount directories only",
+                "skipping mount {} -> {}: {} containers mount directories{}",
                 m.host_path,
                 m.container_path,
-                if vm { HANDLER_VM } else { HANDLER_WASM }
+                if vm { HANDLER_VM } else { HANDLER_WASM },
+                if vm { " and files" } else { " only" }
             );
             continue;
         }

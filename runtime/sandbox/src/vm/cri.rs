@@ -104,8 +104,8 @@ impl CriShare {
         Ok(name)
     }
 
-    /// Binds a host directory in for container `id`; returns its path in
-    /// the share.
+    /// Binds a host directory or file in for container `id`; returns its
+    /// path in the share.
     pub fn bind_for(
         &mut self,
         id: &str,
@@ -125,17 +125,44 @@ impl CriShare {
         read_only: bool,
         owner: Option<&str>,
     ) -> Result<(), ShareError> {
-        std::fs::create_dir_all(at).map_err(|e| ShareError::Io(at.to_owned(), e))?;
+        // A file (the kubelet's /etc/hosts, a termination log) is bound
+        // onto an empty file of the share, a directory onto a directory.
+        let file = std::fs::metadata(src)
+            .map_err(|e| ShareError::Io(src.to_owned(), e))?
+            .is_file();
+        let place = |p: &Path| -> std::io::Result<()> {
+            if file {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(p)
+                    .map(drop)
+            } else {
+                std::fs::create_dir_all(p)
+            }
+        };
+        let unplace = |p: &Path| {
+            let _ = if file {
+                std::fs::remove_file(p)
+            } else {
+                std::fs::remove_dir(p)
+            };
+        };
+        place(at).map_err(|e| ShareError::Io(at.to_owned(), e))?;
         if !read_only {
             if let Err(e) = bind(src, at, true) {
-                let _ = std::fs::remove_dir(at);
+                unplace(at);
                 return Err(e);
             }
         } else {
             // Read-only first, outside the shared tree: the copy that
             // propagates into virtiofsd's namespace is made from it.
-            let stage = self.stage.join("x");
-            std::fs::create_dir_all(&stage).map_err(|e| ShareError::Io(stage.clone(), e))?;
+            let stage = self.stage.join(if file { "f" } else { "x" });
+            place(&stage).map_err(|e| ShareError::Io(stage.clone(), e))?;
             let r = bind(src, &stage, false)
                 .and_then(|()| {
                     mount(
@@ -149,9 +176,10 @@ impl CriShare {
                 })
                 .and_then(|()| bind(&stage, at, false));
             let _ = umount2(&stage, MntFlags::MNT_DETACH);
+            unplace(&stage);
             if let Err(e) = r {
                 let _ = umount2(at, MntFlags::MNT_DETACH);
-                let _ = std::fs::remove_dir(at);
+                unplace(at);
                 return Err(e);
             }
         }
@@ -164,13 +192,19 @@ impl CriShare {
         let mut keep = Vec::new();
         for (owner, at) in std::mem::take(&mut self.mounts) {
             if owner.as_deref() == Some(id) {
-                let _ = umount2(&at, MntFlags::MNT_DETACH);
+                if umount2(&at, MntFlags::MNT_DETACH).is_ok()
+                    && std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_file())
+                {
+                    let _ = std::fs::remove_file(&at);
+                }
             } else {
                 keep.push((owner, at));
             }
         }
         self.mounts = keep;
-        let _ = std::fs::remove_dir_all(self.root.join("c").join(id));
+        // Only empty directories go: never a recursive removal, which
+        // could reach into a host directory whose unmount failed.
+        remove_empty_tree(&self.root.join("c").join(id));
     }
 }
 
@@ -179,6 +213,9 @@ impl Drop for CriShare {
         for (_, at) in self.mounts.drain(..).rev() {
             if let Err(e) = umount2(&at, MntFlags::MNT_DETACH) {
                 tracing::warn!("umount {}: {e}", at.display());
+            } else if std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_file()) {
+                // The empty file a file mount was bound onto.
+                let _ = std::fs::remove_file(&at);
             }
         }
         if self.root_mounted {
