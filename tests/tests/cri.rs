@@ -1801,6 +1801,12 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             ("fs.mqueue.msg_max".into(), "100".into()),
             ("net.ipv4.ip_unprivileged_port_start".into(), "80".into()),
         ]);
+        // The kubelet's sum of the containers' limits: the VM is sized
+        // from it at boot (256 MiB base + 128 MiB).
+        cfg.linux.get_or_insert_default().resources = Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        });
         let pod = rs
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(cfg.clone()),
@@ -1912,6 +1918,9 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         );
 
         // ExecSync runs real processes in the container, in the guest.
+        let out = exec_sync(&mut rs, &main, "awk '/MemTotal/ {print $2}' /proc/meminfo").await;
+        let kib: u64 = text(&out.stdout).parse().unwrap();
+        assert!(kib > 300 << 10, "the VM was not sized from the sandbox's resources: {kib} KiB");
         let out = exec_sync(&mut rs, &main, "hostname; uname -r; cat /ro/keep.txt").await;
         assert_eq!(out.exit_code, 0, "{out:?}");
         let o = text(&out.stdout);

@@ -309,6 +309,19 @@ fn sandbox_plan(cfg: &cri::PodSandboxConfig, handler: &str) -> Result<PodPlan, S
         cri: true,
         port_mappings,
         sysctls,
+        sandbox_limits: cfg
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.as_ref())
+            .map(|r| {
+                let mem = u64::try_from(r.memory_limit_in_bytes)
+                    .ok()
+                    .filter(|m| *m > 0);
+                let cpu = (r.cpu_quota > 0 && r.cpu_period > 0)
+                    .then(|| (r.cpu_quota * 1000 / r.cpu_period) as u64);
+                (mem, cpu)
+            })
+            .filter(|l| *l != (None, None)),
     })
 }
 

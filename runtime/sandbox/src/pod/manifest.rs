@@ -684,6 +684,7 @@ fn validate_pod(
         cri: false,
         port_mappings: Vec::new(),
         sysctls,
+        sandbox_limits: None,
     })
 }
 

@@ -52,6 +52,11 @@ pub struct PodPlan {
     /// pod (its network namespace).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sysctls: Vec<(String, String)>,
+    /// A CRI sandbox's `linux.resources` (the kubelet's sum of its
+    /// containers' limits): memory in bytes and CPU in millicores. A VM
+    /// sandbox is sized from them at boot, before any container exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_limits: Option<(Option<u64>, Option<u64>)>,
 }
 
 /// A container's user and privileges: securityContext over the pod's over

@@ -1020,11 +1020,17 @@ fn pod_vm_size(plan: &PodPlan, vm: &crate::config::VmConfig) -> (u32, u32) {
             .map(|c| (c.memory_limit, c.cpu_limit_millis))
             .collect()
     };
+    // A CRI sandbox boots before its containers exist: the kubelet's sum
+    // of their limits stands for them (as Kata's static sizing reads it).
+    let main = match plan.sandbox_limits {
+        Some(l) if plan.containers.is_empty() => vec![l],
+        _ => limits(&plan.containers),
+    };
     vm_size(
         (vm.mem_mib, vm.vcpus),
         std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         &limits(&plan.init_containers),
-        &limits(&plan.containers),
+        &main,
     )
 }
 
