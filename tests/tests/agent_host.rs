@@ -125,11 +125,7 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
     // An exec joins its root and namespaces; a copy out comes from there.
     let mut e = sh("e1", "cat /tmp/marker; hostname; echo $$");
     e.exec_in = Some("c1".into());
-    let f = agent
-        .start(e)
-        .unwrap()
-        .wait(Duration::from_secs(20))
-        .unwrap();
+    let f = run(&agent, e);
     let text = String::from_utf8_lossy(&f.stdout).into_owned();
     assert_eq!(
         f.code,
@@ -155,11 +151,7 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
         }),
         ..Default::default()
     };
-    let f = agent
-        .start(copy)
-        .unwrap()
-        .wait(Duration::from_secs(20))
-        .unwrap();
+    let f = run(&agent, copy);
     assert_eq!(f.code, Some(0), "{}", String::from_utf8_lossy(&f.stderr));
     husk_protocol::copy::unpack(&f.stdout[..], &t.path().join("copied")).unwrap();
     assert_eq!(
@@ -174,14 +166,13 @@ fn the_agent_runs_containers_in_fresh_namespaces_on_the_host() {
     c1.signal(libc::SIGKILL).unwrap();
     let f = c1.wait(Duration::from_secs(20)).unwrap();
     assert_eq!(f.signal, Some(libc::SIGKILL));
-    let f = agent
-        .start(sh(
+    let f = run(
+        &agent,
+        sh(
             "m",
             "cat /proc/self/mountinfo; ls /run/husk/containers; ls /sys/fs/cgroup/husk",
-        ))
-        .unwrap()
-        .wait(Duration::from_secs(20))
-        .unwrap();
+        ),
+    );
     let seen = String::from_utf8_lossy(&f.stdout);
     assert!(!seen.contains("/run/husk/containers/c1"), "{seen}");
     for c in ["c1", "c2", "c3"] {
@@ -313,11 +304,7 @@ fn hardening(agent: &AgentClient, layer: &str) {
         seccomp: Some(profile),
         ..Default::default()
     });
-    let f = agent
-        .start(c)
-        .unwrap()
-        .wait(Duration::from_secs(20))
-        .unwrap();
+    let f = run(agent, c);
     let (out, err) = (
         String::from_utf8_lossy(&f.stdout).into_owned(),
         String::from_utf8_lossy(&f.stderr).into_owned(),
@@ -344,11 +331,7 @@ fn hardening(agent: &AgentClient, layer: &str) {
         layers: vec![layer.to_owned()],
         ..Default::default()
     });
-    let f = agent
-        .start(c)
-        .unwrap()
-        .wait(Duration::from_secs(20))
-        .unwrap();
+    let f = run(agent, c);
     assert_eq!(
         String::from_utf8_lossy(&f.stdout),
         "1\n0\n",
@@ -357,4 +340,13 @@ fn hardening(agent: &AgentClient, layer: &str) {
     );
     c3.signal(libc::SIGKILL).unwrap();
     c3.wait(Duration::from_secs(20)).unwrap();
+}
+
+/// Starts `req` and waits for it to end (20 s at most).
+fn run(agent: &AgentClient, req: StartRequest) -> husk_sandbox::vm::agent::Finished {
+    agent
+        .start(req)
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap()
 }
