@@ -74,6 +74,10 @@ pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What kind of failure `error` is, when the sandbox said (huskd's
+    /// gRPC status comes from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<husk_sandbox::Code>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +100,16 @@ impl Reply {
         Reply {
             ok: false,
             error: Some(message.into()),
+            ..Default::default()
+        }
+    }
+
+    /// A sandbox's failure, with its code.
+    pub fn failed(f: husk_sandbox::Failure) -> Self {
+        Reply {
+            ok: false,
+            error: Some(f.message),
+            code: f.code,
             ..Default::default()
         }
     }

@@ -9,7 +9,7 @@ use crate::control::{Reply, Request};
 use husk_sandbox::config::HuskConfig;
 use husk_sandbox::pod::PodPlan;
 use husk_sandbox::state::{PodRecord, PodStatus, Roots};
-use husk_sandbox::{Sandbox, SandboxError, VmSandbox, WasmSandbox};
+use husk_sandbox::{Failure, Sandbox, SandboxError, VmSandbox, WasmSandbox};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -273,17 +273,17 @@ async fn exec_stream(
 
 /// Runs a blocking sandbox call off the runtime's threads.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(format!("monitor task: {e}")))
+        .unwrap_or_else(|e| Err(format!("monitor task: {e}").into()))
 }
 
-fn reply_of(r: Result<(), String>) -> Reply {
+fn reply_of(r: Result<(), Failure>) -> Reply {
     match r {
         Ok(()) => Reply::ok(),
-        Err(e) => Reply::err(e),
+        Err(e) => Reply::failed(e),
     }
 }
 
@@ -321,7 +321,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             exec: Some(out),
                             ..Reply::ok()
                         },
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Ok(r @ (Request::ExecStream { .. } | Request::AttachStream { .. })) => {
@@ -344,7 +344,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             }
                             return;
                         }
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Ok(Request::Update {
@@ -359,14 +359,14 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     .await
                     {
                         Ok(()) => Reply::ok(),
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Ok(Request::UpdateVolume { volume, files }) => {
                     let sb = sb.clone();
-                    match blocking(move || sb.update_volume(&volume, &files)).await {
+                    match blocking(move || Ok(sb.update_volume(&volume, &files)?)).await {
                         Ok(()) => Reply::ok(),
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Ok(Request::CreateContainer {
@@ -380,7 +380,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             id: Some(id),
                             ..Reply::ok()
                         },
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Ok(Request::StartContainer { id }) => {
@@ -407,7 +407,7 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                             stats: Some(st),
                             ..Reply::ok()
                         },
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::failed(e),
                     }
                 }
                 Err(e) => Reply::err(format!("bad request: {e}")),

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod config;
 pub mod cri_log;
 pub mod dns;
+pub mod failure;
 pub mod lifecycle;
 pub mod network;
 pub mod pod;
@@ -13,6 +14,7 @@ pub mod vm;
 pub mod volume;
 pub mod wasm;
 
+pub use failure::{Code, Failure};
 pub use husk_protocol::{Tool, TtySize};
 pub use vm::sandbox::VmSandbox;
 pub use wasm::{

@@ -91,20 +91,23 @@ impl StatusCell {
     }
 
     /// A CRI container's record.
-    pub fn cri(&self, id: &str) -> Result<crate::state::CriContainer, String> {
+    pub fn cri(&self, id: &str) -> Result<crate::state::CriContainer, crate::Failure> {
         let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.cri_containers
             .iter()
             .find(|c| c.id == id)
             .cloned()
-            .ok_or_else(|| format!("no container {id:?} in this pod"))
+            .ok_or_else(|| crate::Failure::no_container(id))
     }
 
     /// A CRI container's record, if it is running.
-    pub fn cri_running(&self, id: &str) -> Result<crate::state::CriContainer, String> {
+    pub fn cri_running(&self, id: &str) -> Result<crate::state::CriContainer, crate::Failure> {
         let rec = self.cri(id)?;
         if rec.state != crate::state::CriState::Running {
-            return Err(format!("container {id} is not running"));
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!("container {id} is not running"),
+            ));
         }
         Ok(rec)
     }

@@ -387,15 +387,18 @@ impl CriContainer {
 impl PodStatus {
     /// Err when a CRI container of the pod already has `meta`'s name and
     /// attempt.
-    pub fn cri_name_free(&self, meta: &CriMeta) -> Result<(), String> {
+    pub fn cri_name_free(&self, meta: &CriMeta) -> Result<(), crate::Failure> {
         match self
             .cri_containers
             .iter()
             .find(|x| x.meta.name == meta.name && x.meta.attempt == meta.attempt)
         {
-            Some(x) => Err(format!(
-                "already exists: container {:?} attempt {} is {} in this pod",
-                meta.name, meta.attempt, x.id
+            Some(x) => Err(crate::Failure::new(
+                crate::Code::AlreadyExists,
+                format!(
+                    "already exists: container {:?} attempt {} is {} in this pod",
+                    meta.name, meta.attempt, x.id
+                ),
             )),
             None => Ok(()),
         }

@@ -205,24 +205,21 @@ impl Huskd {
             return Ok(reply);
         }
         let msg = reply.error.unwrap_or_else(|| "failed".into());
-        Err(status_of(msg))
+        Err(status_of(reply.code, msg))
     }
 }
 
-/// The gRPC status for a monitor's error message.
-pub fn status_of(msg: String) -> Status {
-    if msg.starts_with("already exists") {
-        Status::already_exists(msg)
-    } else if msg.starts_with("no container") {
-        Status::not_found(msg)
-    } else if msg.contains("only a created container") || msg.contains("is stopped") {
-        Status::failed_precondition(msg)
-    } else if msg.starts_with("exec timed out") {
+/// The gRPC status for a monitor's failure, from the code the sandbox
+/// gave it (none: unknown).
+pub fn status_of(code: Option<husk_sandbox::Code>, msg: String) -> Status {
+    use husk_sandbox::Code;
+    match code {
+        Some(Code::NotFound) => Status::not_found(msg),
+        Some(Code::AlreadyExists) => Status::already_exists(msg),
+        Some(Code::FailedPrecondition) => Status::failed_precondition(msg),
         // A probe's exec that ran out of time (the kubelet reads this code).
-        Status::deadline_exceeded(msg)
-    } else if msg.contains("not supported") {
-        Status::unimplemented(msg)
-    } else {
-        Status::unknown(msg)
+        Some(Code::DeadlineExceeded) => Status::deadline_exceeded(msg),
+        Some(Code::Unimplemented) => Status::unimplemented(msg),
+        None => Status::unknown(msg),
     }
 }

@@ -304,15 +304,21 @@ pub(crate) struct VmCriEntry {
 }
 
 impl VmSandbox {
-    fn cri_open(&self) -> Result<(), String> {
+    fn cri_open(&self) -> Result<(), crate::Failure> {
         if !self.plan.cri {
-            return Err(format!(
-                "pod {} was run from a manifest; its containers cannot be changed one by one",
-                self.plan.name
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!(
+                    "pod {} was run from a manifest; its containers cannot be changed one by one",
+                    self.plan.name
+                ),
             ));
         }
         if self.stop.requested.load(Ordering::SeqCst) || self.agent.is_closed() {
-            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!("pod sandbox {} is stopped", self.paths.id),
+            ));
         }
         Ok(())
     }
@@ -322,14 +328,14 @@ impl VmSandbox {
         mut c: ContainerPlan,
         volumes: Vec<VolumePlan>,
         meta: CriMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, crate::Failure> {
         self.cri_open()?;
         self.status.get().cri_name_free(&meta)?;
         if c.layers.is_empty() {
-            return Err(format!(
+            return Err(crate::Failure::from(format!(
                 "container {:?}: image {} has no Linux layers",
                 meta.name, meta.image
-            ));
+            )));
         }
         let id = format!(
             "{}{}",
@@ -353,10 +359,10 @@ impl VmSandbox {
                 });
                 let Some(host) = host else {
                     share.forget(&id);
-                    return Err(format!(
+                    return Err(crate::Failure::from(format!(
                         "container {:?}: mount {} names no host directory",
                         meta.name, m.mount_path
-                    ));
+                    )));
                 };
                 match share.bind_for(&id, &m.volume, host, m.read_only) {
                     Ok(rel) => {
@@ -365,7 +371,7 @@ impl VmSandbox {
                     }
                     Err(e) => {
                         share.forget(&id);
-                        return Err(e.to_string());
+                        return Err(crate::Failure::from(e.to_string()));
                     }
                 }
             }
@@ -384,12 +390,15 @@ impl VmSandbox {
         Ok(id)
     }
 
-    pub(crate) fn cri_start(self: &Arc<Self>, id: &str) -> Result<(), String> {
+    pub(crate) fn cri_start(self: &Arc<Self>, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri(id)?;
         if rec.state != CriState::Created {
-            return Err(format!(
-                "container {id} is {:?}; only a created container can start",
-                rec.state
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!(
+                    "container {id} is {:?}; only a created container can start",
+                    rec.state
+                ),
             ));
         }
         self.cri_open()?;
@@ -471,8 +480,8 @@ impl VmSandbox {
                 });
                 Ok(())
             }
-            Ok(Err(msg)) => Err(format!("container {id}: {msg}")),
-            Err(_) => Err(format!("container {id}: its supervisor ended")),
+            Ok(Err(msg)) => Err(format!("container {id}: {msg}").into()),
+            Err(_) => Err(format!("container {id}: its supervisor ended").into()),
         }
     }
 
@@ -491,7 +500,7 @@ impl VmSandbox {
         }
     }
 
-    pub(crate) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    pub(crate) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), crate::Failure> {
         let rec = self.status.cri(id)?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
@@ -516,11 +525,13 @@ impl VmSandbox {
         if self.cri_wait(id, KILL_WAIT) {
             Ok(())
         } else {
-            Err(format!("container {id} did not end after it was killed"))
+            Err(crate::Failure::from(format!(
+                "container {id} did not end after it was killed"
+            )))
         }
     }
 
-    pub(crate) fn cri_remove(&self, id: &str) -> Result<(), String> {
+    pub(crate) fn cri_remove(&self, id: &str) -> Result<(), crate::Failure> {
         self.status.cri(id)?;
         self.cri_stop(id, Duration::ZERO)?;
         self.cri
@@ -541,21 +552,25 @@ impl VmSandbox {
         Ok(())
     }
 
-    pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
+    pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri_running(id)?;
         if rec.meta.log_path.as_os_str().is_empty() {
-            return Err(format!("container {id} has no log file"));
+            return Err(crate::Failure::from(format!(
+                "container {id} has no log file"
+            )));
         }
         let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
         let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
-            return Err(format!("container {id} has no log file"));
+            return Err(crate::Failure::from(format!(
+                "container {id} has no log file"
+            )));
         };
         let fresh = cri_log::open_log(&rec.meta.log_path)?;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }
 
-    pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, String> {
+    pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, crate::Failure> {
         let rec = self.status.cri_running(id)?;
         let hub = self
             .cri

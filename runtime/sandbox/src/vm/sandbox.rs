@@ -1178,7 +1178,7 @@ impl Sandbox for VmSandbox {
         &self,
         container: Option<&str>,
         spec: crate::ExecSpec,
-    ) -> Result<crate::ExecSession, String> {
+    ) -> Result<crate::ExecSession, crate::Failure> {
         let proc = self.start_exec(container, spec, true)?;
         let resize = proc.resizer();
         let resize: crate::Resizer = Box::new(move |size| resize(size).map_err(|e| e.to_string()));
@@ -1233,7 +1233,7 @@ impl Sandbox for VmSandbox {
         container: Option<&str>,
         argv: Vec<String>,
         timeout: Duration,
-    ) -> Result<crate::ExecOutput, String> {
+    ) -> Result<crate::ExecOutput, crate::Failure> {
         let proc = self.start_exec(
             container,
             crate::ExecSpec {
@@ -1256,9 +1256,12 @@ impl Sandbox for VmSandbox {
                 // for the process next does not find it.
                 let _ = killer.signal(libc::SIGKILL);
                 let _ = proc.wait(Duration::from_secs(10));
-                Err(format!("exec timed out after {} s", timeout.as_secs()))
+                Err(crate::Failure::new(
+                    crate::Code::DeadlineExceeded,
+                    format!("exec timed out after {} s", timeout.as_secs()),
+                ))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.to_string().into()),
         }
     }
 
@@ -1267,7 +1270,7 @@ impl Sandbox for VmSandbox {
         container: Option<&str>,
         memory_bytes: Option<u64>,
         cpu_millis: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::Failure> {
         let (c, running) = self.container(container)?;
         let c = &*c;
         let mut limits = self.limits_of(c);
@@ -1290,10 +1293,10 @@ impl Sandbox for VmSandbox {
             let vm_mib = pod_vm_size(&self.plan, &self.config.vm).0;
             let room = u64::from(vm_mib) << 20;
             if m + others > room {
-                return Err(format!(
+                return Err(crate::Failure::from(format!(
                     "a memory limit of {m} bytes does not fit the pod's VM ({} MiB, sized at start); stop the pod and run it with the new limit",
                     vm_mib
-                ));
+                )));
             }
         }
         if let Some(id) = running {
@@ -1308,7 +1311,7 @@ impl Sandbox for VmSandbox {
         Ok(())
     }
 
-    fn stats(&self) -> Result<crate::PodStats, String> {
+    fn stats(&self) -> Result<crate::PodStats, crate::Failure> {
         let s = self.agent.stats().map_err(|e| e.to_string())?;
         Ok(crate::PodStats {
             containers: s
@@ -1344,30 +1347,30 @@ impl Sandbox for VmSandbox {
         container: ContainerPlan,
         volumes: Vec<crate::pod::VolumePlan>,
         meta: crate::state::CriMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, crate::Failure> {
         self.cri_create(container, volumes, meta)
     }
 
-    fn start_container(&self, id: &str) -> Result<(), String> {
+    fn start_container(&self, id: &str) -> Result<(), crate::Failure> {
         self.me
             .upgrade()
             .ok_or_else(|| "the sandbox is going away".to_owned())?
             .cri_start(id)
     }
 
-    fn stop_container(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    fn stop_container(&self, id: &str, timeout: Duration) -> Result<(), crate::Failure> {
         self.cri_stop(id, timeout)
     }
 
-    fn remove_container(&self, id: &str) -> Result<(), String> {
+    fn remove_container(&self, id: &str) -> Result<(), crate::Failure> {
         self.cri_remove(id)
     }
 
-    fn reopen_log(&self, id: &str) -> Result<(), String> {
+    fn reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         self.cri_reopen_log(id)
     }
 
-    fn attach(&self, id: &str) -> Result<crate::ExecSession, String> {
+    fn attach(&self, id: &str) -> Result<crate::ExecSession, crate::Failure> {
         self.cri_attach(id)
     }
 

@@ -47,15 +47,21 @@ impl WasmSandbox {
         mut c: ContainerPlan,
         volumes: Vec<VolumePlan>,
         meta: CriMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, crate::Failure> {
         if !self.plan.cri {
-            return Err(format!(
-                "pod {} was run from a manifest; its containers cannot be changed one by one",
-                self.plan.name
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!(
+                    "pod {} was run from a manifest; its containers cannot be changed one by one",
+                    self.plan.name
+                ),
             ));
         }
         if self.cri_closed.load(Ordering::SeqCst) || self.stop.is_requested() {
-            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!("pod sandbox {} is stopped", self.paths.id),
+            ));
         }
         self.status.get().cri_name_free(&meta)?;
         let id = format!(
@@ -75,7 +81,7 @@ impl WasmSandbox {
                 };
                 if let Err(e) = res.volumes.add_host_dir(&format!("{id}/{}", v.name), path) {
                     res.volumes.forget_prefixed(&format!("{id}/"));
-                    return Err(e.to_string());
+                    return Err(crate::Failure::from(e.to_string()));
                 }
             }
         }
@@ -99,16 +105,22 @@ impl WasmSandbox {
         Ok(id)
     }
 
-    pub(super) fn cri_start(&self, id: &str) -> Result<(), String> {
+    pub(super) fn cri_start(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri(id)?;
         if rec.state != CriState::Created {
-            return Err(format!(
-                "container {id} is {:?}; only a created container can start",
-                rec.state
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!(
+                    "container {id} is {:?}; only a created container can start",
+                    rec.state
+                ),
             ));
         }
         if self.cri_closed.load(Ordering::SeqCst) || self.stop.is_requested() {
-            return Err(format!("pod sandbox {} is stopped", self.paths.id));
+            return Err(crate::Failure::new(
+                crate::Code::FailedPrecondition,
+                format!("pod sandbox {} is stopped", self.paths.id),
+            ));
         }
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|_| "internal: no async runtime to run the container on".to_owned())?;
@@ -195,7 +207,7 @@ impl WasmSandbox {
         Ok(())
     }
 
-    pub(super) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    pub(super) fn cri_stop(&self, id: &str, timeout: Duration) -> Result<(), crate::Failure> {
         let rec = self.status.cri(id)?;
         if rec.state != CriState::Running {
             // As containerd: stopping a container that does not run is done.
@@ -216,14 +228,14 @@ impl WasmSandbox {
             if timeout.is_zero() || !wait_exit(rx.clone(), timeout).await {
                 kill.kill();
                 if !wait_exit(rx, KILL_WAIT).await {
-                    return Err(format!("container {id} did not end after it was killed"));
+                    return Err(format!("container {id} did not end after it was killed").into());
                 }
             }
             Ok(())
         })
     }
 
-    pub(super) fn cri_remove(&self, id: &str) -> Result<(), String> {
+    pub(super) fn cri_remove(&self, id: &str) -> Result<(), crate::Failure> {
         self.status.cri(id)?;
         self.cri_stop(id, Duration::ZERO)?;
         self.cri
@@ -240,11 +252,13 @@ impl WasmSandbox {
         Ok(())
     }
 
-    pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), String> {
+    pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri_running(id)?;
         let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
         let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
-            return Err(format!("container {id} has no log file"));
+            return Err(crate::Failure::from(format!(
+                "container {id} has no log file"
+            )));
         };
         let fresh = cri_log::open_log(&rec.meta.log_path)?;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;

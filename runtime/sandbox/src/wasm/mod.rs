@@ -44,6 +44,8 @@ pub enum SandboxError {
     Vm(crate::vm::sandbox::VmPodError),
 }
 
+use crate::failure::{Code, Failure};
+
 /// The pod boundary shared by husk's sandbox kinds: front ends and the
 /// monitor only ever see this.
 pub trait Sandbox: Send + Sync {
@@ -63,11 +65,14 @@ pub trait Sandbox: Send + Sync {
         container: Option<&str>,
         memory_bytes: Option<u64>,
         cpu_millis: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let _ = (container, memory_bytes, cpu_millis);
-        Err(format!(
-            "updating limits is not supported in {} pods yet",
-            self.runtime_class()
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "updating limits is not supported in {} pods yet",
+                self.runtime_class()
+            ),
         ))
     }
     /// Starts a command in a running container with its stdin open
@@ -78,21 +83,27 @@ pub trait Sandbox: Send + Sync {
         &self,
         container: Option<&str>,
         spec: ExecSpec,
-    ) -> Result<ExecSession, String> {
+    ) -> Result<ExecSession, Failure> {
         let _ = (container, spec);
-        Err(format!(
-            "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
-            self.runtime_class()
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
+                self.runtime_class()
+            ),
         ))
     }
     /// Replaces the files of a configMap or secret volume while the pod
     /// runs (`husk apply`), as the kubelet does when the object changes.
     fn update_volume(&self, volume: &str, files: &[crate::pod::VolumeFile]) -> Result<(), String>;
     /// Resource usage of the pod's running containers.
-    fn stats(&self) -> Result<PodStats, String> {
-        Err(format!(
-            "stats are not supported in {} pods yet",
-            self.runtime_class()
+    fn stats(&self) -> Result<PodStats, Failure> {
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "stats are not supported in {} pods yet",
+                self.runtime_class()
+            ),
         ))
     }
     /// Runs `argv` in a running container (`kubectl exec` without a TTY;
@@ -103,11 +114,14 @@ pub trait Sandbox: Send + Sync {
         container: Option<&str>,
         argv: Vec<String>,
         timeout: std::time::Duration,
-    ) -> Result<ExecOutput, String> {
+    ) -> Result<ExecOutput, Failure> {
         let _ = (container, argv, timeout);
-        Err(format!(
-            "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
-            self.runtime_class()
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "exec is not supported in {} pods (a wasm container has no shell or processes to start beside it)",
+                self.runtime_class()
+            ),
         ))
     }
 
@@ -118,38 +132,44 @@ pub trait Sandbox: Send + Sync {
         container: crate::pod::ContainerPlan,
         volumes: Vec<crate::pod::VolumePlan>,
         meta: crate::state::CriMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         let _ = (container, volumes, meta);
-        Err(format!(
-            "{} pods do not take containers one by one (CRI) yet",
-            self.runtime_class()
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "{} pods do not take containers one by one (CRI) yet",
+                self.runtime_class()
+            ),
         ))
     }
     /// CRI: starts a created container.
-    fn start_container(&self, id: &str) -> Result<(), String> {
-        Err(format!("no container {id:?} in this pod"))
+    fn start_container(&self, id: &str) -> Result<(), Failure> {
+        Err(Failure::no_container(id))
     }
     /// CRI: asks a container to end and kills it after `timeout`; returns
     /// once it has exited. Stopping an exited container is not an error.
-    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), String> {
+    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), Failure> {
         let _ = timeout;
-        Err(format!("no container {id:?} in this pod"))
+        Err(Failure::no_container(id))
     }
     /// CRI: removes a container, stopping it first when it runs.
-    fn remove_container(&self, id: &str) -> Result<(), String> {
-        Err(format!("no container {id:?} in this pod"))
+    fn remove_container(&self, id: &str) -> Result<(), Failure> {
+        Err(Failure::no_container(id))
     }
     /// CRI: reopens a container's log file (after the kubelet rotated it).
-    fn reopen_log(&self, id: &str) -> Result<(), String> {
-        Err(format!("no container {id:?} in this pod"))
+    fn reopen_log(&self, id: &str) -> Result<(), Failure> {
+        Err(Failure::no_container(id))
     }
     /// CRI: attaches to a running container's process: its output from
     /// now on, its stdin (when it was created with one) and its terminal.
     /// Leaving does not end it.
-    fn attach(&self, id: &str) -> Result<ExecSession, String> {
-        Err(format!(
-            "attach is not supported in {} pods (container {id})",
-            self.runtime_class()
+    fn attach(&self, id: &str) -> Result<ExecSession, Failure> {
+        Err(Failure::new(
+            Code::Unimplemented,
+            format!(
+                "attach is not supported in {} pods (container {id})",
+                self.runtime_class()
+            ),
         ))
     }
 }
@@ -471,23 +491,23 @@ impl Sandbox for WasmSandbox {
         container: crate::pod::ContainerPlan,
         volumes: Vec<crate::pod::VolumePlan>,
         meta: crate::state::CriMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         self.cri_create(container, volumes, meta)
     }
 
-    fn start_container(&self, id: &str) -> Result<(), String> {
+    fn start_container(&self, id: &str) -> Result<(), Failure> {
         self.cri_start(id)
     }
 
-    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), String> {
+    fn stop_container(&self, id: &str, timeout: std::time::Duration) -> Result<(), Failure> {
         self.cri_stop(id, timeout)
     }
 
-    fn remove_container(&self, id: &str) -> Result<(), String> {
+    fn remove_container(&self, id: &str) -> Result<(), Failure> {
         self.cri_remove(id)
     }
 
-    fn reopen_log(&self, id: &str) -> Result<(), String> {
+    fn reopen_log(&self, id: &str) -> Result<(), Failure> {
         self.cri_reopen_log(id)
     }
 }
