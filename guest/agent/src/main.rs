@@ -1575,12 +1575,23 @@ mod tests {
 
     #[test]
     fn a_child_is_found_by_its_parent() {
-        let mut c = std::process::Command::new("/bin/sleep")
-            .arg("5")
+        // A shell whose only child is a sleep (the test process itself
+        // has other children: the seccomp tests fork).
+        let mut c = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 5 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        assert_eq!(super::child_of(std::process::id()), Some(c.id()));
-        c.kill().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let sleep: u32 = line.trim().parse().unwrap();
+        assert_eq!(super::child_of(c.id()), Some(sleep));
+        // SAFETY: kill on the sleep this test started.
+        unsafe { libc::kill(sleep as i32, libc::SIGKILL) };
         c.wait().unwrap();
         assert_eq!(super::child_of(c.id()), None);
     }
