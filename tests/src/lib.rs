@@ -188,7 +188,6 @@ pub fn layer_tar(entries: &[(&str, u32, Body)]) -> Vec<u8> {
 /// and deletes /etc/motd (a whiteout). Its config sets PATH, GREETING and
 /// a cmd.
 pub fn push_busybox_image(reg: &Registry, name: &str) -> String {
-    use sha2::Digest as _;
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
     let base = layer_tar(&[
         ("bin/busybox", 0o755, Ok(&busybox)),
@@ -200,22 +199,47 @@ pub fn push_busybox_image(reg: &Registry, name: &str) -> String {
         ("etc/greeting", 0o644, Ok(b"from the top layer\n")),
         ("etc/.wh.motd", 0o644, Ok(b"")),
     ]);
-    let diff = |t: &[u8]| format!("\"sha256:{}\"", hex::encode(sha2::Sha256::digest(t)));
-    let config = format!(
-        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\",\"GREETING=from-the-image\"],\"Cmd\":[\"/bin/sh\",\"-c\",\"cat /etc/greeting\"]}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{},{}]}}}}",
-        diff(&base),
-        diff(&top)
-    );
-    let reference = format!("{}/{name}", reg.host());
-    let layers = [base, top].map(|t| {
-        oci_client::client::ImageLayer::new(
-            t,
-            "application/vnd.oci.image.layer.v1.tar".into(),
-            None,
-        )
+    push_linux_image(
+        reg,
+        name,
+        vec![base, top],
+        serde_json::json!({
+            "Env": ["PATH=/bin", "GREETING=from-the-image"],
+            "Cmd": ["/bin/sh", "-c", "cat /etc/greeting"],
+        }),
+    )
+}
+
+/// Pushes a linux/amd64 image of `layers` (uncompressed tars, lowest
+/// first) whose config's `config` is `config`; returns its reference.
+pub fn push_linux_image(
+    reg: &Registry,
+    name: &str,
+    layers: Vec<Vec<u8>>,
+    config: serde_json::Value,
+) -> String {
+    use sha2::Digest as _;
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|t| format!("sha256:{}", hex::encode(sha2::Sha256::digest(t))))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
+    let reference = format!("{}/{name}", reg.host());
+    let layers: Vec<_> = layers
+        .into_iter()
+        .map(|t| {
+            oci_client::client::ImageLayer::new(
+                t,
+                "application/vnd.oci.image.layer.v1.tar".into(),
+                None,
+            )
+        })
+        .collect();
     let cfg = oci_client::client::Config::new(
-        config.into_bytes(),
+        config.to_string().into_bytes(),
         "application/vnd.oci.image.config.v1+json".into(),
         None,
     );

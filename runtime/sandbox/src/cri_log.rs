@@ -26,7 +26,6 @@ impl Stream {
     }
 }
 
-/// Timestamp in the CRI log's RFC3339Nano form.
 /// Opens (appends to) a container's CRI log, making its directory.
 pub fn open_log(path: &std::path::Path) -> Result<std::fs::File, String> {
     if let Some(dir) = path.parent() {
@@ -39,6 +38,22 @@ pub fn open_log(path: &std::path::Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// ReopenContainerLog: container `id`'s log (`log`, the file its output
+/// goes to, at `path`) is opened again at `path`, after the kubelet moved
+/// the old file away.
+pub fn reopen(
+    id: &str,
+    log: Option<std::sync::Arc<std::sync::Mutex<std::fs::File>>>,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let Some(log) = log.filter(|_| !path.as_os_str().is_empty()) else {
+        return Err(format!("container {id} has no log file"));
+    };
+    *log.lock().unwrap_or_else(|p| p.into_inner()) = open_log(path)?;
+    Ok(())
+}
+
+/// Timestamp in the CRI log's RFC3339Nano form.
 pub fn timestamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }

@@ -12,6 +12,7 @@ use crate::runtime::{container_state, nanos, to_container_status, to_sandbox_sta
 use crate::store::{Huskd, SandboxView};
 use k8s_cri::v1 as cri;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -45,6 +46,8 @@ pub struct Events {
     tx: broadcast::Sender<cri::ContainerEventResponse>,
     /// None while nobody is subscribed.
     last: Mutex<Option<Seen>>,
+    /// A polling thread runs (at most one).
+    polling: AtomicBool,
 }
 
 impl Default for Events {
@@ -52,6 +55,7 @@ impl Default for Events {
         Events {
             tx: broadcast::channel(BACKLOG).0,
             last: Mutex::new(None),
+            polling: AtomicBool::new(false),
         }
     }
 }
@@ -102,11 +106,28 @@ impl Drop for Guard<'_> {
 
 type Item = Result<cri::ContainerEventResponse, tonic::Status>;
 
+/// The polling thread: observes while anyone is subscribed. On its way
+/// out it gives up `polling`, then looks once more: a subscriber that came
+/// in between found the flag still set and started no thread, so this one
+/// carries on for it (unless another took the flag meanwhile).
+fn poll(h: &Huskd) {
+    loop {
+        std::thread::sleep(POLL);
+        if h.events.tx.receiver_count() > 0 {
+            h.events.observe(h);
+            continue;
+        }
+        h.events.polling.store(false, Ordering::SeqCst);
+        if h.events.tx.receiver_count() == 0 || h.events.polling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
 /// A new subscriber: the events after this call, until it goes away.
 pub fn subscribe(huskd: &Arc<Huskd>) -> std::io::Result<tokio::sync::mpsc::Receiver<Item>> {
     let events = &huskd.events;
-    let first = events.tx.receiver_count() == 0;
-    let mut rx = {
+    let mut rx = tokio::task::block_in_place(|| {
         // What is there now is the starting point for this subscriber
         // (the others get what changed before it joined).
         let mut last = lock(&events.last);
@@ -118,17 +139,16 @@ pub fn subscribe(huskd: &Arc<Huskd>) -> std::io::Result<tokio::sync::mpsc::Recei
         }
         *last = Some(seen(&views));
         events.tx.subscribe()
-    };
-    if first {
+    });
+    if !events.polling.swap(true, Ordering::SeqCst) {
         let h = huskd.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("cri-events".into())
-            .spawn(move || {
-                while h.events.tx.receiver_count() > 0 {
-                    std::thread::sleep(POLL);
-                    h.events.observe(&h);
-                }
-            })?;
+            .spawn(move || poll(&h));
+        if let Err(e) = spawned {
+            events.polling.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
     }
     let (tx, out) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {

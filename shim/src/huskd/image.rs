@@ -51,11 +51,7 @@ fn to_image(store: &Store, rec: &ImageRecord) -> cri::Image {
 /// The user an image's config names (`USER`; a group after `:` is not
 /// the user): a uid when numeric, else a name, as CRI reports it.
 fn image_user(store: &Store, rec: &ImageRecord) -> (Option<cri::Int64Value>, String) {
-    let user = std::fs::read(store.blob_path(&rec.config.digest))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["config"]["User"].as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let user = store.run_config(rec).user.unwrap_or_default();
     let user = user.split(':').next().unwrap_or_default();
     match user.parse::<i64>() {
         Ok(uid) => (Some(cri::Int64Value { value: uid }), String::new()),

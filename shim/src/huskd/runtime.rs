@@ -177,6 +177,25 @@ pub(crate) fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
     }
 }
 
+/// Checks that container `c` can take a process (`what`: an exec or an
+/// attach): it runs, in a VM sandbox (a wasm container has no processes
+/// beside its guest).
+fn process_host(sb: &SandboxView, c: &CriContainer, what: &str) -> Result<(), Status> {
+    if c.state != CriState::Running {
+        return Err(Status::failed_precondition(format!(
+            "container {} is not running",
+            c.id
+        )));
+    }
+    if sb.cri.runtime_handler != HANDLER_VM {
+        return Err(Status::unimplemented(format!(
+            "{}: no {what} into a wasm container (it has no processes beside its guest)",
+            sb.cri.runtime_handler
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses host namespaces and privileged sandboxes: a wasm or VM pod has
 /// no host namespaces to join and no privileges to grant.
 fn check_namespaces(ns: Option<&cri::NamespaceOption>, what: &str) -> Result<(), Status> {
@@ -593,18 +612,7 @@ impl Runtime {
                 "one of stdin, stdout and stderr must be set",
             ));
         }
-        if c.state != CriState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
-        if sb.cri.runtime_handler != HANDLER_VM {
-            return Err(Status::unimplemented(format!(
-                "{}: no {what} into a wasm container (it has no processes beside its guest)",
-                sb.cri.runtime_handler
-            )));
-        }
+        process_host(&sb, &c, what)?;
         Ok((sb, c))
     }
 
@@ -1141,18 +1149,7 @@ impl RuntimeService for Runtime {
         if req.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is empty"));
         }
-        if c.state != CriState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                c.id
-            )));
-        }
-        if sb.cri.runtime_handler != HANDLER_VM {
-            return Err(Status::unimplemented(format!(
-                "{}: a wasm container has no processes to start beside its guest, so there is nothing to exec",
-                sb.cri.runtime_handler
-            )));
-        }
+        process_host(&sb, &c, "exec")?;
         // No timeout: a day, as good as none for a probe.
         let secs = if req.timeout > 0 {
             req.timeout as u64

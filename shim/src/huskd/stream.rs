@@ -295,14 +295,7 @@ impl Streaming {
         // An exec without stdin sees it end at once; an attach leaves the
         // container's stdin alone.
         if !o.io.stdin && !attach {
-            let _ = send_msg(
-                &mut wr,
-                &ExecMsg::Stdin {
-                    data: vec![],
-                    eof: true,
-                },
-            )
-            .await;
+            let _ = send_msg(&mut wr, &stdin_eof()).await;
         }
         let from_client = async {
             while let Some(Ok(msg)) = stream.next().await {
@@ -324,10 +317,7 @@ impl Streaming {
                         },
                         Err(_) => continue,
                     },
-                    (Some(255), Some(0)) if o.v5 && o.io.stdin => ExecMsg::Stdin {
-                        data: vec![],
-                        eof: true,
-                    },
+                    (Some(255), Some(0)) if o.v5 && o.io.stdin => stdin_eof(),
                     _ => continue,
                 };
                 if send_msg(&mut wr, &m).await.is_err() {
@@ -336,25 +326,20 @@ impl Streaming {
             }
         };
         let to_client = async {
-            let mut line = String::new();
             loop {
-                line.clear();
-                let result = match rd.read_line(&mut line).await {
-                    Ok(0) | Err(_) => Err("the monitor closed the exec".to_owned()),
-                    Ok(_) => match serde_json::from_str::<ExecMsg>(&line) {
-                        Ok(ExecMsg::Stdout { data }) if o.io.stdout => {
-                            let _ = sink.send(Message::binary(frame(1, &data))).await;
-                            continue;
-                        }
-                        Ok(ExecMsg::Stderr { data }) if o.io.stderr => {
-                            let _ = sink.send(Message::binary(frame(2, &data))).await;
-                            continue;
-                        }
-                        Ok(ExecMsg::Exit { code }) => Ok(code),
-                        Ok(ExecMsg::Error { message }) => Err(message),
-                        Ok(_) => continue,
-                        Err(e) => Err(format!("the monitor sent {line:?}: {e}")),
-                    },
+                let result = match next_msg(&mut rd).await {
+                    Ok(ExecMsg::Stdout { data }) if o.io.stdout => {
+                        let _ = sink.send(Message::binary(frame(1, &data))).await;
+                        continue;
+                    }
+                    Ok(ExecMsg::Stderr { data }) if o.io.stderr => {
+                        let _ = sink.send(Message::binary(frame(2, &data))).await;
+                        continue;
+                    }
+                    Ok(ExecMsg::Exit { code }) => Ok(code),
+                    Ok(ExecMsg::Error { message }) => Err(message),
+                    Ok(_) => continue,
+                    Err(e) => Err(e),
                 };
                 let result = result.map(|code| (code, argv.clone()));
                 let _ = sink.send(Message::binary(status_frame(result))).await;
@@ -496,6 +481,24 @@ async fn send_msg(wr: &mut tokio::net::unix::OwnedWriteHalf, m: &ExecMsg) -> std
 type MonitorRead = BufReader<tokio::net::unix::OwnedReadHalf>;
 type MonitorWrite = tokio::net::unix::OwnedWriteHalf;
 
+/// The monitor's next message on an exec, attach or forward connection;
+/// Err when it closed the connection or sent something else.
+async fn next_msg(rd: &mut MonitorRead) -> Result<ExecMsg, String> {
+    let mut line = String::new();
+    match rd.read_line(&mut line).await {
+        Ok(0) | Err(_) => Err("the monitor closed the connection".to_owned()),
+        Ok(_) => serde_json::from_str(&line).map_err(|e| format!("the monitor sent {line:?}: {e}")),
+    }
+}
+
+/// The end of a process's stdin.
+fn stdin_eof() -> ExecMsg {
+    ExecMsg::Stdin {
+        data: vec![],
+        eof: true,
+    }
+}
+
 /// Opens an ExecStream or AttachStream on a pod's monitor; returns the
 /// connection once the monitor accepted it.
 async fn open_stream(
@@ -627,27 +630,14 @@ async fn relay_vm<T>(
                 return;
             }
         }
-        let _ = send_msg(
-            &mut wr,
-            &ExecMsg::Stdin {
-                data: vec![],
-                eof: true,
-            },
-        )
-        .await;
+        let _ = send_msg(&mut wr, &stdin_eof()).await;
         // Keep the connection (and so the relay) until the output ends.
         std::future::pending::<()>().await
     };
     let down = async {
-        let mut line = String::new();
         let mut errors = Vec::new();
         loop {
-            line.clear();
-            match rd.read_line(&mut line).await {
-                Ok(0) | Err(_) => return Err("the monitor closed the connection".to_owned()),
-                Ok(_) => {}
-            }
-            match serde_json::from_str::<ExecMsg>(&line) {
+            match next_msg(&mut rd).await {
                 Ok(ExecMsg::Stdout { data }) => {
                     if out.send(wrap(&data)).await.is_err() {
                         return Ok(());
@@ -660,7 +650,7 @@ async fn relay_vm<T>(
                 }
                 Ok(ExecMsg::Error { message }) => return Err(message),
                 Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e),
             }
         }
     };
@@ -1026,11 +1016,7 @@ impl Streaming {
             }
         };
         if !io.stdin && !attach {
-            let eof = ExecMsg::Stdin {
-                data: vec![],
-                eof: true,
-            };
-            let _ = send_msg(&mut wr, &eof).await;
+            let _ = send_msg(&mut wr, &stdin_eof()).await;
         }
         let id = |c| ids.get(&c).copied();
         let (stdin, resize, stdout, stderr) = (
@@ -1059,17 +1045,11 @@ impl Streaming {
                             msgs.push(ExecMsg::Stdin { data, eof: false });
                         }
                         if fin {
-                            msgs.push(ExecMsg::Stdin {
-                                data: vec![],
-                                eof: true,
-                            });
+                            msgs.push(stdin_eof());
                         }
                     }
                     Frame::RstStream { id, .. } if Some(id) == stdin => {
-                        msgs.push(ExecMsg::Stdin {
-                            data: vec![],
-                            eof: true,
-                        });
+                        msgs.push(stdin_eof());
                     }
                     Frame::Data { id, data, .. } if Some(id) == resize => {
                         sizes.extend(data);
@@ -1099,19 +1079,13 @@ impl Streaming {
             }
         };
         let to_client = async {
-            let mut line = String::new();
             loop {
-                line.clear();
-                let (id, data) = match rd.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return Err("the monitor closed the exec".to_owned()),
-                    Ok(_) => match serde_json::from_str::<ExecMsg>(&line) {
-                        Ok(ExecMsg::Stdout { data }) => (stdout, data),
-                        Ok(ExecMsg::Stderr { data }) => (stderr, data),
-                        Ok(ExecMsg::Exit { code }) => return Ok((code, argv.clone())),
-                        Ok(ExecMsg::Error { message }) => return Err(message),
-                        Ok(_) => continue,
-                        Err(e) => return Err(format!("the monitor sent {line:?}: {e}")),
-                    },
+                let (id, data) = match next_msg(&mut rd).await? {
+                    ExecMsg::Stdout { data } => (stdout, data),
+                    ExecMsg::Stderr { data } => (stderr, data),
+                    ExecMsg::Exit { code } => return Ok((code, argv.clone())),
+                    ExecMsg::Error { message } => return Err(message),
+                    _ => continue,
                 };
                 if let Some(id) = id {
                     let _ = out

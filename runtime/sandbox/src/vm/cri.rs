@@ -332,10 +332,11 @@ impl VmSandbox {
         self.cri_open()?;
         self.status.get().cri_name_free(&meta)?;
         if c.layers.is_empty() {
-            return Err(crate::Failure::from(format!(
+            return Err(format!(
                 "container {:?}: image {} has no Linux layers",
                 meta.name, meta.image
-            )));
+            )
+            .into());
         }
         let id = format!(
             "{}{}",
@@ -359,10 +360,11 @@ impl VmSandbox {
                 });
                 let Some(host) = host else {
                     share.forget(&id);
-                    return Err(crate::Failure::from(format!(
+                    return Err(format!(
                         "container {:?}: mount {} names no host directory",
                         meta.name, m.mount_path
-                    )));
+                    )
+                    .into());
                 };
                 match share.bind_for(&id, &m.volume, host, m.read_only) {
                     Ok(rel) => {
@@ -371,7 +373,7 @@ impl VmSandbox {
                     }
                     Err(e) => {
                         share.forget(&id);
-                        return Err(crate::Failure::from(e.to_string()));
+                        return Err(e.to_string().into());
                     }
                 }
             }
@@ -525,9 +527,7 @@ impl VmSandbox {
         if self.cri_wait(id, KILL_WAIT) {
             Ok(())
         } else {
-            Err(crate::Failure::from(format!(
-                "container {id} did not end after it was killed"
-            )))
+            Err(format!("container {id} did not end after it was killed").into())
         }
     }
 
@@ -554,20 +554,10 @@ impl VmSandbox {
 
     pub(crate) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri_running(id)?;
-        if rec.meta.log_path.as_os_str().is_empty() {
-            return Err(crate::Failure::from(format!(
-                "container {id} has no log file"
-            )));
-        }
-        let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
-            return Err(crate::Failure::from(format!(
-                "container {id} has no log file"
-            )));
-        };
-        let fresh = cri_log::open_log(&rec.meta.log_path)?;
-        *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        let log = (self.cri.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(id)
+            .and_then(|e| e.log.clone());
+        Ok(cri_log::reopen(id, log, &rec.meta.log_path)?)
     }
 
     pub(crate) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, crate::Failure> {

@@ -1293,10 +1293,10 @@ impl Sandbox for VmSandbox {
             let vm_mib = pod_vm_size(&self.plan, &self.config.vm).0;
             let room = u64::from(vm_mib) << 20;
             if m + others > room {
-                return Err(crate::Failure::from(format!(
+                return Err(format!(
                     "a memory limit of {m} bytes does not fit the pod's VM ({} MiB, sized at start); stop the pod and run it with the new limit",
                     vm_mib
-                )));
+                ).into());
             }
         }
         if let Some(id) = running {

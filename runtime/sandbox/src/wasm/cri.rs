@@ -81,7 +81,7 @@ impl WasmSandbox {
                 };
                 if let Err(e) = res.volumes.add_host_dir(&format!("{id}/{}", v.name), path) {
                     res.volumes.forget_prefixed(&format!("{id}/"));
-                    return Err(crate::Failure::from(e.to_string()));
+                    return Err(e.to_string().into());
                 }
             }
         }
@@ -254,15 +254,10 @@ impl WasmSandbox {
 
     pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri_running(id)?;
-        let map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(log) = map.get(id).and_then(|e| e.log.clone()) else {
-            return Err(crate::Failure::from(format!(
-                "container {id} has no log file"
-            )));
-        };
-        let fresh = cri_log::open_log(&rec.meta.log_path)?;
-        *log.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        let log = (self.cri.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(id)
+            .and_then(|e| e.log.clone());
+        Ok(cri_log::reopen(id, log, &rec.meta.log_path)?)
     }
 
     /// Stops every running CRI container when the pod stops: stdin closes,
