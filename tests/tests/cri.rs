@@ -353,7 +353,8 @@ fn log_lines(path: &Path) -> Vec<String> {
 #[test]
 fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
     let reg = Registry::start();
-    let env = Env::new();
+    // Dual-stack: PodSandboxStatus has the IPv6 address as additional_ips.
+    let env = Env::new().dual_stack();
     let image = push_probe(&reg, "cri/probe:v1");
     let server_image = push_wasm(&reg, "cri/netprobe:v1", &netprobe());
     let users = [
@@ -567,10 +568,16 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             pst.annotations.get("note").map(String::as_str),
             Some("kept as given")
         );
-        let ip = pst.network.unwrap().ip;
+        let net = pst.network.unwrap();
         assert!(
-            ip.starts_with(&format!("{}.", env.subnet_prefix)),
-            "pod IP {ip}"
+            net.ip.starts_with(&format!("{}.", env.subnet_prefix)),
+            "pod IP {}",
+            net.ip
+        );
+        assert_eq!(net.additional_ips.len(), 1, "{net:?}");
+        assert!(
+            net.additional_ips[0].ip.starts_with(&env.subnet6_prefix),
+            "{net:?}"
         );
         let ps = env.husk(&["ps"]);
         assert!(
@@ -681,6 +688,12 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             .await
             .unwrap()
             .into_inner();
+        // A thread names itself once it runs: wait for that.
+        let t0 = Instant::now();
+        while threads_named(huskd.pid(), "cri-events") == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no watcher thread");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(threads_named(huskd.pid(), "cri-events"), 1);
         let ev = rs
             .create_container(create("events", &["echo"], vec![]))
@@ -918,6 +931,19 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         })
         .await
         .unwrap();
+        // As a kubelet's readiness probe would: forward once it listens.
+        let server_log = Path::new(&cfg.log_directory).join("server_0.log");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .contains("listening on 8080")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "server not listening"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let url = forward_url(&mut rs, &pod, 8080).await;
         assert_eq!(forward_line(&url, 8080, "ping").await, "pong ping");
         let st = wait_state(&mut rs, &server, cri::ContainerState::ContainerExited).await;
@@ -1716,7 +1742,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
     let reg = Registry::start();
     let image = husk_tests::push_busybox_image(&reg, "cri/busybox:v1");
     let group_image = push_group_image(&reg, "cri/groups:v1");
-    let env = vm_env();
+    let env = vm_env().dual_stack();
     let mut huskd = Huskd::start(&env);
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("in.txt"), "from the host\n").unwrap();
@@ -1771,10 +1797,16 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             .unwrap();
         assert_eq!(pst.state, cri::PodSandboxState::SandboxReady as i32);
         assert_eq!(pst.runtime_handler, "husk-vm");
-        let ip = pst.network.unwrap().ip;
+        let net = pst.network.unwrap();
         assert!(
-            ip.starts_with(&format!("{}.", env.subnet_prefix)),
-            "pod IP {ip}"
+            net.ip.starts_with(&format!("{}.", env.subnet_prefix)),
+            "pod IP {}",
+            net.ip
+        );
+        assert_eq!(net.additional_ips.len(), 1, "{net:?}");
+        assert!(
+            net.additional_ips[0].ip.starts_with(&env.subnet6_prefix),
+            "{net:?}"
         );
 
         let config = |name: &str, script: &str, mounts: Vec<cri::Mount>| {

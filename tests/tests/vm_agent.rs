@@ -430,8 +430,10 @@ fn the_guest_holds_the_pod_ip_through_tc_mirroring() {
     let iface = agent
         .configure_network(husk_protocol::NetworkConfig {
             mac: mac.clone(),
-            address: format!("{}/24", net.pod_ip()),
-            gateway: Some(net.gateway()),
+            addresses: vec![husk_protocol::IpConfig {
+                address: format!("{}/24", net.pod_ip()),
+                gateway: Some(net.gateway()),
+            }],
         })
         .unwrap();
     assert_eq!(iface, "eth0");

@@ -714,20 +714,24 @@ spec:
 
 #[test]
 fn a_vm_pod_and_a_wasm_pod_reach_each_other_by_pod_ip() {
+    // On a dual-stack network: each pod has an IPv4 and an IPv6 address.
     let (_reg, reference, env) = vm_setup("mix");
-    // A wasm server (wasi:sockets) and a VM server (busybox nc), each
-    // answering one connection.
-    let out = env.husk(&[
-        "run",
-        "-d",
-        "--name",
-        "wsrv",
-        netprobe().to_str().unwrap(),
-        "serve",
-        "8090",
-        "1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let env = env.dual_stack();
+    // Wasm servers (wasi:sockets) on IPv4 and on IPv6, and a VM server
+    // (busybox nc, on both), each answering one connection.
+    for (name, verb, port) in [("wsrv", "serve", "8090"), ("wsrv6", "serve6", "8092")] {
+        let out = env.husk(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            netprobe().to_str().unwrap(),
+            verb,
+            port,
+            "1",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
     let vm = env.manifest(
         "vsrv.yaml",
         &format!(
@@ -740,18 +744,32 @@ spec:
   containers:
   - name: srv
     image: {reference}
-    command: ["/bin/sh", "-c", "echo from-the-vm | nc -l -p 8091"]
+    command: ["/bin/sh", "-c", "echo from-the-vm | nc -l -p 8091; echo from-the-vm-v6 | nc -l -p 8091"]
 "#
         ),
     );
     run_detached(&env, &vm);
-    let ip = |pod: &str, container: &str| {
+    // podIP is the IPv4 address; podIPs has both, IPv4 first.
+    let ips = |pod: &str, container: &str| {
         let v = env.wait_for(pod, "the server to run", |v| {
             env.container(v, container)["state"]["running"].is_object()
         });
-        v["status"]["podIP"].as_str().unwrap().to_owned()
+        let ip = v["status"]["podIP"].as_str().unwrap().to_owned();
+        let all: Vec<&str> = v["status"]["podIPs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{pod}: no podIPs: {v:#}"))
+            .iter()
+            .map(|i| i["ip"].as_str().unwrap())
+            .collect();
+        assert_eq!(all.len(), 2, "{pod}: {v:#}");
+        assert_eq!(all[0], ip, "{v:#}");
+        assert!(ip.starts_with(&env.subnet_prefix), "{v:#}");
+        assert!(all[1].starts_with(&env.subnet6_prefix), "{v:#}");
+        (ip, all[1].to_owned())
     };
-    let (wasm_ip, vm_ip) = (ip("wsrv", "main"), ip("vsrv", "srv"));
+    let (wasm_ip, _) = ips("wsrv", "main");
+    let (_, wasm6_ip) = ips("wsrv6", "main");
+    let (vm_ip, vm_ip6) = ips("vsrv", "srv");
     assert_ne!(wasm_ip, vm_ip);
     // From inside the VM to the wasm pod, and from a wasm pod into the VM.
     let client = env.manifest(
@@ -766,25 +784,28 @@ spec:
   containers:
   - name: cli
     image: {reference}
-    command: ["/bin/sh", "-c", "echo from-the-vm-pod | nc -w 10 {wasm_ip} 8090"]
+    command: ["/bin/sh", "-c", "echo from-the-vm-pod | nc -w 10 {wasm_ip} 8090; echo over-ipv6 | nc -w 10 {wasm6_ip} 8092; grep -c vcli /etc/hosts"]
 "#
         ),
     );
     let out = env.run_file(&client, &[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert_eq!(stdout(&out), "pong from-the-vm-pod\n");
-    let out = env.husk(&[
-        "run",
-        "--rm",
-        netprobe().to_str().unwrap(),
-        "connect",
-        &vm_ip,
-        "8091",
-        "hello-vm",
-    ]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("from-the-vm"), "{}", stdout(&out));
-    for p in ["wsrv", "vsrv", "vcli"] {
+    // Both of the pod's addresses are in its /etc/hosts.
+    assert_eq!(stdout(&out), "pong from-the-vm-pod\npong over-ipv6\n2\n");
+    for (ip, reply) in [(&vm_ip, "from-the-vm\n"), (&vm_ip6, "from-the-vm-v6\n")] {
+        let out = env.husk(&[
+            "run",
+            "--rm",
+            netprobe().to_str().unwrap(),
+            "connect",
+            ip,
+            "8091",
+            "hello-vm",
+        ]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).ends_with(reply), "{ip}: {}", stdout(&out));
+    }
+    for p in ["wsrv", "wsrv6", "vsrv", "vcli"] {
         let rm = env.husk(&["rm", "-f", p]);
         assert!(rm.status.success(), "rm -f {p}: {}", stderr(&rm));
     }

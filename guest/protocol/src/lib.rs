@@ -24,7 +24,7 @@ pub mod seccomp;
 pub use seccomp::{Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule};
 
 /// The protocol version; bumped on every incompatible change.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
 /// The vsock port the agent listens on (husk-vmm).
@@ -82,7 +82,7 @@ pub enum Request {
     /// Sets the window size of a process's terminal (one started with
     /// `tty`).
     Resize { id: String, size: TtySize },
-    /// Gives the guest's NIC with this MAC the pod's address and default
+    /// Gives the guest's NIC with this MAC the pod's addresses and default
     /// route; answered with NetworkReady or an Error.
     Network(NetworkConfig),
     /// Pod-wide settings, before any container starts (sysctls);
@@ -430,15 +430,25 @@ pub struct LayerDirs {
     pub dirs: Vec<String>,
 }
 
-/// The pod's network as the guest sees it: its NIC carries the pod IP
+/// The pod's network as the guest sees it: its NIC carries the pod IPs
 /// that CNI gave the pod's network namespace (Kata's tc-filter model).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
     /// `aa:bb:cc:dd:ee:ff`: how the agent finds the NIC.
     pub mac: String,
-    /// IPv4 address with prefix length, `10.88.0.5/16`.
+    /// One per IP family on a dual-stack network, in CNI's order.
+    pub addresses: Vec<IpConfig>,
+}
+
+/// One address of the pod's NIC and the default route of its family.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpConfig {
+    /// IPv4 or IPv6 address with prefix length: `10.88.0.5/16`,
+    /// `fd00:88::5/64`.
     pub address: String,
+    /// The default route's next hop, of the address's family.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
 }

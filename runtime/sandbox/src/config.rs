@@ -74,6 +74,9 @@ pub struct NetworkConfig {
     pub bridge: String,
     /// Pod CIDR of husk's default network.
     pub subnet: String,
+    /// An IPv6 pod CIDR that makes husk's default network dual-stack
+    /// (every pod gets an address of each family), e.g. `fd00:88::/64`.
+    pub subnet6: Option<String>,
     /// Name of husk's default network.
     pub name: String,
 }
@@ -85,6 +88,7 @@ impl Default for NetworkConfig {
             cni_bin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
             bridge: "husk0".into(),
             subnet: "10.88.0.0/16".into(),
+            subnet6: None,
             name: "husk".into(),
         }
     }

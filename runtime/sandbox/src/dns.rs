@@ -10,8 +10,8 @@ use crate::pod::{DnsPlan, PodPlan};
 const MAX_NAMESERVERS: usize = 3;
 const MAX_SEARCHES: usize = 32;
 
-/// /etc/hosts for the pod, with its IP when it has one.
-pub fn hosts_file(plan: &PodPlan, pod_ip: Option<&str>) -> String {
+/// /etc/hosts for the pod, with its IPs (as the kubelet writes them).
+pub fn hosts_file(plan: &PodPlan, pod_ips: &[String]) -> String {
     let mut s = String::from(
         "# Kubernetes-managed hosts file (husk).\n\
          127.0.0.1\tlocalhost\n\
@@ -21,7 +21,7 @@ pub fn hosts_file(plan: &PodPlan, pod_ip: Option<&str>) -> String {
          fe00::1\tip6-allnodes\n\
          fe00::2\tip6-allrouters\n",
     );
-    if let Some(ip) = pod_ip {
+    for ip in pod_ips {
         s.push_str(&format!("{ip}\t{}\n", plan.hostname));
     }
     if !plan.host_aliases.is_empty() {
@@ -138,11 +138,11 @@ mod tests {
             )
             .unwrap()
         };
-        let h = hosts_file(&plan, Some("10.88.0.4"));
+        let h = hosts_file(&plan, &["10.88.0.4".into(), "fd00:88::4".into()]);
         assert!(h.starts_with("# Kubernetes-managed hosts file"), "{h}");
         assert!(h.contains("127.0.0.1\tlocalhost\n"), "{h}");
-        assert!(h.contains("\n10.88.0.4\tweb-0\n"), "{h}");
+        assert!(h.contains("\n10.88.0.4\tweb-0\nfd00:88::4\tweb-0\n"), "{h}");
         assert!(h.ends_with("192.0.2.7\tdb\tdb.local\n"), "{h}");
-        assert!(!hosts_file(&plan, None).contains("web-0\n"));
+        assert!(!hosts_file(&plan, &[]).contains("web-0\n"));
     }
 }

@@ -37,7 +37,7 @@ pub fn creating(
 pub fn pending(
     plan: &PodPlan,
     mut statuses: Vec<ContainerStatus>,
-    pod_ip: Option<String>,
+    pod_ips: Vec<String>,
     cgroup: Option<String>,
 ) -> PodStatus {
     let containers = statuses.split_off(plan.init_containers.len());
@@ -45,7 +45,11 @@ pub fn pending(
         phase: PodPhase::Pending,
         reason: None,
         message: None,
-        pod_ip,
+        pod_ip: pod_ips.first().cloned(),
+        pod_ips: pod_ips
+            .into_iter()
+            .map(|ip| crate::state::PodIp { ip })
+            .collect(),
         monitor_pid: Some(std::process::id()),
         finished: false,
         started_at: Some(chrono::Utc::now()),

@@ -38,7 +38,8 @@ pub struct CniNetwork {
 
 impl CniNetwork {
     /// The first `*.conflist` in the configured dir, else husk's default
-    /// (bridge + host-local, plus portmap when the pod maps host ports),
+    /// (bridge + host-local, dual-stack when `subnet6` is set, plus
+    /// portmap when the pod maps host ports),
     /// written under `cni_dir` so users can see what runs.
     pub fn resolve(
         cfg: &NetworkConfig,
@@ -69,6 +70,10 @@ impl CniNetwork {
                 });
             }
         }
+        let mut ranges = vec![json!([{ "subnet": cfg.subnet }])];
+        if let Some(v6) = &cfg.subnet6 {
+            ranges.push(json!([{ "subnet": v6 }]));
+        }
         let mut plugins = vec![json!({
             "type": "bridge",
             "bridge": cfg.bridge,
@@ -77,7 +82,7 @@ impl CniNetwork {
             "hairpinMode": true,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{ "subnet": cfg.subnet }]],
+                "ranges": ranges,
                 "dataDir": cni_dir.join("ipam"),
             }
         })];
@@ -152,25 +157,51 @@ pub struct NetworkRecord {
 }
 
 impl NetworkRecord {
-    /// The first IPv4 address of the ADD result, without prefix length.
-    pub fn pod_ip(&self) -> Option<String> {
-        let ips = self.result.as_ref()?.get("ips")?.as_array()?;
-        ips.iter()
-            .filter_map(|i| i.get("address")?.as_str())
-            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
-            .next()
+    /// The pod's addresses from the ADD result, without prefix length: the
+    /// first IPv4 one first (the pod's primary IP, as containerd picks
+    /// it), then the others in CNI's order.
+    pub fn pod_ips(&self) -> Vec<String> {
+        let mut ips: Vec<String> = self
+            .addresses()
+            .into_iter()
+            .map(|(a, _)| a.split('/').next().unwrap_or(&a).to_owned())
+            .collect();
+        if let Some(v4) = ips
+            .iter()
+            .position(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        {
+            let first = ips.remove(v4);
+            ips.insert(0, first);
+        }
+        ips
     }
 
-    /// The first address of the ADD result with its prefix length, and its
+    /// The pod's primary IP (see [`pod_ips`](Self::pod_ips)).
+    pub fn pod_ip(&self) -> Option<String> {
+        self.pod_ips().into_iter().next()
+    }
+
+    /// Each address of the ADD result with its prefix length, and its
     /// gateway: what a VM's NIC takes over.
-    pub fn pod_cidr_and_gateway(&self) -> Option<(String, Option<String>)> {
-        let ip = self.result.as_ref()?.get("ips")?.as_array()?.first()?;
-        let cidr = ip.get("address")?.as_str()?.to_owned();
-        let gw = ip
-            .get("gateway")
-            .and_then(|g| g.as_str())
-            .map(str::to_owned);
-        Some((cidr, gw))
+    pub fn addresses(&self) -> Vec<(String, Option<String>)> {
+        let Some(ips) = self
+            .result
+            .as_ref()
+            .and_then(|r| r.get("ips"))
+            .and_then(|i| i.as_array())
+        else {
+            return Vec::new();
+        };
+        ips.iter()
+            .filter_map(|ip| {
+                let cidr = ip.get("address")?.as_str()?.to_owned();
+                let gw = ip
+                    .get("gateway")
+                    .and_then(|g| g.as_str())
+                    .map(str::to_owned);
+                Some((cidr, gw))
+            })
+            .collect()
     }
 }
 
@@ -564,5 +595,21 @@ mod tests {
             cni_args: String::new(),
         };
         assert_eq!(rec.pod_ip().as_deref(), Some("10.88.0.7"));
+        // Dual-stack, IPv6 range first: the IPv4 address is still primary.
+        let rec = NetworkRecord {
+            result: Some(json!({"ips": [
+                {"address": "fd00:88::7/64", "gateway": "fd00:88::1"},
+                {"address": "10.88.0.7/16", "gateway": "10.88.0.1"},
+            ]})),
+            ..rec
+        };
+        assert_eq!(rec.pod_ips(), ["10.88.0.7", "fd00:88::7"]);
+        assert_eq!(
+            rec.addresses(),
+            [
+                ("fd00:88::7/64".to_owned(), Some("fd00:88::1".to_owned())),
+                ("10.88.0.7/16".to_owned(), Some("10.88.0.1".to_owned())),
+            ]
+        );
     }
 }

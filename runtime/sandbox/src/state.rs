@@ -275,6 +275,10 @@ pub struct PodStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub pod_ip: Option<String>,
+    /// Every address of the pod, `pod_ip` first (two on a dual-stack
+    /// network), spelled as in Kubernetes' PodStatus.
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<PodIp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor_pid: Option<u32>,
     /// True once the monitor has released every host resource and exited.
@@ -295,6 +299,12 @@ pub struct PodStatus {
     /// Set once the pod was asked to stop (its sandbox is no longer ready).
     #[serde(default)]
     pub stopping: bool,
+}
+
+/// One of a pod's addresses (Kubernetes' `PodIP`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
 }
 
 /// What a CRI client said about a container when it created it.

@@ -85,6 +85,7 @@ pub fn run(roots: &Roots, a: PsArgs) -> i32 {
                     "runtime": p.record.plan.runtime_class,
                     "state": p.phase_str(),
                     "ip": p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                    "ips": p.status.iter().flat_map(|s| s.pod_ips.iter().map(|i| i.ip.clone())).collect::<Vec<_>>(),
                     "createdAt": p.record.created_at,
                     "containers": containers,
                 })

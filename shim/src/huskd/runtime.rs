@@ -157,15 +157,19 @@ pub(crate) fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .unwrap_or_default();
+    // The kubelet's dual-stack pods: the primary IP, then the others.
+    let additional_ips = sb
+        .status
+        .iter()
+        .flat_map(|s| s.pod_ips.iter().skip(1))
+        .map(|p| cri::PodIp { ip: p.ip.clone() })
+        .collect();
     cri::PodSandboxStatus {
         id: sb.id().to_owned(),
         metadata: Some(sandbox_meta(sb)),
         state: sandbox_state(sb),
         created_at: nanos(Some(sb.record.created_at)),
-        network: Some(cri::PodSandboxNetworkStatus {
-            ip,
-            additional_ips: vec![],
-        }),
+        network: Some(cri::PodSandboxNetworkStatus { ip, additional_ips }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption::default()),

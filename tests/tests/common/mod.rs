@@ -59,6 +59,9 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub bridge: String,
     pub subnet_prefix: String,
+    /// The IPv6 /64's prefix (`fd00:…:…:`), in the config only once
+    /// [`dual_stack`](Self::dual_stack) made the network dual-stack.
+    pub subnet6_prefix: String,
 }
 
 impl Env {
@@ -88,7 +91,25 @@ impl Env {
             dir,
             bridge,
             subnet_prefix,
+            // Groups without zeros, so that addresses start with it as
+            // written (compressed).
+            subnet6_prefix: format!("fd00:{:x}:{:x}::", pid % 0xfffe + 1, n % 0xfffe + 1),
         }
+    }
+
+    /// Makes husk's default network dual-stack: every pod also gets an
+    /// address of `{subnet6_prefix}/64`.
+    pub fn dual_stack(self) -> Self {
+        let cfg = self.root().join("config.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let subnet = format!("subnet = \"{}.0/24\"\n", self.subnet_prefix);
+        assert!(text.contains(&subnet), "{text}");
+        let text = text.replace(
+            &subnet,
+            &format!("{subnet}subnet6 = \"{}/64\"\n", self.subnet6_prefix),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        self
     }
 
     pub fn root(&self) -> &Path {

@@ -345,8 +345,8 @@ impl VmSandbox {
 
         // Network, from the host's namespace (this thread never leaves it).
         let net = PodNetwork::for_pod(plan, paths, &config.network, cni_dir)?;
-        let pod_ip = net.record.pod_ip();
-        let addr = net.record.pod_cidr_and_gateway();
+        let pod_ips = net.record.pod_ips();
+        let addresses = net.record.addresses();
         res.network = Some(net);
         let vm_nic = nic::attach(&paths.netns, "eth0", "tap0").map_err(|e| vm_err(e.into()))?;
 
@@ -436,12 +436,14 @@ impl VmSandbox {
         let agent = vm.agent(BOOT_TIMEOUT).map_err(|e| vm_err(e.into()))?;
         let boot = t_spawned.elapsed();
         let t_net = Instant::now();
-        if let Some((address, gateway)) = addr {
+        if !addresses.is_empty() {
             agent
                 .configure_network(husk_protocol::NetworkConfig {
                     mac,
-                    address,
-                    gateway,
+                    addresses: addresses
+                        .into_iter()
+                        .map(|(address, gateway)| husk_protocol::IpConfig { address, gateway })
+                        .collect(),
                 })
                 .map_err(|e| vm_err(e.into()))?;
         }
@@ -453,7 +455,7 @@ impl VmSandbox {
                 .map_err(|e| vm_err(e.into()))?;
         }
         let net_ms = t_net.elapsed().as_secs_f64() * 1e3;
-        guest_volumes.push(etc_volume(plan, pod_ip.as_deref()));
+        guest_volumes.push(etc_volume(plan, &pod_ips));
         agent
             .add_volumes(guest_volumes)
             .map_err(|e| vm_err(e.into()))?;
@@ -471,7 +473,7 @@ impl VmSandbox {
             .all_containers()
             .map(|c| crate::lifecycle::creating(c, paths, None))
             .collect();
-        let status = crate::lifecycle::pending(plan, statuses, pod_ip, None);
+        let status = crate::lifecycle::pending(plan, statuses, pod_ips, None);
         status.save(paths)?;
         Ok((agent, layers, status))
     }
@@ -956,7 +958,7 @@ fn security(s: &crate::pod::SecurityPlan) -> husk_protocol::Security {
 
 /// The files the kubelet gives every container: /etc/hostname, /etc/hosts
 /// and /etc/resolv.conf, in a guest tmpfs each container mounts from.
-fn etc_volume(plan: &PodPlan, pod_ip: Option<&str>) -> husk_protocol::VolumeRequest {
+fn etc_volume(plan: &PodPlan, pod_ips: &[String]) -> husk_protocol::VolumeRequest {
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let file = |path: &str, data: String| husk_protocol::File {
         path: path.into(),
@@ -970,7 +972,7 @@ fn etc_volume(plan: &PodPlan, pod_ip: Option<&str>) -> husk_protocol::VolumeRequ
             mode: 0o755,
             files: vec![
                 file("hostname", format!("{}\n", plan.hostname())),
-                file("hosts", crate::dns::hosts_file(plan, pod_ip)),
+                file("hosts", crate::dns::hosts_file(plan, pod_ips)),
                 file(
                     "resolv.conf",
                     crate::dns::resolv_conf(&plan.dns, &host_resolv),

@@ -368,7 +368,7 @@ impl WasmSandbox {
         })?;
         // Network, from the host's namespace.
         let net = PodNetwork::for_pod(plan, paths, &config.network, cni_dir)?;
-        let pod_ip = net.record.pod_ip();
+        let pod_ips = net.record.pod_ips();
         res.network = Some(net);
         res.host_netns =
             Some(
@@ -417,7 +417,7 @@ impl WasmSandbox {
                 ),
             ));
         }
-        let status = crate::lifecycle::pending(plan, statuses, pod_ip, cgroup_path);
+        let status = crate::lifecycle::pending(plan, statuses, pod_ips, cgroup_path);
         status.save(paths)?;
         Ok((engine, guests, status))
     }
