@@ -36,6 +36,8 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     /// Update ConfigMaps and Secrets (-f FILE) in the running pods that use them.
     Apply(cli::apply::ApplyArgs),
+    /// Forward local ports to ports on a pod's localhost (as kubectl port-forward).
+    PortForward(cli::port_forward::PortForwardArgs),
     /// Copy files or directories between a VM pod's container and the host.
     Cp(cli::cp::CpArgs),
     /// CPU, memory and processes of a VM pod's running containers.
@@ -99,6 +101,7 @@ fn main() {
         Command::Exec(a) => cli::exec::run(&roots, a),
         Command::Stats(a) => cli::stats::run(&roots, a),
         Command::Cp(a) => cli::cp::run(&roots, a),
+        Command::PortForward(a) => cli::port_forward::run(&roots, a),
         Command::Apply(a) => cli::apply::run(&roots, a),
         Command::Update(a) => cli::update::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),

@@ -1271,3 +1271,162 @@ spec:
         .success());
     env.finish();
 }
+
+/// A running `husk port-forward`: the local port it printed, killed (as
+/// Ctrl-C would end it) on drop.
+struct PortForward {
+    child: std::process::Child,
+    local: u16,
+}
+
+impl PortForward {
+    fn start(env: &Env, pod: &str, mapping: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = env
+            .cmd()
+            .args(["port-forward", pod, mapping])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "Forwarding from 127.0.0.1:PORT -> REMOTE", as kubectl prints it.
+        let local = line
+            .strip_prefix("Forwarding from 127.0.0.1:")
+            .and_then(|r| r.split_once(" -> "))
+            .and_then(|(p, _)| p.parse().ok());
+        let Some(local) = local else {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("port-forward printed {line:?}; stderr {}", stderr(&out))
+        };
+        PortForward { child, local }
+    }
+
+    /// Sends `text`, half-closes, and reads the reply to its end; empty
+    /// when the forwarder dropped the connection (nothing listened).
+    fn exchange(&self, text: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.local)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        s.write_all(text.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        match s.read_to_string(&mut got) {
+            Ok(_) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => String::new(),
+            Err(e) => panic!("reading the forwarded reply: {e}"),
+        }
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn port_forward_reaches_the_localhost_of_vm_and_wasm_pods() {
+    let (_reg, reference, env) = vm_setup("pf");
+    let vm = env.manifest(
+        "vpf.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: vpf}}
+spec:
+  runtimeClassName: husk-vm
+  restartPolicy: Never
+  containers:
+  - name: srv
+    image: {reference}
+    command: ["/bin/sh", "-c", "while true; do echo vm-says-hi | nc -l -p 8080; done"]
+"#
+        ),
+    );
+    run_detached(&env, &vm);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "wpf",
+        netprobe().to_str().unwrap(),
+        "serve",
+        "8090",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (pod, c) in [("vpf", "srv"), ("wpf", "main")] {
+        env.wait_for(pod, "the server to run", |v| {
+            env.container(v, c)["state"]["running"].is_object()
+        });
+    }
+    // Into the VM, through the agent: two connections, one after the
+    // other (the server's loop answers each).
+    let vpf = PortForward::start(&env, "vpf", ":8080");
+    for _ in 0..2 {
+        let mut got = String::new();
+        let t0 = std::time::Instant::now();
+        // nc may be between two listens.
+        while got.is_empty() && t0.elapsed() < std::time::Duration::from_secs(30) {
+            got = vpf.exchange("hello-from-the-host\n");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(got, "vm-says-hi\n");
+    }
+    // What the host sent reached the server (nc prints it).
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = env.husk(&["logs", "vpf"]);
+        if stdout(&out).contains("hello-from-the-host") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Into the wasm pod's network namespace (wasi:sockets server).
+    let wpf = PortForward::start(&env, "wpf", "0:8090");
+    assert_eq!(wpf.exchange("ping\n"), "pong ping\n");
+    // Bad mappings are usage errors; a pod that is not there is a failure.
+    for (args, code) in [
+        (vec!["port-forward", "vpf", "0"], 2),
+        (vec!["port-forward", "vpf", "80:x"], 2),
+        (vec!["port-forward", "--address", "nowhere", "vpf", "80"], 2),
+        (vec!["port-forward", "nosuch", "80"], 1),
+    ] {
+        let out = env.husk(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty(), "{args:?}");
+    }
+    // The forwarders end by themselves with their pods.
+    for p in ["vpf", "wpf"] {
+        let rm = env.husk(&["rm", "-f", p]);
+        assert!(rm.status.success(), "rm -f {p}: {}", stderr(&rm));
+    }
+    for mut pf in [vpf, wpf] {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = pf.child.try_wait().unwrap() {
+                assert_eq!(st.code(), Some(1));
+                break;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "port-forward outlived its pod"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    env.finish();
+}

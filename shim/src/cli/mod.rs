@@ -8,6 +8,7 @@ pub mod images;
 pub mod info;
 pub mod inspect;
 pub mod logs;
+pub mod port_forward;
 pub mod ps;
 pub mod rm;
 pub mod run;
