@@ -77,7 +77,7 @@ static int serve(int count, const char *file) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|stdin|sleep|count|exit ...");
+    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|chat|stdin|sleep|count|exit ...");
     return 0;
   }
   const char *cmd = argv[1];
@@ -137,6 +137,17 @@ int main(int argc, char **argv) {
     fflush(stdout);
     volatile unsigned long x = 0;
     for (;;) x++;
+  }
+  if (!strcmp(cmd, "chat")) {
+    /* For attach: a line from stdin comes back on stdout, then a line on
+     * stderr, and the exit code is 4. */
+    char line[256];
+    if (!fgets(line, sizeof line, stdin)) return 3;
+    line[strcspn(line, "\n")] = 0;
+    printf("got %s\n", line);
+    fflush(stdout);
+    fputs("to-stderr\n", stderr);
+    return 4;
   }
   if (!strcmp(cmd, "stdin")) {
     /* The wasm guest's SIGTERM: stdin reaches end of file. */

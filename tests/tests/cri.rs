@@ -908,6 +908,71 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             tonic::Code::Unimplemented
         );
 
+        // Attach to a guest created with stdin: the line sent reaches it,
+        // what it prints comes to the attached client (and its log), and
+        // its exit ends the stream with its code.
+        let mut chat = container_config("chat", &image, &["chat"], vec![]);
+        chat.stdin = true;
+        chat.stdin_once = true;
+        let chat = rs
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(chat),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: chat.clone(),
+        })
+        .await
+        .unwrap();
+        let url = rs
+            .attach(cri::AttachRequest {
+                container_id: chat.clone(),
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                tty: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let r = exec_stream(&url, vec![b"\0hi\n".to_vec()]).await;
+        assert_eq!(text(&r.out), "got hi");
+        assert_eq!(text(&r.err), "to-stderr");
+        assert_eq!(
+            r.status["details"]["causes"][0]["message"], "4",
+            "{}",
+            r.status
+        );
+        let st = wait_state(&mut rs, &chat, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 4, "{st:?}");
+        let clog =
+            std::fs::read_to_string(Path::new(&cfg.log_directory).join("chat_0.log")).unwrap();
+        assert!(clog.contains(" stdout F got hi\n"), "{clog}");
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: chat.clone(),
+        })
+        .await
+        .unwrap();
+        // Stdin to a container created without it is refused.
+        assert_eq!(
+            code(
+                rs.attach(cri::AttachRequest {
+                    container_id: polite.clone(),
+                    stdin: true,
+                    stdout: true,
+                    ..Default::default()
+                })
+                .await
+            ),
+            tonic::Code::InvalidArgument
+        );
+
         // Port-forward: a wasm server listening in the pod's network,
         // reached through the streaming server's WebSocket.
         pull(&mut is, &server_image).await;

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod attach;
 pub mod cgroup;
 pub mod config;
 pub mod cri_log;

@@ -181,9 +181,9 @@ pub(crate) fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
     }
 }
 
-/// Checks that container `c` can take a process (`what`: an exec or an
-/// attach): it runs, in a VM sandbox (a wasm container has no processes
-/// beside its guest).
+/// Checks that container `c` can take an exec or an attach (`what`): it
+/// runs, and an exec is in a VM sandbox (a wasm container has no processes
+/// beside its guest; attaching to that guest is fine).
 fn process_host(sb: &SandboxView, c: &CriContainer, what: &str) -> Result<(), Status> {
     if c.state != CriState::Running {
         return Err(Status::failed_precondition(format!(
@@ -191,7 +191,7 @@ fn process_host(sb: &SandboxView, c: &CriContainer, what: &str) -> Result<(), St
             c.id
         )));
     }
-    if sb.cri.runtime_handler != HANDLER_VM {
+    if sb.cri.runtime_handler != HANDLER_VM && what != "attach" {
         return Err(Status::unimplemented(format!(
             "{}: no {what} into a wasm container (it has no processes beside its guest)",
             sb.cri.runtime_handler

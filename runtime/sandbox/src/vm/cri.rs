@@ -18,6 +18,7 @@
 //! records live in the pod's status.
 
 use super::sandbox::VmSandbox;
+use crate::attach::AttachHub;
 use crate::cri_log;
 use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
@@ -254,43 +255,6 @@ fn bind(src: &Path, at: &Path, recursive: bool) -> Result<(), ShareError> {
         None::<&str>,
     )
     .map_err(|e| ShareError::Mount(src.to_owned(), at.to_owned(), e))
-}
-
-/// Who is attached to a CRI container's process: its output goes to them
-/// too, and they write its stdin and resize its terminal.
-#[derive(Default)]
-pub(crate) struct AttachHub {
-    listeners: Mutex<Vec<std::sync::mpsc::Sender<crate::ExecMsg>>>,
-    stdin: Mutex<Option<crate::StdinWriter>>,
-    resize: Mutex<Option<crate::Resizer>>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl AttachHub {
-    /// The process started: its stdin and terminal are there to use.
-    pub(crate) fn connect(&self, proc: &super::agent::Process) {
-        let write = proc.stdin_writer();
-        *locked(&self.stdin) = Some(Box::new(move |d: &[u8], eof: bool| {
-            write(d, eof).map_err(|e| e.to_string())
-        }));
-        let resize = proc.resizer();
-        *locked(&self.resize) = Some(Box::new(move |s| resize(s).map_err(|e| e.to_string())));
-    }
-
-    pub(crate) fn publish(&self, m: crate::ExecMsg) {
-        locked(&self.listeners).retain(|l| l.send(m.clone()).is_ok());
-    }
-
-    /// The process ended with `m`: the last message to everyone attached.
-    pub(crate) fn close(&self, m: crate::ExecMsg) {
-        self.publish(m);
-        locked(&self.listeners).clear();
-        *locked(&self.stdin) = None;
-        *locked(&self.resize) = None;
-    }
 }
 
 /// A CRI container of a VM sandbox, as the monitor holds it.
@@ -569,39 +533,7 @@ impl VmSandbox {
             .get(id)
             .map(|e| e.hub.clone())
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        locked(&hub.listeners).push(tx);
-        let (h, cid) = (hub.clone(), id.to_owned());
-        let stdin: crate::StdinWriter = Box::new(move |d: &[u8], eof: bool| {
-            if !rec.meta.stdin {
-                return Err(format!("container {cid} was created without stdin"));
-            }
-            match &*locked(&h.stdin) {
-                Some(w) => w(d, eof),
-                None => Err(format!("container {cid} has ended")),
-            }
-        });
-        let h = hub.clone();
-        let resize: crate::Resizer = Box::new(move |s| match &*locked(&h.resize) {
-            Some(r) => r(s),
-            None => Ok(()),
-        });
-        // Leaving an attach leaves the process running; with stdin_once
-        // its stdin ends with the first attach.
-        let once = rec.meta.stdin_once;
-        let kill: crate::Killer = Box::new(move || {
-            if once {
-                if let Some(w) = &*locked(&hub.stdin) {
-                    let _ = w(&[], true);
-                }
-            }
-        });
-        Ok(crate::ExecSession {
-            output: rx,
-            stdin,
-            resize,
-            kill,
-        })
+        Ok(hub.attach(id, &rec.meta))
     }
 
     /// A CRI container's plan, by id.

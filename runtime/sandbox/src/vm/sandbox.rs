@@ -9,11 +9,12 @@
 //! output in CRI log files, SIGTERM then SIGKILL after the grace period.
 
 use super::agent::{AgentClient, Signaller};
-use super::cri::{AttachHub, CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
+use super::cri::{CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
 use super::share::FsShares;
+use crate::attach::AttachHub;
 use crate::config::HuskConfig;
 use crate::cri_log::{self, Stream};
 use crate::lifecycle::{crash_loop_back_off, should_restart, StatusCell, BACKOFF_RESET};
@@ -861,7 +862,11 @@ impl VmSandbox {
             let _ = proc.signal(libc::SIGTERM);
         }
         if let Some(h) = &hub {
-            h.connect(&proc);
+            let (write, resize) = (proc.stdin_writer(), proc.resizer());
+            h.connect(
+                Box::new(move |d: &[u8], eof: bool| write(d, eof).map_err(|e| e.to_string())),
+                Some(Box::new(move |s| resize(s).map_err(|e| e.to_string()))),
+            );
         }
         if let Some(s) = started {
             let _ = s.send(Ok(proc.user.clone()));

@@ -5,6 +5,7 @@
 //! manifest's containers. The host resources stay the sandbox's.
 
 use super::WasmSandbox;
+use crate::attach::{AttachHub, Tee};
 use crate::cri_log::{self, Stream};
 use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
@@ -24,14 +25,40 @@ pub(crate) struct CriEntry {
     guest: CompiledGuest,
     kill: KillSwitch,
     /// The write end of the guest's stdin: dropping it is the guest's
-    /// SIGTERM.
-    stdin: Option<OwnedFd>,
+    /// SIGTERM. Attached clients write through it.
+    stdin: Arc<Mutex<Option<OwnedFd>>>,
+    hub: Arc<AttachHub>,
     log: Option<Arc<Mutex<std::fs::File>>>,
     exited: Arc<watch::Sender<bool>>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+}
+
+/// Writes to a guest's stdin pipe (a dup of it, so that a write that
+/// blocks on a full pipe holds no lock); `eof` closes the pipe, which is
+/// the guest's SIGTERM, as stopping the container does.
+fn stdin_writer(stdin: Arc<Mutex<Option<OwnedFd>>>) -> crate::StdinWriter {
+    Box::new(move |data: &[u8], eof: bool| {
+        let fd = {
+            let mut slot = stdin.lock().unwrap_or_else(|p| p.into_inner());
+            if eof && data.is_empty() {
+                slot.take();
+                return Ok(());
+            }
+            match slot.as_ref() {
+                Some(fd) => fd.try_clone().map_err(|e| format!("stdin: {e}"))?,
+                None => return Err("the container's stdin is closed".into()),
+            }
+        };
+        std::io::Write::write_all(&mut std::fs::File::from(fd), data)
+            .map_err(|e| format!("stdin: {e}"))?;
+        if eof {
+            stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        Ok(())
+    })
 }
 
 /// Waits until `exited` says so, or `limit` passes; true when it did.
@@ -95,7 +122,8 @@ impl WasmSandbox {
                 plan: Arc::new(c),
                 guest,
                 kill: KillSwitch::new(),
-                stdin: None,
+                stdin: Arc::new(Mutex::new(None)),
+                hub: Arc::new(AttachHub::default()),
                 log: None,
                 exited: Arc::new(tx),
             },
@@ -132,32 +160,40 @@ impl WasmSandbox {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let (in_r, in_w) = pipe()?;
-        let (plan, guest, kill, exited) = {
+        let (plan, guest, kill, exited, hub) = {
             let mut map = self.cri.lock().unwrap_or_else(|p| p.into_inner());
             let e = map
                 .get_mut(id)
                 .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-            e.stdin = Some(in_w);
+            *e.stdin.lock().unwrap_or_else(|p| p.into_inner()) = Some(in_w);
             e.log = log.clone();
             (
                 e.plan.clone(),
                 e.guest.clone(),
                 e.kill.clone(),
                 e.exited.clone(),
+                e.hub.clone(),
             )
         };
+        hub.connect(stdin_writer(self.cri_stdin(id)), None);
         let preopens = {
             let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
             res.volumes.preopens_for(&plan).map_err(|e| e.to_string())?
         };
+        // Output goes to the log and to whoever is attached.
         let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, s)| {
             let log = log.clone();
+            let mut src = Tee {
+                inner: std::fs::File::from(fd),
+                hub: hub.clone(),
+                stderr: matches!(s, Stream::Stderr),
+            };
             std::thread::spawn(move || match log {
                 Some(log) => {
-                    let _ = cri_log::pump(std::fs::File::from(fd), s, log);
+                    let _ = cri_log::pump(src, s, log);
                 }
                 None => {
-                    let _ = std::io::copy(&mut std::fs::File::from(fd), &mut std::io::sink());
+                    let _ = std::io::copy(&mut src, &mut std::io::sink());
                 }
             })
         });
@@ -193,6 +229,7 @@ impl WasmSandbox {
                 Ok(GuestExit::Trap(t)) => (134, "Error", format!("trap: {t}")),
                 Err(e) => (128, "StartError", e.to_string()),
             };
+            hub.close(crate::ExecMsg::Exit { code });
             status.update(|st| {
                 if let Some(c) = st.cri_containers.iter_mut().find(|c| c.id == id) {
                     c.state = CriState::Exited;
@@ -219,7 +256,7 @@ impl WasmSandbox {
                 .get_mut(id)
                 .ok_or_else(|| format!("no container {id:?} in this pod"))?;
             // Closing stdin is the wasm guest's SIGTERM.
-            e.stdin = None;
+            e.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
             (e.kill.clone(), e.exited.subscribe())
         };
         let rt = tokio::runtime::Handle::try_current()
@@ -252,6 +289,26 @@ impl WasmSandbox {
         Ok(())
     }
 
+    /// The shared write end of a CRI container's stdin.
+    fn cri_stdin(&self, id: &str) -> Arc<Mutex<Option<OwnedFd>>> {
+        (self.cri.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(id)
+            .map(|e| e.stdin.clone())
+            .unwrap_or_default()
+    }
+
+    /// CRI: attaches to a running container's guest: its output from now
+    /// on, and its stdin when it was created with one (a wasm guest has no
+    /// terminal to resize).
+    pub(super) fn cri_attach(&self, id: &str) -> Result<crate::ExecSession, crate::Failure> {
+        let rec = self.status.cri_running(id)?;
+        let hub = (self.cri.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(id)
+            .map(|e| e.hub.clone())
+            .ok_or_else(|| format!("no container {id:?} in this pod"))?;
+        Ok(hub.attach(id, &rec.meta))
+    }
+
     pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {
         let rec = self.status.cri_running(id)?;
         let log = (self.cri.lock().unwrap_or_else(|p| p.into_inner()))
@@ -277,7 +334,7 @@ impl WasmSandbox {
             let mut out = Vec::new();
             for id in &running_ids {
                 if let Some(e) = map.get_mut(id) {
-                    e.stdin = None;
+                    e.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
                     out.push((e.kill.clone(), e.exited.subscribe()));
                 }
             }

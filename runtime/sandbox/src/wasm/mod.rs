@@ -510,4 +510,8 @@ impl Sandbox for WasmSandbox {
     fn reopen_log(&self, id: &str) -> Result<(), Failure> {
         self.cri_reopen_log(id)
     }
+
+    fn attach(&self, id: &str) -> Result<crate::ExecSession, Failure> {
+        self.cri_attach(id)
+    }
 }

@@ -1,0 +1,104 @@
+//! Who is attached to a CRI container's process (CRI Attach, `kubectl
+//! attach`): its output goes to them too, and they write its stdin and
+//! resize its terminal. One hub per container, in both sandbox kinds: the
+//! VM sandbox connects it to the agent's process, the wasm sandbox to the
+//! guest's stdin pipe and output pumps.
+
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub(crate) struct AttachHub {
+    listeners: Mutex<Vec<std::sync::mpsc::Sender<crate::ExecMsg>>>,
+    stdin: Mutex<Option<crate::StdinWriter>>,
+    resize: Mutex<Option<crate::Resizer>>,
+}
+
+pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AttachHub {
+    /// The process started: its stdin (and terminal, if it has one) are
+    /// there to use.
+    pub(crate) fn connect(&self, stdin: crate::StdinWriter, resize: Option<crate::Resizer>) {
+        *locked(&self.stdin) = Some(stdin);
+        *locked(&self.resize) = resize;
+    }
+
+    pub(crate) fn publish(&self, m: crate::ExecMsg) {
+        locked(&self.listeners).retain(|l| l.send(m.clone()).is_ok());
+    }
+
+    /// The process ended with `m`: the last message to everyone attached.
+    pub(crate) fn close(&self, m: crate::ExecMsg) {
+        self.publish(m);
+        locked(&self.listeners).clear();
+        *locked(&self.stdin) = None;
+        *locked(&self.resize) = None;
+    }
+
+    /// A new attach to container `id`: its output from now on; stdin only
+    /// when the container was created with it (`meta.stdin`), and with
+    /// `stdin_once` the first attach's end ends it. Leaving does not end
+    /// the process.
+    pub(crate) fn attach(
+        self: &std::sync::Arc<Self>,
+        id: &str,
+        meta: &crate::state::CriMeta,
+    ) -> crate::ExecSession {
+        let (tx, rx) = std::sync::mpsc::channel();
+        locked(&self.listeners).push(tx);
+        let (h, cid, allowed) = (self.clone(), id.to_owned(), meta.stdin);
+        let stdin: crate::StdinWriter = Box::new(move |d: &[u8], eof: bool| {
+            if !allowed {
+                return Err(format!("container {cid} was created without stdin"));
+            }
+            match &*locked(&h.stdin) {
+                Some(w) => w(d, eof),
+                None => Err(format!("container {cid} has ended")),
+            }
+        });
+        let h = self.clone();
+        let resize: crate::Resizer = Box::new(move |s| match &*locked(&h.resize) {
+            Some(r) => r(s),
+            None => Ok(()),
+        });
+        let (h, once) = (self.clone(), meta.stdin_once);
+        let kill: crate::Killer = Box::new(move || {
+            if once {
+                if let Some(w) = &*locked(&h.stdin) {
+                    let _ = w(&[], true);
+                }
+            }
+        });
+        crate::ExecSession {
+            output: rx,
+            stdin,
+            resize,
+            kill,
+        }
+    }
+}
+
+/// A reader that also hands what it reads to the container's attached
+/// clients (the wasm sandbox's output pumps read through it).
+pub(crate) struct Tee<R> {
+    pub(crate) inner: R,
+    pub(crate) hub: std::sync::Arc<AttachHub>,
+    pub(crate) stderr: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            let data = buf[..n].to_vec();
+            self.hub.publish(if self.stderr {
+                crate::ExecMsg::Stderr { data }
+            } else {
+                crate::ExecMsg::Stdout { data }
+            });
+        }
+        Ok(n)
+    }
+}
