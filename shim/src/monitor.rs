@@ -128,8 +128,9 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
     drop(ready);
 
     let sb = sandbox.clone();
+    let record_paths = paths.clone();
     rt.block_on(async move {
-        let server = tokio::spawn(serve(listener, sb.as_dyn()));
+        let server = tokio::spawn(serve(listener, sb.as_dyn(), record_paths));
         let signals = tokio::spawn(on_signals(sb.as_dyn()));
         let phase = sb.run().await;
         tracing::info!(?phase, "pod finished");
@@ -287,12 +288,16 @@ fn reply_of(r: Result<(), Failure>) -> Reply {
     }
 }
 
-async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
+async fn serve(
+    listener: tokio::net::UnixListener,
+    sb: Arc<dyn Sandbox>,
+    paths: husk_sandbox::state::PodPaths,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let sb = sb.clone();
+        let (sb, paths) = (sb.clone(), paths.clone());
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = tokio::io::BufReader::new(r).lines();
@@ -363,8 +368,17 @@ async fn serve(listener: tokio::net::UnixListener, sb: Arc<dyn Sandbox>) {
                     }
                 }
                 Ok(Request::UpdateVolume { volume, files }) => {
-                    let sb = sb.clone();
-                    match blocking(move || Ok(sb.update_volume(&volume, &files)?)).await {
+                    let (sb, paths) = (sb.clone(), paths.clone());
+                    // The pod's record follows (secret bytes left out), so
+                    // that `husk inspect` shows what the pod now has.
+                    let update = move || {
+                        sb.update_volume(&volume, &files)?;
+                        let mut rec = PodRecord::load(&paths).map_err(|e| e.to_string())?;
+                        rec.plan.set_volume_files(&volume, files);
+                        rec.save(&paths).map_err(|e| e.to_string())?;
+                        Ok(())
+                    };
+                    match blocking(update).await {
                         Ok(()) => Reply::ok(),
                         Err(e) => Reply::failed(e),
                     }

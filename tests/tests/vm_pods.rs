@@ -1242,6 +1242,40 @@ spec:
     // the kubelet.
     let exec = env.husk(&["exec", "vmapply", "--", "sh", "-c", show]);
     assert_eq!(stdout(&exec), "v2v1s2greeting\nnew\n", "{}", stderr(&exec));
+    // The pod's record on disk follows: the configMap's new files, the
+    // secret's new keys without their bytes.
+    let id = env.inspect("vmapply")["id"].as_str().unwrap().to_owned();
+    let rec_path = env.root().join("lib/pods").join(&id).join("pod.json");
+    let rec_text = std::fs::read_to_string(&rec_path).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&rec_text).unwrap();
+    let files = |vol: &str| -> Vec<(String, String)> {
+        rec["plan"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vol)
+            .unwrap_or_else(|| panic!("no volume {vol}: {rec:#}"))["source"]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let data: Vec<u8> = f["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect();
+                (
+                    f["path"].as_str().unwrap().to_owned(),
+                    String::from_utf8(data).unwrap(),
+                )
+            })
+            .collect()
+    };
+    let cfg = files("cfg");
+    assert!(cfg.contains(&("greeting".into(), "v2".into())), "{cfg:?}");
+    assert!(cfg.iter().any(|(p, _)| p == "new"), "{cfg:?}");
+    assert_eq!(files("sec"), [("value".to_owned(), String::new())]);
     // The wasm guest, waiting for the new value, saw it and ended.
     let v = env.wait_for("wasmapply", "the wasm pod to end", |v| {
         v["status"]["finished"] == true

@@ -320,6 +320,22 @@ impl PodPlan {
         p
     }
 
+    /// Replaces the files of configMap or secret volume `name` (after
+    /// `husk apply`); a secret's keep their paths and modes only, as in
+    /// [`redacted`](Self::redacted).
+    pub fn set_volume_files(&mut self, name: &str, new: Vec<VolumeFile>) {
+        for v in self.volumes.iter_mut().filter(|v| v.name == name) {
+            match &mut v.source {
+                VolumeSource::ConfigMap { files, .. } => *files = new.clone(),
+                VolumeSource::Secret { files, .. } => {
+                    *files = new.clone();
+                    files.iter_mut().for_each(|f| f.data.clear());
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub fn all_containers(&self) -> impl Iterator<Item = &ContainerPlan> {
         self.init_containers.iter().chain(self.containers.iter())
     }
