@@ -681,6 +681,78 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         );
         assert_eq!(st.mounts.len(), 1);
 
+        // File mounts, as the kubelet gives every container: its own
+        // /etc/hosts (read-only) and /dev/termination-log. In a wasm guest
+        // each directory of them is a directory of its own.
+        let files = tempfile::tempdir().unwrap();
+        let (hosts, term) = (files.path().join("hosts"), files.path().join("term"));
+        std::fs::write(&hosts, "10.9.8.7 from-the-kubelet\n").unwrap();
+        std::fs::write(&term, "").unwrap();
+        let file_mounts = || {
+            vec![
+                cri::Mount {
+                    container_path: "/etc/hosts".into(),
+                    host_path: hosts.display().to_string(),
+                    readonly: true,
+                    ..Default::default()
+                },
+                cri::Mount {
+                    container_path: "/dev/termination-log".into(),
+                    host_path: term.display().to_string(),
+                    ..Default::default()
+                },
+            ]
+        };
+        let mut filers = Vec::new();
+        for (name, args, exit) in [
+            ("hosts", &["cat", "/etc/hosts"][..], 0),
+            ("term", &["write", "/dev/termination-log", "bye"][..], 0),
+            // Nothing can be made beside the given files, and a read-only
+            // one stays so.
+            ("beside", &["write", "/dev/other", "x"][..], 1),
+            ("readonly", &["write", "/etc/hosts", "x"][..], 1),
+        ] {
+            let id = rs
+                .create_container(create(name, args, file_mounts()))
+                .await
+                .unwrap()
+                .into_inner()
+                .container_id;
+            rs.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap();
+            let st = wait_state(&mut rs, &id, cri::ContainerState::ContainerExited).await;
+            assert_eq!(st.exit_code, exit, "{name}: {st:?}");
+            filers.push(id);
+        }
+        let hosts_log = std::fs::read_to_string(log_dir.join("hosts_0.log")).unwrap();
+        assert!(
+            hosts_log.contains(" stdout F 10.9.8.7 from-the-kubelet"),
+            "{hosts_log}"
+        );
+        assert_eq!(std::fs::read_to_string(&term).unwrap(), "bye");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "10.9.8.7 from-the-kubelet\n"
+        );
+        let bound = || {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(files.path().to_str().unwrap())
+        };
+        assert!(bound(), "the file mounts are not bound");
+        for id in filers {
+            rs.remove_container(cri::RemoveContainerRequest { container_id: id })
+                .await
+                .unwrap();
+        }
+        assert!(
+            !bound(),
+            "a removed container's file mounts are still bound"
+        );
+
         // Container events (the kubelet's evented PLEG): a container's
         // life, created to deleted, in order, with its sandbox's status.
         let mut events = rs

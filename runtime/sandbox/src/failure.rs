@@ -18,6 +18,9 @@ pub enum Code {
     DeadlineExceeded,
     /// This kind of sandbox cannot do it.
     Unimplemented,
+    /// The request itself is wrong for this sandbox (mounts that cannot
+    /// be laid out).
+    InvalidArgument,
 }
 
 /// A failed sandbox call: a message for people, and its code when it has

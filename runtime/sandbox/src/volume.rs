@@ -36,6 +36,9 @@ pub struct PodVolumes {
     /// subPath and workingDir directories opened inside their volume, by
     /// (base, sub): opened once per pod, reused across container restarts.
     pinned: HashMap<(PathBuf, String), (cap_std::fs::Dir, PathBuf)>,
+    /// Volumes made of single files ([`add_host_files`](Self::add_host_files)):
+    /// their directory and its mounts (the tmpfs first).
+    file_dirs: BTreeMap<String, (PathBuf, Vec<PathBuf>)>,
 }
 
 /// Mounts a tmpfs on `dir`; without `size`, the kernel's default (half of
@@ -201,9 +204,6 @@ impl PodVolumes {
         self.dirs.get(volume).map(|p| p.as_path())
     }
 
-    /// The preopens of one container: each mount (subPath resolved inside
-    /// the volume, never through a symlink out of it), plus `.` for its
-    /// workingDir when that lies in a mount.
     /// Adds a host directory as volume `name` (a CRI client's mount,
     /// prepared by the client); it is never removed by husk.
     pub fn add_host_dir(&mut self, name: &str, path: &Path) -> Result<(), VolumeError> {
@@ -214,12 +214,117 @@ impl PodVolumes {
         Ok(())
     }
 
-    /// Forgets the volumes whose names start with `prefix` (a removed CRI
-    /// container's mounts).
-    pub fn forget_prefixed(&mut self, prefix: &str) {
-        self.dirs.retain(|k, _| !k.starts_with(prefix));
+    /// Makes volume `name` a directory `dir` holding just `files` (each a
+    /// name in it, a host file, and whether it is read-only): how a wasm
+    /// container gets file mounts (the kubelet's /etc/hosts and
+    /// /dev/termination-log), WASI preopens being directories. `dir` is a
+    /// small tmpfs, read-only once each host file is bound onto an empty
+    /// file in it: the guest writes the files it was given (unless
+    /// read-only) and can create nothing beside them. Host files are never
+    /// changed by husk; on failure nothing is left.
+    pub fn add_host_files(
+        &mut self,
+        name: &str,
+        dir: &Path,
+        files: &[(String, PathBuf, bool)],
+    ) -> Result<(), VolumeError> {
+        use nix::mount::{mount, MsFlags};
+        let mut mounts: Vec<PathBuf> = Vec::new();
+        let undo = |mounts: &mut Vec<PathBuf>| {
+            for m in mounts.drain(..).rev() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+            let _ = std::fs::remove_dir(dir);
+        };
+        let bind_ro = |at: &Path| {
+            mount(
+                None::<&str>,
+                at,
+                None::<&str>,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+        };
+        let r = (|| -> Result<(), VolumeError> {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| verr(name, format!("{}: {e}", dir.display())))?;
+            mount_tmpfs(dir, Some(64 << 10), 0o755)
+                .map_err(|e| verr(name, format!("tmpfs on {}: {e}", dir.display())))?;
+            mounts.push(dir.to_owned());
+            for (file, host, read_only) in files {
+                if file.is_empty() || file.contains('/') || file == "." || file == ".." {
+                    return Err(verr(name, format!("{file:?} is not a file name")));
+                }
+                if !host.is_file() {
+                    return Err(verr(name, format!("{} is not a file", host.display())));
+                }
+                let at = dir.join(file);
+                std::fs::File::create(&at)
+                    .map_err(|e| verr(name, format!("{}: {e}", at.display())))?;
+                mount(
+                    Some(host.as_path()),
+                    &at,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| verr(name, format!("bind {}: {e}", host.display())))?;
+                mounts.push(at.clone());
+                if *read_only {
+                    bind_ro(&at).map_err(|e| verr(name, format!("{}: {e}", at.display())))?;
+                }
+            }
+            bind_ro(dir).map_err(|e| verr(name, format!("{}: {e}", dir.display())))
+        })();
+        if let Err(e) = r {
+            undo(&mut mounts);
+            return Err(e);
+        }
+        self.dirs.insert(name.to_owned(), dir.to_owned());
+        self.file_dirs
+            .insert(name.to_owned(), (dir.to_owned(), mounts));
+        Ok(())
     }
 
+    /// Forgets the volumes whose names start with `prefix` (a removed CRI
+    /// container's mounts); a file volume's mounts and directory go.
+    pub fn forget_prefixed(&mut self, prefix: &str) {
+        self.dirs.retain(|k, _| !k.starts_with(prefix));
+        let gone: Vec<String> = self
+            .file_dirs
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some((dir, mounts)) = self.file_dirs.remove(&k) {
+                Self::unmount_file_dir(&dir, mounts);
+            }
+        }
+    }
+
+    /// Unmounts a file volume (its binds, then its tmpfs) and removes its
+    /// directory, which is empty then; a mount that stays keeps it.
+    fn unmount_file_dir(dir: &Path, mounts: Vec<PathBuf>) {
+        for m in mounts.into_iter().rev() {
+            if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(mount = %m.display(), "umount failed: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+        // The directory holding the pod's file volumes, once empty.
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+
+    /// The preopens of one container: each mount (subPath resolved inside
+    /// the volume, never through a symlink out of it), plus `.` for its
+    /// workingDir when that lies in a mount.
     pub fn preopens_for(&mut self, c: &ContainerPlan) -> Result<Vec<Preopen>, VolumeError> {
         let mut out = Vec::new();
         for m in &c.mounts {
@@ -326,6 +431,9 @@ impl PodVolumes {
     /// Unmounts and removes everything husk created. Idempotent.
     pub fn teardown(&mut self) {
         self.pinned.clear();
+        for (_, (dir, mounts)) in std::mem::take(&mut self.file_dirs) {
+            Self::unmount_file_dir(&dir, mounts);
+        }
         for m in self.mounts.drain(..).rev() {
             if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
                 tracing::warn!(mount = %m.display(), "umount failed: {e}");

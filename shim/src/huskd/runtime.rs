@@ -514,7 +514,6 @@ type ClientMount = (PathBuf, String, bool);
 fn container_spec(
     cfg: &cri::ContainerConfig,
     image: &str,
-    vm: bool,
 ) -> Result<(spec::Container, Vec<VolumePlan>, Vec<ClientMount>), Status> {
     let meta = cfg
         .metadata
@@ -547,18 +546,16 @@ fn container_spec(
             )));
         }
         recorded.push((host.to_owned(), m.container_path.clone(), m.readonly));
-        // A VM container mounts directories and files (the kubelet's
-        // /etc/hosts and /dev/termination-log) over virtio-fs. WASI
-        // preopens are directories: a file has no place in a wasm guest.
-        let mountable = host.is_dir() || (vm && host.is_file());
-        if !mountable {
+        // Directories and files (the kubelet's /etc/hosts and
+        // /dev/termination-log): over virtio-fs into a VM; into a wasm
+        // guest as a directory of their own (WASI preopens are
+        // directories). Anything else (a socket, a device) is skipped.
+        if !(host.is_dir() || host.is_file()) {
             tracing::info!(
                 container = %meta.name,
-                "skipping mount {} -> {}: {} containers mount directories{}",
+                "skipping mount {} -> {}: neither a directory nor a file",
                 m.host_path,
                 m.container_path,
-                if vm { HANDLER_VM } else { HANDLER_WASM },
-                if vm { " and files" } else { " only" }
             );
             continue;
         }
@@ -899,7 +896,7 @@ impl RuntimeService for Runtime {
             )));
         }
         let vm = sb.cri.runtime_handler == HANDLER_VM;
-        let (spec, volumes, recorded) = container_spec(&cfg, &image, vm)?;
+        let (spec, volumes, recorded) = container_spec(&cfg, &image)?;
         let roots = self.0.roots.clone();
         let image2 = image.clone();
         let (mut cplan, volumes, image_ref) = tokio::task::spawn_blocking(move || {

@@ -220,6 +220,7 @@ pub fn status_of(code: Option<husk_sandbox::Code>, msg: String) -> Status {
         // A probe's exec that ran out of time (the kubelet reads this code).
         Some(Code::DeadlineExceeded) => Status::deadline_exceeded(msg),
         Some(Code::Unimplemented) => Status::unimplemented(msg),
+        Some(Code::InvalidArgument) => Status::invalid_argument(msg),
         None => Status::unknown(msg),
     }
 }

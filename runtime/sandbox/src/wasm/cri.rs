@@ -11,6 +11,7 @@ use crate::pod::{ContainerPlan, VolumePlan, VolumeSource};
 use crate::state::{CriContainer, CriMeta, CriState};
 use husk_wasm::{CompiledGuest, GuestExit, KillSwitch};
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,18 +103,11 @@ impl WasmSandbox {
             .map_err(|e| format!("container {:?}: {e}", meta.name))?;
         {
             let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
-            for v in &volumes {
-                let VolumeSource::HostPath { path, .. } = &v.source else {
-                    continue;
-                };
-                if let Err(e) = res.volumes.add_host_dir(&format!("{id}/{}", v.name), path) {
-                    res.volumes.forget_prefixed(&format!("{id}/"));
-                    return Err(e.to_string().into());
-                }
+            let r = self.cri_volumes(&id, &mut c, &volumes, &mut res.volumes);
+            if let Err(e) = r {
+                res.volumes.forget_prefixed(&format!("{id}/"));
+                return Err(e);
             }
-        }
-        for m in &mut c.mounts {
-            m.volume = format!("{id}/{}", m.volume);
         }
         let (tx, _) = watch::channel(false);
         self.cri.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -131,6 +125,88 @@ impl WasmSandbox {
         let rec = CriContainer::created(id.clone(), meta);
         self.status.update(|st| st.cri_containers.push(rec));
         Ok(id)
+    }
+
+    /// Sets up container `id`'s host volumes (a CRI client's directories
+    /// and files) under names of its own, and points its mounts at them.
+    /// Files are grouped by the directory they go into, each group a
+    /// directory volume of its own (see
+    /// [`PodVolumes::add_host_files`](crate::volume::PodVolumes::add_host_files)).
+    fn cri_volumes(
+        &self,
+        id: &str,
+        c: &mut ContainerPlan,
+        volumes: &[VolumePlan],
+        pod_volumes: &mut crate::volume::PodVolumes,
+    ) -> Result<(), crate::Failure> {
+        let invalid = |msg: String| crate::Failure::new(crate::Code::InvalidArgument, msg);
+        let mut files = std::collections::BTreeMap::new();
+        for v in volumes {
+            let VolumeSource::HostPath { path, .. } = &v.source else {
+                continue;
+            };
+            if path.is_file() {
+                files.insert(v.name.clone(), path.clone());
+            } else {
+                pod_volumes
+                    .add_host_dir(&format!("{id}/{}", v.name), path)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        // directory in the guest → (file name, host file, read-only)
+        let mut groups: std::collections::BTreeMap<String, Vec<(String, PathBuf, bool)>> =
+            Default::default();
+        let mut dir_mounts = Vec::new();
+        for m in std::mem::take(&mut c.mounts) {
+            let Some(host) = files.get(&m.volume) else {
+                dir_mounts.push(crate::pod::MountPlan {
+                    volume: format!("{id}/{}", m.volume),
+                    ..m
+                });
+                continue;
+            };
+            let path = Path::new(&m.mount_path);
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(invalid(format!(
+                    "mount of file {} at {:?}: not a file path",
+                    host.display(),
+                    m.mount_path
+                )));
+            };
+            groups
+                .entry(parent.to_string_lossy().into_owned())
+                .or_default()
+                .push((
+                    name.to_string_lossy().into_owned(),
+                    host.clone(),
+                    m.read_only,
+                ));
+        }
+        for (k, (dir, group)) in groups.into_iter().enumerate() {
+            if let Some(m) = dir_mounts
+                .iter()
+                .find(|m| m.mount_path.trim_end_matches('/') == dir)
+            {
+                return Err(invalid(format!(
+                    "a wasm container cannot mount files into {dir}, where it mounts a directory ({}): its files are a directory of their own",
+                    m.mount_path
+                )));
+            }
+            let name = format!("{id}/f{k}");
+            let at = self.paths.run.join("files").join(format!("{id}-f{k}"));
+            let read_only = group.iter().all(|(_, _, ro)| *ro);
+            pod_volumes
+                .add_host_files(&name, &at, &group)
+                .map_err(|e| e.to_string())?;
+            dir_mounts.push(crate::pod::MountPlan {
+                volume: name,
+                mount_path: dir,
+                read_only,
+                sub_path: None,
+            });
+        }
+        c.mounts = dir_mounts;
+        Ok(())
     }
 
     pub(super) fn cri_start(&self, id: &str) -> Result<(), crate::Failure> {
