@@ -35,9 +35,10 @@ pub enum Request {
         #[serde(flatten)]
         spec: husk_sandbox::ExecSpec,
     },
-    /// Attaches to a running CRI container (its id): after an ok reply,
-    /// the connection carries `ExecMsg` lines as for ExecStream; leaving
-    /// does not end the container.
+    /// Attaches to a running container (a CRI container's id, or a
+    /// manifest container's name): after an ok reply, the connection
+    /// carries `ExecMsg` lines as for ExecStream; leaving does not end the
+    /// container.
     AttachStream { id: String },
     /// Replaces the files of a configMap or secret volume (`husk apply`).
     UpdateVolume {

@@ -36,6 +36,8 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     /// Update ConfigMaps and Secrets (-f FILE) in the running pods that use them.
     Apply(cli::apply::ApplyArgs),
+    /// Attach to a running container's output (and stdin with -i).
+    Attach(cli::attach::AttachArgs),
     /// Forward local ports to ports on a pod's localhost (as kubectl port-forward).
     PortForward(cli::port_forward::PortForwardArgs),
     /// Copy files or directories between a VM pod's container and the host.
@@ -102,6 +104,7 @@ fn main() {
         Command::Stats(a) => cli::stats::run(&roots, a),
         Command::Cp(a) => cli::cp::run(&roots, a),
         Command::PortForward(a) => cli::port_forward::run(&roots, a),
+        Command::Attach(a) => cli::attach::run(&roots, a),
         Command::Apply(a) => cli::apply::run(&roots, a),
         Command::Update(a) => cli::update::run(&roots, a),
         Command::Rm(a) => cli::rm::run(&roots, a),

@@ -896,3 +896,54 @@ fn logs_follow_streams_until_the_pod_ends() {
     assert_eq!(rest, ["stdin closed, exiting cleanly"]);
     env.finish();
 }
+
+#[test]
+fn attach_joins_a_running_wasm_guest() {
+    let env = Env::new();
+    let m = env.manifest(
+        "chat.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: chat}\nspec:\n  restartPolicy: Never\n  containers:\n  - {name: talk, image: $PROBE, args: [chat], stdin: true, stdinOnce: true}\n  - {name: quiet, image: $PROBE, args: [stdin]}\n",
+    );
+    let out = env.run_file(&m, &["-d"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("chat", "the guests to run", |v| {
+        ["talk", "quiet"]
+            .iter()
+            .all(|c| env.container(v, c)["state"]["running"].is_object())
+    });
+    // Stdin needs a container that keeps one; a container must exist.
+    for (args, code) in [
+        (vec!["attach", "-i", "-c", "quiet", "chat"], 2),
+        (vec!["attach", "-c", "nosuch", "chat"], 2),
+        (vec!["attach", "nosuch"], 1),
+    ] {
+        let out = env.husk(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty(), "{args:?}");
+    }
+    // The line reaches the guest; what it prints comes back on husk's
+    // stdout and stderr, and its exit code is husk's.
+    let mut child = env
+        .cmd()
+        .args(["attach", "-i", "chat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "got hi\n", "{}", stderr(&out));
+    assert_eq!(stderr(&out), "to-stderr\n");
+    assert_eq!(out.status.code(), Some(4));
+    // It was the guest's own output: its log has it too.
+    let logs = env.husk(&["logs", "-c", "talk", "chat"]);
+    assert_eq!(stdout(&logs), "got hi\n");
+    // Attaching to a guest that has ended is refused.
+    let out = env.husk(&["attach", "chat"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+    assert!(env.husk(&["rm", "-f", "chat"]).status.success());
+    env.finish();
+}

@@ -1381,6 +1381,10 @@ spec:
   - name: srv
     image: {reference}
     command: ["/bin/sh", "-c", "while true; do nc -l -p 8080 -e /bin/sh -c 'read l; echo vm got $l'; done"]
+  - name: chat
+    image: {reference}
+    command: ["/bin/sh", "-c", "read l; echo got $l; echo to-stderr >&2; exit 4"]
+    stdin: true
 "#
         ),
     );
@@ -1396,7 +1400,7 @@ spec:
         "1",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    for (pod, c) in [("vpf", "srv"), ("wpf", "main")] {
+    for (pod, c) in [("vpf", "srv"), ("vpf", "chat"), ("wpf", "main")] {
         env.wait_for(pod, "the server to run", |v| {
             env.container(v, c)["state"]["running"].is_object()
         });
@@ -1417,6 +1421,24 @@ spec:
     // Into the wasm pod's network namespace (wasi:sockets server).
     let wpf = PortForward::start(&env, "wpf", "0:8090");
     assert_eq!(wpf.exchange("ping\n"), "pong ping\n");
+    // husk attach -i: the line reaches the container's own shell, its
+    // output comes back, its exit code is husk's.
+    let mut child = env
+        .cmd()
+        .args(["attach", "-i", "-c", "chat", "vpf"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "got hi\n", "{}", stderr(&out));
+    assert_eq!(stderr(&out), "to-stderr\n");
+    assert_eq!(out.status.code(), Some(4));
     // Bad mappings are usage errors; a pod that is not there is a failure.
     for (args, code) in [
         (vec!["port-forward", "vpf", "0"], 2),

@@ -38,23 +38,30 @@ impl AttachHub {
     }
 
     /// A new attach to container `id`: its output from now on; stdin only
-    /// when the container was created with it (`meta.stdin`), and with
+    /// when the container was created with it (`stdin`), and with
     /// `stdin_once` the first attach's end ends it. Leaving does not end
     /// the process.
     pub(crate) fn attach(
         self: &std::sync::Arc<Self>,
         id: &str,
-        meta: &crate::state::CriMeta,
+        stdin: bool,
+        stdin_once: bool,
     ) -> crate::ExecSession {
         let (tx, rx) = std::sync::mpsc::channel();
         locked(&self.listeners).push(tx);
-        let (h, cid, allowed) = (self.clone(), id.to_owned(), meta.stdin);
+        let (h, cid, allowed) = (self.clone(), id.to_owned(), stdin);
+        // The end of an attached client's input ends the container's stdin
+        // only with stdin_once (as containerd does): otherwise others may
+        // attach and write after it.
         let stdin: crate::StdinWriter = Box::new(move |d: &[u8], eof: bool| {
             if !allowed {
                 return Err(format!("container {cid} was created without stdin"));
             }
+            if d.is_empty() && eof && !stdin_once {
+                return Ok(());
+            }
             match &*locked(&h.stdin) {
-                Some(w) => w(d, eof),
+                Some(w) => w(d, eof && stdin_once),
                 None => Err(format!("container {cid} has ended")),
             }
         });
@@ -63,7 +70,7 @@ impl AttachHub {
             Some(r) => r(s),
             None => Ok(()),
         });
-        let (h, once) = (self.clone(), meta.stdin_once);
+        let (h, once) = (self.clone(), stdin_once);
         let kill: crate::Killer = Box::new(move || {
             if once {
                 if let Some(w) = &*locked(&h.stdin) {
@@ -78,6 +85,53 @@ impl AttachHub {
             kill,
         }
     }
+}
+
+/// The manifest's container `name` (`husk attach`), which must be running.
+pub(crate) fn running_container<'a>(
+    plan: &'a crate::pod::PodPlan,
+    status: &crate::state::PodStatus,
+    name: &str,
+) -> Result<&'a crate::pod::ContainerPlan, crate::Failure> {
+    let c = plan
+        .all_containers()
+        .find(|c| c.name == name)
+        .ok_or_else(|| crate::Failure::no_container(name))?;
+    let running = status
+        .all_containers()
+        .any(|s| s.name == name && matches!(s.state, crate::state::ContainerState::Running { .. }));
+    if !running {
+        return Err(crate::Failure::new(
+            crate::Code::FailedPrecondition,
+            format!("container {name} is not running"),
+        ));
+    }
+    Ok(c)
+}
+
+/// Writes to a guest's stdin pipe (a dup of it, so that a write that
+/// blocks on a full pipe holds no lock); `eof` closes the pipe, which is
+/// the guest's SIGTERM, as stopping the container does.
+pub(crate) fn pipe_writer(stdin: crate::wasm::supervisor::StdinSlot) -> crate::StdinWriter {
+    Box::new(move |data: &[u8], eof: bool| {
+        let fd = {
+            let mut slot = stdin.lock().unwrap_or_else(|p| p.into_inner());
+            if eof && data.is_empty() {
+                slot.take();
+                return Ok(());
+            }
+            match slot.as_ref() {
+                Some(fd) => fd.try_clone().map_err(|e| format!("stdin: {e}"))?,
+                None => return Err("the container's stdin is closed".into()),
+            }
+        };
+        std::io::Write::write_all(&mut std::fs::File::from(fd), data)
+            .map_err(|e| format!("stdin: {e}"))?;
+        if eof {
+            stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        Ok(())
+    })
 }
 
 /// A reader that also hands what it reads to the container's attached

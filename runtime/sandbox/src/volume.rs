@@ -495,6 +495,8 @@ mod tests {
             layer_images: vec![],
             security: Default::default(),
             image_user: None,
+            stdin: false,
+            stdin_once: false,
         }
     }
 

@@ -135,11 +135,25 @@ pub(super) fn stream(
     err: &mut dyn Write,
     follow_size: bool,
 ) -> Result<i32, String> {
+    let req = Request::ExecStream { container, spec };
+    stream_request(socket, &req, input, out, err, follow_size)
+}
+
+/// As [`stream`], for any request the monitor answers with a stream
+/// (an exec, or an attach).
+pub(super) fn stream_request(
+    socket: &std::path::Path,
+    req: &Request,
+    input: Option<Box<dyn std::io::Read + Send>>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    follow_size: bool,
+) -> Result<i32, String> {
     use husk_sandbox::ExecMsg;
     use std::io::{BufRead, BufReader};
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach its monitor: {e}"))?;
-    let mut line = serde_json::to_vec(&Request::ExecStream { container, spec }).expect("json");
+    let mut line = serde_json::to_vec(req).expect("json");
     line.push(b'\n');
     s.write_all(&line).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);

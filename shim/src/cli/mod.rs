@@ -2,6 +2,7 @@
 //! 2 usage or validation error (nothing was created).
 
 pub mod apply;
+pub mod attach;
 pub mod cp;
 pub mod exec;
 pub mod images;

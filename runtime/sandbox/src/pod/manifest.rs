@@ -1293,6 +1293,8 @@ fn validate_container(
         cpu_limit_millis,
         security: SecurityPlan::default(),
         image_user,
+        stdin: c.stdin,
+        stdin_once: c.stdin_once,
     })
 }
 

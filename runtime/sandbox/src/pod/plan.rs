@@ -166,6 +166,12 @@ pub struct ContainerPlan {
     /// image store beside the layer and removed with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layer_images: Vec<PathBuf>,
+    /// `stdin`: its stdin stays open for attach (`stdinOnce`: until the
+    /// first attach leaves).
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -157,6 +157,12 @@ pub struct Container {
     #[serde(default)]
     pub resources: Resources,
     pub security_context: Option<SecurityContext>,
+    /// Keep the container's stdin open for `husk attach -i`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Close that stdin when the first attach leaves.
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -533,7 +533,7 @@ impl VmSandbox {
             .get(id)
             .map(|e| e.hub.clone())
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        Ok(hub.attach(id, &rec.meta))
+        Ok(hub.attach(id, rec.meta.stdin, rec.meta.stdin_once))
     }
 
     /// A CRI container's plan, by id.

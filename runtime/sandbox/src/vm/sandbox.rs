@@ -212,6 +212,9 @@ pub struct VmSandbox {
     limits: Mutex<HashMap<String, husk_protocol::Limits>>,
     /// Containers created through CRI, by id.
     pub(crate) cri: Mutex<HashMap<String, VmCriEntry>>,
+    /// Who is attached to the manifest's containers, by name (kept across
+    /// restarts).
+    hubs: Mutex<HashMap<String, Arc<AttachHub>>>,
 }
 
 /// The pod-wide stop request and the processes it signals.
@@ -255,6 +258,7 @@ impl VmSandbox {
                 resources: Mutex::new(res),
                 limits: Mutex::new(HashMap::new()),
                 cri: Mutex::new(HashMap::new()),
+                hubs: Mutex::new(HashMap::new()),
             })),
             Err(e) => {
                 release(&mut res, &paths);
@@ -792,7 +796,7 @@ impl VmSandbox {
             .open(log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log = Arc::new(Mutex::new(log));
-        let req = self.start_request(
+        let mut req = self.start_request(
             c,
             format!("{}.{restart}", c.name),
             husk_protocol::Rootfs {
@@ -802,7 +806,18 @@ impl VmSandbox {
                 ..Default::default()
             },
         );
-        self.run_process(req, log, None, None)
+        req.stdin = c.stdin;
+        self.run_process(req, log, None, Some(self.hub(&c.name)))
+    }
+
+    /// The attach hub of the manifest's container `name`.
+    fn hub(&self, name: &str) -> Arc<AttachHub> {
+        self.hubs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// What starts container `c` in the guest as `id`, on `rootfs`.
@@ -1378,7 +1393,11 @@ impl Sandbox for VmSandbox {
     }
 
     fn attach(&self, id: &str) -> Result<crate::ExecSession, crate::Failure> {
-        self.cri_attach(id)
+        if self.plan.cri {
+            return self.cri_attach(id);
+        }
+        let c = crate::attach::running_container(&self.plan, &self.status.get(), id)?;
+        Ok(self.hub(id).attach(id, c.stdin, c.stdin_once))
     }
 
     fn request_stop(&self, grace: Duration) {

@@ -37,31 +37,6 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
-/// Writes to a guest's stdin pipe (a dup of it, so that a write that
-/// blocks on a full pipe holds no lock); `eof` closes the pipe, which is
-/// the guest's SIGTERM, as stopping the container does.
-fn stdin_writer(stdin: Arc<Mutex<Option<OwnedFd>>>) -> crate::StdinWriter {
-    Box::new(move |data: &[u8], eof: bool| {
-        let fd = {
-            let mut slot = stdin.lock().unwrap_or_else(|p| p.into_inner());
-            if eof && data.is_empty() {
-                slot.take();
-                return Ok(());
-            }
-            match slot.as_ref() {
-                Some(fd) => fd.try_clone().map_err(|e| format!("stdin: {e}"))?,
-                None => return Err("the container's stdin is closed".into()),
-            }
-        };
-        std::io::Write::write_all(&mut std::fs::File::from(fd), data)
-            .map_err(|e| format!("stdin: {e}"))?;
-        if eof {
-            stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
-        Ok(())
-    })
-}
-
 /// Waits until `exited` says so, or `limit` passes; true when it did.
 async fn wait_exit(mut rx: watch::Receiver<bool>, limit: Duration) -> bool {
     tokio::time::timeout(limit, rx.wait_for(|e| *e))
@@ -251,7 +226,7 @@ impl WasmSandbox {
                 e.hub.clone(),
             )
         };
-        hub.connect(stdin_writer(self.cri_stdin(id)), None);
+        hub.connect(crate::attach::pipe_writer(self.cri_stdin(id)), None);
         let preopens = {
             let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
             res.volumes.preopens_for(&plan).map_err(|e| e.to_string())?
@@ -382,7 +357,7 @@ impl WasmSandbox {
             .get(id)
             .map(|e| e.hub.clone())
             .ok_or_else(|| format!("no container {id:?} in this pod"))?;
-        Ok(hub.attach(id, &rec.meta))
+        Ok(hub.attach(id, rec.meta.stdin, rec.meta.stdin_once))
     }
 
     pub(super) fn cri_reopen_log(&self, id: &str) -> Result<(), crate::Failure> {

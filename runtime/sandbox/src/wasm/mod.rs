@@ -8,7 +8,7 @@
 //! thread wasmtime-wasi later creates sockets from lives in the pod's netns.
 
 mod cri;
-mod supervisor;
+pub(crate) mod supervisor;
 
 use crate::cgroup::PodCgroup;
 use crate::config::HuskConfig;
@@ -308,9 +308,22 @@ pub struct WasmSandbox {
     cri: Mutex<std::collections::HashMap<String, cri::CriEntry>>,
     /// Set (for good) by `run` once the pod stops: no new CRI containers.
     pub(crate) cri_closed: std::sync::atomic::AtomicBool,
+    /// Who is attached to the manifest's containers, by name (kept across
+    /// restarts).
+    hubs: Mutex<std::collections::HashMap<String, Arc<crate::attach::AttachHub>>>,
 }
 
 impl WasmSandbox {
+    /// The attach hub of the manifest's container `name`.
+    pub(crate) fn hub(&self, name: &str) -> Arc<crate::attach::AttachHub> {
+        self.hubs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Creates the pod's sandbox: netns + CNI (from the host netns), then
     /// moves the calling thread into the pod netns, creates the cgroup (and
     /// moves this process in), the volumes, the engine, and compiles every
@@ -345,6 +358,7 @@ impl WasmSandbox {
                 resources: Mutex::new(res),
                 cri: Mutex::new(Default::default()),
                 cri_closed: Default::default(),
+                hubs: Default::default(),
             })),
             Err(e) => {
                 release(&mut res);
@@ -512,6 +526,10 @@ impl Sandbox for WasmSandbox {
     }
 
     fn attach(&self, id: &str) -> Result<crate::ExecSession, Failure> {
-        self.cri_attach(id)
+        if self.plan.cri {
+            return self.cri_attach(id);
+        }
+        let c = crate::attach::running_container(&self.plan, &self.status.get(), id)?;
+        Ok(self.hub(id).attach(id, c.stdin, c.stdin_once))
     }
 }

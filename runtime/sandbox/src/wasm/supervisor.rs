@@ -21,8 +21,12 @@ use tokio::sync::watch;
 pub struct StopRequest {
     tx: Arc<watch::Sender<Option<Duration>>>,
     kill: KillSwitch,
-    stdins: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    stdins: Arc<Mutex<Vec<(String, StdinSlot)>>>,
 }
+
+/// The write end of a guest's stdin, shared by the stop request (which
+/// closes it: the guest's SIGTERM) and attached clients (who write to it).
+pub(crate) type StdinSlot = Arc<Mutex<Option<OwnedFd>>>;
 
 impl StopRequest {
     pub fn new() -> Self {
@@ -39,10 +43,14 @@ impl StopRequest {
             self.tx.send_replace(Some(grace));
         }
         // Closing stdin is the wasm guest's SIGTERM.
-        self.stdins
+        for (_, slot) in self
+            .stdins
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .drain(..)
+        {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
         if grace.is_zero() {
             self.kill.kill();
         }
@@ -64,12 +72,15 @@ impl StopRequest {
         }
     }
 
-    fn register_stdin(&self, container: &str, fd: OwnedFd) {
+    fn register_stdin(&self, container: &str, fd: OwnedFd) -> StdinSlot {
         let mut s = self.stdins.lock().unwrap_or_else(|p| p.into_inner());
         s.retain(|(c, _)| c != container);
+        let slot: StdinSlot = Arc::new(Mutex::new(None));
         if !self.is_requested() {
-            s.push((container.to_owned(), fd));
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+            s.push((container.to_owned(), slot.clone()));
         }
+        slot
     }
 }
 
@@ -154,6 +165,7 @@ impl WasmSandbox {
             let exit = self.run_instance(c, restarts).await;
             let finished = chrono::Utc::now();
             let code = exit.code();
+            self.hub(&c.name).close(crate::ExecMsg::Exit { code });
             let (reason, message) = match &exit {
                 GuestExit::Exited(0) => ("Completed", None),
                 GuestExit::Exited(_) => ("Error", None),
@@ -246,11 +258,19 @@ impl WasmSandbox {
         let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
         let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
         let (in_r, in_w) = pipe().map_err(|e| format!("stdin pipe: {e}"))?;
+        // Output goes to the log and to whoever is attached.
+        let hub = self.hub(&c.name);
         let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, s)| {
             let log = log.clone();
-            std::thread::spawn(move || cri_log::pump(std::fs::File::from(fd), s, log))
+            let src = crate::attach::Tee {
+                inner: std::fs::File::from(fd),
+                hub: hub.clone(),
+                stderr: matches!(s, Stream::Stderr),
+            };
+            std::thread::spawn(move || cri_log::pump(src, s, log))
         });
-        self.stop.register_stdin(&c.name, in_w);
+        let slot = self.stop.register_stdin(&c.name, in_w);
+        hub.connect(crate::attach::pipe_writer(slot), None);
         let preopens = {
             let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
             res.volumes.preopens_for(c).map_err(|e| e.to_string())?
