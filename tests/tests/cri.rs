@@ -980,52 +980,20 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
             tonic::Code::Unimplemented
         );
 
-        // Attach to a guest created with stdin: the line sent reaches it,
-        // what it prints comes to the attached client (and its log), and
-        // its exit ends the stream with its code.
+        // Attach to a guest created with stdin.
         let mut chat = container_config("chat", &image, &["chat"], vec![]);
         chat.stdin = true;
         chat.stdin_once = true;
-        let chat = rs
-            .create_container(cri::CreateContainerRequest {
+        let chat = attach_chat(
+            &mut rs,
+            cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
                 config: Some(chat),
                 sandbox_config: Some(cfg.clone()),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        rs.start_container(cri::StartContainerRequest {
-            container_id: chat.clone(),
-        })
-        .await
-        .unwrap();
-        let url = rs
-            .attach(cri::AttachRequest {
-                container_id: chat.clone(),
-                stdin: true,
-                stdout: true,
-                stderr: true,
-                tty: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
-        let r = exec_stream(&url, vec![b"\0hi\n".to_vec()]).await;
-        assert_eq!(text(&r.out), "got hi");
-        assert_eq!(text(&r.err), "to-stderr");
-        assert_eq!(
-            r.status["details"]["causes"][0]["message"], "4",
-            "{}",
-            r.status
-        );
-        let st = wait_state(&mut rs, &chat, cri::ContainerState::ContainerExited).await;
-        assert_eq!(st.exit_code, 4, "{st:?}");
-        let clog =
-            std::fs::read_to_string(Path::new(&cfg.log_directory).join("chat_0.log")).unwrap();
-        assert!(clog.contains(" stdout F got hi\n"), "{clog}");
+            },
+            Path::new(&cfg.log_directory),
+        )
+        .await;
         rs.remove_container(cri::RemoveContainerRequest {
             container_id: chat.clone(),
         })
@@ -1424,6 +1392,58 @@ async fn forward_line(url: &str, port: u16, line: &str) -> String {
     }
     let _ = ws.close(None).await;
     text(&got)
+}
+
+/// Attach, as the kubelet's proxy uses it: creates and starts `req`, a
+/// container with stdin whose program reads a line, prints `got LINE` and
+/// `to-stderr` and exits 4; attaches (stdin, stdout, stderr) and sends
+/// `hi`. What it prints comes back through the attach, its exit ends the
+/// stream with its code, and its log (`chat_0.log` in `log_dir`) has the
+/// line too. Its id.
+async fn attach_chat(
+    rs: &mut RuntimeServiceClient<Channel>,
+    req: cri::CreateContainerRequest,
+    log_dir: &Path,
+) -> String {
+    let chat = rs
+        .create_container(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: chat.clone(),
+    })
+    .await
+    .unwrap();
+    let url = rs
+        .attach(cri::AttachRequest {
+            container_id: chat.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let r = exec_stream(&url, vec![b"\0hi\n".to_vec()]).await;
+    assert_eq!(text(&r.out), "got hi");
+    assert_eq!(text(&r.err), "to-stderr");
+    assert_eq!(
+        r.status["details"]["causes"][0]["message"], "4",
+        "{}",
+        r.status
+    );
+    let st = wait_state(rs, &chat, cri::ContainerState::ContainerExited).await;
+    assert_eq!(st.exit_code, 4, "{st:?}");
+    let clog = log_lines(&log_dir.join("chat_0.log"));
+    assert!(
+        clog.iter().any(|l| l.ends_with(" stdout F got hi")),
+        "{clog:?}"
+    );
+    chat
 }
 
 /// What an exec streamed: stdout, stderr and its final status.
@@ -2253,42 +2273,10 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
             "the new limit is not the cgroup's"
         );
 
-        // Attach: to a container created with stdin; what it prints goes
-        // to the attached client and to its log, and its exit ends the
-        // stream.
+        // Attach to a container created with stdin.
         let mut chat = config("chat", "read l; echo got $l; echo to-stderr >&2; exit 4", vec![]);
         chat.stdin = true;
-        let chat = rs
-            .create_container(create(chat))
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        rs.start_container(cri::StartContainerRequest {
-            container_id: chat.clone(),
-        })
-        .await
-        .unwrap();
-        let url = rs
-            .attach(cri::AttachRequest {
-                container_id: chat.clone(),
-                stdin: true,
-                stdout: true,
-                stderr: true,
-                tty: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
-        let r = exec_stream(&url, vec![b"\0hi\n".to_vec()]).await;
-        assert_eq!(text(&r.out), "got hi");
-        assert_eq!(text(&r.err), "to-stderr");
-        assert_eq!(r.status["details"]["causes"][0]["message"], "4", "{}", r.status);
-        let st = wait_state(&mut rs, &chat, cri::ContainerState::ContainerExited).await;
-        assert_eq!(st.exit_code, 4);
-        let clog = log_lines(&Path::new(&cfg.log_directory).join("chat_0.log"));
-        assert!(clog.iter().any(|l| l.ends_with("got hi")), "{clog:?}");
+        let chat = attach_chat(&mut rs, create(chat), Path::new(&cfg.log_directory)).await;
         // Stdin to a container created without it is refused.
         assert_eq!(
             code(

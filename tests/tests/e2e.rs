@@ -923,17 +923,7 @@ fn attach_joins_a_running_wasm_guest() {
     }
     // The line reaches the guest; what it prints comes back on husk's
     // stdout and stderr, and its exit code is husk's.
-    let mut child = env
-        .cmd()
-        .args(["attach", "-i", "chat"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = env.husk_with_input(&["attach", "-i", "chat"], b"hi\n");
     assert_eq!(stdout(&out), "got hi\n", "{}", stderr(&out));
     assert_eq!(stderr(&out), "to-stderr\n");
     assert_eq!(out.status.code(), Some(4));

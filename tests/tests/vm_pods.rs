@@ -1423,19 +1423,7 @@ spec:
     assert_eq!(wpf.exchange("ping\n"), "pong ping\n");
     // husk attach -i: the line reaches the container's own shell, its
     // output comes back, its exit code is husk's.
-    let mut child = env
-        .cmd()
-        .args(["attach", "-i", "-c", "chat", "vpf"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = env.husk_with_input(&["attach", "-i", "-c", "chat", "vpf"], b"hi\n");
     assert_eq!(stdout(&out), "got hi\n", "{}", stderr(&out));
     assert_eq!(stderr(&out), "to-stderr\n");
     assert_eq!(out.status.code(), Some(4));

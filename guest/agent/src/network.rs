@@ -12,19 +12,34 @@ fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
 }
 
-/// `10.0.0.5/24` → (address, netmask).
-pub fn parse_cidr(text: &str) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
+/// `ADDRESS/PREFIX` of one family (`family`, whose prefixes go up to
+/// `max`) → (address, prefix length).
+fn parse_prefixed<A: std::str::FromStr>(
+    text: &str,
+    family: &str,
+    max: u32,
+) -> std::io::Result<(A, u32)> {
     let (addr, len) = text
         .split_once('/')
         .ok_or_else(|| invalid(format!("address {text:?} is not ADDRESS/PREFIX")))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| invalid(format!("address {addr:?} is not an IPv4 address")))?;
+    let addr: A = parse_addr(addr, "address", family)?;
     let len: u32 = len
         .parse()
         .ok()
-        .filter(|l| *l <= 32)
-        .ok_or_else(|| invalid(format!("prefix {len:?} is not 0 to 32")))?;
+        .filter(|l| *l <= max)
+        .ok_or_else(|| invalid(format!("prefix {len:?} is not 0 to {max}")))?;
+    Ok((addr, len))
+}
+
+/// An address of one family (`what`: an address or a gateway).
+fn parse_addr<A: std::str::FromStr>(text: &str, what: &str, family: &str) -> std::io::Result<A> {
+    text.parse()
+        .map_err(|_| invalid(format!("{what} {text:?} is not an {family} address")))
+}
+
+/// `10.0.0.5/24` → (address, netmask).
+pub fn parse_cidr(text: &str) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
+    let (addr, len) = parse_prefixed::<Ipv4Addr>(text, "IPv4", 32)?;
     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     Ok((addr, Ipv4Addr::from(mask)))
 }
@@ -90,18 +105,7 @@ fn up(sock: &OwnedFd, name: &str) -> std::io::Result<()> {
 
 /// `fd00::5/64` → (address, prefix length).
 pub fn parse_cidr6(text: &str) -> std::io::Result<(Ipv6Addr, u32)> {
-    let (addr, len) = text
-        .split_once('/')
-        .ok_or_else(|| invalid(format!("address {text:?} is not ADDRESS/PREFIX")))?;
-    let addr: Ipv6Addr = addr
-        .parse()
-        .map_err(|_| invalid(format!("address {addr:?} is not an IPv6 address")))?;
-    let len: u32 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= 128)
-        .ok_or_else(|| invalid(format!("prefix {len:?} is not 0 to 128")))?;
-    Ok((addr, len))
+    parse_prefixed(text, "IPv6", 128)
 }
 
 /// The kernel's `struct in6_rtmsg` (libc's has private fields).
@@ -137,13 +141,11 @@ fn socket(family: libc::c_int) -> std::io::Result<OwnedFd> {
 
 fn configure_v4(sock: &OwnedFd, name: &str, ip: &IpConfig) -> std::io::Result<()> {
     let (addr, mask) = parse_cidr(&ip.address)?;
-    let gateway = match &ip.gateway {
-        Some(g) => Some(
-            g.parse::<Ipv4Addr>()
-                .map_err(|_| invalid(format!("gateway {g:?} is not an IPv4 address")))?,
-        ),
-        None => None,
-    };
+    let gateway: Option<Ipv4Addr> = ip
+        .gateway
+        .as_deref()
+        .map(|g| parse_addr(g, "gateway", "IPv4"))
+        .transpose()?;
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr(addr);
     ioctl(
@@ -182,13 +184,11 @@ fn configure_v4(sock: &OwnedFd, name: &str, ip: &IpConfig) -> std::io::Result<()
 /// unusable (tentative) for a second or more after the pod starts.
 fn configure_v6(sock: &OwnedFd, name: &str, ip: &IpConfig) -> std::io::Result<()> {
     let (addr, len) = parse_cidr6(&ip.address)?;
-    let gateway = match &ip.gateway {
-        Some(g) => Some(
-            g.parse::<Ipv6Addr>()
-                .map_err(|_| invalid(format!("gateway {g:?} is not an IPv6 address")))?,
-        ),
-        None => None,
-    };
+    let gateway: Option<Ipv6Addr> = ip
+        .gateway
+        .as_deref()
+        .map(|g| parse_addr(g, "gateway", "IPv6"))
+        .transpose()?;
     let dad = format!("/proc/sys/net/ipv6/conf/{name}/accept_dad");
     std::fs::write(&dad, "0").map_err(|e| {
         std::io::Error::new(

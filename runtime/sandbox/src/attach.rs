@@ -13,6 +13,17 @@ pub(crate) struct AttachHub {
     resize: Mutex<Option<crate::Resizer>>,
 }
 
+/// The hubs of a pod's manifest containers, by name, made on first use and
+/// kept across restarts.
+#[derive(Default)]
+pub(crate) struct Hubs(Mutex<std::collections::HashMap<String, std::sync::Arc<AttachHub>>>);
+
+impl Hubs {
+    pub(crate) fn get(&self, name: &str) -> std::sync::Arc<AttachHub> {
+        locked(&self.0).entry(name.to_owned()).or_default().clone()
+    }
+}
+
 pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -5,14 +5,14 @@
 //! agent's connect tool in one of its running containers (they all share
 //! the VM's network). Runs until interrupted, or until the pod ends.
 
+use super::exec::stream_request;
 use super::{fail, running_pod, EXIT_FAILURE, EXIT_USAGE};
-use crate::control::{self, Request};
+use crate::control::Request;
 use husk_sandbox::pod::manifest::RUNTIME_VM;
 use husk_sandbox::state::{ContainerState, PodStatus, Roots};
-use husk_sandbox::{ExecMsg, ExecSpec};
-use std::io::{BufRead, BufReader, Read, Write};
+use husk_sandbox::ExecSpec;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -189,9 +189,9 @@ fn relay_tcp(a: TcpStream, b: TcpStream) {
     let _ = up.join();
 }
 
-/// Relays `conn` through the agent's connect tool in `container`.
+/// Relays `conn` through the agent's connect tool in `container` (an
+/// exec stream whose stdin and stdout are the connection).
 fn relay_vm(conn: TcpStream, socket: &Path, container: &str, port: u16) -> Result<(), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("its monitor: {e}"))?;
     let req = Request::ExecStream {
         container: Some(container.to_owned()),
         spec: ExecSpec {
@@ -200,61 +200,23 @@ fn relay_vm(conn: TcpStream, socket: &Path, container: &str, port: u16) -> Resul
             copy: Some(husk_protocol::Tool::Connect { port }),
         },
     };
-    let mut line = serde_json::to_vec(&req).expect("json");
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-    let mut first = String::new();
-    reader.read_line(&mut first).map_err(|e| e.to_string())?;
-    let reply: control::Reply = serde_json::from_str(&first).map_err(|e| e.to_string())?;
-    if !reply.ok {
-        return Err(reply.error.unwrap_or_else(|| "connect failed".into()));
-    }
-    let mut from_client = conn.try_clone().map_err(|e| e.to_string())?;
-    let mut w = s;
-    std::thread::spawn(move || {
-        let send = |w: &mut UnixStream, m: &ExecMsg| {
-            let mut line = serde_json::to_vec(m).expect("json");
-            line.push(b'\n');
-            w.write_all(&line)
-        };
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let (data, eof) = match from_client.read(&mut buf) {
-                Ok(0) | Err(_) => (Vec::new(), true),
-                Ok(n) => (buf[..n].to_vec(), false),
-            };
-            // Dropping this handle leaves the connection open: the reader
-            // holds it until the output ends.
-            if send(&mut w, &ExecMsg::Stdin { data, eof }).is_err() || eof {
-                return;
-            }
-        }
-    });
-    let mut to_client = conn;
+    let input = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut output = conn.try_clone().map_err(|e| e.to_string())?;
     let mut errors = Vec::new();
-    for line in reader.lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        match serde_json::from_str::<ExecMsg>(&line).map_err(|e| e.to_string())? {
-            ExecMsg::Stdout { data } => {
-                if to_client.write_all(&data).is_err() {
-                    break;
-                }
-            }
-            ExecMsg::Stderr { data } => errors.extend(data),
-            ExecMsg::Exit { code } => {
-                let _ = to_client.shutdown(Shutdown::Both);
-                if code != 0 && !errors.is_empty() {
-                    return Err(String::from_utf8_lossy(&errors).trim().to_owned());
-                }
-                return Ok(());
-            }
-            ExecMsg::Error { message } => return Err(message),
-            ExecMsg::Stdin { .. } | ExecMsg::Resize { .. } => {}
-        }
+    let r = stream_request(
+        socket,
+        &req,
+        Some(Box::new(input)),
+        &mut output,
+        &mut errors,
+        false,
+    );
+    let _ = conn.shutdown(Shutdown::Both);
+    match r? {
+        0 => Ok(()),
+        _ if errors.is_empty() => Err("the connect tool failed".into()),
+        _ => Err(String::from_utf8_lossy(&errors).trim().to_owned()),
     }
-    let _ = to_client.shutdown(Shutdown::Both);
-    Ok(())
 }
 
 #[cfg(test)]

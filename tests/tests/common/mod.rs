@@ -128,6 +128,22 @@ impl Env {
         self.cmd().args(args).output().unwrap()
     }
 
+    /// Runs husk with args, `input` on its stdin (then closed), and
+    /// returns its output.
+    pub fn husk_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// Writes a manifest into the test dir and returns its path.
     pub fn manifest(&self, name: &str, text: &str) -> PathBuf {
         let text = text

@@ -214,7 +214,7 @@ pub struct VmSandbox {
     pub(crate) cri: Mutex<HashMap<String, VmCriEntry>>,
     /// Who is attached to the manifest's containers, by name (kept across
     /// restarts).
-    hubs: Mutex<HashMap<String, Arc<AttachHub>>>,
+    hubs: crate::attach::Hubs,
 }
 
 /// The pod-wide stop request and the processes it signals.
@@ -258,7 +258,7 @@ impl VmSandbox {
                 resources: Mutex::new(res),
                 limits: Mutex::new(HashMap::new()),
                 cri: Mutex::new(HashMap::new()),
-                hubs: Mutex::new(HashMap::new()),
+                hubs: Default::default(),
             })),
             Err(e) => {
                 release(&mut res, &paths);
@@ -807,17 +807,7 @@ impl VmSandbox {
             },
         );
         req.stdin = c.stdin;
-        self.run_process(req, log, None, Some(self.hub(&c.name)))
-    }
-
-    /// The attach hub of the manifest's container `name`.
-    fn hub(&self, name: &str) -> Arc<AttachHub> {
-        self.hubs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+        self.run_process(req, log, None, Some(self.hubs.get(&c.name)))
     }
 
     /// What starts container `c` in the guest as `id`, on `rootfs`.
@@ -1397,7 +1387,7 @@ impl Sandbox for VmSandbox {
             return self.cri_attach(id);
         }
         let c = crate::attach::running_container(&self.plan, &self.status.get(), id)?;
-        Ok(self.hub(id).attach(id, c.stdin, c.stdin_once))
+        Ok(self.hubs.get(id).attach(id, c.stdin, c.stdin_once))
     }
 
     fn request_stop(&self, grace: Duration) {

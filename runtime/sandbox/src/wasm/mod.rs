@@ -310,20 +310,10 @@ pub struct WasmSandbox {
     pub(crate) cri_closed: std::sync::atomic::AtomicBool,
     /// Who is attached to the manifest's containers, by name (kept across
     /// restarts).
-    hubs: Mutex<std::collections::HashMap<String, Arc<crate::attach::AttachHub>>>,
+    pub(crate) hubs: crate::attach::Hubs,
 }
 
 impl WasmSandbox {
-    /// The attach hub of the manifest's container `name`.
-    pub(crate) fn hub(&self, name: &str) -> Arc<crate::attach::AttachHub> {
-        self.hubs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
-    }
-
     /// Creates the pod's sandbox: netns + CNI (from the host netns), then
     /// moves the calling thread into the pod netns, creates the cgroup (and
     /// moves this process in), the volumes, the engine, and compiles every
@@ -530,6 +520,6 @@ impl Sandbox for WasmSandbox {
             return self.cri_attach(id);
         }
         let c = crate::attach::running_container(&self.plan, &self.status.get(), id)?;
-        Ok(self.hub(id).attach(id, c.stdin, c.stdin_once))
+        Ok(self.hubs.get(id).attach(id, c.stdin, c.stdin_once))
     }
 }

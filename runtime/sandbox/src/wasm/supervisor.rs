@@ -165,7 +165,7 @@ impl WasmSandbox {
             let exit = self.run_instance(c, restarts).await;
             let finished = chrono::Utc::now();
             let code = exit.code();
-            self.hub(&c.name).close(crate::ExecMsg::Exit { code });
+            self.hubs.get(&c.name).close(crate::ExecMsg::Exit { code });
             let (reason, message) = match &exit {
                 GuestExit::Exited(0) => ("Completed", None),
                 GuestExit::Exited(_) => ("Error", None),
@@ -259,7 +259,7 @@ impl WasmSandbox {
         let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
         let (in_r, in_w) = pipe().map_err(|e| format!("stdin pipe: {e}"))?;
         // Output goes to the log and to whoever is attached.
-        let hub = self.hub(&c.name);
+        let hub = self.hubs.get(&c.name);
         let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, s)| {
             let log = log.clone();
             let src = crate::attach::Tee {
