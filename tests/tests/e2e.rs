@@ -937,3 +937,60 @@ fn attach_joins_a_running_wasm_guest() {
     assert!(env.husk(&["rm", "-f", "chat"]).status.success());
     env.finish();
 }
+
+#[test]
+fn hostpath_files_reach_a_wasm_guest_as_a_directory_of_their_own() {
+    let env = Env::new();
+    let host = env.root().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("app.conf"), "app-config\n").unwrap();
+    std::fs::write(host.join("beside"), "not for the guest\n").unwrap();
+    let m = env.manifest(
+        "files.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: files}}\nspec:\n  restartPolicy: Never\n  volumes:\n  - {{name: conf, hostPath: {{path: {h}/app.conf, type: File}}}}\n  - {{name: trace, hostPath: {{path: {h}/trace.log, type: FileOrCreate}}}}\n  containers:\n  - {{name: read, image: $PROBE, args: [cat, /etc/app.conf], volumeMounts: [{{name: conf, mountPath: /etc/app.conf, readOnly: true}}]}}\n  - {{name: write, image: $PROBE, args: [write, /out/trace.log, traced], volumeMounts: [{{name: trace, mountPath: /out/trace.log}}]}}\n  - {{name: sibling, image: $PROBE, args: [cat, /etc/beside], volumeMounts: [{{name: conf, mountPath: /etc/app.conf, readOnly: true}}]}}\n  - {{name: create, image: $PROBE, args: [write, /out/other, x], volumeMounts: [{{name: trace, mountPath: /out/trace.log}}]}}\n",
+            h = host.display()
+        ),
+    );
+    let out = env.run_file(&m, &[]);
+    let v = env.inspect("files");
+    let code = |c: &str| env.container(&v, c)["state"]["terminated"]["exitCode"].clone();
+    assert_eq!(code("read"), 0, "{v:#}");
+    assert_eq!(code("write"), 0, "{v:#}");
+    // Only the mounted file is there, and nothing can be made beside it.
+    assert_ne!(code("sibling"), 0, "{v:#}");
+    assert_ne!(code("create"), 0, "{v:#}");
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&env.husk(&["logs", "files", "-c", "read"])),
+        "app-config\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("trace.log")).unwrap(),
+        "traced"
+    );
+    assert!(!host.join("other").exists());
+    assert!(env.husk(&["rm", "files"]).status.success());
+    // The user's files stay.
+    assert_eq!(
+        std::fs::read_to_string(host.join("app.conf")).unwrap(),
+        "app-config\n"
+    );
+    // A file the pod needs that is not there is a usage error naming it.
+    let bad = env.manifest(
+        "bad.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: bad}}\nspec:\n  volumes:\n  - {{name: conf, hostPath: {{path: {h}/missing.conf, type: File}}}}\n  containers:\n  - {{name: a, image: $PROBE, volumeMounts: [{{name: conf, mountPath: /etc/missing.conf}}]}}\n",
+            h = host.display()
+        ),
+    );
+    let out = env.run_file(&bad, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.volumes[0].hostPath.path")
+            && stderr(&out).contains("FileOrCreate"),
+        "{}",
+        stderr(&out)
+    );
+    env.finish();
+}

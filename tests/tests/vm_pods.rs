@@ -1368,6 +1368,11 @@ impl Drop for PortForward {
 #[test]
 fn port_forward_reaches_the_localhost_of_vm_and_wasm_pods() {
     let (_reg, reference, env) = vm_setup("pf");
+    // The attached container also reads a hostPath file (type: File,
+    // read-only) and appends to one that FileOrCreate makes.
+    let host = env.root().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("app.conf"), "app-config\n").unwrap();
     let vm = env.manifest(
         "vpf.yaml",
         &format!(
@@ -1383,9 +1388,16 @@ spec:
     command: ["/bin/sh", "-c", "while true; do nc -l -p 8080 -e /bin/sh -c 'read l; echo vm got $l'; done"]
   - name: chat
     image: {reference}
-    command: ["/bin/sh", "-c", "read l; echo got $l; echo to-stderr >&2; exit 4"]
+    command: ["/bin/sh", "-c", "read l; echo got $l; cat /etc/app.conf; (echo x >> /etc/app.conf) 2>/dev/null || echo conf-refused; echo traced >> /var/log/trace.log; echo to-stderr >&2; exit 4"]
     stdin: true
-"#
+    volumeMounts:
+    - {{name: conf, mountPath: /etc/app.conf, readOnly: true}}
+    - {{name: trace, mountPath: /var/log/trace.log}}
+  volumes:
+  - {{name: conf, hostPath: {{path: {host}/app.conf, type: File}}}}
+  - {{name: trace, hostPath: {{path: {host}/trace.log, type: FileOrCreate}}}}
+"#,
+            host = host.display()
         ),
     );
     run_detached(&env, &vm);
@@ -1424,9 +1436,22 @@ spec:
     // husk attach -i: the line reaches the container's own shell, its
     // output comes back, its exit code is husk's.
     let out = env.husk_with_input(&["attach", "-i", "-c", "chat", "vpf"], b"hi\n");
-    assert_eq!(stdout(&out), "got hi\n", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "got hi\napp-config\nconf-refused\n",
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stderr(&out), "to-stderr\n");
     assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        std::fs::read_to_string(host.join("trace.log")).unwrap(),
+        "traced\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("app.conf")).unwrap(),
+        "app-config\n"
+    );
     // Bad mappings are usage errors; a pod that is not there is a failure.
     for (args, code) in [
         (vec!["port-forward", "vpf", "0"], 2),

@@ -39,6 +39,9 @@ pub struct PodVolumes {
     /// Volumes made of single files ([`add_host_files`](Self::add_host_files)):
     /// their directory and its mounts (the tmpfs first).
     file_dirs: BTreeMap<String, (PathBuf, Vec<PathBuf>)>,
+    /// Which of those are file hostPaths of the manifest (mounted at the
+    /// file's own path).
+    file_volumes: std::collections::BTreeSet<String>,
 }
 
 /// Mounts a tmpfs on `dir`; without `size`, the kernel's default (half of
@@ -160,7 +163,15 @@ impl PodVolumes {
                     }
                     dir
                 }
-                VolumeSource::HostPath { path, create } => {
+                VolumeSource::HostPath {
+                    path,
+                    create,
+                    file: true,
+                } => {
+                    self.file_volume(plan, paths, name, path, *create)?;
+                    continue;
+                }
+                VolumeSource::HostPath { path, create, .. } => {
                     if *create {
                         std::fs::create_dir_all(path).map_err(|e| verr(name, e))?;
                     }
@@ -197,6 +208,56 @@ impl PodVolumes {
             self.dirs.insert(v.name.clone(), dir);
         }
         Ok(())
+    }
+
+    /// A hostPath of `type: File` (or `FileOrCreate`, which makes it
+    /// empty): a directory holding it under the name of each mount of it
+    /// (see [`add_host_files`](Self::add_host_files)), read-only where every
+    /// mount under that name is. A VM container mounts the file from it
+    /// (a subPath), a wasm guest has it as that directory.
+    fn file_volume(
+        &mut self,
+        plan: &PodPlan,
+        paths: &PodPaths,
+        name: &str,
+        path: &Path,
+        create: bool,
+    ) -> Result<(), VolumeError> {
+        if create && !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| verr(name, format!("{}: {e}", path.display())))?;
+        }
+        let mut entries: BTreeMap<String, bool> = BTreeMap::new();
+        for m in plan
+            .all_containers()
+            .flat_map(|c| &c.mounts)
+            .filter(|m| m.volume == name)
+        {
+            if m.sub_path.is_some() {
+                return Err(verr(name, "a file volume takes no subPath"));
+            }
+            let base = file_volume_entry(&m.mount_path)
+                .ok_or_else(|| verr(name, format!("{:?} is not a file path", m.mount_path)))?;
+            *entries.entry(base).or_insert(true) &= m.read_only;
+        }
+        self.own_root(paths.volumes_run())
+            .map_err(|e| verr(name, e))?;
+        let files: Vec<(String, PathBuf, bool)> = entries
+            .into_iter()
+            .map(|(base, ro)| (base, path.to_owned(), ro))
+            .collect();
+        self.add_host_files(name, &paths.volumes_run().join(name), &files)?;
+        self.file_volumes.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Whether volume `name` is a file hostPath of the manifest.
+    pub fn is_file_volume(&self, name: &str) -> bool {
+        self.file_volumes.contains(name)
     }
 
     /// Host directory of a volume.
@@ -326,13 +387,45 @@ impl PodVolumes {
     /// the volume, never through a symlink out of it), plus `.` for its
     /// workingDir when that lies in a mount.
     pub fn preopens_for(&mut self, c: &ContainerPlan) -> Result<Vec<Preopen>, VolumeError> {
-        let mut out = Vec::new();
+        let mut out: Vec<Preopen> = Vec::new();
         for m in &c.mounts {
             let base = self
                 .dirs
                 .get(&m.volume)
                 .ok_or_else(|| verr(&m.volume, "not set up"))?
                 .clone();
+            // A file hostPath: its directory, at the file's directory. A
+            // wasm guest has one preopen per directory, so that directory
+            // holds nothing else of the container's.
+            if self.is_file_volume(&m.volume) && m.sub_path.is_none() {
+                let guest = Path::new(&m.mount_path)
+                    .parent()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if let Some(other) = c.mounts.iter().find(|o| {
+                    !std::ptr::eq(*o, m)
+                        && (o.mount_path.trim_end_matches('/') == guest
+                            || (self.is_file_volume(&o.volume)
+                                && Path::new(&o.mount_path).parent() == Some(Path::new(&guest))
+                                && o.volume != m.volume))
+                }) {
+                    return Err(verr(
+                        &m.volume,
+                        format!(
+                            "a wasm guest sees {} as the directory {guest}, which {} also needs ({}): mount files of one volume there, and nothing else",
+                            m.mount_path, other.volume, other.mount_path
+                        ),
+                    ));
+                }
+                if !out.iter().any(|p| p.guest == guest) {
+                    out.push(Preopen {
+                        host: base,
+                        guest,
+                        read_only: m.read_only,
+                    });
+                }
+                continue;
+            }
             let host = match &m.sub_path {
                 None => base,
                 Some(sub) => self.pin_subdir(&m.volume, &base, sub, m.read_only)?,
@@ -448,6 +541,16 @@ impl PodVolumes {
         }
         self.dirs.clear();
     }
+}
+
+/// The name a file mount at `mount_path` has in its file volume's
+/// directory: the path's last part.
+pub fn file_volume_entry(mount_path: &str) -> Option<String> {
+    let name = Path::new(mount_path)
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
+    (Path::new(mount_path).is_absolute() && name != "..").then_some(name)
 }
 
 /// Writes a configMap's or secret's files as the kubelet's atomic writer

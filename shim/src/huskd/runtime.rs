@@ -565,6 +565,7 @@ fn container_spec(
             source: VolumeSource::HostPath {
                 path: host.to_owned(),
                 create: false,
+                file: host.is_file(),
             },
         });
         mounts.push(serde_json::json!({

@@ -529,23 +529,48 @@ fn validate_pod(
                     format!("{:?} must be an absolute path", h.path),
                 ));
             }
-            let create = match h.kind.as_str() {
-                "" | "Directory" => false,
-                "DirectoryOrCreate" => true,
+            // (create, file); an untyped hostPath is what is there.
+            let (create, file) = match h.kind.as_str() {
+                "" => (false, path.is_file()),
+                "Directory" => (false, false),
+                "DirectoryOrCreate" => (true, false),
+                "File" => (false, true),
+                "FileOrCreate" => (true, true),
                 other => {
-                    return Err(err(&format!("{at}.hostPath.type"), format!("{other:?} is not supported for wasm pods (guests see directories): use Directory or DirectoryOrCreate")))
+                    return Err(err(&format!("{at}.hostPath.type"), format!("{other:?} is not supported: use Directory, DirectoryOrCreate, File or FileOrCreate")))
                 }
             };
-            if !create && !path.is_dir() {
-                return Err(err(
+            match (create, file) {
+                (false, false) if !path.is_dir() => return Err(err(
                     &format!("{at}.hostPath.path"),
                     format!(
                         "{} is not an existing directory; create it or set type: DirectoryOrCreate",
                         path.display()
                     ),
-                ));
+                )),
+                (false, true) if !path.is_file() => {
+                    return Err(err(
+                        &format!("{at}.hostPath.path"),
+                        format!(
+                            "{} is not an existing file; create it or set type: FileOrCreate",
+                            path.display()
+                        ),
+                    ))
+                }
+                // As the kubelet: FileOrCreate makes the file, not its
+                // directory.
+                (true, true) if !path.parent().is_some_and(Path::is_dir) => {
+                    return Err(err(
+                        &format!("{at}.hostPath.path"),
+                        format!(
+                            "{}: its directory must exist for type: FileOrCreate",
+                            path.display()
+                        ),
+                    ))
+                }
+                _ => {}
             }
-            VolumeSource::HostPath { path, create }
+            VolumeSource::HostPath { path, create, file }
         } else if let Some(c) = &v.config_map {
             let projection = Projection::new(&c.items, c.default_mode, c.optional);
             let files = project(

@@ -219,6 +219,9 @@ pub enum VolumeSource {
     HostPath {
         path: PathBuf,
         create: bool,
+        /// `type: File` / `FileOrCreate`: a single file.
+        #[serde(default)]
+        file: bool,
     },
     ConfigMap {
         name: String,

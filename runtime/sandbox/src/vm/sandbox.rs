@@ -826,7 +826,7 @@ impl VmSandbox {
             cwd: c.working_dir.clone(),
             stdin: false,
             rootfs: Some(rootfs),
-            mounts: container_mounts(c),
+            mounts: container_mounts(&self.plan, c),
             limits: Some(self.limits_of(c)),
             exec_in: None,
             security: Some(security(&c.security)),
@@ -995,8 +995,17 @@ fn etc_volume(plan: &PodPlan, pod_ips: &[String]) -> husk_protocol::VolumeReques
 }
 
 /// A container's mounts: its volumes, then the pod's /etc files where it
-/// mounts nothing of its own.
-fn container_mounts(c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
+/// mounts nothing of its own. A file hostPath is the file of its
+/// directory that has the mount's name.
+fn container_mounts(plan: &PodPlan, c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
+    let is_file = |v: &str| {
+        plan.volume(v).is_some_and(|v| {
+            matches!(
+                v.source,
+                crate::pod::VolumeSource::HostPath { file: true, .. }
+            )
+        })
+    };
     let mut out: Vec<husk_protocol::Mount> = c
         .mounts
         .iter()
@@ -1004,7 +1013,11 @@ fn container_mounts(c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
             volume: m.volume.clone(),
             path: m.mount_path.clone(),
             read_only: m.read_only,
-            sub_path: m.sub_path.clone(),
+            sub_path: if is_file(&m.volume) {
+                crate::volume::file_volume_entry(&m.mount_path)
+            } else {
+                m.sub_path.clone()
+            },
         })
         .collect();
     for f in ["hostname", "hosts", "resolv.conf"] {
