@@ -1484,3 +1484,77 @@ spec:
     }
     env.finish();
 }
+
+#[test]
+fn an_image_with_more_layers_than_the_vm_has_disk_slots_runs_from_a_share() {
+    // busybox and seven more layers: more than microvm's virtio slots
+    // (8 without ACPI) hold as disks beside the VM's own devices.
+    let reg = husk_tests::Registry::start();
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let mut layers = vec![husk_tests::layer_tar(&[
+        ("bin/busybox", 0o755, Ok(&busybox)),
+        ("bin/sh", 0o777, Err("busybox")),
+    ])];
+    let texts: Vec<String> = (1..=7).map(|i| format!("layer {i}\n")).collect();
+    for (i, t) in texts.iter().enumerate() {
+        let name = format!("etc/l{}", i + 1);
+        layers.push(husk_tests::layer_tar(&[(
+            name.as_str(),
+            0o644,
+            Ok(t.as_bytes()),
+        )]));
+    }
+    let reference = husk_tests::push_linux_image(
+        &reg,
+        "tests/layered:v1",
+        layers,
+        serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh", "-c", "cat /etc/l1 /etc/l4 /etc/l7"]}),
+    );
+    let env = vm_env();
+    let manifest = env.manifest(
+        "layered.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: layered}}\nspec:\n  runtimeClassName: husk-vm\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {reference}}}\n"
+        ),
+    );
+    let out = env.run_file(&manifest, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out), "layer 1\nlayer 4\nlayer 7\n");
+    assert!(env.husk(&["rm", "layered"]).status.success());
+    // Host volumes take a slot each: five hostPaths leave no room even
+    // for the layers' share, which is refused before anything starts.
+    let host = env.root().join("h");
+    std::fs::create_dir_all(&host).unwrap();
+    let vols: String = (0..5)
+        .map(|i| {
+            format!(
+                "  - {{name: h{i}, hostPath: {{path: {}}}}}\n",
+                host.display()
+            )
+        })
+        .collect();
+    let mounts: String = (0..5)
+        .map(|i| format!("    - {{name: h{i}, mountPath: /h{i}}}\n"))
+        .collect();
+    let manifest = env.manifest(
+        "crowded.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: crowded}}\nspec:\n  runtimeClassName: husk-vm\n  restartPolicy: Never\n  volumes:\n{vols}  containers:\n  - name: main\n    image: {reference}\n    volumeMounts:\n{mounts}"
+        ),
+    );
+    let out = env.run_file(&manifest, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("needs 9 virtio devices") && stderr(&out).contains("fewer hostPath"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = env.husk(&["rm", "crowded"]);
+    env.finish();
+}

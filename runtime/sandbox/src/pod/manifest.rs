@@ -541,13 +541,15 @@ fn validate_pod(
                 }
             };
             match (create, file) {
-                (false, false) if !path.is_dir() => return Err(err(
-                    &format!("{at}.hostPath.path"),
-                    format!(
+                (false, false) if !path.is_dir() => {
+                    return Err(err(
+                        &format!("{at}.hostPath.path"),
+                        format!(
                         "{} is not an existing directory; create it or set type: DirectoryOrCreate",
                         path.display()
                     ),
-                )),
+                    ))
+                }
                 (false, true) if !path.is_file() => {
                     return Err(err(
                         &format!("{at}.hostPath.path"),

@@ -63,6 +63,25 @@ mod tests {
         let big_init = [(Some(400 * MIB), Some(3000))];
         assert_eq!(super::vm_size((256, 1), 2, &big_init, &main), (656, 2));
     }
+
+    #[test]
+    fn layers_go_over_a_share_when_their_disks_do_not_fit() {
+        use super::layer_transport as t;
+        // rng, agent port and NIC take 3 of microvm's 8 slots.
+        assert_eq!(t(5, 0, false), Ok(false));
+        assert_eq!(t(6, 0, false), Ok(true));
+        assert_eq!(t(1, 4, false), Ok(false));
+        assert_eq!(t(2, 4, false), Ok(true));
+        let e = t(1, 5, false).unwrap_err();
+        assert!(
+            e.contains("needs 9 virtio devices") && e.contains("has 8"),
+            "{e}"
+        );
+        // 24 slots with ACPI.
+        assert_eq!(t(10, 4, true), Ok(false));
+        assert_eq!(t(20, 4, true), Ok(true));
+        assert!(t(1, 21, true).is_err());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +100,40 @@ pub enum VmPodError {
     Volume(#[from] crate::volume::VolumeError),
     #[error("VM pod volumes: {0}")]
     Share(#[from] super::share::ShareError),
+}
+
+/// A container's layers in the guest: block devices, or directories of a
+/// share.
+type Layers = (Vec<String>, Option<husk_protocol::LayerDirs>);
+
+/// virtio-mmio slots of QEMU's microvm: 8, or 24 with ACPI.
+fn virtio_slots(acpi: bool) -> usize {
+    if acpi {
+        24
+    } else {
+        8
+    }
+}
+
+/// Whether a pod's `layers` distinct image layers go over one virtio-fs
+/// share instead of a block device each: when the machine's virtio slots
+/// do not hold a disk per layer beside its `shares` virtio-fs shares and
+/// the three fixed devices (rng, agent port, NIC). Err when not even that
+/// fits.
+fn layer_transport(layers: usize, shares: usize, acpi: bool) -> Result<bool, String> {
+    const FIXED: usize = 3;
+    let slots = virtio_slots(acpi);
+    if FIXED + shares + layers <= slots {
+        return Ok(false);
+    }
+    if FIXED + shares < slots {
+        return Ok(true);
+    }
+    Err(format!(
+        "the pod needs {} virtio devices ({shares} volume shares, its image layers on one more, and 3 of the VM's own), and QEMU's microvm has {slots}{}: give it fewer hostPath or disk-backed emptyDir volumes",
+        FIXED + shares + 1,
+        if acpi { "" } else { " without ACPI (24 with [vm] acpi = true and a guest kernel with ACPI)" }
+    ))
 }
 
 /// The pod annotation that picks a VM pod's hypervisor over `[vm]
@@ -204,8 +257,9 @@ pub struct VmSandbox {
     config: HuskConfig,
     pub(crate) status: StatusCell,
     pub(crate) agent: AgentClient,
-    /// Guest block devices of each container's layers, lowest first.
-    layers: HashMap<String, Vec<String>>,
+    /// Each container's layers, lowest first: guest block devices, or
+    /// directories of the layer share (see `create_inner`).
+    layers: HashMap<String, Layers>,
     pub(crate) stop: StopState,
     pub(crate) resources: Mutex<Resources>,
     /// Limits changed by `update`, by container: they replace the plan's.
@@ -274,7 +328,7 @@ impl VmSandbox {
         config: &HuskConfig,
         cni_dir: &Path,
         res: &mut Resources,
-    ) -> Result<(AgentClient, HashMap<String, Vec<String>>, PodStatus), SandboxError> {
+    ) -> Result<(AgentClient, HashMap<String, Layers>, PodStatus), SandboxError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e| crate::state::StateError::Io { path, source: e }
@@ -285,13 +339,47 @@ impl VmSandbox {
         let (accel, why) = pod_hypervisor(plan, &config.vm);
         tracing::info!(?accel, "{why}");
 
-        // Layers: one read-only ext4 image per distinct layer directory.
+        // Layers: one read-only ext4 image per distinct layer directory,
+        // when the machine has a virtio slot for each; otherwise all of
+        // them over one virtio-fs share (as a CRI sandbox has them).
+        let (host_side, in_guest) = split_volumes(plan);
+        let distinct: std::collections::HashSet<&PathBuf> =
+            plan.all_containers().flat_map(|c| &c.layers).collect();
+        let layers_shared = layer_transport(
+            distinct.len(),
+            host_side.len() + usize::from(plan.cri),
+            config.vm.acpi,
+        )
+        .map_err(|e| vm_err(VmPodError::Setup(e)))?;
         let vm_dir = paths.run.join("vm-files");
         std::fs::create_dir_all(&vm_dir).map_err(io(&vm_dir))?;
         let mut disks: Vec<(PathBuf, bool)> = Vec::new();
         let mut by_dir: HashMap<PathBuf, String> = HashMap::new();
         let mut layers = HashMap::new();
+        if layers_shared || plan.cri {
+            // Containers that CRI creates after the boot find their layers
+            // and host mounts here too (see super::cri).
+            res.cri_share = Some(
+                CriShare::new(paths.run.join("cri-share"))
+                    .map_err(|e| vm_err(VmPodError::Setup(e.to_string())))?,
+            );
+        }
         for c in plan.all_containers() {
+            if layers_shared {
+                let share = res.cri_share.as_mut().expect("made above");
+                let dirs = c
+                    .layers
+                    .iter()
+                    .map(|d| share.layer(d))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| vm_err(VmPodError::Setup(e.to_string())))?;
+                let dirs = husk_protocol::LayerDirs {
+                    volume: CRI_VOLUME.into(),
+                    dirs,
+                };
+                layers.insert(c.name.clone(), (Vec::new(), Some(dirs)));
+                continue;
+            }
             let mut devs = Vec::new();
             for (n, dir) in c.layers.iter().enumerate() {
                 let dev = match by_dir.get(dir) {
@@ -322,7 +410,7 @@ impl VmSandbox {
                 };
                 devs.push(dev);
             }
-            layers.insert(c.name.clone(), devs);
+            layers.insert(c.name.clone(), (devs, None));
         }
 
         // The initramfs: the agent as /init (and kernel modules if any).
@@ -357,7 +445,6 @@ impl VmSandbox {
 
         // Volumes: host directories go over virtio-fs; the rest is made in
         // guest memory once the agent answers.
-        let (host_side, in_guest) = split_volumes(plan);
         let volumes = res.volumes.insert(
             PodVolumes::setup(
                 &PodPlan {
@@ -394,13 +481,7 @@ impl VmSandbox {
                 },
             });
         }
-        if plan.cri {
-            // Containers that CRI creates after the boot find their layers
-            // and host mounts here (see super::cri).
-            let share = res.cri_share.insert(
-                CriShare::new(paths.run.join("cri-share"))
-                    .map_err(|e| vm_err(VmPodError::Setup(e.to_string())))?,
-            );
+        if let Some(share) = res.cri_share.as_ref() {
             let shares = res.shares.as_mut().expect("made above");
             shares
                 .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
@@ -800,10 +881,14 @@ impl VmSandbox {
             c,
             format!("{}.{restart}", c.name),
             husk_protocol::Rootfs {
-                layers: self.layers.get(&c.name).cloned().unwrap_or_default(),
+                layers: self
+                    .layers
+                    .get(&c.name)
+                    .map(|l| l.0.clone())
+                    .unwrap_or_default(),
+                layer_dirs: self.layers.get(&c.name).and_then(|l| l.1.clone()),
                 hostname: Some(self.plan.hostname().to_owned()),
                 pod_pid: c.security.share_pid,
-                ..Default::default()
             },
         );
         req.stdin = c.stdin;
