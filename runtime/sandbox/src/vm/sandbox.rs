@@ -65,22 +65,22 @@ mod tests {
     }
 
     #[test]
-    fn layers_go_over_a_share_when_their_disks_do_not_fit() {
-        use super::layer_transport as t;
+    fn layers_and_volumes_go_over_one_share_when_their_devices_do_not_fit() {
+        use super::vm_transport as t;
         // rng, agent port and NIC take 3 of microvm's 8 slots.
-        assert_eq!(t(5, 0, false), Ok(false));
-        assert_eq!(t(6, 0, false), Ok(true));
-        assert_eq!(t(1, 4, false), Ok(false));
-        assert_eq!(t(2, 4, false), Ok(true));
-        let e = t(1, 5, false).unwrap_err();
-        assert!(
-            e.contains("needs 9 virtio devices") && e.contains("has 8"),
-            "{e}"
-        );
+        assert_eq!(t(5, 0, false, false), (false, false));
+        assert_eq!(t(6, 0, false, false), (true, false));
+        assert_eq!(t(1, 4, false, false), (false, false));
+        assert_eq!(t(2, 4, false, false), (true, false));
+        // A CRI sandbox's share takes a slot, and takes the layers in.
+        assert_eq!(t(1, 4, true, false), (true, false));
+        // Too many volumes: they share; the layers stay disks if they fit.
+        assert_eq!(t(2, 5, false, false), (false, true));
+        assert_eq!(t(8, 5, false, false), (true, true));
         // 24 slots with ACPI.
-        assert_eq!(t(10, 4, true), Ok(false));
-        assert_eq!(t(20, 4, true), Ok(true));
-        assert!(t(1, 21, true).is_err());
+        assert_eq!(t(10, 4, false, true), (false, false));
+        assert_eq!(t(20, 4, false, true), (true, false));
+        assert_eq!(t(1, 21, false, true), (false, true));
     }
 }
 
@@ -106,6 +106,9 @@ pub enum VmPodError {
 /// share.
 type Layers = (Vec<String>, Option<husk_protocol::LayerDirs>);
 
+/// The owner name of host-side volumes bound into the pod's share.
+const POD_VOLUMES: &str = "pod";
+
 /// virtio-mmio slots of QEMU's microvm: 8, or 24 with ACPI.
 fn virtio_slots(acpi: bool) -> usize {
     if acpi {
@@ -115,25 +118,26 @@ fn virtio_slots(acpi: bool) -> usize {
     }
 }
 
-/// Whether a pod's `layers` distinct image layers go over one virtio-fs
-/// share instead of a block device each: when the machine's virtio slots
-/// do not hold a disk per layer beside its `shares` virtio-fs shares and
-/// the three fixed devices (rng, agent port, NIC). Err when not even that
-/// fits.
-fn layer_transport(layers: usize, shares: usize, acpi: bool) -> Result<bool, String> {
+/// How a pod's `layers` distinct image layers and `volumes` host-side
+/// volumes reach its guest within the machine's virtio slots, beside the
+/// three fixed devices (rng, agent port, NIC): (layers over one virtio-fs
+/// share instead of a disk each, volumes through that share instead of a
+/// virtiofsd each). Disks and a virtiofsd per volume where they fit (disks
+/// read faster); then the layers on the share; then the volumes on it
+/// too; then both. `cri`: the pod has the share anyway.
+fn vm_transport(layers: usize, volumes: usize, cri: bool, acpi: bool) -> (bool, bool) {
     const FIXED: usize = 3;
     let slots = virtio_slots(acpi);
-    if FIXED + shares + layers <= slots {
-        return Ok(false);
+    let share = usize::from(cri);
+    if FIXED + volumes + share + layers <= slots {
+        (false, false)
+    } else if FIXED + volumes < slots {
+        (true, false)
+    } else if FIXED + 1 + layers <= slots {
+        (false, true)
+    } else {
+        (true, true)
     }
-    if FIXED + shares < slots {
-        return Ok(true);
-    }
-    Err(format!(
-        "the pod needs {} virtio devices ({shares} volume shares, its image layers on one more, and 3 of the VM's own), and QEMU's microvm has {slots}{}: give it fewer hostPath or disk-backed emptyDir volumes",
-        FIXED + shares + 1,
-        if acpi { "" } else { " without ACPI (24 with [vm] acpi = true and a guest kernel with ACPI)" }
-    ))
 }
 
 /// The pod annotation that picks a VM pod's hypervisor over `[vm]
@@ -260,6 +264,9 @@ pub struct VmSandbox {
     /// Each container's layers, lowest first: guest block devices, or
     /// directories of the layer share (see `create_inner`).
     layers: HashMap<String, Layers>,
+    /// Host-side volumes bound into the pod's share instead of a virtiofsd
+    /// each (when the virtio slots ran out): name → path in the share.
+    shared_volumes: HashMap<String, String>,
     pub(crate) stop: StopState,
     pub(crate) resources: Mutex<Resources>,
     /// Limits changed by `update`, by container: they replace the plan's.
@@ -300,7 +307,7 @@ impl VmSandbox {
             cri_share: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
-            Ok((agent, layers, status)) => Ok(Arc::new_cyclic(|me| VmSandbox {
+            Ok((agent, layers, shared_volumes, status)) => Ok(Arc::new_cyclic(|me| VmSandbox {
                 me: me.clone(),
                 status: StatusCell::new(status, paths.clone(), plan.init_containers.len()),
                 plan: Arc::new(plan),
@@ -308,6 +315,7 @@ impl VmSandbox {
                 config,
                 agent,
                 layers,
+                shared_volumes,
                 stop: StopState::default(),
                 resources: Mutex::new(res),
                 limits: Mutex::new(HashMap::new()),
@@ -328,7 +336,15 @@ impl VmSandbox {
         config: &HuskConfig,
         cni_dir: &Path,
         res: &mut Resources,
-    ) -> Result<(AgentClient, HashMap<String, Layers>, PodStatus), SandboxError> {
+    ) -> Result<
+        (
+            AgentClient,
+            HashMap<String, Layers>,
+            HashMap<String, String>,
+            PodStatus,
+        ),
+        SandboxError,
+    > {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |e| crate::state::StateError::Io { path, source: e }
@@ -345,18 +361,24 @@ impl VmSandbox {
         let (host_side, in_guest) = split_volumes(plan);
         let distinct: std::collections::HashSet<&PathBuf> =
             plan.all_containers().flat_map(|c| &c.layers).collect();
-        let layers_shared = layer_transport(
-            distinct.len(),
-            host_side.len() + usize::from(plan.cri),
-            config.vm.acpi,
-        )
-        .map_err(|e| vm_err(VmPodError::Setup(e)))?;
+        let (layers_shared, volumes_shared) =
+            vm_transport(distinct.len(), host_side.len(), plan.cri, config.vm.acpi);
+        if layers_shared || volumes_shared {
+            tracing::info!(
+                layers = distinct.len(),
+                volumes = host_side.len(),
+                layers_shared,
+                volumes_shared,
+                "more devices than microvm's {} virtio slots: sharing over one virtio-fs share",
+                virtio_slots(config.vm.acpi)
+            );
+        }
         let vm_dir = paths.run.join("vm-files");
         std::fs::create_dir_all(&vm_dir).map_err(io(&vm_dir))?;
         let mut disks: Vec<(PathBuf, bool)> = Vec::new();
         let mut by_dir: HashMap<PathBuf, String> = HashMap::new();
         let mut layers = HashMap::new();
-        if layers_shared || plan.cri {
+        if layers_shared || volumes_shared || plan.cri {
             // Containers that CRI creates after the boot find their layers
             // and host mounts here too (see super::cri).
             res.cri_share = Some(
@@ -462,6 +484,7 @@ impl VmSandbox {
             .clone()
             .unwrap_or_else(|| super::share::DEFAULT_VIRTIOFSD.into());
         let mut guest_volumes = in_guest;
+        let mut shared_volumes = HashMap::new();
         for (i, (v, read_only)) in host_side.iter().enumerate() {
             let tag = format!("v{i}");
             let dir = volumes
@@ -470,6 +493,18 @@ impl VmSandbox {
                     vm_err(VmPodError::Setup(format!("volume {:?} not set up", v.name)))
                 })?
                 .to_owned();
+            if volumes_shared {
+                // A file volume's directory guards its files itself (its
+                // tmpfs and binds carry their read-only flags): it is bound
+                // in with them.
+                let ro = *read_only && !volumes.is_file_volume(&v.name);
+                let share = res.cri_share.as_mut().expect("made above");
+                let rel = share
+                    .bind_for(POD_VOLUMES, &v.name, &dir, ro)
+                    .map_err(|e| vm_err(VmPodError::Setup(e.to_string())))?;
+                shared_volumes.insert(v.name.clone(), rel);
+                continue;
+            }
             shares
                 .add(&virtiofsd, &tag, &dir, *read_only)
                 .map_err(|e| vm_err(e.into()))?;
@@ -561,7 +596,7 @@ impl VmSandbox {
             .collect();
         let status = crate::lifecycle::pending(plan, statuses, pod_ips, None);
         status.save(paths)?;
-        Ok((agent, layers, status))
+        Ok((agent, layers, shared_volumes, status))
     }
 
     /// Releases every host resource: the VM (its process, tap and run
@@ -911,7 +946,7 @@ impl VmSandbox {
             cwd: c.working_dir.clone(),
             stdin: false,
             rootfs: Some(rootfs),
-            mounts: container_mounts(&self.plan, c),
+            mounts: container_mounts(&self.plan, c, &self.shared_volumes),
             limits: Some(self.limits_of(c)),
             exec_in: None,
             security: Some(security(&c.security)),
@@ -1082,7 +1117,11 @@ fn etc_volume(plan: &PodPlan, pod_ips: &[String]) -> husk_protocol::VolumeReques
 /// A container's mounts: its volumes, then the pod's /etc files where it
 /// mounts nothing of its own. A file hostPath is the file of its
 /// directory that has the mount's name.
-fn container_mounts(plan: &PodPlan, c: &ContainerPlan) -> Vec<husk_protocol::Mount> {
+fn container_mounts(
+    plan: &PodPlan,
+    c: &ContainerPlan,
+    shared: &HashMap<String, String>,
+) -> Vec<husk_protocol::Mount> {
     let is_file = |v: &str| {
         plan.volume(v).is_some_and(|v| {
             matches!(
@@ -1094,15 +1133,30 @@ fn container_mounts(plan: &PodPlan, c: &ContainerPlan) -> Vec<husk_protocol::Mou
     let mut out: Vec<husk_protocol::Mount> = c
         .mounts
         .iter()
-        .map(|m| husk_protocol::Mount {
-            volume: m.volume.clone(),
-            path: m.mount_path.clone(),
-            read_only: m.read_only,
-            sub_path: if is_file(&m.volume) {
+        .map(|m| {
+            let sub_path = if is_file(&m.volume) {
                 crate::volume::file_volume_entry(&m.mount_path)
             } else {
                 m.sub_path.clone()
-            },
+            };
+            // A volume bound into the pod's share is a path in it.
+            match shared.get(&m.volume) {
+                Some(rel) => husk_protocol::Mount {
+                    volume: CRI_VOLUME.into(),
+                    path: m.mount_path.clone(),
+                    read_only: m.read_only,
+                    sub_path: Some(match sub_path {
+                        Some(sub) => format!("{rel}/{sub}"),
+                        None => rel.clone(),
+                    }),
+                },
+                None => husk_protocol::Mount {
+                    volume: m.volume.clone(),
+                    path: m.mount_path.clone(),
+                    read_only: m.read_only,
+                    sub_path,
+                },
+            }
         })
         .collect();
     for f in ["hostname", "hosts", "resolv.conf"] {
