@@ -992,6 +992,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
                 sandbox_config: Some(cfg.clone()),
             },
             Path::new(&cfg.log_directory),
+            &polite,
         )
         .await;
         rs.remove_container(cri::RemoveContainerRequest {
@@ -999,19 +1000,6 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         })
         .await
         .unwrap();
-        // Stdin to a container created without it is refused.
-        assert_eq!(
-            code(
-                rs.attach(cri::AttachRequest {
-                    container_id: polite.clone(),
-                    stdin: true,
-                    stdout: true,
-                    ..Default::default()
-                })
-                .await
-            ),
-            tonic::Code::InvalidArgument
-        );
 
         // Port-forward: a wasm server listening in the pod's network,
         // reached through the streaming server's WebSocket.
@@ -1399,11 +1387,13 @@ async fn forward_line(url: &str, port: u16, line: &str) -> String {
 /// `to-stderr` and exits 4; attaches (stdin, stdout, stderr) and sends
 /// `hi`. What it prints comes back through the attach, its exit ends the
 /// stream with its code, and its log (`chat_0.log` in `log_dir`) has the
-/// line too. Its id.
+/// line too. Stdin to `without_stdin`, a running container created
+/// without it, is InvalidArgument. Its id.
 async fn attach_chat(
     rs: &mut RuntimeServiceClient<Channel>,
     req: cri::CreateContainerRequest,
     log_dir: &Path,
+    without_stdin: &str,
 ) -> String {
     let chat = rs
         .create_container(req)
@@ -1442,6 +1432,18 @@ async fn attach_chat(
     assert!(
         clog.iter().any(|l| l.ends_with(" stdout F got hi")),
         "{clog:?}"
+    );
+    assert_eq!(
+        code(
+            rs.attach(cri::AttachRequest {
+                container_id: without_stdin.to_owned(),
+                stdin: true,
+                stdout: true,
+                ..Default::default()
+            })
+            .await
+        ),
+        tonic::Code::InvalidArgument
     );
     chat
 }
@@ -2276,20 +2278,7 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         // Attach to a container created with stdin.
         let mut chat = config("chat", "read l; echo got $l; echo to-stderr >&2; exit 4", vec![]);
         chat.stdin = true;
-        let chat = attach_chat(&mut rs, create(chat), Path::new(&cfg.log_directory)).await;
-        // Stdin to a container created without it is refused.
-        assert_eq!(
-            code(
-                rs.attach(cri::AttachRequest {
-                    container_id: main.clone(),
-                    stdin: true,
-                    stdout: true,
-                    ..Default::default()
-                })
-                .await
-            ),
-            tonic::Code::InvalidArgument
-        );
+        let chat = attach_chat(&mut rs, create(chat), Path::new(&cfg.log_directory), &main).await;
         rs.remove_container(cri::RemoveContainerRequest {
             container_id: chat.clone(),
         })

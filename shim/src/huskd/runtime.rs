@@ -182,16 +182,22 @@ pub(crate) fn to_sandbox_status(sb: &SandboxView) -> cri::PodSandboxStatus {
 }
 
 /// Checks that container `c` can take an exec or an attach (`what`): it
-/// runs, and an exec is in a VM sandbox (a wasm container has no processes
-/// beside its guest; attaching to that guest is fine).
-fn process_host(sb: &SandboxView, c: &CriContainer, what: &str) -> Result<(), Status> {
+/// runs, and a new process (`new_process`: an exec) is in a VM sandbox (a
+/// wasm container has no processes beside its guest; attaching to that
+/// guest is fine).
+fn process_host(
+    sb: &SandboxView,
+    c: &CriContainer,
+    what: &str,
+    new_process: bool,
+) -> Result<(), Status> {
     if c.state != CriState::Running {
         return Err(Status::failed_precondition(format!(
             "container {} is not running",
             c.id
         )));
     }
-    if sb.cri.runtime_handler != HANDLER_VM && what != "attach" {
+    if sb.cri.runtime_handler != HANDLER_VM && new_process {
         return Err(Status::unimplemented(format!(
             "{}: no {what} into a wasm container (it has no processes beside its guest)",
             sb.cri.runtime_handler
@@ -614,7 +620,7 @@ impl Runtime {
                 "one of stdin, stdout and stderr must be set",
             ));
         }
-        process_host(&sb, &c, what)?;
+        process_host(&sb, &c, what, what == "exec")?;
         Ok((sb, c))
     }
 
@@ -1151,7 +1157,7 @@ impl RuntimeService for Runtime {
         if req.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is empty"));
         }
-        process_host(&sb, &c, "exec")?;
+        process_host(&sb, &c, "exec", true)?;
         // No timeout: a day, as good as none for a probe.
         let secs = if req.timeout > 0 {
             req.timeout as u64
