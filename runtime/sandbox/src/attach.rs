@@ -36,6 +36,11 @@ impl AttachHub {
         *locked(&self.resize) = resize;
     }
 
+    /// Whether anyone is attached.
+    pub(crate) fn attached(&self) -> bool {
+        !locked(&self.listeners).is_empty()
+    }
+
     pub(crate) fn publish(&self, m: crate::ExecMsg) {
         locked(&self.listeners).retain(|l| l.send(m.clone()).is_ok());
     }
@@ -156,7 +161,8 @@ pub(crate) struct Tee<R> {
 impl<R: std::io::Read> std::io::Read for Tee<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if n > 0 {
+        // Output nobody is attached to is not copied (the common case).
+        if n > 0 && self.hub.attached() {
             let data = buf[..n].to_vec();
             self.hub.publish(if self.stderr {
                 crate::ExecMsg::Stderr { data }
