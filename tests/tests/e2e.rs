@@ -256,7 +256,12 @@ spec:
     );
     let disk = env.root().join("lib/pods").join(&id).join("volumes/disk");
     assert!(disk.is_dir());
-    // Graceful stop: stdin closes and the guest exits cleanly within its grace period.
+    // Graceful stop: stdin closes and the guest exits cleanly within its
+    // grace period. (A stop that comes before the guest runs never starts
+    // it: wait until it runs.)
+    env.wait_for("tmpfs", "the guest to run", |v| {
+        env.container(v, "waiter")["state"]["running"].is_object()
+    });
     let t0 = Instant::now();
     let out = env.husk(&["stop", "-t", "20", "tmpfs"]);
     assert!(out.status.success(), "{}", stderr(&out));
