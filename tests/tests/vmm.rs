@@ -326,6 +326,153 @@ fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
     assert!(!stdout(&links).contains(&tap), "{}", stdout(&links));
 }
 
+/// In the namespace at `netns` (entered by a helper thread): a new tap,
+/// up, with or without IFF_VNET_HDR; it lives as long as the returned file.
+fn make_tap(netns: &str, name: &str, vnet_hdr: bool) -> std::fs::File {
+    let ns = std::fs::File::open(netns).unwrap();
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // SAFETY: ifreq is plain data.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        req.ifr_ifru.ifru_flags = flags as i16;
+        // SAFETY: TUNSETIFF on the ifreq we own.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, &mut req) };
+        assert_eq!(rc, 0, "TUNSETIFF {name}");
+        let up = Command::new("ip")
+            .args(["link", "set", &name, "up"])
+            .output()
+            .unwrap();
+        assert!(up.status.success(), "{}", stderr(&up));
+        tun
+    })
+    .join()
+    .unwrap()
+}
+
+/// Runs husk-vmm with `fd` inherited as descriptor 3 (or with descriptor 3
+/// surely closed: cargo's jobserver may hand the tests an inheritable one).
+fn vmm_with_fd(args: &[&str], fd: Option<&std::fs::File>) -> Output {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let raw = fd.map(|f| f.as_raw_fd());
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args);
+    // SAFETY: dup2 is async-signal-safe; `raw` is open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            match raw {
+                // dup2 onto itself keeps close-on-exec: clear it then.
+                Some(3) if libc::fcntl(3, libc::F_SETFD, 0) < 0 => {
+                    return Err(std::io::Error::last_os_error())
+                }
+                Some(raw) if raw != 3 && libc::dup2(raw, 3) < 0 => {
+                    return Err(std::io::Error::last_os_error())
+                }
+                Some(_) => {}
+                None => {
+                    libc::close(3);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn virtio_net_takes_an_inherited_tap_and_leaves_it_to_its_owner() {
+    if !have_kvm("virtio_net_takes_an_inherited_tap_and_leaves_it_to_its_owner") {
+        return;
+    }
+    // What a VM pod does: the sandbox makes the tap (next to the pod's
+    // veth, mirrored with tc) and hands husk-vmm the open device.
+    let id = std::process::id() % 100000;
+    let ns = TestNetns::new(&format!("hkvf{id}"));
+    let tap = format!("hkvf{id}");
+    let held = make_tap(&ns.path(), &tap, true);
+    let responder = {
+        let (path, tap) = (ns.path(), tap.clone());
+        std::thread::spawn(move || answer_one_frame(path, tap, b"fd pong"))
+    };
+    let kernel = guest("net.elf");
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--no-rng",
+        "--net",
+        "fd=3,mac=02:00:00:aa:bb:cd",
+    ];
+    let out = vmm_with_fd(&args, Some(&held));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "net: got fd pong\n");
+    let frame = responder.join().unwrap();
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0xaa, 0xbb, 0xcd], "source MAC");
+    // The tap is its owner's: still there after the VM, gone with the file.
+    let links = || {
+        let out = Command::new("ip")
+            .args(["-n", &ns.0, "-o", "link"])
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    assert!(links().contains(&tap), "{}", links());
+    drop(held);
+    assert!(!links().contains(&tap), "{}", links());
+
+    // A tap without the virtio-net header, a descriptor that is no tap,
+    // one that is not open: a configuration error naming it, exit 2.
+    let plain = make_tap(&ns.path(), &tap, false);
+    let out = vmm_with_fd(&args, Some(&plain));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("net fd 3: the tap must be made with IFF_TAP and IFF_VNET_HDR"),
+        "{}",
+        stderr(&out)
+    );
+    drop(plain);
+    let not_tap = std::fs::File::open("/dev/null").unwrap();
+    let out = vmm_with_fd(&args, Some(&not_tap));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("net fd 3: not a tap device"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vmm_with_fd(&args, None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("net fd 3: Bad file descriptor"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vmm(&[
+        "--kernel",
+        guest("net.elf").to_str().unwrap(),
+        "--net",
+        "fd=3,tap=x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("either tap (and netns) or fd"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// Starts husk-vmm, waits for `line` on the console, sends SIGTERM, and
 /// returns (exit status, console, stderr, seconds from signal to exit).
 fn stop_after(kernel: &str, line: &str, extra: &[&str]) -> (Option<i32>, String, String, f64) {

@@ -91,7 +91,12 @@ pub struct VsockConfig {
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Tap device name (created if missing, removed with the VM if so).
+    #[serde(default)]
     pub tap: String,
+    /// Or an open tap inherited from the parent (made with IFF_VNET_HDR),
+    /// instead of `tap`: the caller keeps owning the device.
+    #[serde(default)]
+    pub fd: Option<i32>,
     /// Network namespace (a path like /run/netns/NAME) to find it in.
     #[serde(default)]
     pub netns: Option<PathBuf>,
@@ -223,7 +228,18 @@ impl VmConfig {
                     )));
                 }
             }
-            if n.tap.is_empty() || n.tap.len() > 15 {
+            if let Some(fd) = n.fd {
+                if !n.tap.is_empty() || n.netns.is_some() {
+                    return Err(VmError::Config(
+                        "net: give either tap (and netns) or fd, not both".into(),
+                    ));
+                }
+                if fd < 3 {
+                    return Err(VmError::Config(format!(
+                        "net fd {fd}: use an inherited descriptor above 2"
+                    )));
+                }
+            } else if n.tap.is_empty() || n.tap.len() > 15 {
                 return Err(VmError::Config(format!(
                     "net tap {:?} must be 1 to 15 bytes",
                     n.tap
@@ -364,6 +380,20 @@ pub fn run(
     on_running: impl FnOnce(),
     stop_requested: &AtomicBool,
 ) -> Result<VmExit, VmError> {
+    // An inherited tap is taken before this process opens anything (the
+    // kernel file, /dev/kvm), so its number cannot name one of our files.
+    // (With a tap name as well, validate() below says which to give.)
+    let mut inherited = match cfg
+        .net
+        .as_ref()
+        .filter(|n| n.tap.is_empty() && n.netns.is_none())
+        .and_then(|n| n.fd)
+    {
+        Some(fd) if fd > 2 => {
+            Some(tap::inherit(fd).map_err(|e| VmError::Config(format!("net fd {fd}: {e}")))?)
+        }
+        _ => None,
+    };
     cfg.validate()?;
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -415,16 +445,19 @@ pub fn run(
             .as_deref()
             .and_then(tap::parse_mac)
             .unwrap_or([2, 0, 0, 0, 0, 1]);
-        let tap = tap::open(&n.tap, n.netns.as_deref()).map_err(|e| {
-            VmError::Config(format!(
-                "net tap {}{}: {e}",
-                n.tap,
-                n.netns
-                    .as_ref()
-                    .map(|p| format!(" in {}", p.display()))
-                    .unwrap_or_default()
-            ))
-        })?;
+        let tap = match inherited.take() {
+            Some(tap) => tap,
+            None => tap::open(&n.tap, n.netns.as_deref()).map_err(|e| {
+                VmError::Config(format!(
+                    "net tap {}{}: {e}",
+                    n.tap,
+                    n.netns
+                        .as_ref()
+                        .map(|p| format!(" in {}", p.display()))
+                        .unwrap_or_default()
+                ))
+            })?,
+        };
         devices.push(Box::new(virtio::Net::new(tap, mac)));
     }
     if let Some(v) = &cfg.vsock {

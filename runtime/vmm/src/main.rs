@@ -38,7 +38,8 @@ struct Args {
     /// A virtio-blk disk: PATH or PATH,ro (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
-    /// virtio-net over a tap: tap=NAME[,netns=PATH][,mac=aa:bb:cc:dd:ee:ff].
+    /// virtio-net over a tap: tap=NAME[,netns=PATH][,mac=aa:bb:cc:dd:ee:ff],
+    /// or fd=N[,mac=…] for an inherited tap descriptor (IFF_VNET_HDR).
     #[arg(long)]
     net: Option<String>,
     /// virtio-vsock: cid=N,uds=PATH (guest connections to port P go to
@@ -97,12 +98,20 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
         let mut net = serde_json::Map::new();
         for part in n.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| {
-                VmError::Config(format!("--net {n:?}: use tap=NAME[,netns=PATH][,mac=MAC]"))
+                VmError::Config(format!(
+                    "--net {n:?}: use tap=NAME[,netns=PATH][,mac=MAC] or fd=N[,mac=MAC]"
+                ))
             })?;
-            if !["tap", "netns", "mac"].contains(&k) {
-                return Err(VmError::Config(format!("--net: unknown key {k:?}")));
-            }
-            net.insert(k.to_owned(), serde_json::json!(v));
+            match k {
+                "tap" | "netns" | "mac" => net.insert(k.to_owned(), serde_json::json!(v)),
+                "fd" => {
+                    let fd: i32 = v
+                        .parse()
+                        .map_err(|_| VmError::Config(format!("--net fd {v:?} is not a number")))?;
+                    net.insert(k.to_owned(), serde_json::json!(fd))
+                }
+                _ => return Err(VmError::Config(format!("--net: unknown key {k:?}"))),
+            };
         }
         set(&mut cfg, "net", serde_json::Value::Object(net));
     }

@@ -84,6 +84,51 @@ pub fn open(name: &str, netns: Option<&Path>) -> std::io::Result<File> {
     })
 }
 
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+
+/// Takes over a tap descriptor inherited from the parent: it must be a tap
+/// made with IFF_VNET_HDR (what virtio-net's header needs); it is made
+/// non-blocking and close-on-exec, with a 12-byte header.
+pub fn inherit(fd: i32) -> std::io::Result<File> {
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: an open descriptor nothing else in this process owns: the
+    // caller hands it over once.
+    let tun = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; TUNGETIFF fills it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes the ifreq we own.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNGETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a tap device ({})", std::io::Error::last_os_error()),
+        ));
+    }
+    // SAFETY: TUNGETIFF filled the flags member.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    if flags & libc::IFF_TAP == 0 || flags & libc::IFF_VNET_HDR == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the tap must be made with IFF_TAP and IFF_VNET_HDR",
+        ));
+    }
+    let hdr: libc::c_int = 12;
+    // SAFETY: TUNSETVNETHDRSZ reads the int we own; fcntl takes integers.
+    unsafe {
+        if libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    Ok(tun)
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
