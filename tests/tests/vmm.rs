@@ -293,6 +293,21 @@ fn answer_one_frame(netns: String, tap: String, reply: &'static [u8]) -> Vec<u8>
     buf
 }
 
+/// A thread that answers the guest's first frame on `tap` in `ns`.
+fn responder(ns: &TestNetns, tap: &str, reply: &'static [u8]) -> std::thread::JoinHandle<Vec<u8>> {
+    let (path, tap) = (ns.path(), tap.to_owned());
+    std::thread::spawn(move || answer_one_frame(path, tap, reply))
+}
+
+/// `ip -o link` in the namespace.
+fn links_in(ns: &TestNetns) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &ns.0, "-o", "link"])
+        .output()
+        .unwrap();
+    stdout(&out)
+}
+
 #[test]
 fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
     if !have_kvm("virtio_net_carries_frames_to_and_from_a_tap_in_a_netns") {
@@ -301,10 +316,7 @@ fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
     let id = std::process::id() % 100000;
     let ns = TestNetns::new(&format!("hkvm{id}"));
     let tap = format!("hkvt{id}");
-    let responder = {
-        let (path, tap) = (ns.path(), tap.clone());
-        std::thread::spawn(move || answer_one_frame(path, tap, b"husk-net pong"))
-    };
+    let responder = responder(&ns, &tap, b"husk-net pong");
     let net = format!("tap={tap},netns={},mac=02:00:00:aa:bb:cc", ns.path());
     let out = vmm(&[
         "--kernel",
@@ -319,11 +331,8 @@ fn virtio_net_carries_frames_to_and_from_a_tap_in_a_netns() {
     assert_eq!(&frame[6..12], &[2, 0, 0, 0xaa, 0xbb, 0xcc], "source MAC");
     assert_eq!(&frame[14..], b"husk-net ping from 020000aabbcc");
     // The tap went away with the VM.
-    let links = Command::new("ip")
-        .args(["-n", &ns.0, "-o", "link"])
-        .output()
-        .unwrap();
-    assert!(!stdout(&links).contains(&tap), "{}", stdout(&links));
+    let links = links_in(&ns);
+    assert!(!links.contains(&tap), "{links}");
 }
 
 /// In the namespace at `netns` (entered by a helper thread): a new tap,
@@ -404,10 +413,7 @@ fn virtio_net_takes_an_inherited_tap_and_leaves_it_to_its_owner() {
     let ns = TestNetns::new(&format!("hkvf{id}"));
     let tap = format!("hkvf{id}");
     let held = make_tap(&ns.path(), &tap, true);
-    let responder = {
-        let (path, tap) = (ns.path(), tap.clone());
-        std::thread::spawn(move || answer_one_frame(path, tap, b"fd pong"))
-    };
+    let responder = responder(&ns, &tap, b"fd pong");
     let kernel = guest("net.elf");
     let args = [
         "--kernel",
@@ -421,17 +427,13 @@ fn virtio_net_takes_an_inherited_tap_and_leaves_it_to_its_owner() {
     assert_eq!(stdout(&out), "net: got fd pong\n");
     let frame = responder.join().unwrap();
     assert_eq!(&frame[6..12], &[2, 0, 0, 0xaa, 0xbb, 0xcd], "source MAC");
+    assert_eq!(&frame[14..], b"husk-net ping from 020000aabbcd");
     // The tap is its owner's: still there after the VM, gone with the file.
-    let links = || {
-        let out = Command::new("ip")
-            .args(["-n", &ns.0, "-o", "link"])
-            .output()
-            .unwrap();
-        stdout(&out)
-    };
-    assert!(links().contains(&tap), "{}", links());
+    let links = links_in(&ns);
+    assert!(links.contains(&tap), "{links}");
     drop(held);
-    assert!(!links().contains(&tap), "{}", links());
+    let links = links_in(&ns);
+    assert!(!links.contains(&tap), "{links}");
 
     // A tap without the virtio-net header, a descriptor that is no tap,
     // one that is not open: a configuration error naming it, exit 2.

@@ -25,6 +25,16 @@ fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
     Ok(req)
 }
 
+/// virtio-net's header without the num_buffers field: 12 bytes.
+fn set_vnet_hdr(tun: &File) -> std::io::Result<()> {
+    let hdr: libc::c_int = 12;
+    // SAFETY: TUNSETVNETHDRSZ reads the int we own.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn open_here(name: &str) -> std::io::Result<File> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
@@ -37,11 +47,7 @@ fn open_here(name: &str) -> std::io::Result<File> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let hdr: libc::c_int = 12;
-    // SAFETY: TUNSETVNETHDRSZ reads the int we own.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    set_vnet_hdr(&tun)?;
     // Bring the link up, through a socket of this namespace.
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -114,12 +120,9 @@ pub fn inherit(fd: i32) -> std::io::Result<File> {
             "the tap must be made with IFF_TAP and IFF_VNET_HDR",
         ));
     }
-    let hdr: libc::c_int = 12;
-    // SAFETY: TUNSETVNETHDRSZ reads the int we own; fcntl takes integers.
+    set_vnet_hdr(&tun)?;
+    // SAFETY: fcntl on the descriptor we own takes integers.
     unsafe {
-        if libc::ioctl(tun.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         let fl = libc::fcntl(fd, libc::F_GETFL);
         if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
             return Err(std::io::Error::last_os_error());
