@@ -204,6 +204,107 @@ fn virtio_blk_reads_writes_flushes_and_honours_read_only() {
     );
 }
 
+#[test]
+fn virtio_fs_serves_a_host_directory_and_refuses_writes_to_a_read_only_one() {
+    if !have_kvm("virtio_fs_serves_a_host_directory_and_refuses_writes_to_a_read_only_one") {
+        return;
+    }
+    let fs = guest("fs.elf");
+    let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts_before = mounts();
+    let share = || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("hello.txt"),
+            "hello from the host\nline two\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("escape")).unwrap();
+        dir
+    };
+    let run = |arg: &str| {
+        let out = vmm(&["--kernel", fs.to_str().unwrap(), "--no-rng", "--fs", arg]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let common = |text: &str| {
+        assert!(text.starts_with("fs: tag "), "{text}");
+        assert!(text.contains("fs: init 7."), "{text}");
+        assert!(
+            text.contains("fs: hello.txt: hello from the host\n"),
+            "{text}"
+        );
+        // Names with a slash never reach the host: EINVAL (22).
+        assert!(text.contains("fs: mkdir ../escaped: error 22\n"), "{text}");
+        // ".." at the share's root is the root (node 1), not the host's parent.
+        assert!(text.contains("fs: lookup ..: node 1\n"), "{text}");
+        // The host symlink to /etc is not followed on the host: ENOTDIR.
+        assert!(text.contains("fs: escape/passwd: error 20\n"), "{text}");
+        // A malformed request is answered with nothing; the next one works.
+        assert!(
+            text.contains("fs: bad request: 0\nfs: after: ok\n"),
+            "{text}"
+        );
+    };
+
+    let rw = share();
+    let text = run(&format!("tag=pod-volume,path={}", rw.path().display()));
+    common(&text);
+    assert!(text.starts_with("fs: tag pod-volume\n"), "{text}");
+    assert!(text.contains("fs: create: ok\nfs: mkdir: ok\n"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("new.txt")).unwrap(),
+        "written by the guest\n"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let made = std::fs::metadata(rw.path().join("made-by-guest")).unwrap();
+    assert!(made.is_dir());
+    assert_eq!(made.permissions().mode() & 0o7777, 0o755);
+
+    // Read-only: the kernel refuses both writes with EROFS (30), and the
+    // directory is as it was.
+    let ro = share();
+    let text = run(&format!("tag=ro,path={},ro", ro.path().display()));
+    common(&text);
+    assert!(
+        text.contains("fs: create: error 30\nfs: mkdir: error 30\n"),
+        "{text}"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(ro.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["escape", "hello.txt"]);
+
+    // Nothing was mounted on the host (the share is a detached mount).
+    assert_eq!(mounts(), mounts_before);
+
+    // Bad shares: exit 2, naming what is wrong.
+    let dir = ro.path().to_str().unwrap();
+    let long = format!("tag={},path={dir}", "t".repeat(37));
+    let twice = format!("tag=a,path={dir}");
+    for (args, want) in [
+        (vec!["--fs", &long], "must be 1 to 36 bytes"),
+        (vec!["--fs", &twice, "--fs", &twice], "is given twice"),
+        (
+            vec!["--fs", "tag=a,path=/no/such/dir"],
+            "fs /no/such/dir: no such directory",
+        ),
+        (vec!["--fs", "tag=a"], "give both tag= and path="),
+        (
+            vec!["--fs", "tag=a,path=/tmp,rw"],
+            "use tag=TAG,path=DIR[,ro]",
+        ),
+    ] {
+        let mut all = vec!["--kernel", fs.to_str().unwrap()];
+        all.extend(args);
+        let out = vmm(&all);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{all:?}: {}", stderr(&out));
+    }
+}
+
 /// A netns for one test, deleted on drop.
 struct TestNetns(String);
 

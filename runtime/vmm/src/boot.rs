@@ -266,7 +266,7 @@ fn load_bzimage(
         zp.e820_table[i] = boot_e820_entry {
             addr: *addr,
             size: *size,
-            r#type: *kind,
+            type_: *kind,
         };
     }
     zp.e820_entries = e820.len() as u8;
@@ -301,6 +301,7 @@ mod tests {
             disks: vec![],
             net: None,
             vsock: None,
+            fs: vec![],
             stop_timeout_ms: 5000,
         }
     }
@@ -423,7 +424,7 @@ mod tests {
         assert_eq!(zp.e820_entries, 3);
         let e2 = zp.e820_table[2];
         assert_eq!(
-            ({ e2.addr }, { e2.size }, { e2.r#type }),
+            ({ e2.addr }, { e2.size }, { e2.type_ }),
             (HIMEM, (64 << 20) - HIMEM, E820_RAM)
         );
         let mut payload = [0u8; 4];

@@ -6,7 +6,8 @@
 //! guest memory from vm-memory, CPUID from KVM_GET_SUPPORTED_CPUID
 //! (filtered), the in-kernel irqchip (PIT optional), an 8250 serial console on
 //! COM1 from vm-superio (to a file or stdout, interrupts through an
-//! irqfd), and the i8042 reset line. One thread per vCPU.
+//! irqfd), and the i8042 reset line. One thread per vCPU. virtio-mmio
+//! devices: rng, blk, net, vsock ([`vsock`]) and fs ([`fs`]).
 //!
 //! How a run ends is a [`VmExit`] the caller can tell apart: the guest reset
 //! the machine (the test guests' normal end), it triple-faulted, KVM could
@@ -15,13 +16,15 @@
 use kvm_bindings::{kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod boot;
+pub mod fs;
 pub mod i8042;
 pub mod mptable;
 pub mod tap;
@@ -67,6 +70,9 @@ pub struct VmConfig {
     /// virtio-vsock with the hybrid unix-socket backend.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares of host directories.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// After a stop request (ctrl-alt-del sent to the guest), how long the
     /// guest has to reset or power off before its vCPUs are stopped.
     #[serde(default = "default_stop_timeout")]
@@ -103,6 +109,17 @@ pub struct NetConfig {
     /// Guest MAC, `aa:bb:cc:dd:ee:ff` (default 02:00:00:00:00:01).
     #[serde(default)]
     pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The name the guest mounts it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The host directory.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -264,9 +281,31 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.net.is_some())
             + usize::from(self.vsock.is_some())
+            + self.fs.len()
             > 8
         {
             return Err(VmError::Config("at most 8 virtio devices".into()));
+        }
+        for (i, f) in self.fs.iter().enumerate() {
+            if f.tag.is_empty() || f.tag.len() > fs::TAG_MAX {
+                return Err(VmError::Config(format!(
+                    "fs tag {:?} must be 1 to {} bytes",
+                    f.tag,
+                    fs::TAG_MAX
+                )));
+            }
+            if self.fs[..i].iter().any(|o| o.tag == f.tag) {
+                return Err(VmError::Config(format!(
+                    "fs tag {:?} is given twice; each share needs its own tag",
+                    f.tag
+                )));
+            }
+            if !f.path.is_dir() {
+                return Err(VmError::Config(format!(
+                    "fs {}: no such directory",
+                    f.path.display()
+                )));
+            }
         }
         for d in &self.disks {
             if !d.path.is_file() {
@@ -465,6 +504,13 @@ pub fn run(
             .map_err(|e| VmError::Config(format!("vsock uds {}: {e}", v.uds.display())))?;
         devices.push(Box::new(dev));
     }
+    // After the vsock socket is bound: a share clears this process's umask
+    // (see fs.rs).
+    for f in &cfg.fs {
+        let dev = fs::Fs::new(&f.tag, &f.path, f.read_only)
+            .map_err(|e| VmError::Config(format!("fs {}: {e}", f.path.display())))?;
+        devices.push(Box::new(dev));
+    }
     let mut notify: Vec<(EventFd, usize, usize)> = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {
         let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
@@ -506,7 +552,13 @@ pub fn run(
         .map_err(kvm_err("KVM_IRQFD"))?;
     let out: Box<dyn Write + Send> = match &cfg.serial {
         Some(p) => Box::new(
-            std::fs::File::create(p)
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                // Explicit: a virtio-fs share has cleared the umask.
+                .mode(0o640)
+                .open(p)
                 .map_err(|e| VmError::Config(format!("serial {}: {e}", p.display())))?,
         ),
         None => Box::new(std::io::stdout()),

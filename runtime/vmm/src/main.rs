@@ -46,6 +46,10 @@ struct Args {
     /// PATH_P; host connections write "CONNECT <port>\n" to PATH).
     #[arg(long)]
     vsock: Option<String>,
+    /// virtio-fs share of a host directory: tag=TAG,path=DIR[,ro]
+    /// (repeatable).
+    #[arg(long = "fs", value_name = "tag=TAG,path=DIR[,ro]")]
+    fs: Vec<String>,
     /// Seconds the guest gets to stop after SIGTERM/SIGINT (ctrl-alt-del)
     /// before its vCPUs are stopped (default 5).
     #[arg(long, value_name = "SECONDS")]
@@ -136,6 +140,31 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
             }
         }
         set(&mut cfg, "vsock", serde_json::Value::Object(m));
+    }
+    if !a.fs.is_empty() {
+        let mut shares = Vec::new();
+        for f in &a.fs {
+            let mut m = serde_json::Map::new();
+            for part in f.split(',') {
+                match part.split_once('=') {
+                    Some(("tag", t)) => m.insert("tag".into(), serde_json::json!(t)),
+                    Some(("path", p)) => m.insert("path".into(), serde_json::json!(p)),
+                    None if part == "ro" => m.insert("read_only".into(), serde_json::json!(true)),
+                    _ => {
+                        return Err(VmError::Config(format!(
+                            "--fs {f:?}: use tag=TAG,path=DIR[,ro]"
+                        )))
+                    }
+                };
+            }
+            if !m.contains_key("tag") || !m.contains_key("path") {
+                return Err(VmError::Config(format!(
+                    "--fs {f:?}: give both tag= and path="
+                )));
+            }
+            shares.push(serde_json::Value::Object(m));
+        }
+        set(&mut cfg, "fs", serde_json::json!(shares));
     }
     if let Some(t) = a.stop_timeout {
         if !(0.0..=3600.0).contains(&t) {
