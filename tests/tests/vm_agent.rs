@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use husk_protocol::StartRequest;
 use husk_sandbox::vm::agent::{AgentClient, Finished};
+use husk_sandbox::vm::hypervisor::Vm;
 use husk_sandbox::vm::initramfs::Initramfs;
 use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
 use std::path::{Path, PathBuf};
@@ -418,7 +419,7 @@ impl Drop for PodNet {
 fn the_guest_holds_the_pod_ip_through_tc_mirroring() {
     use std::io::{Read, Write};
     let net = PodNet::new();
-    let nic = husk_sandbox::vm::nic::attach(&net.path(), "eth0", "tap0").unwrap();
+    let nic = husk_sandbox::vm::nic::attach(&net.path(), "eth0", "tap0", false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tcg_config("kernel-b.bzImage", None, dir.path(), &[]);
     let mut vm = QemuVm::start_with_nic(&cfg, &dir.path().join("run"), Some(&nic)).unwrap();

@@ -421,6 +421,132 @@ fn a_vm_pod_without_a_usable_agent_fails_clearly_and_leaves_nothing() {
     env.finish();
 }
 
+/// husk-vmm as the pod's hypervisor, chosen by annotation. This host's
+/// KVM (kvm-pvm) cannot run a Linux guest's user space, so the agent never
+/// answers here: the test checks everything husk does on the host (the
+/// VMM's configuration, the tap it inherits, its virtio-fs shares, the
+/// agent's vsock address), the clear error when the boot timeout passes,
+/// and that nothing is left. On a host whose KVM runs Linux the pod runs.
+#[test]
+fn a_vm_pod_under_husk_vmm_gets_its_devices_and_a_failed_boot_leaves_nothing() {
+    let (_reg, reference, env) = vm_setup("huskvmm");
+    let cfg = env.root().join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("boot_timeout_secs = 10\n");
+    std::fs::write(&cfg, text).unwrap();
+    let host_ro = env.root().join("host-ro");
+    std::fs::create_dir_all(&host_ro).unwrap();
+    std::fs::write(host_ro.join("keep.txt"), "the user's file\n").unwrap();
+    let manifest = env.manifest(
+        "vmm.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: vmm
+  annotations: {{husk.io/hypervisor: husk-vmm}}
+spec:
+  runtimeClassName: husk-vm
+  containers:
+  - name: a
+    image: {reference}
+    command: [sleep, "60"]
+    volumeMounts:
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: host, mountPath: /host, readOnly: true}}
+  volumes:
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: host, hostPath: {{path: {}}}}}
+"#,
+            host_ro.display()
+        ),
+    );
+    let run = env
+        .cmd()
+        .args(["run", "-d", "-f"])
+        .arg(&manifest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // husk-vmm comes up with the pod's configuration.
+    let root = env.root().to_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (pid, config) = loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let args = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = args
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let ours =
+                args.first()?.ends_with("husk-vmm") && args.iter().any(|a| a.starts_with(&root));
+            ours.then(|| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    args[2].clone(),
+                )
+            })
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(std::time::Instant::now() < deadline, "no husk-vmm started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let vm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert!(
+        vm["cmdline"]
+            .as_str()
+            .unwrap()
+            .contains("husk.agent=vsock:1024"),
+        "{vm:#}"
+    );
+    assert_eq!(vm["vsock"]["cid"], 3, "{vm:#}");
+    assert_eq!(vm["net"]["fd"], 3, "{vm:#}");
+    assert!(vm["net"]["mac"].as_str().unwrap().len() == 17, "{vm:#}");
+    let fs = vm["fs"].as_array().unwrap();
+    assert_eq!(fs.len(), 2, "{vm:#}");
+    let host = fs
+        .iter()
+        .find(|f| f["path"] == host_ro.to_str().unwrap())
+        .unwrap_or_else(|| panic!("{vm:#}"));
+    assert_eq!(host["read_only"], true, "{vm:#}");
+    assert!(fs.iter().any(|f| f["read_only"] == false), "{vm:#}");
+    assert!(vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["read_only"] == true));
+    // The tap it inherited as descriptor 3, and no virtiofsd beside it.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap(),
+        std::path::Path::new("/dev/net/tun")
+    );
+    let out = run.wait_with_output().unwrap();
+    let err = stderr(&out);
+    println!("husk run said:\n{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            err.contains("did not answer within 10 s under husk-vmm")
+                && err.contains("use husk.io/hypervisor: qemu-tcg"),
+            "{err}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "husk-vmm {pid} still runs"
+    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+    assert_eq!(
+        std::fs::read_to_string(host_ro.join("keep.txt")).unwrap(),
+        "the user's file\n"
+    );
+    env.finish();
+}
+
 #[test]
 fn a_guest_kernel_crash_ends_only_its_own_pod() {
     let (_reg, reference, env) = vm_setup("crash");

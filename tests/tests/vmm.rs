@@ -294,7 +294,7 @@ fn virtio_fs_serves_a_host_directory_and_refuses_writes_to_a_read_only_one() {
         (vec!["--fs", "tag=a"], "give both tag= and path="),
         (
             vec!["--fs", "tag=a,path=/tmp,rw"],
-            "use tag=TAG,path=DIR[,ro]",
+            "use tag=TAG,path=DIR[,ro][,xattr]",
         ),
     ] {
         let mut all = vec!["--kernel", fs.to_str().unwrap()];

@@ -1501,6 +1501,80 @@ fn serve_unix(path: &Path) -> i32 {
     }
 }
 
+/// A listening AF_VSOCK stream socket on `port` (any CID).
+fn vsock_listener(port: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; zero is a valid start.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    // SAFETY: addr is a valid sockaddr_vm of the size passed.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: listen on the descriptor we own.
+    if r < 0 || unsafe { libc::listen(fd, 1) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// Serves the host over vsock (husk-vmm), one connection at a time: a
+/// host that goes away (a restarted monitor) connects again.
+fn serve_vsock(port: u32) -> ! {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let listener = match vsock_listener(port) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("vsock port {port}: {e}"));
+            power_off();
+        }
+    };
+    log(&format!("serving on vsock port {port}"));
+    loop {
+        // SAFETY: accept on the listener we own; no address wanted.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            log(&format!(
+                "vsock accept: {}",
+                std::io::Error::last_os_error()
+            ));
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        // SAFETY: accept4 returned a new descriptor nothing else owns.
+        let conn = unsafe { std::fs::File::from_raw_fd(fd) };
+        let served = conn
+            .try_clone()
+            .map_err(ProtocolError::from)
+            .and_then(|mut input| serve(&mut input, conn));
+        match served {
+            Ok(true) => power_off(),
+            Ok(false) => {}
+            Err(e) => log(&e.to_string()),
+        }
+    }
+}
+
 fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; reboot=k on the kernel
     // command line makes the restart an i8042 reset, which ends the VM.
@@ -1536,6 +1610,10 @@ fn main() {
     }
     setup();
     log(&format!("started on Linux {}", kernel_release()));
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(port) = husk_protocol::vsock_port(&cmdline) {
+        serve_vsock(port);
+    }
     let Some(port) = find_port(husk_protocol::PORT_NAME, Duration::from_secs(30)) else {
         log(&format!(
             "no virtio-serial port named {}",
@@ -1572,6 +1650,23 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vsock_listener_holds_its_port() {
+        let port = 40_000 + std::process::id() % 20_000;
+        let first = match vsock_listener(port) {
+            Ok(l) => l,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                println!("SKIPPED: no AF_VSOCK on this host");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let again = vsock_listener(port).map(|_| ()).unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EADDRINUSE), "{again}");
+        drop(first);
+        vsock_listener(port).expect("the port is free once the listener is gone");
+    }
 
     #[test]
     fn a_child_is_found_by_its_parent() {

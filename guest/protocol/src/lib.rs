@@ -27,6 +27,19 @@ pub use seccomp::{Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule};
 pub const VERSION: u32 = 6;
 /// The name of the virtio-serial port the agent listens on (QEMU).
 pub const PORT_NAME: &str = "husk.agent";
+/// The kernel command-line key that tells the agent where to serve.
+pub const CMDLINE_KEY: &str = "husk.agent";
+
+/// The vsock port `cmdline` (a kernel command line) tells the agent to
+/// serve on, if it names one (`husk.agent=vsock:PORT`).
+pub fn vsock_port(cmdline: &str) -> Option<u32> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(CMDLINE_KEY)?.strip_prefix("=vsock:"))
+        .next_back()?
+        .parse()
+        .ok()
+}
 /// The vsock port the agent listens on (husk-vmm).
 pub const VSOCK_PORT: u32 = 1024;
 /// The largest frame either side accepts: a hostile or broken peer cannot
@@ -614,6 +627,26 @@ pub fn is_volume_name(n: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_vsock_port_comes_from_the_kernel_command_line() {
+        assert_eq!(
+            vsock_port("console=ttyS0 husk.agent=vsock:1024 quiet"),
+            Some(1024)
+        );
+        // The last word wins, as for the kernel's own parameters.
+        assert_eq!(vsock_port("husk.agent=vsock:1 husk.agent=vsock:2"), Some(2));
+        for no in [
+            "console=ttyS0",
+            "husk.agent=serial",
+            "husk.agent=vsock:x",
+            "xhusk.agent=vsock:5",
+            "husk.agentx=vsock:5",
+        ] {
+            assert_eq!(vsock_port(no), None, "{no}");
+        }
+    }
+
     use super::*;
 
     #[test]

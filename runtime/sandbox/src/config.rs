@@ -18,7 +18,7 @@ pub struct HuskConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
-    /// `auto` (the probe decides), `qemu-tcg` or `qemu-kvm`.
+    /// `auto` (the probe decides), `qemu-tcg`, `qemu-kvm` or `husk-vmm`.
     pub hypervisor: String,
     /// The guest kernel (a bzImage). Default: kernel B from images/build.sh.
     pub kernel: Option<PathBuf>,
@@ -34,6 +34,11 @@ pub struct VmConfig {
     /// The virtio-fs daemon for volumes under QEMU. Default: QEMU's
     /// `/usr/lib/qemu/virtiofsd`.
     pub virtiofsd: Option<PathBuf>,
+    /// The husk-vmm binary. Default: `husk-vmm` next to the husk binary,
+    /// else from PATH.
+    pub husk_vmm: Option<PathBuf>,
+    /// How long a VM pod's guest has to boot to its agent (seconds).
+    pub boot_timeout_secs: u64,
 }
 
 impl Default for VmConfig {
@@ -47,6 +52,8 @@ impl Default for VmConfig {
             mem_mib: 256,
             vcpus: 1,
             virtiofsd: None,
+            husk_vmm: None,
+            boot_timeout_secs: 120,
         }
     }
 }

@@ -55,7 +55,9 @@ pub struct Fs {
 impl Fs {
     /// Shares `path` under `tag`. The tree is cloned (with the mounts
     /// under it) and made read-only as a whole when asked.
-    pub fn new(tag: &str, path: &Path, read_only: bool) -> std::io::Result<Self> {
+    /// `xattr`: pass extended attributes through (overlayfs in the guest
+    /// needs them on its layers; off by default, as in virtiofsd).
+    pub fn new(tag: &str, path: &Path, read_only: bool, xattr: bool) -> std::io::Result<Self> {
         if tag.is_empty() || tag.len() > TAG_MAX {
             return Err(std::io::Error::other(format!(
                 "tag {tag:?} must be 1 to {TAG_MAX} bytes"
@@ -70,6 +72,7 @@ impl Fs {
             // FUSE_INIT): "." inside the tree's descriptor names the tree
             // and is not itself a link.
             root_dir: format!("/proc/self/fd/{}/.", tree.as_raw_fd()),
+            xattr,
             ..Default::default()
         })?;
         // The passthrough file system clears the umask on import, so that

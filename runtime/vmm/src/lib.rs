@@ -120,6 +120,9 @@ pub struct FsConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Pass extended attributes through (off by default).
+    #[serde(default)]
+    pub xattr: bool,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -507,7 +510,7 @@ pub fn run(
     // After the vsock socket is bound: a share clears this process's umask
     // (see fs.rs).
     for f in &cfg.fs {
-        let dev = fs::Fs::new(&f.tag, &f.path, f.read_only)
+        let dev = fs::Fs::new(&f.tag, &f.path, f.read_only, f.xattr)
             .map_err(|e| VmError::Config(format!("fs {}: {e}", f.path.display())))?;
         devices.push(Box::new(dev));
     }

@@ -46,9 +46,9 @@ struct Args {
     /// PATH_P; host connections write "CONNECT <port>\n" to PATH).
     #[arg(long)]
     vsock: Option<String>,
-    /// virtio-fs share of a host directory: tag=TAG,path=DIR[,ro]
+    /// virtio-fs share of a host directory: tag=TAG,path=DIR[,ro][,xattr]
     /// (repeatable).
-    #[arg(long = "fs", value_name = "tag=TAG,path=DIR[,ro]")]
+    #[arg(long = "fs", value_name = "tag=TAG,path=DIR[,ro][,xattr]")]
     fs: Vec<String>,
     /// Seconds the guest gets to stop after SIGTERM/SIGINT (ctrl-alt-del)
     /// before its vCPUs are stopped (default 5).
@@ -150,9 +150,10 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
                     Some(("tag", t)) => m.insert("tag".into(), serde_json::json!(t)),
                     Some(("path", p)) => m.insert("path".into(), serde_json::json!(p)),
                     None if part == "ro" => m.insert("read_only".into(), serde_json::json!(true)),
+                    None if part == "xattr" => m.insert("xattr".into(), serde_json::json!(true)),
                     _ => {
                         return Err(VmError::Config(format!(
-                            "--fs {f:?}: use tag=TAG,path=DIR[,ro]"
+                            "--fs {f:?}: use tag=TAG,path=DIR[,ro][,xattr]"
                         )))
                     }
                 };

@@ -18,11 +18,8 @@ pub fn run(roots: &Roots, a: InfoArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
-    let (accel, reason) = choose_hypervisor(&config.vm);
-    let hypervisor = match accel {
-        husk_sandbox::vm::qemu::Accel::Tcg => "qemu-tcg",
-        husk_sandbox::vm::qemu::Accel::Kvm => "qemu-kvm",
-    };
+    let (hypervisor, reason) = choose_hypervisor(&config.vm);
+    let hypervisor = hypervisor.name();
     let files = guest_files(&config.vm);
     let (kernel, agent, problem) = match &files {
         Ok((k, a)) => (k.display().to_string(), a.display().to_string(), None),

@@ -12,6 +12,7 @@
 
 use husk_protocol::{StartRequest, VolumeRequest, VolumeSource};
 use husk_sandbox::vm::agent::AgentClient;
+use husk_sandbox::vm::hypervisor::Vm;
 use husk_sandbox::vm::initramfs::Initramfs;
 use husk_sandbox::vm::qemu::{Accel, QemuConfig, QemuVm};
 use husk_sandbox::vm::share::{FsShares, DEFAULT_VIRTIOFSD};

@@ -243,8 +243,10 @@ impl Env {
                 continue;
             };
             let s = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let ours =
-                s.contains(" monitor ") || s.contains("qemu-system") || s.contains("virtiofsd");
+            let ours = s.contains(" monitor ")
+                || s.contains("qemu-system")
+                || s.contains("virtiofsd")
+                || s.contains("husk-vmm");
             if ours && s.contains(&root) {
                 out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
             }

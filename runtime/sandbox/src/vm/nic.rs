@@ -59,15 +59,17 @@ fn ifreq(name: &str) -> std::io::Result<libc::ifreq> {
     Ok(req)
 }
 
-/// In the calling thread's namespace: a new tap (no packet info), up.
-fn create_tap(name: &str) -> std::io::Result<File> {
+/// In the calling thread's namespace: a new tap (no packet info; with the
+/// virtio-net header when `vnet_hdr`), up.
+fn create_tap(name: &str, vnet_hdr: bool) -> std::io::Result<File> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | if vnet_hdr { libc::IFF_VNET_HDR } else { 0 }) as i16;
     // SAFETY: TUNSETIFF reads and writes the ifreq we own.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -152,8 +154,9 @@ fn tc_batch(ns: &File, commands: &str) -> Result<(), NicError> {
 }
 
 /// Creates tap `tap_name` next to `veth` in the namespace at `netns` and
-/// mirrors the two with tc.
-pub fn attach(netns: &Path, veth: &str, tap_name: &str) -> Result<VmNic, NicError> {
+/// mirrors the two with tc. `vnet_hdr`: the tap carries the virtio-net
+/// header (husk-vmm wants it; QEMU finds out for itself).
+pub fn attach(netns: &Path, veth: &str, tap_name: &str, vnet_hdr: bool) -> Result<VmNic, NicError> {
     let ns = File::open(netns).map_err(|e| NicError::Netns(netns.to_owned(), e))?;
     // The namespace is entered by a short-lived helper thread, so that no
     // thread of the caller changes namespace.
@@ -166,7 +169,7 @@ pub fn attach(netns: &Path, veth: &str, tap_name: &str) -> Result<VmNic, NicErro
                 netns: netns.to_owned(),
                 source,
             })?;
-            let tap = create_tap(tap_name).map_err(|source| NicError::Tap {
+            let tap = create_tap(tap_name, vnet_hdr).map_err(|source| NicError::Tap {
                 name: tap_name.to_owned(),
                 netns: netns.to_owned(),
                 source,

@@ -7,6 +7,7 @@
 //! MMIO, no firmware, no PCI.
 
 use super::agent::AgentClient;
+use super::hypervisor::{pass_fd, HypervisorError, Vm};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,20 +41,6 @@ pub struct QemuConfig {
     /// Appended to QEMU's arguments (debugging; tests that provoke what a
     /// real host may do, like a guest RTC far off).
     pub extra_args: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum QemuError {
-    #[error("VM run directory {0}: {1}")]
-    RunDir(PathBuf, std::io::Error),
-    #[error("cannot start qemu-system-x86_64 ({0}); install Debian's qemu-system-x86")]
-    Spawn(std::io::Error),
-    #[error("{what} {path}: not found")]
-    Missing { what: &'static str, path: PathBuf },
-    #[error("the VM ended before its agent answered; console:\n{0}")]
-    Ended(String),
-    #[error("the guest agent: {0}")]
-    Agent(#[from] husk_protocol::ProtocolError),
 }
 
 /// The host's TSC frequency in kHz (from /proc/cpuinfo). Under TCG the
@@ -125,7 +112,7 @@ fn cmdline(cfg: &QemuConfig) -> String {
 
 impl QemuVm {
     /// Starts the VM; `run_dir` must not exist: the VM creates and owns it.
-    pub fn start(cfg: &QemuConfig, run_dir: &Path) -> Result<Self, QemuError> {
+    pub fn start(cfg: &QemuConfig, run_dir: &Path) -> Result<Self, HypervisorError> {
         Self::start_with_nic(cfg, run_dir, None)
     }
 
@@ -135,10 +122,10 @@ impl QemuVm {
         cfg: &QemuConfig,
         run_dir: &Path,
         nic: Option<&super::nic::VmNic>,
-    ) -> Result<Self, QemuError> {
+    ) -> Result<Self, HypervisorError> {
         for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
             if !path.is_file() {
-                return Err(QemuError::Missing {
+                return Err(HypervisorError::Missing {
                     what,
                     path: path.clone(),
                 });
@@ -146,20 +133,20 @@ impl QemuVm {
         }
         for (d, _) in &cfg.disks {
             if !d.exists() {
-                return Err(QemuError::Missing {
+                return Err(HypervisorError::Missing {
                     what: "disk",
                     path: d.clone(),
                 });
             }
         }
-        std::fs::create_dir(run_dir).map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?;
+        std::fs::create_dir(run_dir).map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
         // From here on the directory is ours: a failed start removes it.
         let mut vm = QemuVm {
             child: None,
             dir: run_dir.to_owned(),
         };
         let console = std::fs::File::create(run_dir.join(CONSOLE))
-            .map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?;
+            .map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
         let mut cmd = Command::new("qemu-system-x86_64");
         let machine = if cfg.acpi {
             "microvm"
@@ -238,27 +225,13 @@ impl QemuVm {
         ]);
         if let Some(nic) = nic {
             use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
             const TAP_FD: i32 = 3;
-            let fd = nic.tap.as_raw_fd();
             cmd.args(["-netdev", &format!("tap,id=n0,fd={TAP_FD}")])
                 .args([
                     "-device",
                     &format!("virtio-net-device,netdev=n0,mac={}", nic.mac),
                 ]);
-            // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open
-            // in the parent until the spawn returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == TAP_FD {
-                        let flags = libc::fcntl(fd, libc::F_GETFD);
-                        libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                    } else if libc::dup2(fd, TAP_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            pass_fd(&mut cmd, nic.tap.as_raw_fd(), TAP_FD);
         }
         cmd.args(&cfg.extra_args);
         die_with_parent(&mut cmd);
@@ -266,25 +239,35 @@ impl QemuVm {
             .stdout(
                 console
                     .try_clone()
-                    .map_err(|e| QemuError::RunDir(run_dir.to_owned(), e))?,
+                    .map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?,
             )
             .stderr(console);
-        vm.child = Some(cmd.spawn().map_err(QemuError::Spawn)?);
+        vm.child = Some(cmd.spawn().map_err(|source| HypervisorError::Spawn {
+            program: "qemu-system-x86_64".into(),
+            hint: "install Debian's qemu-system-x86",
+            source,
+        })?);
         Ok(vm)
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The guest's console so far (kernel messages, the agent's log, and
-    /// QEMU's own errors).
-    pub fn console(&self) -> String {
+    /// Kernel messages, the agent's log, and QEMU's own errors.
+    fn console(&self) -> String {
         std::fs::read_to_string(self.dir.join(CONSOLE)).unwrap_or_default()
     }
 
-    /// Connects to the agent, waiting up to `timeout` for the guest to boot.
-    pub fn agent(&mut self, timeout: Duration) -> Result<AgentClient, QemuError> {
+    fn agent(&mut self, timeout: Duration) -> Result<AgentClient, HypervisorError> {
         let deadline = Instant::now() + timeout;
         let path = self.dir.join(AGENT_SOCKET);
         let stream = loop {
@@ -294,7 +277,7 @@ impl QemuVm {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) if self.running() => return Err(husk_protocol::ProtocolError::Io(e).into()),
-                Err(_) => return Err(QemuError::Ended(self.console())),
+                Err(_) => return Err(HypervisorError::Ended(self.console())),
             }
         };
         AgentClient::connect(stream, deadline).map_err(|e| {
@@ -307,35 +290,31 @@ impl QemuVm {
             if self.running() {
                 e.into()
             } else {
-                QemuError::Ended(self.console())
+                HypervisorError::Ended(self.console())
             }
         })
     }
 
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    fn wait(&mut self, timeout: Duration) -> bool {
+        wait_child(&mut self.child, timeout)
     }
+}
 
-    /// Waits for QEMU to exit by itself (after the agent's shutdown);
-    /// true when it did within `timeout` with status 0.
-    pub fn wait(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while let Some(c) = self.child.as_mut() {
-            match c.try_wait() {
-                Ok(Some(status)) => {
-                    self.child = None;
-                    return status.success();
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => return false,
+/// Waits up to `timeout` for a hypervisor process to exit by itself; true
+/// when it did with status 0 (the child is reaped then).
+pub(crate) fn wait_child(child: &mut Option<Child>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while let Some(c) = child.as_mut() {
+        match c.try_wait() {
+            Ok(Some(status)) => {
+                *child = None;
+                return status.success();
             }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return false,
         }
-        false
     }
+    false
 }
 
 impl Drop for QemuVm {

@@ -10,6 +10,8 @@
 
 use super::agent::{AgentClient, Signaller};
 use super::cri::{CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
+use super::husk_vmm::{FsShare, HuskVmmConfig, HuskVmmVm};
+use super::hypervisor::{Hypervisor, Vm};
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
@@ -30,9 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// How long the guest may take to boot to its agent (QEMU TCG included).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[cfg(test)]
 mod tests {
@@ -66,7 +65,15 @@ mod tests {
 
     #[test]
     fn layers_and_volumes_go_over_one_share_when_their_devices_do_not_fit() {
-        use super::vm_transport as t;
+        use super::{virtio_slots, vm_transport, Hypervisor};
+        let t = |layers, volumes, cri, acpi| {
+            vm_transport(
+                layers,
+                volumes,
+                cri,
+                virtio_slots(Hypervisor::QemuTcg, acpi),
+            )
+        };
         // rng, agent port and NIC take 3 of microvm's 8 slots.
         assert_eq!(t(5, 0, false, false), (false, false));
         assert_eq!(t(6, 0, false, false), (true, false));
@@ -81,6 +88,9 @@ mod tests {
         assert_eq!(t(10, 4, false, true), (false, false));
         assert_eq!(t(20, 4, false, true), (true, false));
         assert_eq!(t(1, 21, false, true), (false, true));
+        // husk-vmm takes 8 devices (rng, vsock, NIC and 5 more), ACPI or not.
+        assert_eq!(virtio_slots(Hypervisor::HuskVmm, true), 8);
+        assert_eq!(virtio_slots(Hypervisor::QemuKvm, true), 24);
     }
 }
 
@@ -93,7 +103,7 @@ pub enum VmPodError {
     #[error("VM pod layers: {0}")]
     Rootfs(#[from] super::rootfs::RootfsError),
     #[error(transparent)]
-    Qemu(#[from] super::qemu::QemuError),
+    Hypervisor(#[from] super::hypervisor::HypervisorError),
     #[error("VM pod agent: {0}")]
     Agent(#[from] super::agent::AgentError),
     #[error("VM pod {0}")]
@@ -109,9 +119,10 @@ type Layers = (Vec<String>, Option<husk_protocol::LayerDirs>);
 /// The owner name of host-side volumes bound into the pod's share.
 const POD_VOLUMES: &str = "pod";
 
-/// virtio-mmio slots of QEMU's microvm: 8, or 24 with ACPI.
-fn virtio_slots(acpi: bool) -> usize {
-    if acpi {
+/// virtio-mmio slots of the pod's machine: QEMU's microvm has 8, or 24
+/// with ACPI; husk-vmm takes 8 devices.
+fn virtio_slots(hypervisor: Hypervisor, acpi: bool) -> usize {
+    if acpi && hypervisor != Hypervisor::HuskVmm {
         24
     } else {
         8
@@ -120,14 +131,13 @@ fn virtio_slots(acpi: bool) -> usize {
 
 /// How a pod's `layers` distinct image layers and `volumes` host-side
 /// volumes reach its guest within the machine's virtio slots, beside the
-/// three fixed devices (rng, agent port, NIC): (layers over one virtio-fs
+/// three fixed devices (rng, agent port or vsock, NIC): (layers over one virtio-fs
 /// share instead of a disk each, volumes through that share instead of a
 /// virtiofsd each). Disks and a virtiofsd per volume where they fit (disks
 /// read faster); then the layers on the share; then the volumes on it
 /// too; then both. `cri`: the pod has the share anyway.
-fn vm_transport(layers: usize, volumes: usize, cri: bool, acpi: bool) -> (bool, bool) {
+fn vm_transport(layers: usize, volumes: usize, cri: bool, slots: usize) -> (bool, bool) {
     const FIXED: usize = 3;
-    let slots = virtio_slots(acpi);
     let share = usize::from(cri);
     if FIXED + volumes + share + layers <= slots {
         (false, false)
@@ -141,21 +151,21 @@ fn vm_transport(layers: usize, volumes: usize, cri: bool, acpi: bool) -> (bool, 
 }
 
 /// The pod annotation that picks a VM pod's hypervisor over `[vm]
-/// hypervisor`: `auto`, `qemu-tcg` or `qemu-kvm`.
+/// hypervisor`: `auto`, `qemu-tcg`, `qemu-kvm` or `husk-vmm`.
 pub const HYPERVISOR_ANNOTATION: &str = "husk.io/hypervisor";
 /// What `[vm] hypervisor` and the annotation accept.
-pub const HYPERVISORS: [&str; 3] = ["auto", "qemu-tcg", "qemu-kvm"];
+pub const HYPERVISORS: [&str; 4] = ["auto", "qemu-tcg", "qemu-kvm", "husk-vmm"];
 
 /// The hypervisor of one pod: its annotation if it has one, else the host's.
-pub fn pod_hypervisor(plan: &PodPlan, config: &crate::config::VmConfig) -> (Accel, String) {
+pub fn pod_hypervisor(plan: &PodPlan, config: &crate::config::VmConfig) -> (Hypervisor, String) {
     match plan.annotations.get(HYPERVISOR_ANNOTATION) {
         Some(h) if h != "auto" => {
-            let (accel, _) = choose_hypervisor(&crate::config::VmConfig {
+            let (hypervisor, _) = choose_hypervisor(&crate::config::VmConfig {
                 hypervisor: h.clone(),
                 ..config.clone()
             });
             (
-                accel,
+                hypervisor,
                 format!("the pod's annotation {HYPERVISOR_ANNOTATION}: {h}"),
             )
         }
@@ -163,20 +173,34 @@ pub fn pod_hypervisor(plan: &PodPlan, config: &crate::config::VmConfig) -> (Acce
     }
 }
 
-/// Which hypervisor runs VM pods on this host, and why.
-pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Accel, String) {
+/// Which hypervisor runs VM pods on this host, and why. `auto` takes QEMU:
+/// with TCG where KVM is missing or is kvm-pvm, else with KVM. husk-vmm
+/// runs pods when chosen (`[vm] hypervisor = "husk-vmm"` or the pod's
+/// annotation); it becomes `auto`'s choice once its agent path has run on
+/// a host whose KVM runs Linux (this one's cannot).
+pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Hypervisor, String) {
     match config.hypervisor.as_str() {
-        "qemu-tcg" => (Accel::Tcg, "configured ([vm] hypervisor = qemu-tcg)".into()),
-        "qemu-kvm" => (Accel::Kvm, "configured ([vm] hypervisor = qemu-kvm)".into()),
+        "qemu-tcg" => (
+            Hypervisor::QemuTcg,
+            "configured ([vm] hypervisor = qemu-tcg)".into(),
+        ),
+        "qemu-kvm" => (
+            Hypervisor::QemuKvm,
+            "configured ([vm] hypervisor = qemu-kvm)".into(),
+        ),
+        "husk-vmm" => (
+            Hypervisor::HuskVmm,
+            "configured ([vm] hypervisor = husk-vmm)".into(),
+        ),
         _ if !Path::new("/dev/kvm").exists() => (
-            Accel::Tcg,
+            Hypervisor::QemuTcg,
             "no /dev/kvm: QEMU with software emulation (TCG)".into(),
         ),
         _ if Path::new("/sys/module/kvm_pvm").exists() => (
-            Accel::Tcg,
+            Hypervisor::QemuTcg,
             "this host's KVM is kvm-pvm, which runs a guest kernel without PVM support under instruction emulation with no user space: QEMU with software emulation (TCG)".into(),
         ),
-        _ => (Accel::Kvm, "KVM: QEMU with -accel kvm".into()),
+        _ => (Hypervisor::QemuKvm, "KVM: QEMU with -accel kvm".into()),
     }
 }
 
@@ -244,7 +268,7 @@ pub fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf
 
 pub(crate) struct Resources {
     network: Option<PodNetwork>,
-    vm: Option<QemuVm>,
+    vm: Option<Box<dyn Vm>>,
     /// virtiofsd for the host-side volumes.
     shares: Option<FsShares>,
     /// The host-side volumes (emptyDir on disk, hostPath).
@@ -352,8 +376,15 @@ impl VmSandbox {
         let t0 = Instant::now();
         std::fs::create_dir_all(&paths.run).map_err(io(&paths.run))?;
         let (kernel, agent_bin) = guest_files(&config.vm).map_err(vm_err)?;
-        let (accel, why) = pod_hypervisor(plan, &config.vm);
-        tracing::info!(?accel, "{why}");
+        let (hypervisor, why) = pod_hypervisor(plan, &config.vm);
+        tracing::info!(hypervisor = hypervisor.name(), "{why}");
+        let husk_vmm = hypervisor == Hypervisor::HuskVmm;
+        if husk_vmm && config.vm.acpi {
+            return Err(vm_err(VmPodError::Setup(
+                "husk-vmm announces its virtio devices on the kernel command line, and [vm] acpi = true says this kernel finds them through ACPI: use kernel B, or the hypervisor qemu-tcg or qemu-kvm".into(),
+            )));
+        }
+        let slots = virtio_slots(hypervisor, config.vm.acpi);
 
         // Layers: one read-only ext4 image per distinct layer directory,
         // when the machine has a virtio slot for each; otherwise all of
@@ -362,15 +393,14 @@ impl VmSandbox {
         let distinct: std::collections::HashSet<&PathBuf> =
             plan.all_containers().flat_map(|c| &c.layers).collect();
         let (layers_shared, volumes_shared) =
-            vm_transport(distinct.len(), host_side.len(), plan.cri, config.vm.acpi);
+            vm_transport(distinct.len(), host_side.len(), plan.cri, slots);
         if layers_shared || volumes_shared {
             tracing::info!(
                 layers = distinct.len(),
                 volumes = host_side.len(),
                 layers_shared,
                 volumes_shared,
-                "more devices than microvm's {} virtio slots: sharing over one virtio-fs share",
-                virtio_slots(config.vm.acpi)
+                "more devices than the machine's {slots} virtio slots: sharing over one virtio-fs share",
             );
         }
         let vm_dir = paths.run.join("vm-files");
@@ -463,7 +493,9 @@ impl VmSandbox {
         let pod_ips = net.record.pod_ips();
         let addresses = net.record.addresses();
         res.network = Some(net);
-        let vm_nic = nic::attach(&paths.netns, "eth0", "tap0").map_err(|e| vm_err(e.into()))?;
+        // husk-vmm takes the tap with the virtio-net header on it.
+        let vm_nic =
+            nic::attach(&paths.netns, "eth0", "tap0", husk_vmm).map_err(|e| vm_err(e.into()))?;
 
         // Volumes: host directories go over virtio-fs; the rest is made in
         // guest memory once the agent answers.
@@ -485,6 +517,8 @@ impl VmSandbox {
             .unwrap_or_else(|| super::share::DEFAULT_VIRTIOFSD.into());
         let mut guest_volumes = in_guest;
         let mut shared_volumes = HashMap::new();
+        // husk-vmm serves the shares itself: no virtiofsd.
+        let mut vmm_shares = Vec::new();
         for (i, (v, read_only)) in host_side.iter().enumerate() {
             let tag = format!("v{i}");
             let dir = volumes
@@ -505,9 +539,18 @@ impl VmSandbox {
                 shared_volumes.insert(v.name.clone(), rel);
                 continue;
             }
-            shares
-                .add(&virtiofsd, &tag, &dir, *read_only)
-                .map_err(|e| vm_err(e.into()))?;
+            if husk_vmm {
+                vmm_shares.push(FsShare {
+                    tag: tag.clone(),
+                    path: dir,
+                    read_only: *read_only,
+                    xattr: false,
+                });
+            } else {
+                shares
+                    .add(&virtiofsd, &tag, &dir, *read_only)
+                    .map_err(|e| vm_err(e.into()))?;
+            }
             guest_volumes.push(husk_protocol::VolumeRequest {
                 name: v.name.clone(),
                 source: husk_protocol::VolumeSource::VirtioFs {
@@ -517,10 +560,19 @@ impl VmSandbox {
             });
         }
         if let Some(share) = res.cri_share.as_ref() {
-            let shares = res.shares.as_mut().expect("made above");
-            shares
-                .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
-                .map_err(|e| vm_err(e.into()))?;
+            if husk_vmm {
+                vmm_shares.push(FsShare {
+                    tag: CRI_TAG.into(),
+                    path: share.root().to_owned(),
+                    read_only: false,
+                    xattr: true,
+                });
+            } else {
+                let shares = res.shares.as_mut().expect("made above");
+                shares
+                    .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
+                    .map_err(|e| vm_err(e.into()))?;
+            }
             guest_volumes.push(husk_protocol::VolumeRequest {
                 name: CRI_VOLUME.into(),
                 source: husk_protocol::VolumeSource::VirtioFs {
@@ -531,30 +583,64 @@ impl VmSandbox {
         }
 
         let (mem_mib, vcpus) = pod_vm_size(plan, &config.vm);
-        let qemu = QemuConfig {
-            kernel,
-            initrd,
-            cmdline: String::new(),
-            mem_mib,
-            vcpus,
-            accel,
-            acpi: config.vm.acpi,
-            disks,
-            shares: res
-                .shares
-                .as_ref()
-                .map(|s| s.shares().to_vec())
-                .unwrap_or_default(),
-            extra_args: Vec::new(),
-        };
         let host_before_boot = t0.elapsed();
-        let vm = QemuVm::start_with_nic(&qemu, &paths.run.join("vm"), Some(&vm_nic))
-            .map_err(|e| vm_err(e.into()))?;
+        let run_dir = paths.run.join("vm");
+        let vm: Box<dyn Vm> = match hypervisor {
+            Hypervisor::HuskVmm => Box::new(
+                HuskVmmVm::start(
+                    &HuskVmmConfig {
+                        binary: config
+                            .vm
+                            .husk_vmm
+                            .clone()
+                            .unwrap_or_else(super::husk_vmm::default_binary),
+                        kernel,
+                        initrd,
+                        cmdline: String::new(),
+                        mem_mib,
+                        vcpus,
+                        disks,
+                        shares: vmm_shares,
+                    },
+                    &run_dir,
+                    Some(&vm_nic),
+                )
+                .map_err(|e| vm_err(e.into()))?,
+            ),
+            Hypervisor::QemuTcg | Hypervisor::QemuKvm => {
+                let qemu = QemuConfig {
+                    kernel,
+                    initrd,
+                    cmdline: String::new(),
+                    mem_mib,
+                    vcpus,
+                    accel: if hypervisor == Hypervisor::QemuKvm {
+                        Accel::Kvm
+                    } else {
+                        Accel::Tcg
+                    },
+                    acpi: config.vm.acpi,
+                    disks,
+                    shares: res
+                        .shares
+                        .as_ref()
+                        .map(|s| s.shares().to_vec())
+                        .unwrap_or_default(),
+                    extra_args: Vec::new(),
+                };
+                Box::new(
+                    QemuVm::start_with_nic(&qemu, &run_dir, Some(&vm_nic))
+                        .map_err(|e| vm_err(e.into()))?,
+                )
+            }
+        };
         let t_spawned = Instant::now();
         let mac = vm_nic.mac.clone();
         drop(vm_nic); // the hypervisor holds the tap now
         let vm = res.vm.insert(vm);
-        let agent = vm.agent(BOOT_TIMEOUT).map_err(|e| vm_err(e.into()))?;
+        let agent = vm
+            .agent(Duration::from_secs(config.vm.boot_timeout_secs))
+            .map_err(|e| vm_err(e.into()))?;
         let boot = t_spawned.elapsed();
         let t_net = Instant::now();
         if !addresses.is_empty() {
