@@ -12,6 +12,9 @@
 //! root stay at the root (the passthrough file system maps them to ".",
 //! and a detached mount has no parent to climb to); host symlinks are
 //! never followed on the host (every component is opened O_NOFOLLOW).
+//! A husk-vmm with shares gives up CAP_MKNOD ([`give_up_device_nodes`]):
+//! a device node a guest made on a share would be a real device on the
+//! host, with the mode the guest chose.
 //!
 //! Queue 0 is the high-priority queue, queue 1 the one request queue; both
 //! are served in the device thread, one request at a time.
@@ -87,6 +90,17 @@ impl Fs {
             _tree: tree,
         })
     }
+}
+
+/// Drops CAP_MKNOD from this thread's effective, permitted and bounding
+/// sets; threads made after this have none either. Call before any other
+/// thread starts.
+pub fn give_up_device_nodes() -> std::io::Result<()> {
+    use caps::{CapSet, Capability};
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Bounding] {
+        caps::drop(None, set, Capability::CAP_MKNOD).map_err(std::io::Error::other)?;
+    }
+    Ok(())
 }
 
 /// A private, unattached copy of the mount tree at `path`: nosuid, nodev,

@@ -508,7 +508,12 @@ pub fn run(
         devices.push(Box::new(dev));
     }
     // After the vsock socket is bound: a share clears this process's umask
-    // (see fs.rs).
+    // (see fs.rs). No vCPU or device thread runs yet, so none keeps
+    // CAP_MKNOD.
+    if !cfg.fs.is_empty() {
+        fs::give_up_device_nodes()
+            .map_err(|e| VmError::Other(format!("dropping CAP_MKNOD: {e}")))?;
+    }
     for f in &cfg.fs {
         let dev = fs::Fs::new(&f.tag, &f.path, f.read_only, f.xattr)
             .map_err(|e| VmError::Config(format!("fs {}: {e}", f.path.display())))?;

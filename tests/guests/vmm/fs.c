@@ -4,6 +4,7 @@
  *   fs: hello.txt: <first line>          | fs: hello.txt: error <errno>
  *   fs: create: ok | error <errno>       (new.txt, written "written by the guest\n")
  *   fs: mkdir: ok | error <errno>        (made-by-guest)
+ *   fs: mknod: error <errno> | ok        (dev-null, a character device)
  *   fs: mkdir ../escaped: error <errno> | ok
  *   fs: lookup ..: node <nodeid>          (".." at the root)
  *   fs: escape/passwd: error <errno> | ok  (escape is a host symlink to /etc)
@@ -11,7 +12,7 @@
 #include "guest.h"
 
 enum {
-  LOOKUP = 1, MKDIR = 9, OPEN = 14, READ = 15, WRITE = 16, INIT = 26, CREATE = 35
+  LOOKUP = 1, MKNOD = 8, MKDIR = 9, OPEN = 14, READ = 15, WRITE = 16, INIT = 26, CREATE = 35
 };
 
 static struct vq q;
@@ -142,6 +143,16 @@ void guest_main(void) {
   e = fuse(MKDIR, 1, 8 + n);
   if (e) { puts("fs: mkdir: "); error(e); }
   else puts("fs: mkdir: ok\n");
+
+  /* A character device node (1,3: /dev/null's numbers, mode 0666). */
+  put32(in + 40, 0020666);
+  put32(in + 44, (1 << 8) | 3);
+  put32(in + 48, 0);
+  put32(in + 52, 0);
+  n = put_str(in + 56, "dev-null");
+  e = fuse(MKNOD, 1, 16 + n);
+  if (e) { puts("fs: mknod: "); error(e); }
+  else puts("fs: mknod: ok\n");
 
   /* A name that climbs out is refused (EINVAL). */
   put32(in + 40, 0755);

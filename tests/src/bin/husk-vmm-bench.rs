@@ -1,7 +1,7 @@
 //! VMM-only cost with the null kernel (tests/guests/vmm/stub.S): time from
 //! process start to the marker on the serial output and to process exit
-//! (p50 over 30 runs), peak RSS, and 20 VMs started at once; husk-vmm and
-//! QEMU microvm in the same run.
+//! (p50 over 30 runs), peak RSS, and 20 VMs started at once; husk-vmm
+//! (also with a virtio-fs share) and QEMU microvm in the same run.
 //! Run: `cargo run --release -p husk-tests --bin husk-vmm-bench` (needs
 //! /dev/kvm; QEMU from qemu-system-x86 for the comparison).
 
@@ -97,6 +97,19 @@ fn main() {
         c.arg("--kernel").arg(&stub).args(["--mem", "256"]);
         c
     });
+    // The same with a virtio-fs share (fuse-backend-rs inside husk-vmm):
+    // what a VM pod's volume adds to the VMM.
+    let share = std::env::temp_dir().join(format!("husk-vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&share).unwrap();
+    let fs = format!("tag=bench,path={}", share.display());
+    report("husk-vmm with a virtio-fs share", &|| {
+        let mut c = Command::new(&vmm);
+        c.arg("--kernel")
+            .arg(&stub)
+            .args(["--mem", "256", "--fs", &fs]);
+        c
+    });
+    let _ = std::fs::remove_dir(&share);
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()

@@ -4,16 +4,15 @@
 //! shares served inside husk-vmm (no virtiofsd), and the agent reached
 //! over vsock through husk-vmm's hybrid unix socket (`CONNECT <port>\n`,
 //! answered `OK <port>\n` once the agent accepts). One HuskVmmVm owns the
-//! process and the run directory; dropping it kills the one and removes
-//! the other.
+//! process and the run directory (through [`VmProcess`]); dropping it
+//! kills the one and removes the other.
 
 use super::agent::AgentClient;
-use super::hypervisor::{console_tail, pass_fd, HypervisorError, Vm};
-use super::qemu::{die_with_parent, wait_child};
+use super::hypervisor::{console_tail, pass_fd, HypervisorError, Vm, VmProcess};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The guest's vsock CID (the only guest of its husk-vmm).
@@ -96,8 +95,7 @@ fn vm_json(cfg: &HuskVmmConfig, run_dir: &Path, mac: Option<&str>) -> serde_json
 }
 
 pub struct HuskVmmVm {
-    child: Option<Child>,
-    dir: PathBuf,
+    process: VmProcess,
 }
 
 impl HuskVmmVm {
@@ -108,52 +106,31 @@ impl HuskVmmVm {
         run_dir: &Path,
         nic: Option<&super::nic::VmNic>,
     ) -> Result<Self, HypervisorError> {
-        for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
-            if !path.is_file() {
-                return Err(HypervisorError::Missing {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
-        std::fs::create_dir(run_dir).map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
-        // From here on the directory is ours: a failed start removes it.
-        let mut vm = HuskVmmVm {
-            child: None,
-            dir: run_dir.to_owned(),
-        };
-        let rd = |e| HypervisorError::RunDir(run_dir.to_owned(), e);
+        let mut process = VmProcess::prepare(&cfg.kernel, &cfg.initrd, run_dir)?;
         let json = vm_json(cfg, run_dir, nic.map(|n| n.mac.as_str()));
-        std::fs::write(run_dir.join(CONFIG), json.to_string()).map_err(rd)?;
-        let log = std::fs::File::create(run_dir.join(VMM_LOG)).map_err(rd)?;
+        std::fs::write(run_dir.join(CONFIG), json.to_string()).map_err(|e| process.dir_err(e))?;
+        let log = std::fs::File::create(run_dir.join(VMM_LOG)).map_err(|e| process.dir_err(e))?;
         let mut cmd = Command::new(&cfg.binary);
         cmd.arg("--config").arg(run_dir.join(CONFIG));
         if let Some(nic) = nic {
             use std::os::fd::AsRawFd;
             pass_fd(&mut cmd, nic.tap.as_raw_fd(), TAP_FD);
         }
-        die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(rd)?)
+            .stdout(log.try_clone().map_err(|e| process.dir_err(e))?)
             .stderr(log);
-        vm.child = Some(cmd.spawn().map_err(|source| HypervisorError::Spawn {
-            program: cfg.binary.display().to_string(),
-            hint: "build it (cargo build --release -p husk-vmm) next to husk, or set [vm] husk_vmm in husk's config",
-            source,
-        })?);
-        Ok(vm)
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        process.spawn(
+            cmd,
+            cfg.binary.display().to_string(),
+            "build it (cargo build --release -p husk-vmm) next to husk, or set [vm] husk_vmm in husk's config",
+        )?;
+        Ok(HuskVmmVm { process })
     }
 
     /// One attempt at a stream to the agent's vsock port: None when the
     /// guest refused (nothing listens yet) or husk-vmm is not up yet.
     fn connect(&self, deadline: Instant) -> std::io::Result<Option<UnixStream>> {
-        let Ok(mut s) = UnixStream::connect(self.dir.join(VSOCK)) else {
+        let Ok(mut s) = UnixStream::connect(self.process.dir().join(VSOCK)) else {
             return Ok(None);
         };
         s.write_all(format!("CONNECT {}\n", husk_protocol::VSOCK_PORT).as_bytes())?;
@@ -192,20 +169,18 @@ impl HuskVmmVm {
 
 impl Vm for HuskVmmVm {
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// The guest's serial console, then husk-vmm's own lines.
     fn console(&self) -> String {
-        let mut c = std::fs::read_to_string(self.dir.join(CONSOLE)).unwrap_or_default();
-        c.push_str(&std::fs::read_to_string(self.dir.join(VMM_LOG)).unwrap_or_default());
-        c
+        self.process.read(CONSOLE) + &self.process.read(VMM_LOG)
     }
 
     fn agent(&mut self, timeout: Duration) -> Result<AgentClient, HypervisorError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if !self.running() {
+            if !self.process.running() {
                 return Err(HypervisorError::Ended(self.console()));
             }
             if let Some(stream) = self
@@ -213,7 +188,7 @@ impl Vm for HuskVmmVm {
                 .map_err(husk_protocol::ProtocolError::Io)?
             {
                 return AgentClient::connect(stream, deadline).map_err(|e| {
-                    if self.wait_exit(Duration::from_secs(2)) {
+                    if self.process.ended_soon() {
                         HypervisorError::Ended(self.console())
                     } else {
                         e.into()
@@ -238,29 +213,7 @@ impl Vm for HuskVmmVm {
     }
 
     fn wait(&mut self, timeout: Duration) -> bool {
-        wait_child(&mut self.child, timeout)
-    }
-}
-
-impl HuskVmmVm {
-    /// Whether the process ends within `timeout` (a VM that died drops
-    /// the agent's connection just before its process ends).
-    fn wait_exit(&mut self, timeout: Duration) -> bool {
-        let t0 = Instant::now();
-        while self.running() && t0.elapsed() < timeout {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        !self.running()
-    }
-}
-
-impl Drop for HuskVmmVm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.process.wait(timeout)
     }
 }
 

@@ -6,9 +6,9 @@
 //! path knows which one is underneath.
 
 use super::agent::AgentClient;
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// What runs a VM pod's VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,118 @@ pub trait Vm: Send {
     /// Waits for the VM to end by itself (after the agent's shutdown); true
     /// when it did within `timeout` with status 0.
     fn wait(&mut self, timeout: Duration) -> bool;
+}
+
+/// What both hypervisors own: the process and the VM's run directory.
+/// Dropping it kills the one and removes the other.
+pub(crate) struct VmProcess {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl VmProcess {
+    /// Checks the kernel and initrd, then creates `run_dir` (which must not
+    /// exist); from then on the directory is this owner's, so a start that
+    /// fails later removes it.
+    pub(crate) fn prepare(
+        kernel: &Path,
+        initrd: &Path,
+        run_dir: &Path,
+    ) -> Result<Self, HypervisorError> {
+        for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
+            if !path.is_file() {
+                return Err(HypervisorError::Missing {
+                    what,
+                    path: path.to_owned(),
+                });
+            }
+        }
+        std::fs::create_dir(run_dir).map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
+        Ok(VmProcess {
+            child: None,
+            dir: run_dir.to_owned(),
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// An error about the run directory.
+    pub(crate) fn dir_err(&self, e: std::io::Error) -> HypervisorError {
+        HypervisorError::RunDir(self.dir.clone(), e)
+    }
+
+    /// Spawns the hypervisor; it dies with the thread that spawned it.
+    pub(crate) fn spawn(
+        &mut self,
+        mut cmd: Command,
+        program: String,
+        hint: &'static str,
+    ) -> Result<(), HypervisorError> {
+        super::qemu::die_with_parent(&mut cmd);
+        self.child = Some(cmd.spawn().map_err(|source| HypervisorError::Spawn {
+            program,
+            hint,
+            source,
+        })?);
+        Ok(())
+    }
+
+    /// A file of the run directory, or nothing.
+    pub(crate) fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub(crate) fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// After the agent's connection failed: whether the process ends
+    /// within two seconds (a VM that died drops the connection just before
+    /// its process ends), so the error can say what happened.
+    pub(crate) fn ended_soon(&mut self) -> bool {
+        let t0 = Instant::now();
+        while self.running() && t0.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !self.running()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; true when
+    /// it did with status 0 (the child is reaped then).
+    pub(crate) fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(c) = self.child.as_mut() {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status.success();
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The last `n` lines of a console, for an error message.

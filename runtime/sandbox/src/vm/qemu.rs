@@ -7,9 +7,9 @@
 //! MMIO, no firmware, no PCI.
 
 use super::agent::AgentClient;
-use super::hypervisor::{pass_fd, HypervisorError, Vm};
+use super::hypervisor::{pass_fd, HypervisorError, Vm, VmProcess};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +86,7 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
 }
 
 pub struct QemuVm {
-    child: Option<Child>,
-    dir: PathBuf,
+    process: VmProcess,
 }
 
 const AGENT_SOCKET: &str = "agent.sock";
@@ -123,14 +122,6 @@ impl QemuVm {
         run_dir: &Path,
         nic: Option<&super::nic::VmNic>,
     ) -> Result<Self, HypervisorError> {
-        for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
-            if !path.is_file() {
-                return Err(HypervisorError::Missing {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
         for (d, _) in &cfg.disks {
             if !d.exists() {
                 return Err(HypervisorError::Missing {
@@ -139,14 +130,9 @@ impl QemuVm {
                 });
             }
         }
-        std::fs::create_dir(run_dir).map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
-        // From here on the directory is ours: a failed start removes it.
-        let mut vm = QemuVm {
-            child: None,
-            dir: run_dir.to_owned(),
-        };
-        let console = std::fs::File::create(run_dir.join(CONSOLE))
-            .map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?;
+        let mut process = VmProcess::prepare(&cfg.kernel, &cfg.initrd, run_dir)?;
+        let console =
+            std::fs::File::create(run_dir.join(CONSOLE)).map_err(|e| process.dir_err(e))?;
         let mut cmd = Command::new("qemu-system-x86_64");
         let machine = if cfg.acpi {
             "microvm"
@@ -234,96 +220,54 @@ impl QemuVm {
             pass_fd(&mut cmd, nic.tap.as_raw_fd(), TAP_FD);
         }
         cmd.args(&cfg.extra_args);
-        die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
-            .stdout(
-                console
-                    .try_clone()
-                    .map_err(|e| HypervisorError::RunDir(run_dir.to_owned(), e))?,
-            )
+            .stdout(console.try_clone().map_err(|e| process.dir_err(e))?)
             .stderr(console);
-        vm.child = Some(cmd.spawn().map_err(|source| HypervisorError::Spawn {
-            program: "qemu-system-x86_64".into(),
-            hint: "install Debian's qemu-system-x86",
-            source,
-        })?);
-        Ok(vm)
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        process.spawn(
+            cmd,
+            "qemu-system-x86_64".into(),
+            "install Debian's qemu-system-x86",
+        )?;
+        Ok(QemuVm { process })
     }
 }
 
 impl Vm for QemuVm {
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Kernel messages, the agent's log, and QEMU's own errors.
     fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join(CONSOLE)).unwrap_or_default()
+        self.process.read(CONSOLE)
     }
 
     fn agent(&mut self, timeout: Duration) -> Result<AgentClient, HypervisorError> {
         let deadline = Instant::now() + timeout;
-        let path = self.dir.join(AGENT_SOCKET);
+        let path = self.process.dir().join(AGENT_SOCKET);
         let stream = loop {
             match std::os::unix::net::UnixStream::connect(&path) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline && self.running() => {
+                Err(_) if Instant::now() < deadline && self.process.running() => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
-                Err(e) if self.running() => return Err(husk_protocol::ProtocolError::Io(e).into()),
+                Err(e) if self.process.running() => {
+                    return Err(husk_protocol::ProtocolError::Io(e).into())
+                }
                 Err(_) => return Err(HypervisorError::Ended(self.console())),
             }
         };
         AgentClient::connect(stream, deadline).map_err(|e| {
-            // A VM that died drops the connection just before its process
-            // ends: give it a moment, so the error says what happened.
-            let t0 = Instant::now();
-            while self.running() && t0.elapsed() < Duration::from_secs(2) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.running() {
-                e.into()
-            } else {
+            if self.process.ended_soon() {
                 HypervisorError::Ended(self.console())
+            } else {
+                e.into()
             }
         })
     }
 
     fn wait(&mut self, timeout: Duration) -> bool {
-        wait_child(&mut self.child, timeout)
-    }
-}
-
-/// Waits up to `timeout` for a hypervisor process to exit by itself; true
-/// when it did with status 0 (the child is reaped then).
-pub(crate) fn wait_child(child: &mut Option<Child>, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while let Some(c) = child.as_mut() {
-        match c.try_wait() {
-            Ok(Some(status)) => {
-                *child = None;
-                return status.success();
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => return false,
-        }
-    }
-    false
-}
-
-impl Drop for QemuVm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.process.wait(timeout)
     }
 }
 
