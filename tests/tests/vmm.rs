@@ -704,6 +704,59 @@ fn vsock_connections_both_ways_over_unix_sockets() {
     assert!(!uds.exists(), "the vsock socket was left behind");
 }
 
+/// The host side of a VM pod under husk-vmm, end to end: husk-sandbox's
+/// HuskVmmVm starts husk-vmm from its JSON configuration, reaches the
+/// guest's vsock port 1024 through the hybrid socket, and does the agent
+/// handshake and shutdown of husk-protocol. The guest is a freestanding
+/// stand-in for husk-agent's vsock transport (this host's KVM cannot run
+/// the Linux agent); the VM ends by itself and leaves nothing.
+#[test]
+fn husk_vmm_vm_reaches_the_agent_over_vsock_and_shuts_it_down() {
+    use husk_sandbox::vm::husk_vmm::{HuskVmmConfig, HuskVmmVm};
+    use husk_sandbox::vm::hypervisor::Vm;
+    if !have_kvm("husk_vmm_vm_reaches_the_agent_over_vsock_and_shuts_it_down") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    let mut f = std::fs::File::create(&initrd).unwrap();
+    husk_sandbox::vm::initramfs::Initramfs::default()
+        .write_to(&mut f)
+        .unwrap();
+    let cfg = HuskVmmConfig {
+        binary: vmm_bin(),
+        kernel: guest("vsockagent.elf"),
+        initrd,
+        cmdline: String::new(),
+        mem_mib: 64,
+        vcpus: 1,
+        disks: vec![],
+        shares: vec![],
+    };
+    let run = dir.path().join("run");
+    let mut vm = HuskVmmVm::start(&cfg, &run, None).unwrap();
+    let pid = vm.pid().unwrap();
+    let agent = vm
+        .agent(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert_eq!(agent.kernel(), "vsock-stand-in");
+    agent.shutdown().unwrap();
+    assert!(
+        vm.wait(std::time::Duration::from_secs(10)),
+        "{}",
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(console.contains("vsock: cid 3\n"), "{console}");
+    assert!(console.contains("agent: hello\n"), "{console}");
+    assert!(console.contains("agent: shutdown\n"), "{console}");
+    assert!(console.contains(r#""reason":"reset""#), "{console}");
+    drop(agent);
+    drop(vm);
+    assert!(!run.exists(), "the VM's run directory is left");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
 #[test]
 fn a_second_vcpu_comes_up_and_reports() {
     if !have_kvm("a_second_vcpu_comes_up_and_reports") {
