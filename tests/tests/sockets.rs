@@ -94,6 +94,65 @@ fn p1_container_port_is_a_preopened_listening_socket() {
     env.finish();
 }
 
+/// hostPort over IPv6 on a dual-stack network: portmap's ip6tables DNAT
+/// from the bridge's IPv6 gateway address to the pod's IPv6 address.
+#[test]
+fn host_port_reaches_an_ipv6_server_through_portmap() {
+    let env = Env::new().dual_stack();
+    let host_port = 20000 + ((std::process::id() + 7) % 20000) as u16;
+    let mapping = format!("{host_port}:8092");
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "web6",
+        "-p",
+        &mapping,
+        netprobe().to_str().unwrap(),
+        "serve6",
+        "8092",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("web6", "the server to listen", |v| {
+        env.container(v, "main")["state"]["running"].is_object()
+    });
+    let rules = |port: u16| {
+        let o = Command::new("ip6tables")
+            .args(["-t", "nat", "-S"])
+            .output()
+            .unwrap();
+        stdout(&o)
+            .lines()
+            .filter(|l| l.contains(&format!("--dport {port}")))
+            .count()
+    };
+    assert!(rules(host_port) > 0, "portmap installed no IPv6 DNAT rule");
+    let gateway = format!("[{}1]:{host_port}", env.subnet6_prefix);
+    let t0 = Instant::now();
+    let mut conn = loop {
+        match TcpStream::connect(&gateway) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "{gateway}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"via-ipv6-host-port\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).unwrap();
+    assert_eq!(reply, "pong via-ipv6-host-port\n");
+    env.wait_for("web6", "the server to finish", |v| {
+        v["status"]["finished"] == true
+    });
+    assert!(env.husk(&["rm", "web6"]).status.success());
+    assert_eq!(rules(host_port), 0, "portmap's IPv6 rules left after rm");
+    env.finish();
+}
+
 #[test]
 fn host_port_reaches_the_pod_through_portmap() {
     let env = Env::new();
