@@ -547,6 +547,61 @@ spec:
     env.finish();
 }
 
+/// `husk info --probe`: the probe-boot behind `auto` on a host whose KVM
+/// is not kvm-pvm, run here on demand. It boots the real kernel and agent
+/// under husk-vmm; on this kvm-pvm host the agent never answers, so the
+/// probe fails with the reason, the answer is cached per files, and
+/// nothing of the probe is left behind.
+#[test]
+fn the_husk_vmm_probe_boot_is_reported_cached_and_leaves_nothing() {
+    let env = vm_env();
+    let cfg = env.root().join("config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("boot_timeout_secs = 5\n");
+    std::fs::write(&cfg, text).unwrap();
+    let info = || {
+        let out = env.husk(&["info", "--probe", "--format", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        v["vm"].clone()
+    };
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let first = info();
+    let probe = &first["probe"];
+    assert_eq!(probe["cached"], false, "{first:#}");
+    if pvm {
+        assert_eq!(first["hypervisor"], "qemu-tcg", "{first:#}");
+        assert_eq!(probe["ok"], false, "{first:#}");
+        let detail = probe["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(
+                "husk-vmm's probe-boot failed: the guest agent did not answer within 5 s"
+            ),
+            "{detail}"
+        );
+    }
+    // The second time the cache answers, the same.
+    let second = info();
+    assert_eq!(second["probe"]["cached"], true, "{second:#}");
+    assert_eq!(second["probe"]["detail"], probe["detail"]);
+    assert_eq!(second["probe"]["ok"], probe["ok"]);
+    // A cache made with other files is not believed.
+    let cache = env.root().join("lib/hypervisor-probe.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+    c["key"] = serde_json::json!([]);
+    std::fs::write(&cache, c.to_string()).unwrap();
+    assert_eq!(info()["probe"]["cached"], false);
+    let left: Vec<_> = std::fs::read_dir(env.root().join("lib"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("probe-boot."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    env.finish();
+}
+
 #[test]
 fn a_guest_kernel_crash_ends_only_its_own_pod() {
     let (_reg, reference, env) = vm_setup("crash");

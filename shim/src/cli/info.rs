@@ -11,6 +11,10 @@ pub struct InfoArgs {
     /// Output format: text or json.
     #[arg(long, default_value = "text")]
     format: String,
+    /// Also probe-boot the guest kernel under husk-vmm now (as `auto` does
+    /// on a host whose KVM is not kvm-pvm), or show the cached answer.
+    #[arg(long)]
+    probe: bool,
 }
 
 pub fn run(roots: &Roots, a: InfoArgs) -> i32 {
@@ -18,8 +22,11 @@ pub fn run(roots: &Roots, a: InfoArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
-    let (hypervisor, reason) = choose_hypervisor(&config.vm);
+    let (hypervisor, reason) = choose_hypervisor(&config.vm, &roots.lib);
     let hypervisor = hypervisor.name();
+    let probe = a
+        .probe
+        .then(|| husk_sandbox::vm::probe::husk_vmm(&config.vm, &roots.lib));
     let files = guest_files(&config.vm);
     let (kernel, agent, problem) = match &files {
         Ok((k, a)) => (k.display().to_string(), a.display().to_string(), None),
@@ -37,6 +44,15 @@ pub fn run(roots: &Roots, a: InfoArgs) -> i32 {
             "problem": problem,
         },
     });
+    let mut v = v;
+    if let Some(p) = &probe {
+        v["vm"]["probe"] = serde_json::json!({
+            "hypervisor": "husk-vmm",
+            "ok": p.ok,
+            "detail": p.detail,
+            "cached": p.cached,
+        });
+    }
     match a.format.as_str() {
         "json" => println!("{v:#}"),
         "text" => {
@@ -49,6 +65,14 @@ pub fn run(roots: &Roots, a: InfoArgs) -> i32 {
                     println!("  agent:  {agent}");
                 }
                 Some(p) => println!("  not ready: {p}"),
+            }
+            if let Some(p) = &probe {
+                println!(
+                    "husk-vmm probe-boot: {} ({}{})",
+                    if p.ok { "passed" } else { "failed" },
+                    p.detail,
+                    if p.cached { ", cached" } else { "" }
+                );
             }
         }
         other => {

@@ -13,6 +13,7 @@ pub mod husk_vmm;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod nic;
+pub mod probe;
 pub mod qemu;
 pub mod rootfs;
 pub mod sandbox;

@@ -157,28 +157,36 @@ pub const HYPERVISOR_ANNOTATION: &str = "husk.io/hypervisor";
 pub const HYPERVISORS: [&str; 4] = ["auto", "qemu-tcg", "qemu-kvm", "husk-vmm"];
 
 /// The hypervisor of one pod: its annotation if it has one, else the host's.
-pub fn pod_hypervisor(plan: &PodPlan, config: &crate::config::VmConfig) -> (Hypervisor, String) {
+/// `lib`: the state directory (the probe's cache).
+pub fn pod_hypervisor(
+    plan: &PodPlan,
+    config: &crate::config::VmConfig,
+    lib: &Path,
+) -> (Hypervisor, String) {
     match plan.annotations.get(HYPERVISOR_ANNOTATION) {
         Some(h) if h != "auto" => {
-            let (hypervisor, _) = choose_hypervisor(&crate::config::VmConfig {
-                hypervisor: h.clone(),
-                ..config.clone()
-            });
+            let (hypervisor, _) = choose_hypervisor(
+                &crate::config::VmConfig {
+                    hypervisor: h.clone(),
+                    ..config.clone()
+                },
+                lib,
+            );
             (
                 hypervisor,
                 format!("the pod's annotation {HYPERVISOR_ANNOTATION}: {h}"),
             )
         }
-        _ => choose_hypervisor(config),
+        _ => choose_hypervisor(config, lib),
     }
 }
 
-/// Which hypervisor runs VM pods on this host, and why. `auto` takes QEMU:
-/// with TCG where KVM is missing or is kvm-pvm, else with KVM. husk-vmm
-/// runs pods when chosen (`[vm] hypervisor = "husk-vmm"` or the pod's
-/// annotation); it becomes `auto`'s choice once its agent path has run on
-/// a host whose KVM runs Linux (this one's cannot).
-pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Hypervisor, String) {
+/// Which hypervisor runs VM pods on this host, and why. `auto`: QEMU with
+/// TCG where KVM is missing or is kvm-pvm (a Linux guest's user space
+/// cannot run there); elsewhere husk-vmm when its probe-boot of the real
+/// guest kernel and agent passes (see [`super::probe`], cached in `lib`),
+/// else QEMU with KVM.
+pub fn choose_hypervisor(config: &crate::config::VmConfig, lib: &Path) -> (Hypervisor, String) {
     match config.hypervisor.as_str() {
         "qemu-tcg" => (
             Hypervisor::QemuTcg,
@@ -200,7 +208,17 @@ pub fn choose_hypervisor(config: &crate::config::VmConfig) -> (Hypervisor, Strin
             Hypervisor::QemuTcg,
             "this host's KVM is kvm-pvm, which runs a guest kernel without PVM support under instruction emulation with no user space: QEMU with software emulation (TCG)".into(),
         ),
-        _ => (Hypervisor::QemuKvm, "KVM: QEMU with -accel kvm".into()),
+        _ => {
+            let probe = super::probe::husk_vmm(config, lib);
+            if probe.ok {
+                (Hypervisor::HuskVmm, probe.detail)
+            } else {
+                (
+                    Hypervisor::QemuKvm,
+                    format!("{}: QEMU with -accel kvm", probe.detail),
+                )
+            }
+        }
     }
 }
 
@@ -376,7 +394,13 @@ impl VmSandbox {
         let t0 = Instant::now();
         std::fs::create_dir_all(&paths.run).map_err(io(&paths.run))?;
         let (kernel, agent_bin) = guest_files(&config.vm).map_err(vm_err)?;
-        let (hypervisor, why) = pod_hypervisor(plan, &config.vm);
+        // The state directory: lib/pods/<id> is this pod's.
+        let lib = paths
+            .lib
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&paths.lib);
+        let (hypervisor, why) = pod_hypervisor(plan, &config.vm, lib);
         tracing::info!(hypervisor = hypervisor.name(), "{why}");
         let husk_vmm = hypervisor == Hypervisor::HuskVmm;
         if husk_vmm && config.vm.acpi {
