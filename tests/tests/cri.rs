@@ -4,6 +4,11 @@
 
 mod common;
 mod kubeapi;
+/// huskd's SPDY/3.1 codec, for a client of the tunneled port-forward (no
+/// client here speaks it: Debian's kubectl predates the tunnel).
+#[allow(dead_code)]
+#[path = "../../shim/src/huskd/spdy.rs"]
+mod spdy;
 use common::*;
 use husk_tests::{cri_channel, oci_client as client, rt, Registry};
 use k8s_cri::v1 as cri;
@@ -1059,6 +1064,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         .await
         .unwrap();
         spdy_forward_to_wasm(&mut rs, &pod, &cfg, &server_image).await;
+        tunneled_forward_to_wasm(&mut rs, &pod, &cfg, &server_image).await;
 
         // The kubelet rotates a log: the container writes to a fresh file.
         let polite_log = log_dir.join("polite_0.log");
@@ -1482,6 +1488,118 @@ async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
             Err(_) => panic!("the exec stream did not end"),
         }
     }
+}
+
+/// Port-forward as client-go does it over WebSocket (critest's
+/// `-websocket-portforward`): the SPDY session tunneled in binary messages
+/// of subprotocol `SPDY/3.1+portforward.k8s.io`, an error and a data
+/// stream per connection.
+async fn tunneled_forward_to_wasm(
+    rs: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use spdy::{Frame, FrameReader, FrameWriter};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = started(
+        rs,
+        cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(container_config(
+                "server3",
+                image,
+                &["serve", "8083", "1"],
+                vec![],
+            )),
+            sandbox_config: Some(cfg.clone()),
+        },
+    )
+    .await;
+    let url = forward_url(rs, pod, 8083).await;
+    let ws = husk_tests::ws_connect(&url, "SPDY/3.1+portforward.k8s.io").await;
+    let (mut sink, mut stream) = ws.split();
+    let mut frames = Vec::new();
+    let mut w = FrameWriter::new(&mut frames);
+    let headers = |kind: &str| {
+        vec![
+            ("streamtype".to_owned(), kind.to_owned()),
+            ("port".to_owned(), "8083".to_owned()),
+            ("requestid".to_owned(), "0".to_owned()),
+        ]
+    };
+    for f in [
+        Frame::SynStream {
+            id: 1,
+            fin: false,
+            headers: headers("error"),
+        },
+        Frame::SynStream {
+            id: 3,
+            fin: false,
+            headers: headers("data"),
+        },
+        Frame::Data {
+            id: 3,
+            fin: true,
+            data: b"through-the-tunnel\n".to_vec(),
+        },
+    ] {
+        w.write(&f).await.unwrap();
+    }
+    // Split across messages the way a byte stream may be.
+    let (a, b) = frames.split_at(frames.len() / 2);
+    sink.send(Message::binary(a.to_vec())).await.unwrap();
+    sink.send(Message::binary(b.to_vec())).await.unwrap();
+    // The answer: what the server's data stream carries, until its FIN.
+    let (tx, rx) = tokio::io::duplex(64 << 10);
+    let pump = tokio::spawn(async move {
+        let mut tx = tx;
+        use tokio::io::AsyncWriteExt;
+        while let Some(Ok(Message::Binary(b))) = stream.next().await {
+            if tx.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = FrameReader::new(rx);
+    let mut data = Vec::new();
+    let mut replies = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match r.read().await.unwrap() {
+                Some(Frame::SynReply { .. }) => replies += 1,
+                Some(Frame::Data {
+                    id: 3,
+                    fin,
+                    data: d,
+                }) => {
+                    data.extend(d);
+                    if fin {
+                        break;
+                    }
+                }
+                Some(Frame::Data { id: 1, data: d, .. }) if !d.is_empty() => {
+                    panic!("error stream: {}", String::from_utf8_lossy(&d))
+                }
+                Some(_) => {}
+                None => panic!("the tunnel closed before the data stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("no answer through the tunnel");
+    assert_eq!(replies, 2);
+    assert_eq!(String::from_utf8_lossy(&data), "pong through-the-tunnel\n");
+    pump.abort();
+    let st = wait_state(rs, &server, cri::ContainerState::ContainerExited).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    rs.remove_container(cri::RemoveContainerRequest {
+        container_id: server,
+    })
+    .await
+    .unwrap();
 }
 
 /// kubectl port-forward over SPDY to a wasm server in the pod's network

@@ -19,7 +19,11 @@
 //! by its `streamtype` header: `v4`/`v3`/`v2.channel.k8s.io` for exec and
 //! attach (error, stdin, stdout, stderr, resize), `portforward.k8s.io` for
 //! port-forward (a data and an error stream per forwarded connection, with
-//! its `port` and `requestid`).
+//! its `port` and `requestid`). Newer clients (client-go's port-forward
+//! over WebSocket, critest's `-websocket-portforward`) tunnel that same
+//! SPDY session through a WebSocket: subprotocol
+//! `SPDY/3.1+portforward.k8s.io`, the SPDY bytes carried in binary
+//! messages.
 
 use crate::spdy::{self, Frame, FrameReader, FrameWriter};
 use futures_util::{SinkExt, StreamExt};
@@ -48,6 +52,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEAD: usize = 16 << 10;
 /// Forwarded connections at once on one SPDY port-forward.
 const MAX_FORWARDS: usize = 256;
+
+/// The WebSocket subprotocol that tunnels a SPDY port-forward session.
+const SPDY_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
 
 /// A client connection after its request head was read: the head is
 /// replayed to the WebSocket handshake.
@@ -224,7 +231,7 @@ impl Streaming {
                     .collect();
                 let wanted: &[&'static str] = match p {
                     Pending::Process { .. } => &["v5.channel.k8s.io", "v4.channel.k8s.io"],
-                    Pending::PortForward { .. } => &["v4.channel.k8s.io", ""],
+                    Pending::PortForward { .. } => &["v4.channel.k8s.io", SPDY_TUNNEL, ""],
                 };
                 let Some(proto) = wanted.iter().find(|w| {
                     offered.iter().any(|o| o == *w) || (w.is_empty() && offered.is_empty())
@@ -266,6 +273,10 @@ impl Streaming {
                 let v5 = proto == "v5.channel.k8s.io";
                 self.exec(ws, &pod, request, label, ExecOpts { v5, io })
                     .await
+            }
+            Some((Pending::PortForward { pod, ports, target }, SPDY_TUNNEL)) => {
+                let mut s = Session::start(tunnel(ws), Vec::new());
+                self.spdy_port_forward(&mut s, &pod, ports, target).await
             }
             Some((Pending::PortForward { pod, ports, target }, _)) => {
                 self.port_forward(ws, &pod, ports, target).await
@@ -770,8 +781,13 @@ struct Session {
 }
 
 impl Session {
-    fn start(tcp: TcpStream, rest: Vec<u8>) -> Session {
-        let (rd, wr) = tcp.into_split();
+    /// A SPDY session on `conn` (a client's TCP connection, or a WebSocket
+    /// tunnel), `rest` being what was read past the upgrade request.
+    fn start<C>(conn: C, rest: Vec<u8>) -> Session
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(conn);
         let mut reader = FrameReader::new(AsyncReadExt::chain(std::io::Cursor::new(rest), rd));
         let mut writer = FrameWriter::new(wr);
         let (out, mut queue) = mpsc::channel::<Frame>(64);
@@ -1292,6 +1308,44 @@ impl Streaming {
         }
         s.close(last).await;
     }
+}
+
+/// The byte stream a WebSocket tunnels (client-go's TunnelingConnection):
+/// each binary message carries the next bytes; a close ends the stream.
+/// Two tasks pump between the WebSocket and one end of an in-memory pipe;
+/// they end when either side does.
+fn tunnel(ws: WebSocketStream<Conn>) -> tokio::io::DuplexStream {
+    let (mine, theirs) = tokio::io::duplex(64 << 10);
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(mine);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
+                Message::Binary(_) => {}
+                Message::Close(_) => break,
+                // Pings are answered by tungstenite; text has no place in
+                // a tunnel.
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+    theirs
 }
 
 /// Ends an exec over SPDY: its result on the error stream (a Status for
