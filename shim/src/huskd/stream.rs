@@ -275,6 +275,10 @@ impl Streaming {
                     .await
             }
             Some((Pending::PortForward { pod, ports, target }, SPDY_TUNNEL)) => {
+                tracing::info!(
+                    pod,
+                    "streaming: port-forward over SPDY tunneled in a WebSocket"
+                );
                 let mut s = Session::start(tunnel(ws), Vec::new());
                 self.spdy_port_forward(&mut s, &pod, ports, target).await
             }
