@@ -1490,6 +1490,33 @@ async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
     }
 }
 
+/// Starts container `name` in the wasm pod: the probe serving one
+/// connection on `port`.
+async fn serve_once(
+    rs: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+    name: &str,
+    port: u16,
+) -> String {
+    let port = port.to_string();
+    started(
+        rs,
+        cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(container_config(
+                name,
+                image,
+                &["serve", &port, "1"],
+                vec![],
+            )),
+            sandbox_config: Some(cfg.clone()),
+        },
+    )
+    .await
+}
+
 /// Port-forward as client-go does it over WebSocket (critest's
 /// `-websocket-portforward`): the SPDY session tunneled in binary messages
 /// of subprotocol `SPDY/3.1+portforward.k8s.io`, an error and a data
@@ -1503,20 +1530,7 @@ async fn tunneled_forward_to_wasm(
     use futures_util::{SinkExt, StreamExt};
     use spdy::{Frame, FrameReader, FrameWriter};
     use tokio_tungstenite::tungstenite::Message;
-    let server = started(
-        rs,
-        cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(container_config(
-                "server3",
-                image,
-                &["serve", "8083", "1"],
-                vec![],
-            )),
-            sandbox_config: Some(cfg.clone()),
-        },
-    )
-    .await;
+    let server = serve_once(rs, pod, cfg, image, "server3", 8083).await;
     let url = forward_url(rs, pod, 8083).await;
     let ws = husk_tests::ws_connect(&url, "SPDY/3.1+portforward.k8s.io").await;
     let (mut sink, mut stream) = ws.split();
@@ -1612,20 +1626,7 @@ async fn spdy_forward_to_wasm(
 ) {
     use kubeapi::{Container, KubeApi, PortForward};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = started(
-        rs,
-        cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(container_config(
-                "server2",
-                image,
-                &["serve", "8081", "1"],
-                vec![],
-            )),
-            sandbox_config: Some(cfg.clone()),
-        },
-    )
-    .await;
+    let server = serve_once(rs, pod, cfg, image, "server2", 8081).await;
     let api = KubeApi::start(rs.clone()).await;
     api.add(kubeapi::Pod {
         name: "wasmweb".into(),

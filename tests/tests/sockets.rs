@@ -94,44 +94,41 @@ fn p1_container_port_is_a_preopened_listening_socket() {
     env.finish();
 }
 
-/// hostPort over IPv6 on a dual-stack network: portmap's ip6tables DNAT
-/// from the bridge's IPv6 gateway address to the pod's IPv6 address.
-#[test]
-fn host_port_reaches_an_ipv6_server_through_portmap() {
-    let env = Env::new().dual_stack();
-    let host_port = 20000 + ((std::process::id() + 7) % 20000) as u16;
-    let mapping = format!("{host_port}:8092");
-    let out = env.husk(&[
-        "run",
-        "-d",
-        "--name",
-        "web6",
-        "-p",
-        &mapping,
-        netprobe().to_str().unwrap(),
-        "serve6",
-        "8092",
-        "1",
-    ]);
+/// Runs `server` as pod `name` with hostPort `mapping`, then checks that
+/// portmap installed its DNAT (with `iptables`: iptables or ip6tables),
+/// that a line sent to `gateway` (the bridge's address, host port) comes
+/// back from the pod's server, and that rm takes the rules away.
+fn host_port_round_trip(
+    env: &Env,
+    name: &str,
+    mapping: &str,
+    server: &[&str],
+    iptables: &str,
+    gateway: &str,
+    line: &str,
+) {
+    let mut args = vec!["run", "-d", "--name", name, "-p", mapping];
+    args.extend_from_slice(server);
+    let out = env.husk(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    env.wait_for("web6", "the server to listen", |v| {
+    env.wait_for(name, "the server to listen", |v| {
         env.container(v, "main")["state"]["running"].is_object()
     });
-    let rules = |port: u16| {
-        let o = Command::new("ip6tables")
+    let host_port = mapping.split(':').next().unwrap();
+    let rules = || {
+        let o = Command::new(iptables)
             .args(["-t", "nat", "-S"])
             .output()
             .unwrap();
         stdout(&o)
             .lines()
-            .filter(|l| l.contains(&format!("--dport {port}")))
+            .filter(|l| l.contains(&format!("--dport {host_port}")))
             .count()
     };
-    assert!(rules(host_port) > 0, "portmap installed no IPv6 DNAT rule");
-    let gateway = format!("[{}1]:{host_port}", env.subnet6_prefix);
+    assert!(rules() > 0, "portmap installed no {iptables} DNAT rule");
     let t0 = Instant::now();
     let mut conn = loop {
-        match TcpStream::connect(&gateway) {
+        match TcpStream::connect(gateway) {
             Ok(c) => break c,
             Err(e) => {
                 assert!(t0.elapsed() < Duration::from_secs(10), "{gateway}: {e}");
@@ -141,71 +138,48 @@ fn host_port_reaches_an_ipv6_server_through_portmap() {
     };
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    conn.write_all(b"via-ipv6-host-port\n").unwrap();
+    conn.write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut reply = String::new();
     BufReader::new(conn).read_line(&mut reply).unwrap();
-    assert_eq!(reply, "pong via-ipv6-host-port\n");
-    env.wait_for("web6", "the server to finish", |v| {
+    assert_eq!(reply, format!("pong {line}\n"));
+    env.wait_for(name, "the server to finish", |v| {
         v["status"]["finished"] == true
     });
-    assert!(env.husk(&["rm", "web6"]).status.success());
-    assert_eq!(rules(host_port), 0, "portmap's IPv6 rules left after rm");
-    env.finish();
+    assert!(env.husk(&["rm", name]).status.success());
+    assert_eq!(rules(), 0, "portmap's {iptables} rules left after rm");
 }
 
 #[test]
 fn host_port_reaches_the_pod_through_portmap() {
     let env = Env::new();
     let host_port = 20000 + (std::process::id() % 20000) as u16;
-    let mapping = format!("{host_port}:8082");
-    let out = env.husk(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "-p",
-        &mapping,
-        probe().to_str().unwrap(),
-        "serve",
-        "1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    env.wait_for("web", "the server to listen", |v| {
-        env.container(v, "main")["state"]["running"].is_object()
-    });
-    let rules = |port: u16| {
-        let o = Command::new("iptables")
-            .args(["-t", "nat", "-S"])
-            .output()
-            .unwrap();
-        stdout(&o)
-            .lines()
-            .filter(|l| l.contains(&format!("--dport {port}")))
-            .count()
-    };
-    assert!(rules(host_port) > 0, "portmap installed no DNAT rule");
     // From the host: the bridge's gateway address, host port → pod port.
-    let gateway = format!("{}.1:{host_port}", env.subnet_prefix);
-    let t0 = Instant::now();
-    let mut conn = loop {
-        match TcpStream::connect(&gateway) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(t0.elapsed() < Duration::from_secs(10), "{gateway}: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.write_all(b"via-host-port\n").unwrap();
-    let mut reply = String::new();
-    BufReader::new(conn).read_line(&mut reply).unwrap();
-    assert_eq!(reply, "pong via-host-port\n");
-    env.wait_for("web", "the server to finish", |v| {
-        v["status"]["finished"] == true
-    });
-    assert!(env.husk(&["rm", "web"]).status.success());
-    assert_eq!(rules(host_port), 0, "portmap rules left after rm");
+    host_port_round_trip(
+        &env,
+        "web",
+        &format!("{host_port}:8082"),
+        &[probe().to_str().unwrap(), "serve", "1"],
+        "iptables",
+        &format!("{}.1:{host_port}", env.subnet_prefix),
+        "via-host-port",
+    );
+    env.finish();
+}
+
+/// hostPort over IPv6 on a dual-stack network: portmap's ip6tables DNAT
+/// from the bridge's IPv6 gateway address to the pod's IPv6 address.
+#[test]
+fn host_port_reaches_an_ipv6_server_through_portmap() {
+    let env = Env::new().dual_stack();
+    let host_port = 20000 + ((std::process::id() + 7) % 20000) as u16;
+    host_port_round_trip(
+        &env,
+        "web6",
+        &format!("{host_port}:8092"),
+        &[netprobe().to_str().unwrap(), "serve6", "8092", "1"],
+        "ip6tables",
+        &format!("[{}1]:{host_port}", env.subnet6_prefix),
+        "via-ipv6-host-port",
+    );
     env.finish();
 }

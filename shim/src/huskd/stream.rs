@@ -1317,12 +1317,13 @@ impl Streaming {
 /// The byte stream a WebSocket tunnels (client-go's TunnelingConnection):
 /// each binary message carries the next bytes; a close ends the stream.
 /// Two tasks pump between the WebSocket and one end of an in-memory pipe;
-/// they end when either side does.
+/// the outbound one ends when the session drops its end, and then ends the
+/// inbound one.
 fn tunnel(ws: WebSocketStream<Conn>) -> tokio::io::DuplexStream {
     let (mine, theirs) = tokio::io::duplex(64 << 10);
     let (mut sink, mut stream) = ws.split();
     let (mut rd, mut wr) = tokio::io::split(mine);
-    tokio::spawn(async move {
+    let inbound = tokio::spawn(async move {
         while let Some(Ok(m)) = stream.next().await {
             match m {
                 Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
@@ -1338,16 +1339,18 @@ fn tunnel(ws: WebSocketStream<Conn>) -> tokio::io::DuplexStream {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 32 << 10];
         loop {
-            match rd.read(&mut buf).await {
+            let n = match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
+                Ok(n) => n,
+            };
+            if sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                break;
             }
         }
         let _ = sink.close().await;
+        // The session is over: a client that never closes its side does
+        // not keep the other task waiting.
+        inbound.abort();
     });
     theirs
 }

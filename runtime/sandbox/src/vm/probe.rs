@@ -9,7 +9,6 @@
 
 use super::husk_vmm::{FsShare, HuskVmmConfig, HuskVmmVm};
 use super::hypervisor::Vm;
-use super::initramfs::Initramfs;
 use crate::config::VmConfig;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -129,13 +128,7 @@ fn boot(
     let share = dir.0.join("share");
     std::fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
     let initrd = dir.0.join("initramfs.cpio");
-    let mut initramfs = Initramfs::default();
-    initramfs
-        .copy("init", agent)
-        .map_err(|e| format!("{}: {e}", agent.display()))?;
-    std::fs::File::create(&initrd)
-        .and_then(|mut f| initramfs.write_to(&mut f))
-        .map_err(|e| format!("{}: {e}", initrd.display()))?;
+    super::sandbox::write_agent_initramfs(agent, config.modules.as_deref(), &initrd)?;
     let mut vm = HuskVmmVm::start(
         &HuskVmmConfig {
             binary: binary.to_owned(),

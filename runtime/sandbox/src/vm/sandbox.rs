@@ -284,6 +284,32 @@ pub fn guest_files(config: &crate::config::VmConfig) -> Result<(PathBuf, PathBuf
     Ok((kernel, agent))
 }
 
+/// The guest's initramfs at `out`: the agent as /init, and the kernel
+/// modules of `modules` (a kernel whose virtio drivers are modules).
+pub(crate) fn write_agent_initramfs(
+    agent: &Path,
+    modules: Option<&Path>,
+    out: &Path,
+) -> Result<(), String> {
+    let mut initramfs = Initramfs::default();
+    initramfs
+        .copy("init", agent)
+        .map_err(|e| format!("{}: {e}", agent.display()))?;
+    if let Some(m) = modules {
+        initramfs.dir("lib").dir("lib/modules");
+        let entries = std::fs::read_dir(m).map_err(|e| format!("{}: {e}", m.display()))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            initramfs
+                .copy(&format!("lib/modules/{name}"), &e.path())
+                .map_err(|err| format!("{}: {err}", e.path().display()))?;
+        }
+    }
+    std::fs::File::create(out)
+        .and_then(|mut f| initramfs.write_to(&mut f))
+        .map_err(|e| format!("{}: {e}", out.display()))
+}
+
 pub(crate) struct Resources {
     network: Option<PodNetwork>,
     vm: Option<Box<dyn Vm>>,
@@ -489,28 +515,9 @@ impl VmSandbox {
             layers.insert(c.name.clone(), (devs, None));
         }
 
-        // The initramfs: the agent as /init (and kernel modules if any).
-        let mut initramfs = Initramfs::default();
-        initramfs
-            .copy("init", &agent_bin)
-            .map_err(|e| vm_err(VmPodError::Setup(format!("{}: {e}", agent_bin.display()))))?;
-        if let Some(m) = &config.vm.modules {
-            initramfs.dir("lib").dir("lib/modules");
-            let entries = std::fs::read_dir(m)
-                .map_err(|e| vm_err(VmPodError::Setup(format!("{}: {e}", m.display()))))?;
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                initramfs
-                    .copy(&format!("lib/modules/{name}"), &e.path())
-                    .map_err(|err| {
-                        vm_err(VmPodError::Setup(format!("{}: {err}", e.path().display())))
-                    })?;
-            }
-        }
         let initrd = vm_dir.join("initramfs.cpio");
-        std::fs::File::create(&initrd)
-            .and_then(|mut f| initramfs.write_to(&mut f))
-            .map_err(io(&initrd))?;
+        write_agent_initramfs(&agent_bin, config.vm.modules.as_deref(), &initrd)
+            .map_err(|e| vm_err(VmPodError::Setup(e)))?;
 
         // Network, from the host's namespace (this thread never leaves it).
         let net = PodNetwork::for_pod(plan, paths, &config.network, cni_dir)?;
