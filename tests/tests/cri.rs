@@ -1462,7 +1462,7 @@ struct Streamed {
 }
 
 /// Runs an exec through its streaming `url`: sends `input` frames, then
-/// reads until the server closes.
+/// reads until the server closes, which it must do with status 1000.
 async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
@@ -1483,7 +1483,13 @@ async fn exec_stream(url: &str, input: Vec<Vec<u8>>) -> Streamed {
                 Some(3) => r.status = serde_json::from_slice(&b[1..]).unwrap(),
                 _ => {}
             },
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return r,
+            // client-go keeps the Status only after a Close with 1000.
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1000), "the exec stream's close code");
+                return r;
+            }
+            Ok(None) | Ok(Some(Err(_))) => panic!("the exec stream ended without a Close"),
             Ok(Some(Ok(_))) => {}
             Err(_) => panic!("the exec stream did not end"),
         }
@@ -2581,4 +2587,109 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
     );
     drop(huskd);
     env.finish();
+}
+
+/// One HTTP/2 frame: the 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// The next frame from `s`: (type, flags, stream, payload).
+fn read_h2_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, u8, u32, Vec<u8>) {
+    use std::io::Read;
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).expect("huskd closed the connection");
+    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    (h[3], h[4], stream, p)
+}
+
+/// A gRPC call made as grpc-go (the kubelet, crictl and critest up to
+/// 1.30) makes it on a unix socket: HTTP/2 by hand, `:authority` the
+/// socket's path, headers HPACK-coded with the dynamic table as Go's
+/// encoder does. h2 alone refuses such a request with
+/// RST_STREAM(PROTOCOL_ERROR); huskd answers it.
+#[test]
+fn a_grpc_go_client_that_sends_the_socket_path_as_authority_is_answered() {
+    use std::io::Write;
+    let env = Env::new();
+    let huskd = Huskd::start(&env);
+    let mut s = std::os::unix::net::UnixStream::connect(&huskd.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let authority = huskd.socket.to_str().unwrap().to_owned();
+    let mut enc = loona_hpack::Encoder::new();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    // Two calls on one connection: the second block refers to the first's
+    // fields through the client's dynamic table.
+    for stream in [1u32, 3] {
+        let headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/runtime.v1.RuntimeService/Version"),
+            (":authority", authority.as_str()),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.51.0"),
+            ("te", "trailers"),
+        ];
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        out.extend(h2_frame(0x1, 0x4, stream, &block));
+        // An empty VersionRequest: not compressed, length 0.
+        out.extend(h2_frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+    }
+    s.write_all(&out).unwrap();
+    let mut dec = loona_hpack::Decoder::new();
+    let mut headers: HashMap<u32, Vec<(String, String)>> = HashMap::new();
+    let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut ended = 0;
+    while ended < 2 {
+        let (kind, flags, stream, payload) = read_h2_frame(&mut s);
+        match kind {
+            // SETTINGS: acknowledged, as a client must.
+            0x4 if flags & 1 == 0 => s.write_all(&h2_frame(0x4, 1, 0, &[])).unwrap(),
+            0x3 => panic!("huskd reset stream {stream}: error code {payload:?}"),
+            0x7 => panic!("huskd sent GOAWAY: {payload:?}"),
+            0x1 => {
+                assert_ne!(
+                    flags & 0x4,
+                    0,
+                    "no CONTINUATION expected for a short answer"
+                );
+                let h = dec.decode(&payload).unwrap();
+                headers.entry(stream).or_default().extend(
+                    h.into_iter().map(|(n, v)| {
+                        (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap())
+                    }),
+                );
+            }
+            0x0 => data.entry(stream).or_default().extend(&payload),
+            _ => {}
+        }
+        if matches!(kind, 0x0 | 0x1) && flags & 0x1 != 0 {
+            ended += 1;
+        }
+    }
+    for stream in [1, 3] {
+        let h = &headers[&stream];
+        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get(":status"), Some("200"), "{h:?}");
+        assert_eq!(get("grpc-status"), Some("0"), "{h:?}");
+        let body = &data[&stream];
+        assert!(body.len() > 5, "{body:?}");
+        use prost::Message;
+        let v = cri::VersionResponse::decode(&body[5..]).unwrap();
+        assert_eq!(v.runtime_name, "husk", "{v:?}");
+        assert_eq!(v.runtime_api_version, "v1", "{v:?}");
+    }
+    let log = std::fs::read_to_string(env.root().join("huskd.log")).unwrap();
+    assert!(
+        log.contains("socket path as :authority"),
+        "huskd did not log the rewrite: {log}"
+    );
 }

@@ -6,6 +6,7 @@
 //! so it can be restarted (or killed) while pods run, and the `husk` CLI
 //! sees the same pods and images.
 
+mod authority;
 mod events;
 mod image;
 mod runtime;
@@ -127,7 +128,11 @@ fn serve(args: Args) -> Result<(), String> {
         ));
         state.recover();
         tracing::info!(socket = %args.socket.display(), "huskd serving CRI v1");
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        // grpc-go's socket-path :authority, mended before h2 reads it.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            |conn| conn.map(authority::GrpcGoCompat::new),
+        );
         let socket = args.socket.clone();
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};

@@ -303,7 +303,7 @@ impl Streaming {
             Ok(c) => c,
             Err(msg) => {
                 let _ = sink.send(Message::binary(status_frame(Err(msg)))).await;
-                let _ = sink.close().await;
+                close_normal(&mut sink).await;
                 return;
             }
         };
@@ -358,7 +358,7 @@ impl Streaming {
                 };
                 let result = result.map(|code| (code, argv.clone()));
                 let _ = sink.send(Message::binary(status_frame(result))).await;
-                let _ = sink.close().await;
+                close_normal(&mut sink).await;
                 return;
             }
         };
@@ -385,7 +385,7 @@ impl Streaming {
                     break;
                 }
             }
-            let _ = sink.close().await;
+            close_normal(&mut sink).await;
         });
         let mut inputs: HashMap<u8, mpsc::Sender<Vec<u8>>> = HashMap::new();
         for (i, port) in ports.iter().enumerate() {
@@ -1314,6 +1314,23 @@ impl Streaming {
     }
 }
 
+/// Ends a WebSocket as client-go expects of a stream that ended well: a
+/// Close with status 1000 (client-go takes any other code, or none, for a
+/// broken stream and drops the exit Status it read), then the flush.
+async fn close_normal<S>(sink: &mut S)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
+    let _ = sink.close().await;
+}
+
 /// The byte stream a WebSocket tunnels (client-go's TunnelingConnection):
 /// each binary message carries the next bytes; a close ends the stream.
 /// Two tasks pump between the WebSocket and one end of an in-memory pipe;
@@ -1347,7 +1364,7 @@ fn tunnel(ws: WebSocketStream<Conn>) -> tokio::io::DuplexStream {
                 break;
             }
         }
-        let _ = sink.close().await;
+        close_normal(&mut sink).await;
         // The session is over: a client that never closes its side does
         // not keep the other task waiting.
         inbound.abort();
