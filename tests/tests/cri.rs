@@ -1128,6 +1128,38 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         assert!(t0.elapsed() >= Duration::from_secs(1));
         let st = wait_state(&mut rs, &stubborn, cri::ContainerState::ContainerExited).await;
         assert_eq!(st.exit_code, 137, "{st:?}");
+        // A stop at once after the start, before the guest even runs
+        // (critest's "should support stopping container"): its stdin
+        // closes all the same, so it ends cleanly, well inside the grace.
+        let hasty = rs
+            .create_container(create("hasty", &["stdin"], vec![]))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: hasty.clone(),
+        })
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        rs.stop_container(cri::StopContainerRequest {
+            container_id: hasty.clone(),
+            timeout: 60,
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &hasty, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+        assert!(log_lines(&log_dir.join("hasty_0.log"))
+            .iter()
+            .any(|l| l.ends_with("stdout F stdin closed, exiting cleanly")));
+        rs.remove_container(cri::RemoveContainerRequest {
+            container_id: hasty.clone(),
+        })
+        .await
+        .unwrap();
         rs.remove_container(cri::RemoveContainerRequest {
             container_id: stubborn.clone(),
         })
@@ -2556,8 +2588,44 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         }
         assert!(log_lines(&plog).iter().any(|l| l.ends_with(" bye")));
 
+        // A stop at once after the start (critest's "should support
+        // stopping container"): the shell, PID 1 of its namespace, has not
+        // installed its trap yet (here it waits a second first, to make
+        // the guest's start-up window certain), and the kernel drops a
+        // signal to such an init; the agent delivers it again until the
+        // trap takes it, well inside the grace period (no SIGKILL: not 137).
+        let hasty = rs
+            .create_container(create(config(
+                "hasty",
+                "sleep 1; trap 'exit 143' TERM; while true; do sleep 0.2; done",
+                vec![],
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .container_id;
+        rs.start_container(cri::StartContainerRequest {
+            container_id: hasty.clone(),
+        })
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        rs.stop_container(cri::StopContainerRequest {
+            container_id: hasty.clone(),
+            timeout: 60,
+        })
+        .await
+        .unwrap();
+        let st = wait_state(&mut rs, &hasty, cri::ContainerState::ContainerExited).await;
+        assert_eq!(st.exit_code, 143, "{st:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the stop took {:?} of its 60 s",
+            t0.elapsed()
+        );
+
         // Removing the containers releases their mounts in the share.
-        for id in [&main, &quick, &polite] {
+        for id in [&main, &quick, &polite, &hasty] {
             rs.remove_container(cri::RemoveContainerRequest {
                 container_id: id.clone(),
             })

@@ -634,6 +634,15 @@ impl<W: Write + Send + 'static> Session<W> {
             if let Some(child) = child_of(pid) {
                 pid = child;
             }
+        } else if outside_parent && redelivered(signal) {
+            // SAFETY: kill with signal 0 only checks that the pid (a child
+            // in the table, so not reused) exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return self.error(Some(id), format!("signal {signal}: {e}"));
+            }
+            std::thread::spawn(move || deliver_until_handled(pid, signal, REDELIVER_FOR));
+            return Ok(());
         }
         // SAFETY: kill takes plain integers; a pid in the table is a child
         // not yet reaped (it leaves the table as it is reaped), so not reused.
@@ -1156,6 +1165,123 @@ fn child_of(parent: u32) -> Option<u32> {
             .ok()?;
         (ppid == parent).then_some(pid)
     })
+}
+
+/// How long a signal is re-delivered to a namespace init that has no
+/// handler for it (the host's grace period ends with SIGKILL long before).
+const REDELIVER_FOR: Duration = Duration::from_secs(3600);
+const REDELIVER_EVERY: Duration = Duration::from_millis(20);
+
+/// Signals whose default action ends (or stops) a process: the kernel
+/// drops these for a PID-namespace init without a handler, where a process
+/// elsewhere would have ended.
+fn redelivered(signal: i32) -> bool {
+    matches!(
+        signal,
+        libc::SIGHUP
+            | libc::SIGINT
+            | libc::SIGQUIT
+            | libc::SIGTERM
+            | libc::SIGUSR1
+            | libc::SIGUSR2
+            | libc::SIGALRM
+    )
+}
+
+/// What a process does with a signal, from /proc/PID/status.
+#[derive(Debug, PartialEq)]
+enum Disposition {
+    Handled,
+    Ignored,
+    Default,
+}
+
+/// The program's disposition of `signal`, and whether the program is the
+/// init of its own PID namespace (its NSpid ends in 1); None once gone.
+fn disposition(pid: u32, signal: i32) -> Option<(Disposition, bool)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let mask = |name: &str| {
+        field(name)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = 1u64 << (signal - 1);
+    let ns_init = field("NSpid:").is_some_and(|v| {
+        let ids: Vec<&str> = v.split_whitespace().collect();
+        ids.len() > 1 && ids.last() == Some(&"1")
+    });
+    let d = if mask("SigCgt:") & bit != 0 {
+        Disposition::Handled
+    } else if mask("SigIgn:") & bit != 0 {
+        Disposition::Ignored
+    } else {
+        Disposition::Default
+    };
+    Some((d, ns_init))
+}
+
+/// Delivers `signal` to the program under `outside` (the parent that stayed
+/// outside its PID namespace, see [`fork_into_pid_namespace`]). A program
+/// that is its namespace's init and has not installed its handler yet (a
+/// stop right after a start) would never see it, as the kernel drops it:
+/// it is sent again every [`REDELIVER_EVERY`] until the program handles
+/// (one last send, which reaches the handler), ignores it or ends, or for
+/// `limit`. A send right before the handler is installed may reach it
+/// twice; none is lost. The program is held by a pidfd, so a reused pid
+/// is never signalled.
+fn deliver_until_handled(outside: u32, signal: i32, limit: Duration) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let deadline = Instant::now() + limit;
+    let mut program: Option<(u32, OwnedFd)> = None;
+    loop {
+        if program.is_none() {
+            if let Some(pid) = child_of(outside) {
+                // SAFETY: pidfd_open takes plain integers; on success the
+                // descriptor is new and ours.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+                if fd >= 0 {
+                    // SAFETY: fd was just returned open by the kernel.
+                    program = Some((pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }));
+                }
+            } else if disposition(outside, signal).is_none() {
+                return;
+            }
+        }
+        if let Some((pid, fd)) = &program {
+            use std::os::fd::AsRawFd;
+            let Some((d, ns_init)) = disposition(*pid, signal) else {
+                return;
+            };
+            if d == Disposition::Ignored {
+                return;
+            }
+            // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            // Delivered for sure: to a handler, or to a process the kernel
+            // lets the default action end.
+            if r != 0 || d == Disposition::Handled || !ns_init {
+                return;
+            }
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(REDELIVER_EVERY);
+    }
 }
 
 /// The child forked by [`fork_into_pid_namespace`], for the forwarder.
@@ -1898,6 +2024,62 @@ mod tests {
                 oom_killed: false,
             }
         );
+    }
+
+    /// A stop right after a start: the program is the init of its own
+    /// PID namespace (as in a container) and installs its SIGTERM handler
+    /// only after a while. The signal still reaches it, once.
+    #[test]
+    fn a_signal_sent_before_a_namespace_init_handles_it_still_reaches_it() {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "sleep 0.4; trap 'echo got; exit 143' TERM; while :; do sleep 0.05; done",
+        ])
+        .stdout(Stdio::piped());
+        // SAFETY: unshare and the agent's own fork-into-namespace between
+        // fork and exec, as `enter_container` does.
+        unsafe {
+            cmd.pre_exec(|| {
+                check(libc::unshare(libc::CLONE_NEWPID))?;
+                fork_into_pid_namespace()
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let t0 = Instant::now();
+        deliver_until_handled(pid, libc::SIGTERM, Duration::from_secs(10));
+        let out = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                // SAFETY: kill of the program and of our own child.
+                unsafe {
+                    if let Some(program) = child_of(pid) {
+                        libc::kill(program as i32, libc::SIGKILL);
+                    }
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+                let _ = child.wait();
+                panic!("the program never got SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(out.code(), Some(143), "{out:?}");
+        let mut got = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "got\n", "the handler ran once");
+        // A process gone: nothing to do, and no wait.
+        let t0 = Instant::now();
+        deliver_until_handled(pid, libc::SIGTERM, Duration::from_secs(10));
+        assert!(t0.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -28,6 +28,45 @@ pub enum NetworkError {
     },
 }
 
+/// Plugins that create host-wide iptables chains (CNI-HOSTPORT-*, CNI-FORWARD,
+/// the bridge's masquerade chains). They check for a chain, then create it,
+/// so two pods set up at once (two monitors, or two husk roots) fail with
+/// "chain already exists"; husk runs them one at a time on the host.
+const HOST_TABLE_PLUGINS: &[&str] = &["portmap", "firewall", "bridge"];
+/// The host-wide lock for them: not iptables' own /run/xtables.lock, which
+/// the plugins' iptables calls take inside.
+const HOST_TABLES_LOCK: &str = "/run/lock/husk-cni-host-tables.lock";
+
+/// An exclusive flock on [`HOST_TABLES_LOCK`], released on drop (and by the
+/// kernel when the process dies).
+struct HostTablesLock {
+    _file: std::fs::File,
+}
+
+impl HostTablesLock {
+    fn take() -> std::io::Result<Self> {
+        let path = Path::new(HOST_TABLES_LOCK);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(HostTablesLock { _file: f });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
 /// A resolved CNI network: a conflist and where its plugins live.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CniNetwork {
@@ -514,6 +553,15 @@ impl PodNetwork {
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
+        let _host_tables = if HOST_TABLE_PLUGINS.contains(&ty.as_str()) {
+            Some(HostTablesLock::take().map_err(|e| NetworkError::Plugin {
+                plugin: ty.clone(),
+                command: command.into(),
+                msg: format!("cannot lock {HOST_TABLES_LOCK}: {e}"),
+            })?)
+        } else {
+            None
+        };
         let mut child = Command::new(&bin)
             .env_clear()
             .env("CNI_COMMAND", command)
