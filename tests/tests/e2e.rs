@@ -764,6 +764,11 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         ("quantity", pod("  containers:\n  - {name: a, image: $PROBE, resources: {limits: {memory: 12Zi}}}\n"), "spec.containers[0].resources.limits.memory: invalid quantity \"12Zi\""),
         ("type", pod("  containers:\n  - {name: a, image: $PROBE, ports: [{containerPort: lots}]}\n"), "spec.containers[0].ports[0].containerPort"),
         ("no-pod", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n".into(), "no kind: Pod"),
+        // Unknown fields, as kubectl apply --validate=strict: a typo must
+        // not leave a hostPath writable or drop a limit without a word.
+        ("readonly", pod("  volumes: [{name: h, hostPath: {path: /tmp}}]\n  containers:\n  - {name: a, image: $PROBE, volumeMounts: [{name: h, mountPath: /h, readonly: true}]}\n"), "spec.containers[0].volumeMounts[0].readonly: unknown field \"readonly\"; did you mean \"readOnly\"?"),
+        ("limit", pod("  containers:\n  - {name: a, image: $PROBE, resources: {limit: {memory: 64Mi}}}\n"), "spec.containers[0].resources.limit: unknown field \"limit\"; did you mean \"limits\"?"),
+        ("numeric-name", "apiVersion: v1\nkind: Pod\nmetadata: {name: 12345}\nspec:\n  containers:\n  - {name: a, image: x.wasm}\n".into(), "metadata.name: must be a string"),
     ];
     for (name, text, expect) in cases {
         let m = env.manifest(&format!("{name}.yaml"), &text);

@@ -261,6 +261,18 @@ fn read_documents(text: &str, file: &str) -> Result<(PodDoc, Docs), ManifestErro
                 ),
             ));
         }
+        super::strict::check(kind, &value).map_err(|e| err(&doc, &e.path, e.msg))?;
+        if let Some(v) = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .filter(|v| !v.is_string())
+        {
+            return Err(err(
+                &doc,
+                "metadata.name",
+                format!("must be a string, not {v:?}; quote it (name: \"12345\")"),
+            ));
+        }
         if name.is_empty() {
             return Err(err(
                 &doc,
