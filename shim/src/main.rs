@@ -93,6 +93,25 @@ fn main() {
         }
     });
     let roots = Roots::new(root.as_deref());
+    // Commands that only print: `husk ps | head` ends quietly, as other
+    // command-line tools do, instead of panicking on the closed pipe. The
+    // monitor and the commands that talk to one keep SIGPIPE ignored, so a
+    // peer that goes away is an error they report.
+    if matches!(
+        cli.command,
+        Command::Ps(_)
+            | Command::Logs(_)
+            | Command::Inspect(_)
+            | Command::Images(_)
+            | Command::History(_)
+            | Command::Info(_)
+            | Command::Search(_)
+            | Command::Stats(_)
+    ) {
+        // SAFETY: setting a signal's disposition to its default, before
+        // any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let code = match cli.command {
         Command::Monitor { id } => monitor::main(&roots, &id),
         Command::Run(a) => cli::run::run(&roots, a),

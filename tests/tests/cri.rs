@@ -2682,9 +2682,10 @@ fn read_h2_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, u8, u32, Vec<u8
 /// 1.30) makes it on a unix socket: HTTP/2 by hand, `:authority` the
 /// socket's path, headers HPACK-coded with the dynamic table as Go's
 /// encoder does. h2 alone refuses such a request with
-/// RST_STREAM(PROTOCOL_ERROR); huskd answers it.
+/// RST_STREAM(PROTOCOL_ERROR); huskd answers it, and a call past its
+/// `grpc-timeout` with DEADLINE_EXCEEDED.
 #[test]
-fn a_grpc_go_client_that_sends_the_socket_path_as_authority_is_answered() {
+fn a_grpc_go_client_that_sends_the_socket_path_as_authority_is_answered_and_deadlines_hold() {
     use std::io::Write;
     let env = Env::new();
     let huskd = Huskd::start(&env);
@@ -2711,12 +2712,45 @@ fn a_grpc_go_client_that_sends_the_socket_path_as_authority_is_answered() {
         // An empty VersionRequest: not compressed, length 0.
         out.extend(h2_frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
     }
+    // A pull from a registry that never answers, with grpc-go's 100 ms
+    // deadline: DEADLINE_EXCEEDED, as critest 1.32 checks (tonic alone
+    // answers CANCELLED).
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pull = cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: format!("{}/never/answers:v1", black_hole.local_addr().unwrap()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let block = enc.encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/runtime.v1.ImageService/PullImage"),
+            (":authority", authority.as_str()),
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", "100m"),
+            ("te", "trailers"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+    );
+    out.extend(h2_frame(0x1, 0x4, 5, &block));
+    let msg = {
+        use prost::Message;
+        pull.encode_to_vec()
+    };
+    let mut body = vec![0];
+    body.extend((msg.len() as u32).to_be_bytes());
+    body.extend(msg);
+    out.extend(h2_frame(0x0, 0x1, 5, &body));
     s.write_all(&out).unwrap();
     let mut dec = loona_hpack::Decoder::new();
     let mut headers: HashMap<u32, Vec<(String, String)>> = HashMap::new();
     let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut ended = 0;
-    while ended < 2 {
+    while ended < 3 {
         let (kind, flags, stream, payload) = read_h2_frame(&mut s);
         match kind {
             // SETTINGS: acknowledged, as a client must.
@@ -2755,6 +2789,11 @@ fn a_grpc_go_client_that_sends_the_socket_path_as_authority_is_answered() {
         assert_eq!(v.runtime_name, "husk", "{v:?}");
         assert_eq!(v.runtime_api_version, "v1", "{v:?}");
     }
+    let h = &headers[&5];
+    let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("grpc-status"), Some("4"), "{h:?}");
+    assert!(!data.contains_key(&5));
+    drop(black_hole);
     let log = std::fs::read_to_string(env.root().join("huskd.log")).unwrap();
     assert!(
         log.contains("socket path as :authority"),

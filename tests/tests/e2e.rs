@@ -793,6 +793,26 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
                 .count()
                 == 0
     );
+    // A closed pipe on stdout (`husk ps | head -0`) ends husk by SIGPIPE,
+    // as other tools end, not by a panic.
+    let mut child = env
+        .cmd()
+        .arg("ps")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    // A pod that does not exist: the hint names a command that exists.
+    let err = stderr(&env.husk(&["rm", "ghost"]));
+    assert!(
+        err.contains("no pod named \"ghost\"; see `husk ps`"),
+        "{err}"
+    );
     // Usage errors exit 2 too.
     assert_eq!(env.husk(&["run"]).status.code(), Some(2));
     assert_eq!(

@@ -21,7 +21,7 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("no pod named {0:?}; see `husk ps -a`")]
+    #[error("no pod named {0:?}; see `husk ps`")]
     NoSuchPod(String),
     #[error("{0:?} matches several pods ({1}); use the pod id")]
     Ambiguous(String, String),

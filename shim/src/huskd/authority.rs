@@ -11,6 +11,8 @@
 //! A request whose headers h2 would still refuse is logged at warn level,
 //! naming what is wrong: h2 itself only says so at debug level.
 //!
+//! It also moves a request's `grpc-timeout` aside, for huskd's own
+//! deadline layer (see [`super::deadline`]: tonic would answer CANCELLED).
 //! It must not change anything else: no frame is reordered, merged or
 //! dropped, and the server-to-client direction is not touched.
 
@@ -190,6 +192,9 @@ impl<S> GrpcGoCompat<S> {
             }
         };
         for (name, value) in headers.iter_mut() {
+            if name.as_slice() == b"grpc-timeout" {
+                *name = super::deadline::DEADLINE_HEADER.as_bytes().to_vec();
+            }
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 if !self.logged_rewrite {
                     tracing::info!(
@@ -530,7 +535,8 @@ mod tests {
     #[test]
     fn a_socket_path_authority_becomes_localhost_and_other_frames_pass_unchanged() {
         let mut enc = loona_hpack::Encoder::new();
-        let h1 = request_headers("/run/husk/huskd.sock");
+        let mut h1 = request_headers("/run/husk/huskd.sock");
+        h1.push((b"grpc-timeout".to_vec(), b"1999m".to_vec()));
         let h2 = request_headers("localhost");
         let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
         let data = frame(0x0, END_STREAM, 1, b"\0\0\0\0\0");
@@ -562,6 +568,7 @@ mod tests {
             assert_eq!(payload[..5], [0, 0, 0, 0, 15]);
             let mut want = h1.clone();
             want[3].1 = b"localhost".to_vec();
+            want[7].0 = b"husk-grpc-timeout".to_vec();
             assert_eq!(dec.decode(&payload[5..]).unwrap(), want);
             assert_eq!(f[2], (0x0, END_STREAM, 1, data[9..].to_vec()));
             let (kind, flags, stream, payload) = &f[3];

@@ -7,6 +7,7 @@
 //! sees the same pods and images.
 
 mod authority;
+mod deadline;
 mod events;
 mod image;
 mod runtime;
@@ -145,6 +146,7 @@ fn serve(args: Args) -> Result<(), String> {
             tracing::info!("huskd stopping; pods keep running");
         };
         let result = tonic::transport::Server::builder()
+            .layer(deadline::DeadlineLayer)
             .add_service(RuntimeServiceServer::new(runtime::Runtime(state.clone())))
             .add_service(ImageServiceServer::new(image::Images(state)))
             .serve_with_incoming_shutdown(incoming, shutdown)
