@@ -337,6 +337,43 @@ async fn wait_state(
     }
 }
 
+/// Creates and starts a container, stops it at once with a 60 s grace
+/// (critest's "should support stopping container"), and checks that it
+/// ended with `want` well inside that grace: by the stop's SIGTERM, not
+/// the SIGKILL at its end. Returns the container's id.
+async fn stop_at_once(
+    rs: &mut RuntimeServiceClient<Channel>,
+    req: cri::CreateContainerRequest,
+    want: i32,
+) -> String {
+    let id = rs
+        .create_container(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rs.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    rs.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 60,
+    })
+    .await
+    .unwrap();
+    let st = wait_state(rs, &id, cri::ContainerState::ContainerExited).await;
+    assert_eq!(st.exit_code, want, "{st:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the stop took {:?} of its 60 s",
+        t0.elapsed()
+    );
+    id
+}
+
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
@@ -1131,27 +1168,7 @@ fn a_kubelet_runs_wasm_pods_through_huskd_and_survives_its_restart() {
         // A stop at once after the start, before the guest even runs
         // (critest's "should support stopping container"): its stdin
         // closes all the same, so it ends cleanly, well inside the grace.
-        let hasty = rs
-            .create_container(create("hasty", &["stdin"], vec![]))
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        rs.start_container(cri::StartContainerRequest {
-            container_id: hasty.clone(),
-        })
-        .await
-        .unwrap();
-        let t0 = Instant::now();
-        rs.stop_container(cri::StopContainerRequest {
-            container_id: hasty.clone(),
-            timeout: 60,
-        })
-        .await
-        .unwrap();
-        let st = wait_state(&mut rs, &hasty, cri::ContainerState::ContainerExited).await;
-        assert_eq!(st.exit_code, 0, "{st:?}");
-        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+        let hasty = stop_at_once(&mut rs, create("hasty", &["stdin"], vec![]), 0).await;
         assert!(log_lines(&log_dir.join("hasty_0.log"))
             .iter()
             .any(|l| l.ends_with("stdout F stdin closed, exiting cleanly")));
@@ -2594,35 +2611,16 @@ fn a_kubelet_runs_linux_containers_in_a_vm_sandbox_through_huskd() {
         // the guest's start-up window certain), and the kernel drops a
         // signal to such an init; the agent delivers it again until the
         // trap takes it, well inside the grace period (no SIGKILL: not 137).
-        let hasty = rs
-            .create_container(create(config(
+        let hasty = stop_at_once(
+            &mut rs,
+            create(config(
                 "hasty",
                 "sleep 1; trap 'exit 143' TERM; while true; do sleep 0.2; done",
                 vec![],
-            )))
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        rs.start_container(cri::StartContainerRequest {
-            container_id: hasty.clone(),
-        })
-        .await
-        .unwrap();
-        let t0 = Instant::now();
-        rs.stop_container(cri::StopContainerRequest {
-            container_id: hasty.clone(),
-            timeout: 60,
-        })
-        .await
-        .unwrap();
-        let st = wait_state(&mut rs, &hasty, cri::ContainerState::ContainerExited).await;
-        assert_eq!(st.exit_code, 143, "{st:?}");
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the stop took {:?} of its 60 s",
-            t0.elapsed()
-        );
+            )),
+            143,
+        )
+        .await;
 
         // Removing the containers releases their mounts in the share.
         for id in [&main, &quick, &polite, &hasty] {

@@ -216,29 +216,22 @@ impl<S> GrpcGoCompat<S> {
             );
         }
         let encoded = encode_literal(&headers);
-        let mut first = true;
-        let mut chunks = encoded.chunks(MAX_FRAME - 5).peekable();
-        if chunks.peek().is_none() {
-            // An empty block still needs its HEADERS frame.
-            write_headers_frame(&mut self.output, &block, &[], true, block.priority.as_ref());
-            return;
-        }
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            if first {
-                write_headers_frame(
-                    &mut self.output,
-                    &block,
-                    chunk,
-                    last,
-                    block.priority.as_ref(),
-                );
-                first = false;
+        // An empty block still needs its HEADERS frame.
+        let chunks: Vec<&[u8]> = if encoded.is_empty() {
+            vec![&[]]
+        } else {
+            encoded.chunks(MAX_FRAME - 5).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if i == 0 {
+                write_headers_frame(&mut self.output, &block, chunk, i == last);
             } else {
+                let flags = if i == last { END_HEADERS } else { 0 };
                 write_frame(
                     &mut self.output,
                     CONTINUATION,
-                    if last { END_HEADERS } else { 0 },
+                    flags,
                     block.stream,
                     &[chunk],
                 );
@@ -272,13 +265,12 @@ fn write_headers_frame(
     block: &PendingBlock,
     fragment: &[u8],
     end_headers: bool,
-    priority: Option<&[u8; 5]>,
 ) {
     let mut flags = block.flags & END_STREAM;
     if end_headers {
         flags |= END_HEADERS;
     }
-    let prio: &[u8] = match priority {
+    let prio: &[u8] = match &block.priority {
         Some(p) => {
             flags |= PRIORITY;
             p
