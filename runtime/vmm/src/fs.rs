@@ -19,10 +19,13 @@
 //! Queue 0 is the high-priority queue, queue 1 the one request queue; both
 //! are served in the device thread, one request at a time.
 
+mod no_set_id;
+
 use crate::virtio::{serve_chains, Device};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+pub use no_set_id::NoSetId;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -50,7 +53,7 @@ struct MountAttr {
 
 pub struct Fs {
     tag: [u8; TAG_MAX],
-    server: Server<PassthroughFs>,
+    server: Server<NoSetId<PassthroughFs>>,
     /// The detached tree; its descriptor number is in the root path.
     _tree: OwnedFd,
 }
@@ -86,7 +89,7 @@ impl Fs {
         t[..tag.len()].copy_from_slice(tag.as_bytes());
         Ok(Fs {
             tag: t,
-            server: Server::new(fs),
+            server: Server::new(NoSetId(fs)),
             _tree: tree,
         })
     }
