@@ -303,6 +303,7 @@ mod tests {
             vsock: None,
             fs: vec![],
             stop_timeout_ms: 5000,
+            jail: None,
         }
     }
 

@@ -8,13 +8,17 @@
 //! nosuid and nodev and, for a read-only share, read-only with
 //! mount_setattr(2), so the kernel, not a check in this process, refuses a
 //! write. The copy is never attached anywhere: nothing is mounted on the
-//! host, and it goes away with husk-vmm. Lookups of ".." at the share's
+//! host, and it goes away with husk-vmm. (In husk-vmm's jail, the
+//! file system still reaches it as `/proc/self/fd/N`: the jail binds this
+//! process's own fd directory there.) Lookups of ".." at the share's
 //! root stay at the root (the passthrough file system maps them to ".",
 //! and a detached mount has no parent to climb to); host symlinks are
 //! never followed on the host (every component is opened O_NOFOLLOW).
 //! A husk-vmm with shares gives up CAP_MKNOD ([`give_up_device_nodes`]):
 //! a device node a guest made on a share would be a real device on the
-//! host, with the mode the guest chose.
+//! host, with the mode the guest chose; [`NoSetId`] refuses them anyway
+//! and keeps set-id bits off every file and directory the guest makes or
+//! chmods.
 //!
 //! Queue 0 is the high-priority queue, queue 1 the one request queue; both
 //! are served in the device thread, one request at a time.
@@ -76,7 +80,8 @@ impl Fs {
         let fs = PassthroughFs::new(passthrough::Config {
             // The file system opens its root by path (O_NOFOLLOW, on every
             // FUSE_INIT): "." inside the tree's descriptor names the tree
-            // and is not itself a link.
+            // and is not itself a link. (In the jail, /proc/self/fd is
+            // this process's own fd directory, bound there.)
             root_dir: format!("/proc/self/fd/{}/.", tree.as_raw_fd()),
             xattr,
             ..Default::default()
@@ -108,7 +113,7 @@ pub fn give_up_device_nodes() -> std::io::Result<()> {
 
 /// A private, unattached copy of the mount tree at `path`: nosuid, nodev,
 /// and read-only when asked (recursively).
-fn detached_tree(path: &Path, read_only: bool) -> std::io::Result<OwnedFd> {
+pub(crate) fn detached_tree(path: &Path, read_only: bool) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
     // SAFETY: c is a valid C string; the call only returns a descriptor.

@@ -26,7 +26,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod boot;
 pub mod fs;
 pub mod i8042;
+pub mod jail;
 pub mod mptable;
+pub mod seccomp;
 pub mod tap;
 pub mod virtio;
 pub mod vsock;
@@ -77,6 +79,10 @@ pub struct VmConfig {
     /// guest has to reset or power off before its vCPUs are stopped.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_ms: u64,
+    /// The uid and gid the jailed process runs as (see [`jail`]); absent:
+    /// [`jail::default_ids`].
+    #[serde(default)]
+    pub jail: Option<jail::JailConfig>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -318,6 +324,14 @@ impl VmConfig {
                 )));
             }
         }
+        if let Some(j) = &self.jail {
+            if j.uid == 0 || j.gid == 0 || j.uid == u32::MAX || j.gid == u32::MAX {
+                return Err(VmError::Config(format!(
+                    "jail uid {} gid {}: use an unprivileged uid and gid (not 0 or -1)",
+                    j.uid, j.gid
+                )));
+            }
+        }
         if self.cmdline.len() >= CMDLINE_MAX {
             return Err(VmError::Config(format!(
                 "cmdline is {} bytes, the limit is {}",
@@ -502,9 +516,33 @@ pub fn run(
         };
         devices.push(Box::new(virtio::Net::new(tap, mac)));
     }
+    // What the jail shows of the host: the vsock socket's directory and
+    // the shares, as detached trees attached inside it.
+    let jailing = jail::can_jail();
+    let mut vsock_tree = None;
     if let Some(v) = &cfg.vsock {
-        let dev = vsock::Vsock::new(v.cid, v.uds.clone())
-            .map_err(|e| VmError::Config(format!("vsock uds {}: {e}", v.uds.display())))?;
+        let err =
+            |e: std::io::Error| VmError::Config(format!("vsock uds {}: {e}", v.uds.display()));
+        let dev = if jailing {
+            let dir = v
+                .uds
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let name = v
+                .uds
+                .file_name()
+                .ok_or_else(|| err(std::io::Error::other("no file name")))?;
+            vsock_tree = Some(fs::detached_tree(dir, false).map_err(err)?);
+            vsock::Vsock::reached_at(
+                v.cid,
+                v.uds.clone(),
+                std::path::Path::new(jail::VSOCK_DIR).join(name),
+            )
+        } else {
+            vsock::Vsock::new(v.cid, v.uds.clone())
+        }
+        .map_err(err)?;
         devices.push(Box::new(dev));
     }
     // After the vsock socket is bound: a share clears this process's umask
@@ -519,6 +557,17 @@ pub fn run(
             .map_err(|e| VmError::Config(format!("fs {}: {e}", f.path.display())))?;
         devices.push(Box::new(dev));
     }
+    // The passthrough file system reaches its files through
+    // /proc/self/fd by path (its root on FUSE_INIT, xattrs): the jail
+    // shows this process's own fd directory there.
+    let proc_fd = if jailing && !cfg.fs.is_empty() {
+        Some(
+            fs::detached_tree(std::path::Path::new("/proc/self/fd"), false)
+                .map_err(|e| VmError::Other(format!("/proc/self/fd for the jail: {e}")))?,
+        )
+    } else {
+        None
+    };
     let mut notify: Vec<(EventFd, usize, usize)> = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {
         let base = virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE;
@@ -601,6 +650,21 @@ pub fn run(
         }
         vcpus.push(vcpu);
     }
+    // Everything the VM needs from the host by path is open: the jail.
+    if jailing {
+        use std::os::fd::AsFd;
+        jail::enter(&jail::Jail {
+            ids: cfg.jail.unwrap_or_else(jail::default_ids),
+            vsock_dir: vsock_tree.as_ref().map(|t| t.as_fd()),
+            proc_fd: proc_fd.as_ref().map(|t| t.as_fd()),
+            shares: !cfg.fs.is_empty(),
+        })
+        .map_err(|e| VmError::Other(e.to_string()))?;
+    } else {
+        jail::no_new_privs().map_err(|e| VmError::Other(e.to_string()))?;
+    }
+    drop(proc_fd);
+    drop(vsock_tree);
     on_running();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_evt =
@@ -611,68 +675,109 @@ pub fn run(
     let running = std::sync::atomic::AtomicUsize::new(vcpus.len());
     // vCPU threads say here when they end, so the watcher wakes at once.
     let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
+    // Read now: the test-only hook that shows a call outside the filter
+    // ends the process (HUSK_VMM_TEST_FORBIDDEN_SYSCALL=1).
+    let try_forbidden = std::env::var_os("HUSK_VMM_TEST_FORBIDDEN_SYSCALL").is_some();
+    let spawn_err = |e: std::io::Error| VmError::Other(format!("starting a thread: {e}"));
     let result = std::thread::scope(|s| {
-        let events = s.spawn(|| device_loop(&bus, &notify, &stop_evt));
+        // Each thread installs its own seccomp filter before its work; the
+        // main thread installs its one after the others have started (a
+        // thread inherits the filters of the thread that makes it).
+        let events = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn_scoped(s, || {
+                seccomp::install(seccomp::ThreadKind::Device, KICK_SIGNAL)
+                    .map_err(|e| VmError::Other(e.to_string()))?;
+                device_loop(&bus, &notify, &stop_evt)
+            })
+            .map_err(spawn_err)?;
         let handles: Vec<_> = vcpus
             .into_iter()
-            .map(|mut vcpu| {
+            .enumerate()
+            .map(|(id, mut vcpu)| {
                 let serial = serial.clone();
                 let stop = stop.clone();
                 let ended_tx = ended_tx.clone();
                 let (bus, stop_evt, i8042, killed, threads, decider, running) = (
                     &bus, &stop_evt, &i8042, &killed, &threads, &decider, &running,
                 );
-                s.spawn(move || {
-                    if let Ok(mut t) = threads.lock() {
-                        // SAFETY: pthread_self has no preconditions.
-                        t.push(unsafe { libc::pthread_self() });
-                    }
-                    let r = vcpu_loop(&mut vcpu, &serial, bus, i8042, killed, &stop);
-                    if !stop.swap(true, Ordering::SeqCst) {
-                        if let Ok(mut d) = decider.lock() {
-                            *d = Some(r);
+                std::thread::Builder::new()
+                    .name(format!("vcpu{id}"))
+                    .spawn_scoped(s, move || {
+                        if let Ok(mut t) = threads.lock() {
+                            // SAFETY: pthread_self has no preconditions.
+                            t.push(unsafe { libc::pthread_self() });
                         }
-                    }
-                    let _ = stop_evt.write(1);
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    let _ = ended_tx.send(());
-                })
+                        let r = seccomp::install(seccomp::ThreadKind::Vcpu, KICK_SIGNAL)
+                            .map_err(|e| VmError::Other(e.to_string()))
+                            .and_then(|()| {
+                                vcpu_loop(&mut vcpu, &serial, bus, i8042, killed, &stop)
+                            });
+                        if !stop.swap(true, Ordering::SeqCst) {
+                            if let Ok(mut d) = decider.lock() {
+                                *d = Some(r);
+                            }
+                        }
+                        let _ = stop_evt.write(1);
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        let _ = ended_tx.send(());
+                    })
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .map_err(spawn_err)?;
         let watcher = {
             let (stop, i8042, killed, threads, running) =
                 (&stop, &i8042, &killed, &threads, &running);
             let timeout = std::time::Duration::from_millis(cfg.stop_timeout_ms);
-            s.spawn(move || {
-                let tick = std::time::Duration::from_millis(10);
-                let mut asked: Option<std::time::Instant> = None;
-                while running.load(Ordering::SeqCst) > 0 {
-                    if !stop.load(Ordering::SeqCst) {
-                        match asked {
-                            None if stop_requested.load(Ordering::SeqCst) => {
-                                if let Ok(mut k) = i8042.lock() {
-                                    k.ctrl_alt_del();
+            std::thread::Builder::new()
+                .name("watcher".into())
+                .spawn_scoped(s, move || {
+                    // Without its filter the watcher only waits: the VM goes on.
+                    let _ = seccomp::install(seccomp::ThreadKind::Main, KICK_SIGNAL);
+                    let tick = std::time::Duration::from_millis(10);
+                    let mut asked: Option<std::time::Instant> = None;
+                    while running.load(Ordering::SeqCst) > 0 {
+                        if !stop.load(Ordering::SeqCst) {
+                            match asked {
+                                None if stop_requested.load(Ordering::SeqCst) => {
+                                    if let Ok(mut k) = i8042.lock() {
+                                        k.ctrl_alt_del();
+                                    }
+                                    asked = Some(std::time::Instant::now());
                                 }
-                                asked = Some(std::time::Instant::now());
+                                Some(t) if t.elapsed() >= timeout => {
+                                    killed.store(true, Ordering::SeqCst);
+                                }
+                                _ => {}
                             }
-                            Some(t) if t.elapsed() >= timeout => {
-                                killed.store(true, Ordering::SeqCst);
+                        }
+                        if stop.load(Ordering::SeqCst) || killed.load(Ordering::SeqCst) {
+                            for &t in threads.lock().map(|t| t.clone()).unwrap_or_default().iter() {
+                                // SAFETY: the thread is a vCPU thread of this
+                                // scope, joined only after `running` drops to 0,
+                                // so it is alive; the handler is a no-op.
+                                unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
                             }
-                            _ => {}
                         }
+                        let _ = ended_rx.recv_timeout(tick);
                     }
-                    if stop.load(Ordering::SeqCst) || killed.load(Ordering::SeqCst) {
-                        for &t in threads.lock().map(|t| t.clone()).unwrap_or_default().iter() {
-                            // SAFETY: the thread is a vCPU thread of this
-                            // scope, joined only after `running` drops to 0,
-                            // so it is alive; the handler is a no-op.
-                            unsafe { libc::pthread_kill(t, KICK_SIGNAL) };
-                        }
-                    }
-                    let _ = ended_rx.recv_timeout(tick);
-                }
-            })
+                })
+                .map_err(spawn_err)?
         };
+        let filtered = seccomp::install(seccomp::ThreadKind::Main, KICK_SIGNAL)
+            .map_err(|e| VmError::Other(e.to_string()));
+        if try_forbidden && filtered.is_ok() {
+            // SAFETY: execve of a path that does not matter, with no
+            // arguments; the filter kills the process before it runs.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execve,
+                    c"/".as_ptr(),
+                    std::ptr::null::<*const libc::c_char>(),
+                    std::ptr::null::<*const libc::c_char>(),
+                )
+            };
+        }
         for h in handles {
             let _ = h.join();
         }
@@ -686,6 +791,7 @@ pub fn run(
         let _ = stop_evt.write(1);
         let _ = watcher.join();
         let first = first.unwrap_or_else(|| Err(VmError::Other("no vCPU".into())));
+        let first = filtered.and(first);
         match events.join() {
             Ok(Ok(())) => first,
             Ok(Err(e)) => first.and(Err(e)),

@@ -54,6 +54,13 @@ struct Args {
     /// before its vCPUs are stopped (default 5).
     #[arg(long, value_name = "SECONDS")]
     stop_timeout: Option<f64>,
+    /// The uid the jailed process runs as (with --jail-gid; default
+    /// 0x70000000 plus the pid).
+    #[arg(long, value_name = "UID", requires = "jail_gid")]
+    jail_uid: Option<u32>,
+    /// The gid the jailed process runs as (with --jail-uid).
+    #[arg(long, value_name = "GID", requires = "jail_uid")]
+    jail_gid: Option<u32>,
 }
 
 fn config(a: Args) -> Result<VmConfig, VmError> {
@@ -177,6 +184,13 @@ fn config(a: Args) -> Result<VmConfig, VmError> {
             &mut cfg,
             "stop_timeout_ms",
             serde_json::json!((t * 1000.0) as u64),
+        );
+    }
+    if let (Some(uid), Some(gid)) = (a.jail_uid, a.jail_gid) {
+        set(
+            &mut cfg,
+            "jail",
+            serde_json::json!({"uid": uid, "gid": gid}),
         );
     }
     if a.no_rng {

@@ -118,7 +118,10 @@ type Key = (u32, u32);
 
 pub struct Vsock {
     cid: u64,
+    /// The listening socket's path; `<uds>_<P>` for guest connections.
     uds: PathBuf,
+    /// The same once this process is in its jail (`/vsock/NAME`).
+    jailed_uds: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<Key, Conn>,
@@ -133,6 +136,14 @@ impl Vsock {
     /// Listens on `uds` (which must not exist) for host-initiated
     /// connections.
     pub fn new(cid: u64, uds: PathBuf) -> std::io::Result<Self> {
+        Self::reached_at(cid, uds.clone(), uds)
+    }
+
+    /// As [`Vsock::new`], binding `uds` now; once this process is in its
+    /// jail ([`crate::jail::entered`]), later paths (the guest's
+    /// `<uds>_<P>` connections, the socket's removal) go through `later`:
+    /// the same socket as the jail shows it.
+    pub fn reached_at(cid: u64, uds: PathBuf, later: PathBuf) -> std::io::Result<Self> {
         let listener = UnixListener::bind(&uds)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
@@ -144,6 +155,7 @@ impl Vsock {
         Ok(Vsock {
             cid,
             uds,
+            jailed_uds: later,
             listener,
             epoll,
             conns: HashMap::new(),
@@ -238,7 +250,7 @@ impl Vsock {
                 if self.conns.contains_key(&key) {
                     return self.reset(key);
                 }
-                let path = PathBuf::from(format!("{}_{}", self.uds.display(), h.dst_port));
+                let path = PathBuf::from(format!("{}_{}", self.uds().display(), h.dst_port));
                 match UnixStream::connect(&path) {
                     Ok(s) => {
                         self.add(key, s, State::Established);
@@ -436,9 +448,19 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    fn uds(&self) -> &std::path::Path {
+        if crate::jail::entered() {
+            &self.jailed_uds
+        } else {
+            &self.uds
+        }
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds);
+        let _ = std::fs::remove_file(self.uds());
     }
 }
 
