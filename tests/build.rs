@@ -131,6 +131,28 @@ fn build_vmm_guests(src: &Path, out: &Path) {
     }
 }
 
+/// Static Linux programs that tests copy into VM pods' containers (any
+/// image runs them): each C file in guests/linux.
+fn build_linux_programs(src: &Path, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "c") {
+            continue;
+        }
+        let bin = out.join(path.file_stem().unwrap());
+        let status = Command::new("clang")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&bin)
+            .arg(&path)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run clang ({e}); install clang (tests/run.sh does)")
+            });
+        assert!(status.success(), "clang failed on {}", path.display());
+    }
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
     std::fs::create_dir_all(&out).unwrap();
@@ -152,5 +174,6 @@ fn main() {
     }
     build_net(&src.join("net"), &out);
     build_vmm_guests(&src.join("vmm"), &out);
+    build_linux_programs(&src.join("linux"), &out.join("linux"));
     println!("cargo:rustc-env=HUSK_TEST_GUESTS={}", out.display());
 }

@@ -93,6 +93,11 @@ fn main() {
         }
     });
     let roots = Roots::new(root.as_deref());
+    // Only root may read husk's state. A user who may not change it (not
+    // root) gets the command's own error further on.
+    if let Err(e) = roots.secure() {
+        tracing::debug!("securing husk's state roots: {e}");
+    }
     // Commands that only print: `husk ps | head` ends quietly, as other
     // command-line tools do, instead of panicking on the closed pipe. The
     // monitor and the commands that talk to one keep SIGPIPE ignored, so a

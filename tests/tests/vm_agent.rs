@@ -52,6 +52,8 @@ fn tcg_config(kernel: &str, modules: Option<&Path>, dir: &Path, disks: &[PathBuf
         disks: disks.iter().map(|d| (d.clone(), true)).collect(),
         shares: vec![],
         extra_args: vec![],
+        // An unprivileged uid no one else uses, as VM pods get.
+        run_as: Some((0x4000_0000 + 0xf_ff00, 0x4000_0000 + 0xf_ff00)),
     }
 }
 
@@ -215,6 +217,7 @@ fn a_vm_that_cannot_start_leaves_nothing_behind() {
         disks: vec![],
         shares: vec![],
         extra_args: vec![],
+        run_as: None,
     };
     let err = QemuVm::start(&cfg, &dir.path().join("run")).err().unwrap();
     assert!(err.to_string().contains("no-such-kernel"), "{err}");

@@ -65,8 +65,49 @@ fn console() {
     }
 }
 
+/// PID 1 starts on the kernel's rootfs (the initramfs), which
+/// pivot_root(2) cannot leave: it is the one mount without a parent. The
+/// agent first moves onto a bind mount of it (bound on a directory, moved
+/// over `/`, then entered), so that every container can pivot_root into
+/// its own root and detach the agent's whole mount tree, where a chroot
+/// left it reachable (a double chroot climbs out of one).
+fn leave_rootfs() -> std::io::Result<()> {
+    const STAGE: &str = "/.husk-root";
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let (root, stage, dot, none) = (c("/"), c(STAGE), c("."), c(""));
+    std::fs::create_dir(STAGE)?;
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive them;
+    // PID 1 runs alone this early.
+    unsafe {
+        check(libc::mount(
+            root.as_ptr(),
+            stage.as_ptr(),
+            none.as_ptr(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ))?;
+        check(libc::chdir(stage.as_ptr()))?;
+        check(libc::mount(
+            dot.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        ))?;
+        check(libc::chroot(dot.as_ptr()))?;
+        check(libc::chdir(root.as_ptr()))?;
+    }
+    // The directory the bind was staged on, seen through the bind.
+    std::fs::remove_dir(STAGE)
+}
+
 fn setup() {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if let Err(e) = leave_rootfs() {
+        log(&format!(
+            "leaving the initramfs root: {e}; containers cannot start"
+        ));
+    }
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
     console();
     // Terminals for `exec -t` (containers see them through their /dev).
@@ -368,7 +409,7 @@ impl<W: Write + Send + 'static> Session<W> {
             (None, None) => {}
         }
         // The user and privileges, applied last in the child (after the
-        // fork into the PID namespace and the chroot).
+        // fork into the PID namespace and the pivot_root).
         let mut started_as = None;
         if let Some(sec) = &req.security {
             let container_root = match (&root, &req.exec_in) {
@@ -833,9 +874,10 @@ fn enter_container(
     let cwd_c = c(cwd.unwrap_or("/"));
     let host_c = hostname.map(|h| h.into_bytes());
     let (slash, none, proc_t, devfs) = (c("/"), c(""), c("proc"), c("/dev"));
+    let dot = c(".");
     // SAFETY: between fork and exec only async-signal-safe calls are made
-    // (unshare, mount, sethostname, chroot, chdir), on strings allocated
-    // before the fork.
+    // (unshare, mount, sethostname, pivot_root, umount2, chdir), on strings
+    // allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // The cgroup namespace is rooted at the container's own cgroup,
@@ -857,6 +899,15 @@ fn enter_container(
                 slash.as_ptr(),
                 std::ptr::null(),
                 libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            // The root becomes a mount of its own (pivot_root needs one),
+            // before anything is mounted under it.
+            check(libc::mount(
+                root_c.as_ptr(),
+                root_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))?;
             if let Some(h) = &host_c {
@@ -936,7 +987,24 @@ fn enter_container(
                     std::ptr::null(),
                 ))?;
             }
-            check(libc::chroot(root_c.as_ptr()))?;
+            // Into the container's root for good: pivot_root stacks the
+            // agent's root on it, and detaching that takes every mount of
+            // the agent (other containers' roots, the volumes, secrets)
+            // out of this namespace. No chroot escape finds them: there is
+            // nothing left to climb to but the initramfs' own files.
+            // (As runc does: the old root is left by descriptor, since
+            // after the pivot no path names it.)
+            let flags = libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC;
+            let old_root = libc::open(slash.as_ptr(), flags);
+            if old_root < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            check(libc::chdir(root_c.as_ptr()))?;
+            check(libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int)?;
+            check(libc::fchdir(old_root))?;
+            libc::close(old_root);
+            check(libc::umount2(dot.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(slash.as_ptr()))?;
             for p in &masked {
                 let mut st: libc::stat = std::mem::zeroed();
                 if libc::stat(p.as_ptr(), &mut st) != 0 {
@@ -1100,6 +1168,7 @@ fn pause() -> ! {
 /// namespaces, its root and the working directory.
 fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     let root = Path::new(CONTAINERS).join(target).join("root");
     if target.contains('/') || target.starts_with('.') || !root.is_dir() {
@@ -1127,11 +1196,20 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
             .join(target)
             .join("cgroup.procs"),
     )?;
+    // The container's root as its first process sees it: after its
+    // pivot_root, no path of the agent's names it.
+    let root_fd = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(format!("/proc/{pid}/root"))?,
+    );
     let c = |s: &str| CString::new(s).unwrap_or_default();
-    let root_c = c(&root.to_string_lossy());
+    let dot = c(".");
     let cwd_c = c(cwd.unwrap_or("/"));
     // SAFETY: between fork and exec only async-signal-safe calls are made
-    // (write, setns, chroot, chdir) on descriptors and strings made before.
+    // (write, setns, fchdir, chroot, chdir) on descriptors and strings made
+    // before.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
@@ -1141,7 +1219,8 @@ fn exec_into(cmd: &mut Command, target: &str, pid: u32, cwd: Option<&str>) -> st
                 check(libc::setns(fd.as_raw_fd(), *kind))?;
             }
             fork_into_pid_namespace()?;
-            check(libc::chroot(root_c.as_ptr()))?;
+            check(libc::fchdir(root_fd.as_raw_fd()))?;
+            check(libc::chroot(dot.as_ptr()))?;
             check(libc::chdir(cwd_c.as_ptr()))?;
             Ok(())
         });

@@ -59,6 +59,25 @@ impl Roots {
         }
     }
 
+    /// Creates both roots if missing and makes them 0700 (root's only):
+    /// pod records, logs, volumes, images and sockets sit below them, and
+    /// no other local user may read or reach any of it. Called by every
+    /// binary before it touches state; an existing, laxer root (made by
+    /// an older husk) is tightened.
+    pub fn secure(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        for dir in [&self.run, &self.lib] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
     pub fn config_file(&self) -> PathBuf {
         match &self.custom {
             Some(r) => r.join("config.toml"),
@@ -72,6 +91,7 @@ impl Roots {
             run: self.run.join("pods").join(id),
             lib: self.lib.join("pods").join(id),
             netns: self.run.join("netns").join(id),
+            vm_ids: self.run.join("vm-ids"),
         }
     }
 
@@ -141,6 +161,9 @@ pub struct PodPaths {
     pub run: PathBuf,
     pub lib: PathBuf,
     pub netns: PathBuf,
+    /// Where VM pods claim their hypervisor's host uid (shared by all
+    /// pods; see [`crate::vm::identity`]).
+    pub vm_ids: PathBuf,
 }
 
 impl PodPaths {

@@ -85,6 +85,9 @@ fn serve(args: Args) -> Result<(), String> {
         }
     });
     let roots = Roots::new(root.as_deref());
+    roots
+        .secure()
+        .map_err(|e| format!("husk's state roots must be root's only: {e}"))?;
     let husk = match args.husk {
         Some(p) => p,
         None => std::env::current_exe()

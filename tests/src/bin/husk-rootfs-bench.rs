@@ -100,6 +100,7 @@ fn main() {
             disks: vec![(img.clone(), true)],
             shares: shares.shares().to_vec(),
             extra_args: vec![],
+            run_as: None,
         };
         let mut vm = QemuVm::start(&cfg, &dir.path().join(format!("run{round}"))).unwrap();
         let agent = vm

@@ -251,6 +251,14 @@ impl Env {
                 out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
             }
         }
+        // VM pods' claims on a hypervisor uid.
+        for e in std::fs::read_dir(self.root().join("run/vm-ids"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(format!("vm uid claim {}", e.path().display()));
+        }
         // virtiofsd's pid files name the socket, which is under the root.
         let escaped = root.replace('/', ".");
         for e in std::fs::read_dir("/run/virtiofsd")

@@ -44,6 +44,11 @@ pub enum HypervisorError {
     },
     #[error("{what} {path}: not found")]
     Missing { what: &'static str, path: PathBuf },
+    #[error("opening {path} for the hypervisor: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the VM ended before its agent answered; console:\n{0}")]
     Ended(String),
     #[error("the guest agent did not answer within {secs} s under {hypervisor}; {hint}console ends with:\n{console}")]

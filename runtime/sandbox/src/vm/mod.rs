@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cri;
 pub mod husk_vmm;
 pub mod hypervisor;
+pub mod identity;
 pub mod initramfs;
 pub mod nic;
 pub mod probe;

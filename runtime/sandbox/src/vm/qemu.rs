@@ -5,9 +5,18 @@
 //! agent's socket, the console log); dropping it kills the process and
 //! removes the directory. Debian's qemu-system-x86, `-M microvm`: virtio on
 //! MMIO, no firmware, no PCI.
+//!
+//! QEMU is confined as libvirt confines it, and more: it opens no path of
+//! husk's. The kernel and initrd, the disks (`-add-fd`, `/dev/fdset`), the
+//! virtiofsd connections, the agent's listening socket and the tap come in
+//! as descriptors, so under TCG it is started as the pod's own unprivileged
+//! uid (no capabilities, `no_new_privs`) and never is root at all; under
+//! KVM it must open /dev/kvm first and drops to that uid with `-runas`.
+//! Either way `-sandbox` (QEMU's seccomp filter) denies obsolete calls,
+//! set*id, exec and resource changes.
 
 use super::agent::AgentClient;
-use super::hypervisor::{pass_fd, HypervisorError, Vm, VmProcess};
+use super::hypervisor::{HypervisorError, Vm, VmProcess};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,6 +50,9 @@ pub struct QemuConfig {
     /// Appended to QEMU's arguments (debugging; tests that provoke what a
     /// real host may do, like a guest RTC far off).
     pub extra_args: Vec<String>,
+    /// The unprivileged uid and gid QEMU runs as (see [`super::identity`]);
+    /// `None` leaves it root (still under `-sandbox`).
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// The host's TSC frequency in kHz (from /proc/cpuinfo). Under TCG the
@@ -89,6 +101,75 @@ pub struct QemuVm {
     process: VmProcess,
 }
 
+/// Descriptors a child inherits at fixed numbers (3, 4, …), in the order
+/// they were added; the parent's copies close when this is dropped.
+#[derive(Default)]
+pub(crate) struct Handed {
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Handed {
+    /// Adds a descriptor; returns the number the child will see it as.
+    pub(crate) fn add(&mut self, fd: std::os::fd::OwnedFd) -> i32 {
+        self.fds.push(fd);
+        2 + self.fds.len() as i32
+    }
+
+    /// Has the child get them: each is first moved above every number it
+    /// could collide with, then put in its place without close-on-exec.
+    pub(crate) fn pass(&self, cmd: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fds: Vec<i32> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
+        let above = 3 + fds.len() as i32;
+        // SAFETY: fcntl, dup2 and close are async-signal-safe; the
+        // descriptors stay open in the parent until the spawn returns, and
+        // the closure allocates nothing (the vector is moved in).
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut high = [0i32; 64];
+                if fds.len() > high.len() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+                }
+                for (h, &fd) in high.iter_mut().zip(&fds) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &h) in high.iter().take(fds.len()).enumerate() {
+                    if libc::dup2(h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(h);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// The child gives up root before it runs: no supplementary groups, the
+/// given gid and uid (real, effective and saved), which leaves it no
+/// capabilities at exec, and `no_new_privs`.
+pub(crate) fn drop_privileges(cmd: &mut Command, uid: u32, gid: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgroups, setresgid, setresuid and prctl are
+    // async-signal-safe and take plain integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 const AGENT_SOCKET: &str = "agent.sock";
 const CONSOLE: &str = "console.log";
 
@@ -134,6 +215,19 @@ impl QemuVm {
         let console =
             std::fs::File::create(run_dir.join(CONSOLE)).map_err(|e| process.dir_err(e))?;
         let mut cmd = Command::new("qemu-system-x86_64");
+        // Descriptors QEMU inherits, at fixed numbers from 3 on; the open
+        // files stay alive here until the spawn returns.
+        let mut handed = Handed::default();
+        let opened = |p: &Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(p)
+                .map_err(|source| HypervisorError::Open {
+                    path: p.to_owned(),
+                    source,
+                })
+        };
         let machine = if cfg.acpi {
             "microvm"
         } else {
@@ -143,7 +237,12 @@ impl QemuVm {
             Accel::Tcg => ("tcg", "max"),
             Accel::Kvm => ("kvm", "host,-arch-capabilities"),
         };
-        cmd.args(["-M", machine, "-accel", accel, "-cpu", cpu])
+        // Named after its run directory: `ps` tells whose VM it is (QEMU
+        // sees no path of husk's otherwise). Commas are doubled for
+        // QEMU's option parser.
+        let name = format!("husk:{}", run_dir.display()).replace(',', ",,");
+        cmd.args(["-name", &name])
+            .args(["-M", machine, "-accel", accel, "-cpu", cpu])
             .args([
                 "-m",
                 &cfg.mem_mib.to_string(),
@@ -159,17 +258,25 @@ impl QemuVm {
             ])
             .args(["-serial", "stdio", "-device", "i8042"])
             // Virtio 1.x on MMIO: vhost-user (virtiofsd) refuses legacy.
-            .args(["-global", "virtio-mmio.force-legacy=false"])
-            .arg("-kernel")
-            .arg(&cfg.kernel)
-            .arg("-initrd")
-            .arg(&cfg.initrd)
+            .args(["-global", "virtio-mmio.force-legacy=false"]);
+        let kernel = handed.add(opened(&cfg.kernel, false)?.into());
+        let initrd = handed.add(opened(&cfg.initrd, false)?.into());
+        cmd.args(["-kernel", &format!("/proc/self/fd/{kernel}")])
+            .args(["-initrd", &format!("/proc/self/fd/{initrd}")])
             .arg("-append")
             .arg(cmdline(cfg));
         for (i, (path, ro)) in cfg.disks.iter().enumerate() {
+            // QEMU reopens a disk read-only to probe it, then with the
+            // mode it needs: the set holds one descriptor of each.
+            let set = i + 1;
+            let r = handed.add(opened(path, false)?.into());
+            cmd.args(["-add-fd", &format!("fd={r},set={set}")]);
+            if !*ro {
+                let w = handed.add(opened(path, true)?.into());
+                cmd.args(["-add-fd", &format!("fd={w},set={set}")]);
+            }
             cmd.arg("-drive").arg(format!(
-                "id=d{i},file={},format=raw,if=none,readonly={}",
-                path.display(),
+                "id=d{i},file=/dev/fdset/{set},format=raw,if=none,readonly={}",
                 if *ro { "on" } else { "off" }
             ));
             cmd.args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
@@ -184,13 +291,23 @@ impl QemuVm {
             ]);
         }
         for (i, s) in cfg.shares.iter().enumerate() {
+            let conn = std::os::unix::net::UnixStream::connect(&s.socket).map_err(|source| {
+                HypervisorError::Open {
+                    path: s.socket.clone(),
+                    source,
+                }
+            })?;
+            let fd = handed.add(conn.into());
             cmd.arg("-chardev")
-                .arg(format!("socket,id=fs{i},path={}", s.socket.display()))
+                .arg(format!("socket,id=fs{i},fd={fd}"))
                 .args([
                     "-device",
                     &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
                 ]);
         }
+        let agent = std::os::unix::net::UnixListener::bind(run_dir.join(AGENT_SOCKET))
+            .map_err(|e| process.dir_err(e))?;
+        let agent = handed.add(agent.into());
         cmd.args([
             "-device",
             "virtio-rng-device",
@@ -198,10 +315,7 @@ impl QemuVm {
             "virtio-serial-device",
         ])
         .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            run_dir.join(AGENT_SOCKET).display()
-        ))
+        .arg(format!("socket,id=agent,fd={agent},server=on,wait=off"))
         .args([
             "-device",
             &format!(
@@ -210,15 +324,30 @@ impl QemuVm {
             ),
         ]);
         if let Some(nic) = nic {
-            use std::os::fd::AsRawFd;
-            const TAP_FD: i32 = 3;
-            cmd.args(["-netdev", &format!("tap,id=n0,fd={TAP_FD}")])
-                .args([
-                    "-device",
-                    &format!("virtio-net-device,netdev=n0,mac={}", nic.mac),
-                ]);
-            pass_fd(&mut cmd, nic.tap.as_raw_fd(), TAP_FD);
+            let tap = handed.add(nic.tap.try_clone().map_err(|e| process.dir_err(e))?.into());
+            cmd.args(["-netdev", &format!("tap,id=n0,fd={tap}")]).args([
+                "-device",
+                &format!("virtio-net-device,netdev=n0,mac={}", nic.mac),
+            ]);
         }
+        let sandbox = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+        match (cfg.run_as, cfg.accel) {
+            (Some((uid, gid)), Accel::Tcg) => {
+                cmd.args(["-sandbox", &format!("{sandbox},elevateprivileges=deny")]);
+                drop_privileges(&mut cmd, uid, gid);
+            }
+            // /dev/kvm is root's: QEMU opens it, then drops (its set*id
+            // calls must stay allowed for that; with no capabilities
+            // left they cannot raise anything).
+            (Some((uid, gid)), Accel::Kvm) => {
+                cmd.args(["-sandbox", sandbox])
+                    .args(["-runas", &format!("{uid}:{gid}")]);
+            }
+            (None, _) => {
+                cmd.args(["-sandbox", &format!("{sandbox},elevateprivileges=deny")]);
+            }
+        }
+        handed.pass(&mut cmd);
         cmd.args(&cfg.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(console.try_clone().map_err(|e| process.dir_err(e))?)
@@ -288,6 +417,7 @@ mod tests {
             disks: vec![],
             shares: vec![],
             extra_args: vec![],
+            run_as: None,
         };
         let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
         assert!(khz > 100_000, "{khz}");

@@ -12,6 +12,7 @@ use super::agent::{AgentClient, Signaller};
 use super::cri::{CriShare, VmCriEntry, CRI_TAG, CRI_VOLUME};
 use super::husk_vmm::{FsShare, HuskVmmConfig, HuskVmmVm};
 use super::hypervisor::{Hypervisor, Vm};
+use super::identity::VmIdentity;
 use super::initramfs::Initramfs;
 use super::nic;
 use super::qemu::{Accel, QemuConfig, QemuVm};
@@ -110,6 +111,8 @@ pub enum VmPodError {
     Volume(#[from] crate::volume::VolumeError),
     #[error("VM pod volumes: {0}")]
     Share(#[from] super::share::ShareError),
+    #[error("VM pod: {0}")]
+    Identity(#[from] super::identity::IdentityError),
 }
 
 /// A container's layers in the guest: block devices, or directories of a
@@ -319,6 +322,8 @@ pub(crate) struct Resources {
     volumes: Option<PodVolumes>,
     /// What CRI containers see of the host (CRI sandboxes only).
     pub(crate) cri_share: Option<CriShare>,
+    /// The unprivileged uid the hypervisor runs as.
+    identity: Option<VmIdentity>,
 }
 
 pub struct VmSandbox {
@@ -373,6 +378,7 @@ impl VmSandbox {
             shares: None,
             volumes: None,
             cri_share: None,
+            identity: None,
         };
         match Self::create_inner(&plan, &paths, &config, cni_dir, &mut res) {
             Ok((agent, layers, shared_volumes, status)) => Ok(Arc::new_cyclic(|me| VmSandbox {
@@ -639,6 +645,9 @@ impl VmSandbox {
                 .map_err(|e| vm_err(e.into()))?,
             ),
             Hypervisor::QemuTcg | Hypervisor::QemuKvm => {
+                let identity = res.identity.insert(
+                    VmIdentity::claim(&paths.vm_ids, &paths.id).map_err(|e| vm_err(e.into()))?,
+                );
                 let qemu = QemuConfig {
                     kernel,
                     initrd,
@@ -658,6 +667,7 @@ impl VmSandbox {
                         .map(|s| s.shares().to_vec())
                         .unwrap_or_default(),
                     extra_args: Vec::new(),
+                    run_as: Some((identity.uid, identity.gid)),
                 };
                 Box::new(
                     QemuVm::start_with_nic(&qemu, &run_dir, Some(&vm_nic))
@@ -1410,6 +1420,8 @@ fn release(res: &mut Resources, paths: &PodPaths) {
     // The hypervisor goes first: it holds the tap inside the netns, and
     // the virtio-fs connections.
     res.vm = None;
+    // Free for another pod only once its hypervisor is gone.
+    res.identity = None;
     res.shares = None;
     res.cri_share = None;
     if let Some(mut v) = res.volumes.take() {

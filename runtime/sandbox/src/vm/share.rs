@@ -35,6 +35,7 @@ pub struct FsShares {
     procs: Vec<Child>,
     binds: Vec<PathBuf>,
     shares: Vec<Share>,
+    set_id_filter: std::sync::Arc<seccompiler::BpfProgram>,
 }
 
 impl FsShares {
@@ -46,6 +47,7 @@ impl FsShares {
             procs: Vec::new(),
             binds: Vec::new(),
             shares: Vec::new(),
+            set_id_filter: std::sync::Arc::new(set_id_filter()),
         }
     }
 
@@ -89,31 +91,23 @@ impl FsShares {
             move |e| ShareError::Io(p, e)
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let served = if read_only {
-            let bind = self.dir.join(format!("ro-{tag}"));
-            std::fs::create_dir(&bind).map_err(io(&bind))?;
-            use nix::mount::{mount, MsFlags};
-            mount(
-                Some(source),
-                &bind,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(|e| ShareError::Io(bind.clone(), e.into()))?;
-            self.binds.push(bind.clone());
-            mount(
-                None::<&str>,
-                &bind,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|e| ShareError::Io(bind.clone(), e.into()))?;
-            bind
-        } else {
-            source.to_owned()
-        };
+        // virtiofsd serves a bind of the source, never the source itself:
+        // nosuid and nodev on every mount of the tree, read-only when
+        // asked, so a device node or set-id file that is there (a
+        // hostPath of /dev) does nothing through the share.
+        let served = self.dir.join(format!("tree-{tag}"));
+        std::fs::create_dir(&served).map_err(io(&served))?;
+        use nix::mount::{mount, MsFlags};
+        mount(
+            Some(source),
+            &served,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| ShareError::Io(served.clone(), e.into()))?;
+        self.binds.push(served.clone());
+        restrict_tree(&served, read_only).map_err(io(&served))?;
         let socket = self.dir.join(format!("{tag}.sock"));
         let log_path = self.dir.join(format!("{tag}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
@@ -122,10 +116,13 @@ impl FsShares {
             .arg("-o")
             .arg(format!("source={}", served.display()))
             .args(["-o", "cache=auto", "-o", "sandbox=namespace"])
+            // No device nodes, no file capabilities from the guest.
+            .args(["-o", "modcaps=-mknod:-setfcap"])
             .args(if xattr { &["-o", "xattr"][..] } else { &[] })
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)
             .stderr(log);
+        no_set_id_bits(&mut cmd, &self.set_id_filter);
         super::qemu::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
@@ -180,6 +177,112 @@ impl Drop for FsShares {
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Makes every mount of the tree at `path` nosuid and nodev (and read-only
+/// when asked), submounts included (`mount_setattr`, AT_RECURSIVE).
+fn restrict_tree(path: &Path, read_only: bool) -> std::io::Result<()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID
+            | MOUNT_ATTR_NODEV
+            | if read_only { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a NUL-terminated path and `attr` a mount_attr of the
+    // size passed; the kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A seccomp filter for virtiofsd, stacked on its own: every call that
+/// sets a file's mode fails with EPERM when the mode has S_ISUID or
+/// S_ISGID, so a guest cannot leave a set-id file on the host (root in
+/// the guest is root to virtiofsd, which would otherwise make a
+/// setuid-root binary any host user could run). openat2, whose mode sits
+/// in a struct the filter cannot read, is refused (EPERM) whatever it
+/// asks: neither virtiofsd nor glibc uses it. Everything else is allowed: virtiofsd's own filter
+/// does the allow-listing.
+fn set_id_filter() -> seccompiler::BpfProgram {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    // (syscall, index of its mode argument)
+    let calls: [(i64, u8); 10] = [
+        (libc::SYS_chmod, 1),
+        (libc::SYS_fchmod, 1),
+        (libc::SYS_fchmodat, 2),
+        (452, 2), // fchmodat2 (Linux 6.6)
+        (libc::SYS_open, 2),
+        (libc::SYS_openat, 3),
+        (libc::SYS_creat, 1),
+        (libc::SYS_mkdir, 1),
+        (libc::SYS_mkdirat, 2),
+        (libc::SYS_mknodat, 2),
+    ];
+    let bit = |arg: u8, b: u64| {
+        SeccompRule::new(vec![SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(b),
+            b,
+        )
+        .expect("a valid condition")])
+        .expect("a valid rule")
+    };
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = calls
+        .iter()
+        .map(|&(nr, arg)| (nr, vec![bit(arg, 0o4000), bit(arg, 0o2000)]))
+        .collect();
+    rules.insert(libc::SYS_mknod, vec![bit(1, 0o4000), bit(1, 0o2000)]);
+    rules.insert(libc::SYS_openat2, vec![]);
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(TryInto::try_into)
+    .expect("a valid filter")
+}
+
+/// Installs the set-id filter in the child before it runs virtiofsd.
+fn no_set_id_bits(cmd: &mut Command, filter: &std::sync::Arc<seccompiler::BpfProgram>) {
+    use std::os::unix::process::CommandExt;
+    let filter = filter.clone();
+    // SAFETY: apply_filter makes two prctl calls and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            seccompiler::apply_filter(&filter).map_err(std::io::Error::other)?;
+            Ok(())
+        });
     }
 }
 
