@@ -12,6 +12,7 @@ use husk_sandbox::state::{PodRecord, PodStatus, Roots};
 use husk_sandbox::{Failure, Sandbox, SandboxError, VmSandbox, WasmSandbox};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -37,6 +38,7 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
     if let Ok(log) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(paths.monitor_log())
     {
         // SAFETY: dup2 onto stdout/stderr of this process; `log` stays valid

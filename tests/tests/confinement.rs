@@ -185,6 +185,11 @@ spec:
     assert_eq!(pods.len(), 1);
     let log = pods[0].join("monitor.log");
     assert!(log.is_file());
+    let container_log = pods[0].join("logs/attacker/0.log");
+    for l in [&log, &container_log] {
+        let mode = std::fs::metadata(l).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", l.display());
+    }
     let cat = as_nobody(&["cat", log.to_str().unwrap()]);
     assert!(!cat.status.success() && stdout(&cat).is_empty());
 

@@ -26,14 +26,17 @@ impl Stream {
     }
 }
 
-/// Opens (appends to) a container's CRI log, making its directory.
+/// Opens (appends to) a container's CRI log, making its directory; a new
+/// log is root's only (0600): what a container prints may be secret.
 pub fn open_log(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -43,6 +43,27 @@ pub fn image(name: &str) -> PathBuf {
     p
 }
 
+/// Whether /dev/kvm is there for `test`; when not, the test is recorded as
+/// skipped (libtest would count it as passed: tests/run.sh counts the
+/// lines of $HUSK_SKIP_LOG as skipped in its closing line).
+pub fn have_kvm(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    println!("SKIPPED: no /dev/kvm ({test})");
+    if let Some(log) = std::env::var_os("HUSK_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: no /dev/kvm");
+        }
+    }
+    false
+}
+
 pub fn husk_bin() -> PathBuf {
     // target/<profile>/deps/e2e-… → target/<profile>/husk
     let exe = std::env::current_exe().unwrap();

@@ -578,8 +578,10 @@ impl VmSandbox {
             }
             if husk_vmm {
                 vmm_shares.push(FsShare {
+                    path: shares
+                        .restricted_tree(&tag, &dir, *read_only)
+                        .map_err(|e| vm_err(e.into()))?,
                     tag: tag.clone(),
-                    path: dir,
                     read_only: *read_only,
                     xattr: false,
                 });
@@ -597,15 +599,17 @@ impl VmSandbox {
             });
         }
         if let Some(share) = res.cri_share.as_ref() {
+            let shares = res.shares.as_mut().expect("made above");
             if husk_vmm {
                 vmm_shares.push(FsShare {
                     tag: CRI_TAG.into(),
-                    path: share.root().to_owned(),
+                    path: shares
+                        .restricted_tree(CRI_TAG, share.root(), false)
+                        .map_err(|e| vm_err(e.into()))?,
                     read_only: false,
                     xattr: true,
                 });
             } else {
-                let shares = res.shares.as_mut().expect("made above");
                 shares
                     .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
                     .map_err(|e| vm_err(e.into()))?;

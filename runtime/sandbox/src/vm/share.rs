@@ -78,6 +78,40 @@ impl FsShares {
         self.add_opts(virtiofsd, tag, source, false, true)
     }
 
+    /// A bind of `source` for a hypervisor to serve, never the source
+    /// itself: nosuid and nodev on every mount of the tree, read-only when
+    /// asked, so a device node or set-id file that is there (a hostPath of
+    /// /dev) does nothing through the share. Owned (unmounted on drop)
+    /// with the shares; husk-vmm, which serves shares itself, gets these.
+    pub fn restricted_tree(
+        &mut self,
+        tag: &str,
+        source: &Path,
+        read_only: bool,
+    ) -> Result<PathBuf, ShareError> {
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |e| ShareError::Io(p, e)
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let served = self.dir.join(format!("tree-{tag}"));
+        std::fs::create_dir(&served).map_err(io(&served))?;
+        use nix::mount::{mount, MsFlags};
+        if let Err(e) = mount(
+            Some(source),
+            &served,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ) {
+            let _ = std::fs::remove_dir(&served);
+            return Err(ShareError::Io(served, e.into()));
+        }
+        self.binds.push(served.clone());
+        restrict_tree(&served, read_only).map_err(io(&served))?;
+        Ok(served)
+    }
+
     fn add_opts(
         &mut self,
         virtiofsd: &Path,
@@ -91,23 +125,7 @@ impl FsShares {
             move |e| ShareError::Io(p, e)
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        // virtiofsd serves a bind of the source, never the source itself:
-        // nosuid and nodev on every mount of the tree, read-only when
-        // asked, so a device node or set-id file that is there (a
-        // hostPath of /dev) does nothing through the share.
-        let served = self.dir.join(format!("tree-{tag}"));
-        std::fs::create_dir(&served).map_err(io(&served))?;
-        use nix::mount::{mount, MsFlags};
-        mount(
-            Some(source),
-            &served,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| ShareError::Io(served.clone(), e.into()))?;
-        self.binds.push(served.clone());
-        restrict_tree(&served, read_only).map_err(io(&served))?;
+        let served = self.restricted_tree(tag, source, read_only)?;
         let socket = self.dir.join(format!("{tag}.sock"));
         let log_path = self.dir.join(format!("{tag}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;

@@ -221,15 +221,10 @@ impl WasmSandbox {
                 tracing::warn!(container = %c.name, "{msg}");
                 // Record the failure in the container's own log as well.
                 let path = self.paths.log_file(&c.name, restart);
-                if let Some(dir) = path.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
                 let line = format!("{} stderr F husk: {msg}\n", cri_log::timestamp());
-                let _ = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+                if let Ok(mut f) = cri_log::open_log(&path) {
+                    let _ = std::io::Write::write_all(&mut f, line.as_bytes());
+                }
                 GuestExit::Trap(msg)
             }
         }
@@ -247,13 +242,7 @@ impl WasmSandbox {
             .map(|(_, g)| g.clone())
             .ok_or_else(|| format!("no compiled guest for {}", c.name))?;
         let log_path = self.paths.log_file(&c.name, restart);
-        std::fs::create_dir_all(log_path.parent().expect("log dir"))
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log = cri_log::open_log(&log_path)?;
         let log = Arc::new(Mutex::new(log));
         let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
         let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
