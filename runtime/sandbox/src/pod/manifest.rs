@@ -963,6 +963,14 @@ pub fn resolve_image(image: &str, base_dir: &Path) -> PathBuf {
     }
 }
 
+/// The error for an argument or variable that expands too far.
+fn too_long() -> String {
+    format!(
+        "expands to more than {MAX_EXPANDED} bytes (the most Linux passes to a program); \
+         check the $(VAR) references of the env list, each of which may double the one before"
+    )
+}
+
 fn validate_container(
     c: &spec::Container,
     at: &str,
@@ -1110,7 +1118,12 @@ fn validate_container(
             ));
         }
         let (value, secret) = match (&e.value, &e.value_from) {
-            (Some(v), None) => (Some(v.clone()), false),
+            // Only a literal value is expanded; one from a ConfigMap or
+            // Secret is taken as it is, as the kubelet takes it.
+            (Some(v), None) => match expand_vars(v, &env) {
+                Some(v) => (Some(v), false),
+                None => return Err(err(&format!("{p}.value"), too_long())),
+            },
             (None, None) => (Some(String::new()), false),
             (Some(_), Some(_)) => return Err(err(&p, "set value or valueFrom, not both".into())),
             (None, Some(from)) => {
@@ -1139,7 +1152,6 @@ fn validate_container(
             }
         };
         if let Some(value) = value {
-            let value = expand_vars(&value, &env);
             set(
                 &mut env,
                 EnvEntry {
@@ -1271,19 +1283,26 @@ fn validate_container(
         }
     }
 
-    let expand = |v: &[String]| -> Vec<String> { v.iter().map(|a| expand_vars(a, &env)).collect() };
+    let expand = |v: &[String], field: &str| -> Result<Vec<String>, ManifestError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, a)| {
+                expand_vars(a, &env).ok_or_else(|| err(&format!("{at}.{field}[{i}]"), too_long()))
+            })
+            .collect()
+    };
     let argv: Vec<String> = match &linux {
         // Kubernetes: command replaces the image's entrypoint, args its cmd.
         Some(l) => {
             let mut argv = if c.command.is_empty() {
                 l.entrypoint.clone()
             } else {
-                expand(&c.command)
+                expand(&c.command, "command")?
             };
             if c.args.is_empty() && c.command.is_empty() {
                 argv.extend(l.cmd.iter().cloned());
             } else {
-                argv.extend(expand(&c.args));
+                argv.extend(expand(&c.args, "args")?);
             }
             if argv.is_empty() {
                 return Err(err(
@@ -1301,9 +1320,9 @@ fn validate_container(
             let mut argv: Vec<String> = if c.command.is_empty() {
                 vec![argv0]
             } else {
-                expand(&c.command)
+                expand(&c.command, "command")?
             };
-            argv.extend(expand(&c.args));
+            argv.extend(expand(&c.args, "args")?);
             argv
         }
     };
@@ -1443,43 +1462,60 @@ fn validate_security(
     Ok(plan)
 }
 
-/// Kubernetes `$(VAR)` expansion: known variables are replaced, unknown
-/// references stay as written, `$$` escapes a dollar.
-pub fn expand_vars(s: &str, env: &[EnvEntry]) -> String {
-    let mut out = String::with_capacity(s.len());
+/// The longest string Linux passes to a program (MAX_ARG_STRLEN, 32
+/// pages): an argument or variable that expands past it could not be
+/// given to the container's program (E2BIG), so it is refused while the
+/// manifest is read, before it can take the memory it asks for.
+pub const MAX_EXPANDED: usize = 32 * 4096;
+
+/// Kubernetes `$(VAR)` expansion, as the kubelet does it: known variables
+/// are replaced by their (already expanded) values, which are not looked
+/// into again; unknown references stay as written, `$$` escapes a dollar.
+/// Values defined from one another can still double at each step, so the
+/// result is bounded: `None` past [`MAX_EXPANDED`] bytes, found without
+/// building more than that.
+pub fn expand_vars(s: &str, env: &[EnvEntry]) -> Option<String> {
+    let mut out = String::with_capacity(s.len().min(MAX_EXPANDED));
+    let push = |out: &mut String, piece: &str| {
+        if out.len() + piece.len() > MAX_EXPANDED {
+            return false;
+        }
+        out.push_str(piece);
+        true
+    };
     let mut rest = s;
     while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
+        if !push(&mut out, &rest[..i]) {
+            return None;
+        }
         let tail = &rest[i..];
-        if let Some(t) = tail.strip_prefix("$$") {
-            out.push('$');
+        let ok = if let Some(t) = tail.strip_prefix("$$") {
             rest = t;
+            push(&mut out, "$")
         } else if let Some(t) = tail.strip_prefix("$(") {
             match t.find(')') {
                 Some(end) => {
                     let name = &t[..end];
-                    match env.iter().rev().find(|e| e.name == name) {
-                        Some(e) => out.push_str(&e.value),
-                        None => {
-                            out.push_str("$(");
-                            out.push_str(name);
-                            out.push(')');
-                        }
-                    }
                     rest = &t[end + 1..];
+                    match env.iter().rev().find(|e| e.name == name) {
+                        Some(e) => push(&mut out, &e.value),
+                        None => push(&mut out, &tail[..end + 3]),
+                    }
                 }
                 None => {
-                    out.push_str(tail);
                     rest = "";
+                    push(&mut out, tail)
                 }
             }
         } else {
-            out.push('$');
             rest = &tail[1..];
+            push(&mut out, "$")
+        };
+        if !ok {
+            return None;
         }
     }
-    out.push_str(rest);
-    out
+    push(&mut out, rest).then_some(out)
 }
 
 #[cfg(test)]
@@ -1629,5 +1665,46 @@ mod security_tests {
         let e = check_sysctl("kernel.shm_rmid_forced", false).unwrap_err();
         assert!(e.contains("husk-vm"), "{e}");
         assert!(check_sysctl("net/../../x", true).is_err());
+    }
+}
+
+#[cfg(test)]
+mod expansion_tests {
+    use super::*;
+
+    fn var(name: &str, value: &str) -> EnvEntry {
+        EnvEntry {
+            name: name.into(),
+            value: value.into(),
+            secret: false,
+        }
+    }
+
+    #[test]
+    fn references_are_replaced_once_and_unknown_ones_stay() {
+        let env = [var("A", "$(B)"), var("B", "b"), var("C", "c")];
+        // A's value holds a reference: it is not looked into again.
+        assert_eq!(
+            expand_vars("$(A)-$(C)-$(Z)-$$(C)-$-$(", &env).unwrap(),
+            "$(B)-c-$(Z)-$(C)-$-$("
+        );
+        // The last definition of a name wins.
+        let env = [var("A", "1"), var("A", "2")];
+        assert_eq!(expand_vars("$(A)", &env).unwrap(), "2");
+    }
+
+    #[test]
+    fn an_expansion_past_what_linux_passes_a_program_is_refused_without_being_built() {
+        let big = var("BIG", &"x".repeat(MAX_EXPANDED / 2));
+        assert_eq!(
+            expand_vars("$(BIG)$(BIG)", std::slice::from_ref(&big))
+                .unwrap()
+                .len(),
+            MAX_EXPANDED
+        );
+        assert!(expand_vars("$(BIG)$(BIG)!", std::slice::from_ref(&big)).is_none());
+        // A million references to it: refused at the third.
+        let refs = "$(BIG)".repeat(1_000_000);
+        assert!(expand_vars(&refs, &[big]).is_none());
     }
 }
