@@ -732,6 +732,213 @@ fn vsock_connections_both_ways_over_unix_sockets() {
     assert!(!uds.exists(), "the vsock socket was left behind");
 }
 
+/// `Name:\tvalue` fields of a /proc status file.
+fn status_of(path: &str) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// A waiting guest (waitstop) under husk-vmm with `extra` flags: its pid
+/// once its console says it waits, and the child.
+fn waiting_vmm(extra: &[&str], env: Option<(&str, &str)>) -> std::process::Child {
+    use std::io::BufRead;
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
+        "--kernel",
+        guest("waitstop.elf").to_str().unwrap(),
+        "--no-rng",
+    ])
+    .args(extra)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if env.is_none() {
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut console = String::new();
+        while !console.contains("waiting for ctrl-alt-del") {
+            let mut l = String::new();
+            assert!(
+                out.read_line(&mut l).unwrap() > 0,
+                "console ended: {console}"
+            );
+            console.push_str(&l);
+        }
+        // Keep draining the console so the guest never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    }
+    child
+}
+
+/// Ends a waiting guest with SIGTERM; its exit status.
+fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    child.wait().unwrap()
+}
+
+/// husk-vmm's status once its main thread is under its filter (it
+/// installs it after starting the others, so the guest may run first).
+fn filtered_status(pid: u32) -> std::collections::HashMap<String, String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = status_of(&format!("/proc/{pid}/status"));
+        if st.get("Seccomp").map(String::as_str) == Some("2") || t0.elapsed().as_secs() >= 10 {
+            return st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Names in a directory, sorted.
+fn names(dir: &str) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The jailer: while the guest runs, husk-vmm is the chosen uid and gid
+/// with no groups and no capabilities, no_new_privs, every thread under
+/// its own seccomp filter, and its root is an empty tmpfs holding only
+/// the vsock socket's directory; afterwards nothing is left.
+#[test]
+fn a_jailed_husk_vmm_runs_unprivileged_filtered_and_sees_only_its_jail() {
+    if !have_kvm("a_jailed_husk_vmm_runs_unprivileged_filtered_and_sees_only_its_jail") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let id = 0x6ffe_0000 + std::process::id();
+    std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).unwrap();
+    let uds = dir.path().join("v.sock");
+    let ids = id.to_string();
+    let child = waiting_vmm(
+        &[
+            "--vsock",
+            &format!("cid=9,uds={}", uds.display()),
+            "--jail-uid",
+            &ids,
+            "--jail-gid",
+            &ids,
+        ],
+        None,
+    );
+    let pid = child.id();
+    let st = status_of(&format!("/proc/{pid}/status"));
+    assert_eq!(st["Uid"], format!("{id}\t{id}\t{id}\t{id}"), "{st:?}");
+    assert_eq!(st["Gid"], format!("{id}\t{id}\t{id}\t{id}"), "{st:?}");
+    assert_eq!(st["Groups"], "");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(st[set], "0000000000000000", "{set}: {st:?}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1");
+    // Every thread has its own filter (the guest may be waiting before
+    // the last thread has started and installed its one).
+    let threads = || {
+        let mut kinds = Vec::new();
+        for t in names(&format!("/proc/{pid}/task")) {
+            let ts = status_of(&format!("/proc/{pid}/task/{t}/status"));
+            kinds.push((ts["Name"].clone(), ts["Seccomp"].clone()));
+        }
+        // KVM's NX huge page recovery worker is listed among the threads
+        // too (a kernel task; it runs no code of husk-vmm's).
+        kinds.retain(|(k, _)| k != "kvm-nx-lpage-re");
+        kinds.sort();
+        kinds
+    };
+    let want: Vec<_> = ["devices", "husk-vmm", "vcpu0", "watcher"]
+        .map(|k| (k.to_owned(), "2".to_owned()))
+        .into();
+    let t0 = std::time::Instant::now();
+    while threads() != want && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(threads(), want);
+    let st = status_of(&format!("/proc/{pid}/status"));
+    assert_eq!(st["Seccomp"], "2");
+    // Its root: the vsock socket's directory and nothing else; its mounts:
+    // that root and that directory.
+    assert_eq!(names(&format!("/proc/{pid}/root")), ["vsock"]);
+    assert_eq!(names(&format!("/proc/{pid}/root/vsock")), ["v.sock"]);
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let mut points: Vec<_> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    points.sort();
+    assert_eq!(points, ["/", "/vsock"], "{mounts}");
+    let root = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/"));
+    assert!(
+        root.unwrap().contains(" / ro,nosuid,nodev,noexec"),
+        "{mounts}"
+    );
+    assert_eq!(stop(child).code(), Some(0));
+    // The socket is gone (removed from inside the jail), and the jail
+    // with the process: no mount of it is left on the host.
+    assert_eq!(names(dir.path().to_str().unwrap()), Vec::<String>::new());
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains(dir.path().to_str().unwrap()),
+        "{host_mounts}"
+    );
+}
+
+/// A VM with a virtio-fs share keeps uid 0 for the passthrough file
+/// system and only its five file capabilities (no CAP_MKNOD, CAP_SETFCAP,
+/// CAP_FSETID or CAP_SYS_ADMIN, none in the bounding set either), is
+/// filtered all the same, and its root shows only its own fd directory.
+#[test]
+fn a_jailed_husk_vmm_with_a_share_keeps_only_the_file_capabilities() {
+    if !have_kvm("a_jailed_husk_vmm_with_a_share_keeps_only_the_file_capabilities") {
+        return;
+    }
+    let share = tempfile::tempdir().unwrap();
+    let child = waiting_vmm(
+        &["--fs", &format!("tag=s,path={}", share.path().display())],
+        None,
+    );
+    let pid = child.id();
+    let st = filtered_status(pid);
+    // CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, SETGID 6, SETUID 7.
+    let caps = format!("{:016x}", 1u64 | 1 << 1 | 1 << 3 | 1 << 6 | 1 << 7);
+    for set in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(st[set], caps, "{set}: {st:?}");
+    }
+    assert_eq!(st["CapInh"], "0000000000000000");
+    assert_eq!(st["CapAmb"], "0000000000000000");
+    assert_eq!(st["Groups"], "");
+    assert_eq!(st["NoNewPrivs"], "1");
+    assert_eq!(st["Seccomp"], "2");
+    assert_eq!(names(&format!("/proc/{pid}/root")), ["proc"]);
+    assert_eq!(stop(child).code(), Some(0));
+}
+
+/// The test-only hook: once its filter is in, the main thread tries
+/// execve, which no filter allows; the process ends by SIGSYS.
+#[test]
+fn a_system_call_outside_the_filter_kills_husk_vmm_with_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    if !have_kvm("a_system_call_outside_the_filter_kills_husk_vmm_with_sigsys") {
+        return;
+    }
+    let child = waiting_vmm(&[], Some(("HUSK_VMM_TEST_FORBIDDEN_SYSCALL", "1")));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        stderr(&out).contains(r#""event":"running""#),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// The host side of a VM pod under husk-vmm, end to end: husk-sandbox's
 /// HuskVmmVm starts husk-vmm from its JSON configuration, reaches the
 /// guest's vsock port 1024 through the hybrid socket, and does the agent
@@ -764,10 +971,18 @@ fn husk_vmm_vm_reaches_the_agent_over_vsock_and_shuts_it_down() {
     let run = dir.path().join("run");
     let mut vm = HuskVmmVm::start(&cfg, &run, None).unwrap();
     let pid = vm.pid().unwrap();
+    // Jailed as a uid of its own, claimed for it until it is dropped.
+    let id = vm.jail_id();
+    let claim = Path::new(husk_sandbox::vm::husk_vmm::UID_CLAIMS).join(id.to_string());
+    assert!(claim.exists());
     let agent = vm
         .agent(std::time::Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
     assert_eq!(agent.kernel(), "vsock-stand-in");
+    let st = status_of(&format!("/proc/{pid}/status"));
+    assert_eq!(st["Uid"], format!("{id}\t{id}\t{id}\t{id}"), "{st:?}");
+    assert_eq!(st["CapEff"], "0000000000000000");
+    assert_eq!(st["Seccomp"], "2");
     agent.shutdown().unwrap();
     assert!(
         vm.wait(std::time::Duration::from_secs(10)),
@@ -782,6 +997,7 @@ fn husk_vmm_vm_reaches_the_agent_over_vsock_and_shuts_it_down() {
     drop(agent);
     drop(vm);
     assert!(!run.exists(), "the VM's run directory is left");
+    assert!(!claim.exists(), "the jail uid's claim is left");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
 

@@ -4,8 +4,10 @@
 //! (ioctl only KVM_RUN on a vCPU; tgkill only this process's threads and
 //! the kick signal; no executable mappings), and anything else kills the
 //! whole process with SIGSYS. The lists are what the threads were seen to
-//! call under `strace -f` with every test guest (plus the passthrough
-//! file system's calls for the FUSE requests a Linux guest sends).
+//! call with every test guest (run first under a logging filter, whose
+//! audit records name the thread and the call, then under this one), plus
+//! the passthrough file system's calls for the FUSE requests a Linux guest
+//! sends that the test guest does not.
 //!
 //! Filters are per thread and inherited by threads made later, so each
 //! thread installs its own as the first thing it does, and the main
