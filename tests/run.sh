@@ -30,6 +30,11 @@ cargo fmt --all --check
 cargo build --release --workspace
 # The guest agent is PID 1 of a microVM: a static binary (glibc, crt-static).
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent --target x86_64-unknown-linux-gnu
+# The README's first command, as a newcomer runs it: the example script
+# installs what it needs itself, builds (a no-op here) and runs the example
+# pod in the foreground (#22).
+echo "tests/run.sh: bash images/examples/run.sh"
+bash images/examples/run.sh
 log="$(mktemp)"
 export HUSK_SKIP_LOG="$(mktemp)"
 trap 'rm -f "$log" "$HUSK_SKIP_LOG"' EXIT

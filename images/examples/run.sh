@@ -3,7 +3,9 @@
 # foreground. Needs root (netns, mounts) on Debian/Ubuntu.
 set -euo pipefail
 cd "$(dirname "$0")"
-packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32 libssl-dev pkg-config)
+# protobuf-compiler: huskd's CRI protos are compiled at build time.
+packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32 libssl-dev pkg-config
+          protobuf-compiler iproute2 iptables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
