@@ -742,9 +742,31 @@ fn status_of(path: &str) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
-/// A waiting guest (waitstop) under husk-vmm with `extra` flags: its pid
-/// once its console says it waits, and the child.
-fn waiting_vmm(extra: &[&str], env: Option<(&str, &str)>) -> std::process::Child {
+/// A husk-vmm child that is killed if a test fails before it ends.
+struct VmChild(Option<std::process::Child>);
+
+impl VmChild {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    fn wait_with_output(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for VmChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A waiting guest (waitstop) under husk-vmm with `extra` flags, once its
+/// console says it waits (with `env`: at once).
+fn waiting_vmm(extra: &[&str], env: Option<(&str, &str)>) -> VmChild {
     use std::io::BufRead;
     let mut cmd = Command::new(vmm_bin());
     cmd.args([
@@ -773,17 +795,17 @@ fn waiting_vmm(extra: &[&str], env: Option<(&str, &str)>) -> std::process::Child
         // Keep draining the console so the guest never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     }
-    child
+    VmChild(Some(child))
 }
 
 /// Ends a waiting guest with SIGTERM; its exit status.
-fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+fn stop(mut child: VmChild) -> std::process::ExitStatus {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    child.wait().unwrap()
+    child.0.take().unwrap().wait().unwrap()
 }
 
 /// husk-vmm's status once its main thread is under its filter (it
@@ -930,7 +952,7 @@ fn a_system_call_outside_the_filter_kills_husk_vmm_with_sigsys() {
         return;
     }
     let child = waiting_vmm(&[], Some(("HUSK_VMM_TEST_FORBIDDEN_SYSCALL", "1")));
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
     assert!(
         stderr(&out).contains(r#""event":"running""#),
