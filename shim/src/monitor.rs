@@ -86,7 +86,10 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("sandbox creation failed: {e}");
-            report(&mut ready, serde_json::json!({ "error": e.to_string() }));
+            report(
+                &mut ready,
+                serde_json::json!({ "error": e.to_string(), "bad_input": e.is_bad_input() }),
+            );
             return 1;
         }
     };

@@ -738,6 +738,9 @@ fn logs_are_cri_formatted_and_tail_works() {
 fn bad_input_exits_2_names_the_field_and_creates_nothing() {
     let env = Env::new();
     std::fs::write(env.root().join("not.wasm"), "#!/bin/sh\necho hi\n").unwrap();
+    // A module cut short: the header is right, the rest is missing.
+    let probe = std::fs::read(probe()).unwrap();
+    std::fs::write(env.root().join("cut.wasm"), &probe[..probe.len() / 3]).unwrap();
     let pod =
         |spec: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad}}\nspec:\n{spec}");
     let c = "  containers:\n  - {name: a, image: $PROBE}\n";
@@ -757,6 +760,7 @@ fn bad_input_exits_2_names_the_field_and_creates_nothing() {
         ("host-alias", pod(&format!("  hostAliases: [{{ip: 300.1.1.1, hostnames: [x]}}]\n{c}")), "spec.hostAliases[0].ip: \"300.1.1.1\" is not an IP address"),
         ("missing-image", pod("  containers:\n  - {name: a, image: nowhere.wasm}\n"), "spec.containers[0].image"),
         ("not-wasm", pod(&format!("  containers:\n  - {{name: a, image: {}}}\n", env.root().join("not.wasm").display())), "not a WebAssembly module"),
+        ("cut-wasm", pod(&format!("  containers:\n  - {{name: a, image: {}}}\n", env.root().join("cut.wasm").display())), "cut.wasm: invalid WebAssembly"),
         ("dup-port", pod("  containers:\n  - {name: a, image: $PROBE, ports: [{containerPort: 80}]}\n  - {name: b, image: $PROBE, ports: [{containerPort: 80}]}\n"), "spec.containers[1].ports[0].containerPort: 80/TCP is already declared by container \"a\""),
         ("no-volume", pod("  containers:\n  - {name: a, image: $PROBE}\n  - {name: b, image: $PROBE, volumeMounts: [{name: cache, mountPath: /c}]}\n"), "spec.containers[1].volumeMounts[0].name: no volume named \"cache\""),
         ("dup", pod("  containers:\n  - {name: a, image: $PROBE}\n  - {name: a, image: $PROBE}\n"), "spec.containers[1].name: duplicate container name"),

@@ -12,26 +12,6 @@ fn vmm_bin() -> std::path::PathBuf {
     husk_bin().with_file_name("husk-vmm")
 }
 
-fn have_kvm(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    println!("SKIPPED: no /dev/kvm ({test})");
-    // libtest counts it as passed: tests/run.sh counts these lines as
-    // skipped instead, in its closing line.
-    if let Some(log) = std::env::var_os("HUSK_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{test}: no /dev/kvm");
-        }
-    }
-    false
-}
-
 fn vmm(args: &[&str]) -> Output {
     Command::new(vmm_bin()).args(args).output().unwrap()
 }
@@ -995,7 +975,7 @@ fn husk_vmm_vm_reaches_the_agent_over_vsock_and_shuts_it_down() {
     let pid = vm.pid().unwrap();
     // Jailed as a uid of its own, claimed for it until it is dropped.
     let id = vm.jail_id();
-    let claim = Path::new(husk_sandbox::vm::husk_vmm::UID_CLAIMS).join(id.to_string());
+    let claim = Path::new(husk_sandbox::vm::identity::HOST_CLAIMS).join(id.to_string());
     assert!(claim.exists());
     let agent = vm
         .agent(std::time::Duration::from_secs(30))

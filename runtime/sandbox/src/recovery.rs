@@ -32,7 +32,7 @@ pub fn release_leftovers(paths: &PodPaths) -> Vec<String> {
         }
     }
     crate::vm::share::remove_pid_files_under(&paths.run);
-    crate::vm::identity::release_claims_of(&paths.vm_ids, &paths.id);
+    crate::vm::identity::release_claims_under(&paths.vm_ids, &paths.run);
     if let Err(e) = crate::network::delete_netns(&paths.netns) {
         problems.push(e.to_string());
     }

@@ -91,7 +91,7 @@ impl Roots {
             run: self.run.join("pods").join(id),
             lib: self.lib.join("pods").join(id),
             netns: self.run.join("netns").join(id),
-            vm_ids: self.run.join("vm-ids"),
+            vm_ids: PathBuf::from(crate::vm::identity::HOST_CLAIMS),
         }
     }
 
@@ -161,8 +161,8 @@ pub struct PodPaths {
     pub run: PathBuf,
     pub lib: PathBuf,
     pub netns: PathBuf,
-    /// Where VM pods claim their hypervisor's host uid (shared by all
-    /// pods; see [`crate::vm::identity`]).
+    /// Where VM pods claim their hypervisor's host uid (host-wide, shared
+    /// by all pods of all roots; see [`crate::vm::identity`]).
     pub vm_ids: PathBuf,
 }
 

@@ -89,13 +89,22 @@ pub fn read_guest_binary(path: &Path) -> Result<Vec<u8>, WasmError> {
 }
 
 impl WasmEngine {
-    /// Checks that `path` holds a WebAssembly module or component without
-    /// compiling it. Used to validate a pod before anything is created.
+    /// Checks that `path` holds a well-formed WebAssembly module or
+    /// component without compiling it (a file cut short or corrupted is
+    /// caught here). Used to validate a pod before anything is created;
+    /// every proposal is accepted here, the engine's compile decides.
     pub fn check_guest_file(path: &Path) -> Result<GuestKind, WasmError> {
         let bytes = read_guest_binary(path)?;
-        GuestKind::detect(&bytes).ok_or_else(|| WasmError::NotWasm {
+        let kind = GuestKind::detect(&bytes).ok_or_else(|| WasmError::NotWasm {
             path: path.to_owned(),
-        })
+        })?;
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+            .validate_all(&bytes)
+            .map_err(|e| WasmError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(kind)
     }
 
     /// The cache file a given binary compiles to.

@@ -243,7 +243,12 @@ pub fn run(roots: &Roots, a: RunArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             cleanup();
-            return fail(EXIT_FAILURE, format!("pod {}: {e}", plan.name));
+            let code = if e.bad_input {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            };
+            return fail(code, format!("pod {}: {e}", plan.name));
         }
     };
     if a.detach {
@@ -263,8 +268,36 @@ pub fn run(roots: &Roots, a: RunArgs) -> i32 {
     code
 }
 
+/// Why a monitor did not start its pod.
+#[derive(Debug)]
+pub struct MonitorStartError {
+    pub message: String,
+    /// The pod's own input is at fault (a guest file that is not valid
+    /// WebAssembly): a usage error, exit 2.
+    pub bad_input: bool,
+}
+
+impl std::fmt::Display for MonitorStartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for MonitorStartError {
+    fn from(message: String) -> Self {
+        MonitorStartError {
+            message,
+            bad_input: false,
+        }
+    }
+}
+
 /// Starts the monitor and waits for its ready line.
-fn start_monitor(roots: &Roots, id: &str, plan: &PodPlan) -> Result<std::process::Child, String> {
+fn start_monitor(
+    roots: &Roots,
+    id: &str,
+    plan: &PodPlan,
+) -> Result<std::process::Child, MonitorStartError> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the husk binary: {e}"))?;
     start_monitor_with(&exe, roots, id, plan)
 }
@@ -277,7 +310,7 @@ pub fn start_monitor_with(
     roots: &Roots,
     id: &str,
     plan: &PodPlan,
-) -> Result<std::process::Child, String> {
+) -> Result<std::process::Child, MonitorStartError> {
     let paths = roots.pod(id);
     let mut cmd = Command::new(exe);
     if let Some(r) = &roots.custom {
@@ -314,11 +347,14 @@ pub fn start_monitor_with(
         return Ok(child);
     }
     let _ = child.wait();
-    Err(reply
-        .get("error")
-        .and_then(|e| e.as_str())
-        .unwrap_or("the pod monitor failed")
-        .to_owned())
+    Err(MonitorStartError {
+        message: reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("the pod monitor failed")
+            .to_owned(),
+        bad_input: reply.get("bad_input").and_then(|b| b.as_bool()) == Some(true),
+    })
 }
 
 /// Streams the pod's output until it ends; returns the exit code.

@@ -753,7 +753,14 @@ impl RuntimeService for Runtime {
         })
         .await
         .map_err(internal)?;
-        started.map_err(|e| Status::unknown(format!("pod sandbox: {e}")))?;
+        started.map_err(|e| {
+            let message = format!("pod sandbox: {e}");
+            if e.bad_input {
+                Status::invalid_argument(message)
+            } else {
+                Status::unknown(message)
+            }
+        })?;
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))

@@ -272,13 +272,16 @@ impl Env {
                 out.push(format!("process {} {s}", e.file_name().to_string_lossy()));
             }
         }
-        // VM pods' claims on a hypervisor uid.
-        for e in std::fs::read_dir(self.root().join("run/vm-ids"))
+        // VM pods' claims on a hypervisor uid (host-wide; each names the
+        // VM's run directory).
+        for e in std::fs::read_dir(husk_sandbox::vm::identity::HOST_CLAIMS)
             .into_iter()
             .flatten()
             .flatten()
         {
-            out.push(format!("vm uid claim {}", e.path().display()));
+            if std::fs::read_to_string(e.path()).is_ok_and(|c| c.contains(&root)) {
+                out.push(format!("vm uid claim {}", e.path().display()));
+            }
         }
         // virtiofsd's pid files name the socket, which is under the root.
         let escaped = root.replace('/', ".");

@@ -5,19 +5,18 @@
 //! over vsock through husk-vmm's hybrid unix socket (`CONNECT <port>\n`,
 //! answered `OK <port>\n` once the agent accepts). One HuskVmmVm owns the
 //! process and the run directory (through [`VmProcess`]) and its jail uid
-//! ([`JailIds`]); dropping it kills the process, removes the directory and
-//! gives the uid back.
+//! ([`VmIdentity`]); dropping it kills the process, removes the directory
+//! and gives the uid back.
 //!
 //! husk-vmm jails itself before the guest runs (husk-vmm's README: its own
 //! mount namespace, an unprivileged uid and gid, no capabilities, seccomp).
-//! The uid and gid are this VM's alone: picked from 0x6000_0000 up by a
-//! hash of the run directory and claimed with an O_EXCL file under
-//! [`UID_CLAIMS`], host-wide, so no two VMs share one (a claim whose
-//! monitor is gone is taken over). The vsock socket sits in its own
-//! directory owned by that uid, which husk-vmm binds into its jail.
+//! The uid and gid are this VM's alone, claimed host-wide as QEMU's are
+//! (see [`super::identity`]). The vsock socket sits in its own directory
+//! owned by that uid, which husk-vmm binds into its jail.
 
 use super::agent::AgentClient;
 use super::hypervisor::{console_tail, pass_fd, HypervisorError, Vm, VmProcess};
+use super::identity::{self, VmIdentity};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -33,10 +32,6 @@ const CONSOLE: &str = "console.log";
 const VMM_LOG: &str = "husk-vmm.log";
 /// The vsock socket, in a directory of its own that the jail uid owns.
 const VSOCK: &str = "vsock/vsock.sock";
-/// Where jail uids are claimed, one file per uid in use, host-wide.
-pub const UID_CLAIMS: &str = "/run/husk-vmm/uids";
-const UID_BASE: u32 = 0x6000_0000;
-const UID_RANGE: u32 = 1 << 20;
 
 /// One virtio-fs share served by husk-vmm.
 #[derive(Debug, Clone)]
@@ -109,75 +104,11 @@ fn vm_json(cfg: &HuskVmmConfig, run_dir: &Path, mac: Option<&str>, jail: u32) ->
     v
 }
 
-/// A jail uid (and the gid of the same number) claimed for one VM: the
-/// claim file goes with it.
-#[derive(Debug)]
-pub struct JailIds {
-    pub id: u32,
-    claim: PathBuf,
-}
-
-impl JailIds {
-    /// Claims a free id in `dir`, starting at the one `seed` hashes to.
-    pub fn claim(dir: &Path, seed: &Path) -> std::io::Result<Self> {
-        use std::hash::{Hash, Hasher};
-        use std::io::Write;
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        seed.hash(&mut h);
-        let start = (h.finish() % u64::from(UID_RANGE)) as u32;
-        for i in 0..UID_RANGE {
-            let id = UID_BASE + (start + i) % UID_RANGE;
-            let claim = dir.join(id.to_string());
-            let open = || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&claim)
-            };
-            let f = match open() {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // Taken over when the monitor that claimed it is gone.
-                    let owner: Option<i32> = std::fs::read_to_string(&claim)
-                        .ok()
-                        .and_then(|t| t.trim().parse().ok());
-                    let gone = owner.is_some_and(|pid| {
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                            == Err(nix::errno::Errno::ESRCH)
-                    });
-                    if !gone || std::fs::remove_file(&claim).is_err() {
-                        continue;
-                    }
-                    match open() {
-                        Ok(f) => f,
-                        Err(_) => continue,
-                    }
-                }
-                r => r?,
-            };
-            let mut f = f;
-            f.write_all(std::process::id().to_string().as_bytes())?;
-            return Ok(JailIds { id, claim });
-        }
-        Err(std::io::Error::other("every jail uid is claimed"))
-    }
-}
-
-impl Drop for JailIds {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.claim);
-    }
-}
-
 pub struct HuskVmmVm {
     // Dropped in this order: the process (and its run directory), then
     // the uid it ran as.
     process: VmProcess,
-    jail: JailIds,
+    jail: VmIdentity,
 }
 
 impl HuskVmmVm {
@@ -189,15 +120,14 @@ impl HuskVmmVm {
         nic: Option<&super::nic::VmNic>,
     ) -> Result<Self, HypervisorError> {
         let mut process = VmProcess::prepare(&cfg.kernel, &cfg.initrd, run_dir)?;
-        let jail = JailIds::claim(Path::new(UID_CLAIMS), run_dir)
-            .map_err(|e| HypervisorError::RunDir(PathBuf::from(UID_CLAIMS), e))?;
+        let jail = VmIdentity::claim(Path::new(identity::HOST_CLAIMS), run_dir)?;
         // The vsock socket's directory: the jailed husk-vmm's own.
         let vsock_dir = run_dir.join(VSOCK);
         let vsock_dir = vsock_dir.parent().unwrap_or(run_dir);
         std::fs::create_dir(vsock_dir).map_err(|e| process.dir_err(e))?;
-        std::os::unix::fs::chown(vsock_dir, Some(jail.id), Some(jail.id))
+        std::os::unix::fs::chown(vsock_dir, Some(jail.uid), Some(jail.uid))
             .map_err(|e| process.dir_err(e))?;
-        let json = vm_json(cfg, run_dir, nic.map(|n| n.mac.as_str()), jail.id);
+        let json = vm_json(cfg, run_dir, nic.map(|n| n.mac.as_str()), jail.uid);
         std::fs::write(run_dir.join(CONFIG), json.to_string()).map_err(|e| process.dir_err(e))?;
         let log = std::fs::File::create(run_dir.join(VMM_LOG)).map_err(|e| process.dir_err(e))?;
         let mut cmd = Command::new(&cfg.binary);
@@ -260,7 +190,7 @@ impl HuskVmmVm {
 impl HuskVmmVm {
     /// The uid and gid husk-vmm runs as in its jail.
     pub fn jail_id(&self) -> u32 {
-        self.jail.id
+        self.jail.uid
     }
 }
 
@@ -359,26 +289,5 @@ mod tests {
         assert_eq!(v["fs"][0]["path"], "/data,with,commas");
         assert_eq!(v["fs"][0]["read_only"], true);
         assert!(vm_json(&cfg, Path::new("/r"), None, 1).get("net").is_none());
-    }
-
-    #[test]
-    fn jail_ids_are_claimed_once_each_and_given_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let claims = dir.path().join("uids");
-        let a = JailIds::claim(&claims, Path::new("/run/pod-a")).unwrap();
-        // The same seed again gets another id while the first is held.
-        let b = JailIds::claim(&claims, Path::new("/run/pod-a")).unwrap();
-        assert_ne!(a.id, b.id);
-        assert!((UID_BASE..UID_BASE + UID_RANGE).contains(&a.id));
-        assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 2);
-        // A claim whose monitor is gone is taken over.
-        let stale = a.id;
-        drop(a);
-        std::fs::write(claims.join(stale.to_string()), "2147483646").unwrap();
-        let c = JailIds::claim(&claims, Path::new("/run/pod-a")).unwrap();
-        assert_eq!(c.id, stale);
-        drop(b);
-        drop(c);
-        assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
     }
 }

@@ -44,6 +44,8 @@ pub enum HypervisorError {
     },
     #[error("{what} {path}: not found")]
     Missing { what: &'static str, path: PathBuf },
+    #[error(transparent)]
+    Identity(#[from] super::identity::IdentityError),
     #[error("opening {path} for the hypervisor: {source}")]
     Open {
         path: PathBuf,

@@ -3,14 +3,20 @@
 //! (2^30 and up, as Firecracker's jailer and Kata pick ids outside the
 //! host's users). Two pods never share one: a shared uid could signal,
 //! ptrace or read the memory of the other pod's hypervisor. An id is
-//! claimed with a file named after it in one directory under husk's run
-//! root (`create_new`, so two monitors cannot both win), holding the pod's
-//! id; [`VmIdentity`] owns the claim and removes it on drop, and
-//! [`release_claims_of`] removes a dead monitor's.
+//! claimed with a file named after it in one host-wide directory,
+//! [`HOST_CLAIMS`] (`create_new`, so two monitors cannot both win, also
+//! across husk roots), holding the claiming monitor's pid and the VM's run
+//! directory. [`VmIdentity`] owns the claim and removes it on drop; a
+//! claim whose monitor is gone (kill -9) is taken over, and
+//! [`release_claims_under`] removes them when such a pod is removed. QEMU
+//! and husk-vmm get their ids here alike.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// Where every VM's claim is, host-wide (tmpfs: gone at reboot).
+pub const HOST_CLAIMS: &str = "/run/husk-vm-ids";
 
 /// The first id husk hands out.
 pub const FIRST_ID: u32 = 0x4000_0000;
@@ -34,39 +40,51 @@ pub struct VmIdentity {
 }
 
 impl VmIdentity {
-    /// Claims a free id in `dir` for the pod `owner`, starting from one
-    /// derived from the pod's id (so a pod's id is stable across tries).
-    pub fn claim(dir: &Path, owner: &str) -> Result<Self, IdentityError> {
+    /// Claims a free id in `dir` for the VM whose run directory is
+    /// `owner`, starting from one derived from it.
+    pub fn claim(dir: &Path, owner: &Path) -> Result<Self, IdentityError> {
         let io = |e| IdentityError::Io(dir.to_owned(), e);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io)?;
+        let owner = owner.to_string_lossy();
+        let content = format!("{} {owner}", std::process::id());
         let start = fnv1a(owner.as_bytes()) % ID_COUNT;
         for i in 0..ID_COUNT {
             let id = FIRST_ID + (start + i) % ID_COUNT;
             let claim = dir.join(id.to_string());
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&claim)
-            {
-                Ok(mut f) => {
-                    if let Err(e) = f.write_all(owner.as_bytes()) {
-                        let _ = std::fs::remove_file(&claim);
-                        return Err(io(e));
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&claim)
+            };
+            let mut f = match open() {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Taken over when the monitor that claimed it is gone.
+                    if !claimer_gone(&claim) || std::fs::remove_file(&claim).is_err() {
+                        continue;
                     }
-                    return Ok(VmIdentity {
-                        uid: id,
-                        gid: id,
-                        claim,
-                    });
+                    match open() {
+                        Ok(f) => f,
+                        Err(_) => continue,
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io(e)),
+            };
+            if let Err(e) = f.write_all(content.as_bytes()) {
+                let _ = std::fs::remove_file(&claim);
+                return Err(io(e));
             }
+            return Ok(VmIdentity {
+                uid: id,
+                gid: id,
+                claim,
+            });
         }
         Err(IdentityError::Exhausted(dir.to_owned()))
     }
@@ -78,11 +96,25 @@ impl Drop for VmIdentity {
     }
 }
 
-/// Removes the claims in `dir` that name `owner` (a monitor killed before
-/// it could drop its [`VmIdentity`]).
-pub fn release_claims_of(dir: &Path, owner: &str) {
+/// A claim's `pid owner` content.
+fn read_claim(claim: &Path) -> Option<(i32, PathBuf)> {
+    let text = std::fs::read_to_string(claim).ok()?;
+    let (pid, owner) = text.split_once(' ')?;
+    Some((pid.parse().ok()?, PathBuf::from(owner)))
+}
+
+fn claimer_gone(claim: &Path) -> bool {
+    read_claim(claim).is_some_and(|(pid, _)| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH)
+    })
+}
+
+/// Removes the claims in `dir` of VMs whose run directory is under `dir_of_pod`
+/// (a monitor killed before it could drop its [`VmIdentity`]).
+pub fn release_claims_under(dir: &Path, dir_of_pod: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if std::fs::read(e.path()).is_ok_and(|b| b == owner.as_bytes()) {
+        if read_claim(&e.path()).is_some_and(|(_, owner)| owner.starts_with(dir_of_pod)) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -99,13 +131,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn two_pods_never_share_an_id_and_claims_go_with_their_owner() {
+    fn two_vms_never_share_an_id_and_claims_go_with_their_owner() {
         let dir = tempfile::tempdir().unwrap();
         let ids = dir.path().join("vm-ids");
-        let a = VmIdentity::claim(&ids, "pod-a").unwrap();
-        // The same pod id again (a second VM of a racing monitor) gets the
-        // next id, not the same one.
-        let b = VmIdentity::claim(&ids, "pod-a").unwrap();
+        let a = VmIdentity::claim(&ids, Path::new("/run/pods/a/vm")).unwrap();
+        // The same run directory again (a racing monitor) gets the next id.
+        let b = VmIdentity::claim(&ids, Path::new("/run/pods/a/vm")).unwrap();
         assert_ne!(a.uid, b.uid);
         assert!(a.uid >= FIRST_ID && a.uid < FIRST_ID + ID_COUNT);
         assert_eq!(a.uid, a.gid);
@@ -114,25 +145,32 @@ mod tests {
             std::fs::metadata(&ids).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        let c = VmIdentity::claim(&ids, "pod-c").unwrap();
+        let c = VmIdentity::claim(&ids, Path::new("/run/pods/c/vm")).unwrap();
         assert_eq!(std::fs::read_dir(&ids).unwrap().count(), 3);
         drop(a);
         assert_eq!(std::fs::read_dir(&ids).unwrap().count(), 2);
-        // A dead monitor's claims: only its own go.
+        // A dead monitor's claims: only its pod's go.
         std::mem::forget(b);
-        release_claims_of(&ids, "pod-a");
+        release_claims_under(&ids, Path::new("/run/pods/a"));
         let left: Vec<_> = std::fs::read_dir(&ids)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, [c.uid.to_string()]);
-        drop(c);
+        // A claim whose monitor is gone is taken over.
+        let stale = c.uid;
+        std::mem::forget(c);
+        std::fs::write(ids.join(stale.to_string()), "2147483646 /run/pods/c/vm").unwrap();
+        let d = VmIdentity::claim(&ids, Path::new("/run/pods/c/vm")).unwrap();
+        assert_eq!(d.uid, stale);
+        drop(d);
         assert_eq!(std::fs::read_dir(&ids).unwrap().count(), 0);
     }
 
     #[test]
     fn an_unwritable_claim_directory_is_named() {
-        let e = VmIdentity::claim(Path::new("/proc/husk-no-such/ids"), "p").unwrap_err();
+        let e =
+            VmIdentity::claim(Path::new("/proc/husk-no-such/ids"), Path::new("/p")).unwrap_err();
         assert!(e.to_string().contains("/proc/husk-no-such/ids"), "{e}");
     }
 }

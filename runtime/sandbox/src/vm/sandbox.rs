@@ -650,7 +650,7 @@ impl VmSandbox {
             ),
             Hypervisor::QemuTcg | Hypervisor::QemuKvm => {
                 let identity = res.identity.insert(
-                    VmIdentity::claim(&paths.vm_ids, &paths.id).map_err(|e| vm_err(e.into()))?,
+                    VmIdentity::claim(&paths.vm_ids, &run_dir).map_err(|e| vm_err(e.into()))?,
                 );
                 let qemu = QemuConfig {
                     kernel,
@@ -837,11 +837,9 @@ impl VmSandbox {
                 Err(msg) => {
                     tracing::warn!(container = %c.name, "{msg}");
                     let line = format!("{} stderr F husk: {msg}\n", cri_log::timestamp());
-                    let _ = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log_path)
-                        .and_then(|mut f| f.write_all(line.as_bytes()));
+                    if let Ok(mut f) = cri_log::open_log(&log_path) {
+                        let _ = f.write_all(line.as_bytes());
+                    }
                     if self.agent.is_closed() {
                         (137, "Error", Some(msg))
                     } else {
@@ -1034,15 +1032,7 @@ impl VmSandbox {
         restart: u32,
         log_path: &Path,
     ) -> Result<(Option<i32>, Option<i32>, bool), String> {
-        if let Some(dir) = log_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let log = Arc::new(Mutex::new(log));
+        let log = Arc::new(Mutex::new(cri_log::open_log(log_path)?));
         let mut req = self.start_request(
             c,
             format!("{}.{restart}", c.name),

@@ -46,6 +46,20 @@ pub enum SandboxError {
 
 use crate::failure::{Code, Failure};
 
+impl SandboxError {
+    /// The pod's own input is at fault, not the host: a guest file that
+    /// is not (valid) WebAssembly.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::Guest {
+                source: husk_wasm::WasmError::Invalid { .. } | husk_wasm::WasmError::NotWasm { .. },
+                ..
+            }
+        )
+    }
+}
+
 /// The pod boundary shared by husk's sandbox kinds: front ends and the
 /// monitor only ever see this.
 pub trait Sandbox: Send + Sync {
