@@ -149,6 +149,24 @@ impl Handed {
     }
 }
 
+/// Connects to a virtiofsd's socket. virtiofsd binds it a moment before
+/// it listens: a refused connection is tried again, for up to 5 s. (It
+/// serves one connection only, so readiness cannot be probed by one.)
+fn connect_share(socket: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The child gives up root before it runs: no supplementary groups, the
 /// given gid and uid (real, effective and saved), which leaves it no
 /// capabilities at exec, and `no_new_privs`.
@@ -291,11 +309,9 @@ impl QemuVm {
             ]);
         }
         for (i, s) in cfg.shares.iter().enumerate() {
-            let conn = std::os::unix::net::UnixStream::connect(&s.socket).map_err(|source| {
-                HypervisorError::Open {
-                    path: s.socket.clone(),
-                    source,
-                }
+            let conn = connect_share(&s.socket).map_err(|source| HypervisorError::Open {
+                path: s.socket.clone(),
+                source,
             })?;
             let fd = handed.add(conn.into());
             cmd.arg("-chardev")
