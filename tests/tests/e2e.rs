@@ -648,6 +648,14 @@ fn killed_monitor_is_cleaned_up_by_rm() {
     );
     let ps = stdout(&env.husk(&["ps"]));
     assert!(ps.contains("Unknown"), "{ps}");
+    // Nothing stopped it: `husk stop` says so (exit 1), and points at rm.
+    let out = env.husk(&["stop", "crash"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("its monitor is gone") && stderr(&out).contains("husk rm crash"),
+        "{}",
+        stderr(&out)
+    );
     let out = env.husk(&["rm", "crash"]);
     assert!(out.status.success(), "{}", stderr(&out));
     env.finish();

@@ -51,6 +51,14 @@ pub fn stop_pod(roots: &Roots, v: &PodView, grace: Option<u64>) -> Result<(), St
 
 pub fn run(roots: &Roots, a: StopArgs) -> i32 {
     for_each_pod(roots, &a.pods, |v| {
+        // A monitor that died (kill -9, a crash) stopped nothing: its
+        // containers' fate is unknown and what it held is still held.
+        if v.status.is_some() && !v.finished() && !v.monitor_alive() {
+            return Err(format!(
+                "pod {}: its monitor is gone (killed or crashed), so nothing stopped it and its state is Unknown; `husk rm {}` releases what it left",
+                v.record.plan.name, v.record.plan.name
+            ));
+        }
         stop_pod(roots, &v, a.time)?;
         println!("{}", v.record.plan.name);
         Ok(())

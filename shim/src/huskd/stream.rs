@@ -880,6 +880,41 @@ enum Channel {
 
 /// Terminal sizes from a resize stream's JSON objects; a partial one stays
 /// in `buf` for the next frame.
+/// A terminal's first size, from its resize stream: kubectl sends it as
+/// soon as the streams are open, and the program must start with it (a
+/// `stty size` run at once printed the default 24 80 when the resize came
+/// a moment after the start). Waits up to 1 s; every frame read stays in
+/// `early`, handled as before once the process runs.
+async fn first_size(
+    s: &mut Session,
+    resize: u32,
+    early: &mut Vec<Frame>,
+) -> Option<husk_protocol::TtySize> {
+    let mut buf = Vec::new();
+    let mut seen = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        for f in &early[seen..] {
+            if let Frame::Data { id, data, .. } = f {
+                if *id == resize {
+                    buf.extend_from_slice(data);
+                }
+            }
+        }
+        seen = early.len();
+        if let Some(t) = take_sizes(&mut buf).into_iter().last() {
+            return Some(husk_protocol::TtySize {
+                rows: t.height,
+                cols: t.width,
+            });
+        }
+        match tokio::time::timeout_at(until, s.frames.recv()).await {
+            Ok(Some(f)) => early.push(f),
+            _ => return None,
+        }
+    }
+}
+
 fn take_sizes(buf: &mut Vec<u8>) -> Vec<TermSize> {
     let mut sizes = Vec::new();
     let mut it = serde_json::Deserializer::from_slice(buf).into_iter::<TermSize>();
@@ -1028,6 +1063,16 @@ impl Streaming {
             }
         }
         let attach = matches!(req, Request::AttachStream { .. });
+        let mut req = req;
+        if let (Some(&rid), Request::ExecStream { spec, .. }) =
+            (ids.get(&Channel::Resize), &mut req)
+        {
+            if spec.tty.is_some() {
+                if let Some(size) = first_size(s, rid, &mut early).await {
+                    spec.tty = Some(size);
+                }
+            }
+        }
         let (mut rd, mut wr) = match open_stream(&self.roots, pod, req).await {
             Ok(c) => c,
             Err(msg) => {
