@@ -577,10 +577,10 @@ impl VmSandbox {
                 continue;
             }
             if husk_vmm {
+                // husk-vmm serves a detached, nosuid and nodev copy of the
+                // tree itself (open_tree + mount_setattr): no bind here.
                 vmm_shares.push(FsShare {
-                    path: shares
-                        .restricted_tree(&tag, &dir, *read_only)
-                        .map_err(|e| vm_err(e.into()))?,
+                    path: dir,
                     tag: tag.clone(),
                     read_only: *read_only,
                     xattr: false,
@@ -599,17 +599,15 @@ impl VmSandbox {
             });
         }
         if let Some(share) = res.cri_share.as_ref() {
-            let shares = res.shares.as_mut().expect("made above");
             if husk_vmm {
                 vmm_shares.push(FsShare {
                     tag: CRI_TAG.into(),
-                    path: shares
-                        .restricted_tree(CRI_TAG, share.root(), false)
-                        .map_err(|e| vm_err(e.into()))?,
+                    path: share.root().to_owned(),
                     read_only: false,
                     xattr: true,
                 });
             } else {
+                let shares = res.shares.as_mut().expect("made above");
                 shares
                     .add_with_xattrs(&virtiofsd, CRI_TAG, share.root())
                     .map_err(|e| vm_err(e.into()))?;

@@ -82,8 +82,8 @@ impl FsShares {
     /// itself: nosuid and nodev on every mount of the tree, read-only when
     /// asked, so a device node or set-id file that is there (a hostPath of
     /// /dev) does nothing through the share. Owned (unmounted on drop)
-    /// with the shares; husk-vmm, which serves shares itself, gets these.
-    pub fn restricted_tree(
+    /// with the shares. (husk-vmm makes its own detached copy instead.)
+    fn restricted_tree(
         &mut self,
         tag: &str,
         source: &Path,
