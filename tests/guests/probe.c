@@ -77,7 +77,7 @@ static int serve(int count, const char *file) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|chat|stdin|sleep|count|exit ...");
+    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|chat|stdin|sleep|count|lines|exit ...");
     return 0;
   }
   const char *cmd = argv[1];
@@ -191,6 +191,25 @@ int main(int argc, char **argv) {
     fclose(f);
     printf("runs so far: %d\n", lines);
     return lines >= atoi(argv[3]) ? 0 : 1;
+  }
+  if (!strcmp(cmd, "lines") && argc > 3) {
+    /* lines N LEN: N numbered lines of LEN bytes (0: for ever), as fast as
+     * stdout takes them */
+    static char obuf[1 << 16];
+    setvbuf(stdout, obuf, _IOFBF, sizeof obuf);
+    long n = atol(argv[2]);
+    int len = atoi(argv[3]);
+    if (len < 10) len = 10;
+    if (len > 4000) len = 4000;
+    static char line[4096];
+    memset(line, 'x', len);
+    line[len] = '\n';
+    for (long i = 0; n == 0 || i < n; i++) {
+      snprintf(line, 10, "%08ld", i % 100000000);
+      line[8] = ' ';
+      if (fwrite(line, 1, len + 1, stdout) != (size_t)len + 1) return 1;
+    }
+    return fflush(stdout) != 0;
   }
   if (!strcmp(cmd, "exit") && argc > 2) return atoi(argv[2]);
   fprintf(stderr, "probe: unknown command %s\n", cmd);

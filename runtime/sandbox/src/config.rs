@@ -12,6 +12,52 @@ pub struct HuskConfig {
     pub restart: RestartConfig,
     pub registry: RegistryConfig,
     pub vm: VmConfig,
+    pub logs: LogsConfig,
+}
+
+/// Container logs of pods husk runs itself (`husk run`); under CRI the
+/// kubelet rotates them (ReopenContainerLog) and these do not apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Size at which a container's log is rotated (a quantity: `10Mi`,
+    /// the kubelet's containerLogMaxSize default; `0` never rotates).
+    pub container_log_max_size: String,
+    /// Files kept per container instance, the current one included (≥ 2).
+    pub container_log_max_files: u32,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            container_log_max_size: "10Mi".into(),
+            container_log_max_files: 5,
+        }
+    }
+}
+
+impl LogsConfig {
+    /// Checks the values (at load, so a bad one is a clear error).
+    fn check(&self) -> Result<(), String> {
+        crate::pod::quantity::parse_bytes(&self.container_log_max_size)
+            .map_err(|e| format!("logs.container_log_max_size: {e}"))?;
+        if self.container_log_max_files < 2 {
+            return Err(format!(
+                "logs.container_log_max_files: {} is too few; at least 2 (the current file and one rotated)",
+                self.container_log_max_files
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rotation these settings ask for (None: `0`, never rotate).
+    pub fn rotation(&self) -> Option<crate::cri_log::LogRotation> {
+        let max_size = crate::pod::quantity::parse_bytes(&self.container_log_max_size).ok()?;
+        (max_size > 0).then_some(crate::cri_log::LogRotation {
+            max_size,
+            max_files: self.container_log_max_files.max(2),
+        })
+    }
 }
 
 /// VM pods (`runtimeClassName: husk-vm`).
@@ -134,10 +180,17 @@ impl HuskConfig {
     /// Loads `path`; a missing file means all defaults.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
-                msg: e.to_string(),
-            }),
+            Ok(text) => {
+                let c: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    msg: e.to_string(),
+                })?;
+                c.logs.check().map_err(|msg| ConfigError::Parse {
+                    path: path.to_owned(),
+                    msg,
+                })?;
+                Ok(c)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_owned(),

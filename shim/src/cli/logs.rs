@@ -3,9 +3,9 @@
 //! the containers wrote, across restarts.
 
 use super::{fail, PodView, EXIT_FAILURE, EXIT_USAGE};
-use husk_sandbox::cri_log::{self, LogEntry, Stream};
+use husk_sandbox::cri_log::{self, LogLine, LogReader, Stream, MAX_LINE};
 use husk_sandbox::state::{PodPaths, Roots};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -31,106 +31,141 @@ pub struct LogsArgs {
 struct Track {
     name: String,
     restart: u32,
-    offset: u64,
-    pending: Vec<u8>,
+    reader: LogReader,
 }
 
-/// Follows the log files of some containers of one pod.
+/// Most bytes one track reads per poll: a pod that floods its log still
+/// lets the caller see signals and its end between polls.
+const POLL_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Output is gathered and written in blocks of about this size.
+const OUT_BLOCK: usize = 1024 * 1024;
+
+/// Where the lines go: gathered, then written in blocks, each stream to
+/// its own descriptor, in the order they were read.
+pub struct Out {
+    pub prefix: bool,
+    pub timestamps: bool,
+    buf: Vec<u8>,
+    stream: Stream,
+    /// Whoever read our output went away (a closed pipe).
+    pub closed: bool,
+}
+
+impl Out {
+    fn new(prefix: bool) -> Self {
+        Out {
+            prefix,
+            timestamps: false,
+            buf: Vec::with_capacity(OUT_BLOCK + 2 * MAX_LINE),
+            stream: Stream::Stdout,
+            closed: false,
+        }
+    }
+
+    /// Writes out what was gathered.
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if !self.closed {
+            let r = match self.stream {
+                Stream::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&self.buf).and_then(|_| o.flush())
+                }
+                Stream::Stderr => std::io::stderr().lock().write_all(&self.buf),
+            };
+            if r.is_err() {
+                self.closed = true;
+            }
+        }
+        self.buf.clear();
+    }
+
+    /// Adds one line to what is written out.
+    pub fn emit(&mut self, name: &str, e: LogLine<'_>) {
+        if e.stream != self.stream {
+            self.flush();
+            self.stream = e.stream;
+        }
+        if self.timestamps {
+            self.buf.extend_from_slice(e.timestamp);
+            self.buf.push(b' ');
+        }
+        if self.prefix {
+            self.buf.extend_from_slice(name.as_bytes());
+            self.buf.extend_from_slice(b" | ");
+            self.buf.extend_from_slice(e.text);
+            self.buf.push(b'\n');
+        } else {
+            self.buf.extend_from_slice(e.text);
+            if e.full {
+                self.buf.push(b'\n');
+            }
+        }
+        if self.buf.len() >= OUT_BLOCK {
+            self.flush();
+        }
+    }
+}
+
+/// Follows the log files of some containers of one pod, in bounded memory,
+/// across restarts and rotations.
 pub struct LogFollower {
     paths: PodPaths,
     tracks: Vec<Track>,
-    pub prefix: bool,
-    pub timestamps: bool,
+    pub out: Out,
 }
 
 impl LogFollower {
     pub fn new(paths: PodPaths, containers: Vec<(String, u32)>, prefix: bool) -> Self {
+        let tracks = containers
+            .into_iter()
+            .map(|(name, restart)| Track {
+                reader: LogReader::new(&paths.log_file(&name, restart)),
+                name,
+                restart,
+            })
+            .collect();
         LogFollower {
             paths,
-            tracks: containers
-                .into_iter()
-                .map(|(name, restart)| Track {
-                    name,
-                    restart,
-                    offset: 0,
-                    pending: Vec::new(),
-                })
-                .collect(),
-            prefix,
-            timestamps: false,
+            tracks,
+            out: Out::new(prefix),
         }
     }
 
-    /// Reads what is new and writes it out. Returns whether anything was read.
+    /// Each track goes on from the current end of its file.
+    fn starting_at_end(mut self) -> Self {
+        for t in &mut self.tracks {
+            t.reader = LogReader::at_end(&self.paths.log_file(&t.name, t.restart));
+        }
+        self
+    }
+
+    /// Reads what is new (a bounded amount per container) and writes it
+    /// out. Returns whether anything was read.
     pub fn poll(&mut self) -> bool {
         let mut any = false;
-        for i in 0..self.tracks.len() {
+        for t in &mut self.tracks {
             loop {
-                let (entries, progressed) = self.read_track(i);
-                any |= progressed;
-                for e in entries {
-                    self.emit(&self.tracks[i].name, &e);
-                }
-                let t = &self.tracks[i];
+                let Track { name, reader, .. } = t;
+                let out = &mut self.out;
+                let n = reader.read_some(POLL_BUDGET, |l| out.emit(name, l));
+                any |= n > 0;
+                // At its end, an instance that has a successor (the
+                // container restarted) is done: on with the next one.
                 let next = self.paths.log_file(&t.name, t.restart + 1);
-                if !progressed && next.exists() {
-                    let t = &mut self.tracks[i];
+                if n == 0 && next.exists() {
                     t.restart += 1;
-                    t.offset = 0;
-                    t.pending.clear();
+                    t.reader = LogReader::new(&next);
                     continue;
                 }
                 break;
             }
         }
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().flush();
+        self.out.flush();
         any
-    }
-
-    fn read_track(&mut self, i: usize) -> (Vec<LogEntry>, bool) {
-        let t = &mut self.tracks[i];
-        let path = self.paths.log_file(&t.name, t.restart);
-        let Ok(mut f) = std::fs::File::open(&path) else {
-            return (Vec::new(), false);
-        };
-        if f.seek(SeekFrom::Start(t.offset)).is_err() {
-            return (Vec::new(), false);
-        }
-        let mut buf = Vec::new();
-        let n = f.read_to_end(&mut buf).unwrap_or(0);
-        if n == 0 {
-            return (Vec::new(), false);
-        }
-        t.offset += n as u64;
-        t.pending.extend_from_slice(&buf);
-        let mut out = Vec::new();
-        while let Some(pos) = t.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = t.pending.drain(..=pos).collect();
-            if let Some(e) = cri_log::parse_line(&line[..line.len() - 1]) {
-                out.push(e);
-            }
-        }
-        (out, true)
-    }
-
-    pub fn emit(&self, name: &str, e: &LogEntry) {
-        let mut bytes = Vec::new();
-        if self.timestamps {
-            bytes.extend_from_slice(e.timestamp.as_bytes());
-            bytes.push(b' ');
-        }
-        if self.prefix {
-            bytes.extend_from_slice(format!("{name} | ").as_bytes());
-            bytes.extend_from_slice(&e.text);
-            bytes.push(b'\n');
-        } else {
-            bytes.extend_from_slice(&e.raw());
-        }
-        let _ = match e.stream {
-            Stream::Stdout => std::io::stdout().write_all(&bytes),
-            Stream::Stderr => std::io::stderr().write_all(&bytes),
-        };
     }
 }
 
@@ -189,41 +224,52 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
         );
     }
     let mut f = LogFollower::new(paths.clone(), tracks.clone(), prefix);
-    f.timestamps = a.timestamps;
+    f.out.timestamps = a.timestamps;
     if let Some(n) = a.tail {
-        // Print only the last n lines of the chosen instances.
+        // Only the last n lines of the chosen instances, read from the end.
         for (name, restart) in &tracks {
-            let entries = cri_log::read_all(&paths.log_file(name, *restart)).unwrap_or_default();
-            let skip = entries.len().saturating_sub(n);
-            for e in &entries[skip..] {
-                f.emit(name, e);
+            for e in cri_log::tail(&paths.log_file(name, *restart), n) {
+                f.out.emit(name, e.as_line());
             }
         }
-        if !a.follow {
+        f.out.flush();
+        if !a.follow || f.out.closed {
             return 0;
         }
-        // Skip what was printed.
-        let mut g = LogFollower::new(paths.clone(), tracks, prefix);
-        g.timestamps = a.timestamps;
-        for t in g.tracks.iter_mut() {
-            t.offset = std::fs::metadata(paths.log_file(&t.name, t.restart))
-                .map(|m| m.len())
-                .unwrap_or(0);
-        }
-        f = g;
+        // On from what was printed.
+        let out = std::mem::replace(&mut f.out, Out::new(prefix));
+        f = LogFollower::new(paths.clone(), tracks, prefix).starting_at_end();
+        f.out = out;
     } else {
-        f.poll();
+        // What rotation moved aside first, oldest first.
+        for (name, restart) in &tracks {
+            let path = paths.log_file(name, *restart);
+            for old in cri_log::log_files(&path).iter().filter(|p| **p != path) {
+                let mut r = LogReader::new(old);
+                while r.read_some(POLL_BUDGET, |l| f.out.emit(name, l)) > 0 {}
+            }
+        }
+        while f.poll() {
+            if f.out.closed {
+                return 0;
+            }
+        }
         if !a.follow || a.previous {
             return 0;
         }
     }
     loop {
         let done = super::pod_over(roots, &v.record.id);
-        f.poll();
-        if done {
-            f.poll();
+        let progressed = f.poll();
+        if f.out.closed {
             return 0;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if done {
+            while f.poll() {}
+            return 0;
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

@@ -385,7 +385,8 @@ fn follow(roots: &Roots, id: &str, plan: &PodPlan) -> i32 {
         let done = super::pod_over(roots, id);
         let progressed = follower.poll();
         if done {
-            follower.poll();
+            // The rest, all of it: poll reads a bounded amount at a time.
+            while follower.poll() {}
             return exit_code(PodStatus::load(&paths).ok().as_ref());
         }
         if !progressed {

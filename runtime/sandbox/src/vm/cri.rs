@@ -264,7 +264,7 @@ pub(crate) struct VmCriEntry {
     pub(crate) plan: Arc<ContainerPlan>,
     /// Its layers, as directories of the share, lowest first.
     pub(crate) layer_dirs: Vec<String>,
-    pub(crate) log: Option<Arc<Mutex<std::fs::File>>>,
+    pub(crate) log: Option<Arc<Mutex<cri_log::LogFile>>>,
 }
 
 impl VmSandbox {
@@ -369,12 +369,9 @@ impl VmSandbox {
         }
         self.cri_open()?;
         let log = if rec.meta.log_path.as_os_str().is_empty() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .map_err(|e| format!("/dev/null: {e}"))?
+            cri_log::LogFile::discard()?
         } else {
-            cri_log::open_log(&rec.meta.log_path)?
+            cri_log::LogFile::open(&rec.meta.log_path, None)?
         };
         let log = Arc::new(Mutex::new(log));
         let (plan, layer_dirs, hub) = {

@@ -1030,7 +1030,10 @@ impl VmSandbox {
         restart: u32,
         log_path: &Path,
     ) -> Result<(Option<i32>, Option<i32>, bool), String> {
-        let log = Arc::new(Mutex::new(cri_log::open_log(log_path)?));
+        let log = Arc::new(Mutex::new(cri_log::LogFile::open(
+            log_path,
+            self.config.logs.rotation(),
+        )?));
         let mut req = self.start_request(
             c,
             format!("{}.{restart}", c.name),
@@ -1080,7 +1083,7 @@ impl VmSandbox {
     pub(crate) fn run_process(
         &self,
         req: StartRequest,
-        log: Arc<Mutex<std::fs::File>>,
+        log: Arc<Mutex<cri_log::LogFile>>,
         started: Option<
             std::sync::mpsc::SyncSender<Result<Option<husk_protocol::ProcessUser>, String>>,
         >,

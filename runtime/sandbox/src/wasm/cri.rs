@@ -29,7 +29,7 @@ pub(crate) struct CriEntry {
     /// SIGTERM. Attached clients write through it.
     stdin: Arc<Mutex<Option<OwnedFd>>>,
     hub: Arc<AttachHub>,
-    log: Option<Arc<Mutex<std::fs::File>>>,
+    log: Option<Arc<Mutex<cri_log::LogFile>>>,
     exited: Arc<watch::Sender<bool>>,
 }
 
@@ -206,7 +206,10 @@ impl WasmSandbox {
         let log = if rec.meta.log_path.as_os_str().is_empty() {
             None
         } else {
-            Some(Arc::new(Mutex::new(cri_log::open_log(&rec.meta.log_path)?)))
+            Some(Arc::new(Mutex::new(cri_log::LogFile::open(
+                &rec.meta.log_path,
+                None,
+            )?)))
         };
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;

@@ -242,7 +242,7 @@ impl WasmSandbox {
             .map(|(_, g)| g.clone())
             .ok_or_else(|| format!("no compiled guest for {}", c.name))?;
         let log_path = self.paths.log_file(&c.name, restart);
-        let log = cri_log::open_log(&log_path)?;
+        let log = cri_log::LogFile::open(&log_path, self.config.logs.rotation())?;
         let log = Arc::new(Mutex::new(log));
         let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
         let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
