@@ -48,12 +48,7 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
             libc::dup2(log.as_raw_fd(), 2);
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("HUSK_LOG").unwrap_or_else(|_| "info".into()),
-        ))
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::diag::init_tracing();
 
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {

@@ -223,3 +223,82 @@ fn sigterm_stops_a_foreground_run_that_floods_its_output() {
     assert_eq!(v["status"]["finished"], true, "{v:#}");
     env.finish();
 }
+
+/// #22 item 5: the state disk fills up under a running pod (its log, on
+/// the same filesystem as monitor.log and the pod's status). Before, the
+/// monitor panicked on its first log line (tracing's writer failed) and
+/// died holding the pod's network; now the pod stops as any other, its
+/// status says so and nothing is left.
+#[test]
+fn a_full_state_disk_neither_panics_the_monitor_nor_keeps_its_resources() {
+    let env = Env::new();
+    let root = env.root().to_owned();
+    let cfg = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let guard = Unmount(root.clone());
+    std::fs::write(root.join("config.toml"), cfg).unwrap();
+    log_config(&env, "0", 2);
+    let out = env.husk(&[
+        "run",
+        "-d",
+        "--name",
+        "full",
+        probe().to_str().unwrap(),
+        "lines",
+        "0",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Until the disk is full.
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = nix::sys::statvfs::statvfs(&root).unwrap();
+        if st.blocks_available() == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the disk never filled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The pod keeps running (its output is dropped, not blocked on).
+    std::thread::sleep(Duration::from_millis(500));
+    let pid: i32 = {
+        let v = env.inspect("full");
+        assert_eq!(v["status"]["phase"], "Running", "{v:#}");
+        v["status"]["monitorPid"].as_i64().unwrap() as i32
+    };
+    let stop = env.husk(&["stop", "-t", "1", "full"]);
+    assert!(stop.status.success(), "stop: {}", stderr(&stop));
+    // The monitor ended on its own, not by a panic (exit 101 would leave
+    // its netns and veth behind: env.finish() below checks).
+    let t0 = std::time::Instant::now();
+    while husk_sandbox::state::pid_alive(pid as u32) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "monitor still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = env.leftovers();
+    assert!(
+        left.iter().all(|l| l.starts_with("mount ")),
+        "after stop on a full disk: {left:#?}"
+    );
+    let rm = env.husk(&["rm", "full"]);
+    assert!(rm.status.success(), "rm: {}", stderr(&rm));
+    drop(guard);
+    env.finish();
+}

@@ -49,12 +49,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("HUSK_LOG").unwrap_or_else(|_| "info".into()),
-        ))
-        .with_writer(std::io::stderr)
-        .try_init();
+    husk_shim::diag::init_tracing();
     std::process::exit(match serve(args) {
         Ok(()) => 0,
         Err(e) => {
