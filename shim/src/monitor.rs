@@ -24,8 +24,26 @@ fn report(out: &mut std::fs::File, v: serde_json::Value) {
     let _ = out.flush();
 }
 
+/// The descriptor limit's soft value up to its hard one (as Go programs
+/// such as containerd do at start): wasm guests get a share of it, the
+/// rest keeps the monitor answering.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Runs the monitor; returns the process exit code.
 pub fn main(roots: &Roots, id: &str) -> i32 {
+    raise_nofile_limit();
     // The ready line goes to the original stdout; everything else to the log.
     // SAFETY: dup of our own stdout fd; the result is owned by the File.
     let ready_fd = unsafe { libc::dup(1) };

@@ -77,7 +77,7 @@ static int serve(int count, const char *file) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|chat|stdin|sleep|count|lines|exit ...");
+    puts("usage: probe echo|env|serve|cat|watch|write|append|fill|grow|spin|chat|stdin|sleep|count|lines|openmany|exit ...");
     return 0;
   }
   const char *cmd = argv[1];
@@ -210,6 +210,19 @@ int main(int argc, char **argv) {
       if (fwrite(line, 1, len + 1, stdout) != (size_t)len + 1) return 1;
     }
     return fflush(stdout) != 0;
+  }
+  if (!strcmp(cmd, "openmany") && argc > 2) {
+    /* openmany PATH: open PATH again and again, keeping every descriptor,
+     * printing the count every 256; when an open fails, say so and wait */
+    for (long n = 0;; n++) {
+      FILE *f = fopen(argv[2], "r");
+      if (!f) {
+        printf("open failed after %ld: %s\n", n, strerror(errno));
+        fflush(stdout);
+        for (;;) sleep(1);
+      }
+      if (n % 256 == 0) { printf("open %ld\n", n); fflush(stdout); }
+    }
   }
   if (!strcmp(cmd, "exit") && argc > 2) return atoi(argv[2]);
   fprintf(stderr, "probe: unknown command %s\n", cmd);

@@ -44,6 +44,11 @@ pub struct GuestSpec {
     /// 4, … in this order (`wasmtime run --tcplisten`); `LISTEN_FDS` tells
     /// the guest how many. Components bind their own sockets and ignore it.
     pub listen_ports: Vec<u16>,
+    /// Most handles (open files, sockets, streams, …) the guest may hold at
+    /// once: each is a host resource of the process that runs it, so a guest
+    /// must run out well before that process does. One more traps the
+    /// guest.
+    pub max_handles: usize,
 }
 
 /// How a guest ended.
@@ -262,6 +267,7 @@ impl WasmEngine {
             _ => P1Sockets::default(),
         };
         let placeholders = socks.len();
+        let spec_max_handles = spec.max_handles;
         let (mut builder, cap) = build_ctx(spec, placeholders, &self.placeholder_dir)?;
         let work = async {
             match guest {
@@ -269,7 +275,11 @@ impl WasmEngine {
                     let mut store = Store::new(
                         &self.engine,
                         P1State {
-                            wasi: builder.build_p1(),
+                            wasi: {
+                                let mut w = builder.build_p1();
+                                w.ctx().table.set_max_capacity(spec_max_handles);
+                                w
+                            },
                             cap,
                             socks,
                         },
@@ -307,7 +317,11 @@ impl WasmEngine {
                         &self.engine,
                         P2State {
                             wasi: builder.build(),
-                            table: ResourceTable::new(),
+                            table: {
+                                let mut t = ResourceTable::new();
+                                t.set_max_capacity(spec_max_handles);
+                                t
+                            },
                             cap,
                         },
                     );

@@ -48,6 +48,7 @@ fn container_start(n: usize) -> Vec<Duration> {
             memory_limit: Some(64 << 20),
             network: true,
             listen_ports: vec![],
+            max_handles: 1024,
         };
         let t0 = Instant::now();
         let reader = std::thread::spawn(move || {

@@ -310,6 +310,27 @@ impl WasmSandbox {
                 .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
                 .map(|p| p.container_port)
                 .collect(),
+            max_handles: guest_handles(if self.plan.cri {
+                8
+            } else {
+                self.plan.all_containers().count()
+            }),
         }
     }
+}
+
+/// Handles one of `containers` guests may hold: a share of the monitor's
+/// descriptor limit (1024 kept for the monitor itself: its control socket,
+/// logs, pipes), at most 4096 each. A guest that opens files until it
+/// fails is stopped there, and the monitor still answers (#22 item 2).
+pub(crate) fn guest_handles(containers: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let limit = lim.rlim_cur;
+    let share = (limit.saturating_sub(1024) / containers.max(4) as u64) as usize;
+    share.clamp(64, 4096)
 }
