@@ -56,7 +56,7 @@ fn force_stop(roots: &Roots, v: &PodView) -> Result<(), String> {
     // Only our monitor of this pod: the pid could have been reused.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args.iter().any(|a| *a == b"monitor") && args.iter().any(|a| *a == id.as_bytes());
+    let ours = args.contains(&&b"monitor"[..]) && args.contains(&id.as_bytes());
     if !ours || !pid_alive(pid) {
         return Ok(());
     }
