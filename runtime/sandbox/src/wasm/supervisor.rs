@@ -275,6 +275,20 @@ impl WasmSandbox {
             }
         })
         .await;
+        if let Ok(GuestExit::Trap(t)) = &result {
+            // Said where the container's output goes (its log, and a
+            // foreground `husk run`'s stderr), not only in its status.
+            let ts = cri_log::timestamp();
+            let mut text = String::new();
+            for (i, l) in t.lines().enumerate() {
+                let head = if i == 0 { "husk: the guest trapped: " } else { "  " };
+                text.push_str(&format!("{ts} stderr F {head}{l}\n"));
+            }
+            let _ = log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .append(text.as_bytes());
+        }
         result.map_err(|e| e.to_string())
     }
 
