@@ -648,6 +648,17 @@ fn killed_monitor_is_cleaned_up_by_rm() {
     );
     let ps = stdout(&env.husk(&["ps"]));
     assert!(ps.contains("Unknown"), "{ps}");
+    // Its container is not shown Running: nobody knows (#22 item 8).
+    assert!(
+        ps.contains("ContainerStatusUnknown") && !ps.contains("Running"),
+        "{ps}"
+    );
+    let v = env.inspect("crash");
+    assert_eq!(
+        env.container(&v, "main")["state"]["waiting"]["reason"],
+        "ContainerStatusUnknown",
+        "{v:#}"
+    );
     // Nothing stopped it: `husk stop` says so (exit 1), and points at rm.
     let out = env.husk(&["stop", "crash"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

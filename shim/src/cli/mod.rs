@@ -17,7 +17,7 @@ pub mod stats;
 pub mod stop;
 pub mod update;
 
-use husk_sandbox::state::{pid_alive, PodRecord, PodStatus, Roots};
+use husk_sandbox::state::{pid_alive, ContainerState, PodRecord, PodStatus, Roots};
 
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
@@ -36,7 +36,30 @@ pub struct PodView {
 
 impl PodView {
     pub fn load(roots: &Roots, record: PodRecord) -> Self {
-        let status = PodStatus::load(&roots.pod(&record.id)).ok();
+        let mut status = PodStatus::load(&roots.pod(&record.id)).ok();
+        // A monitor that died (kill -9, a crash) took its containers'
+        // fate with it: what its status last said is not known to be
+        // true, so a running container is shown as the kubelet shows one
+        // it lost (ContainerStatusUnknown), not as Running.
+        if let Some(s) = status.as_mut() {
+            if !s.finished && !s.monitor_pid.is_some_and(pid_alive) {
+                for c in s
+                    .init_container_statuses
+                    .iter_mut()
+                    .chain(s.container_statuses.iter_mut())
+                {
+                    if matches!(c.state, ContainerState::Running { .. }) {
+                        c.state = ContainerState::Waiting {
+                            reason: "ContainerStatusUnknown".into(),
+                            message: Some(
+                                "the pod's monitor is gone (killed or crashed); `husk rm` releases what it left".into(),
+                            ),
+                        };
+                        c.ready = false;
+                    }
+                }
+            }
+        }
         PodView { record, status }
     }
 

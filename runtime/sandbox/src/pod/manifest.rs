@@ -208,6 +208,15 @@ fn read_documents(text: &str, file: &str) -> Result<(PodDoc, Docs), ManifestErro
         config_maps: BTreeMap::new(),
         secrets: BTreeMap::new(),
     };
+    if let Err(line) = check_flow_depth(text) {
+        return Err(err(
+            &format!("line {line}"),
+            "",
+            format!(
+                "malformed YAML: brackets nested deeper than {MAX_FLOW_DEPTH}; no Pod needs that"
+            ),
+        ));
+    }
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
         let value = <serde_yaml::Value as serde::Deserialize>::deserialize(de)
@@ -1706,5 +1715,103 @@ mod expansion_tests {
         // A million references to it: refused at the third.
         let refs = "$(BIG)".repeat(1_000_000);
         assert!(expand_vars(&refs, &[big]).is_none());
+    }
+}
+
+/// Deepest `[`/`{` nesting a manifest may have. YAML's scanner takes time
+/// quadratic in it: 100k brackets took 24-40 s to refuse (#22 item 8), so
+/// this is checked first, in one pass, outside quoted scalars, comments
+/// and block scalars (`|`, `>`), whose text may hold any brackets.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
+/// Err(line) where flow collections nest deeper than [`MAX_FLOW_DEPTH`].
+fn check_flow_depth(text: &str) -> Result<(), usize> {
+    let mut depth = 0usize;
+    // Inside a block scalar started by a line of this indentation.
+    let mut block: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if let Some(b) = block {
+            if line.trim().is_empty() || indent > b {
+                continue;
+            }
+            block = None;
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some('\'') if c == '\'' => {
+                    if chars.peek() == Some(&'\'') {
+                        chars.next();
+                    } else {
+                        quote = None;
+                    }
+                }
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some('"') if c == '"' => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if prev == ' ' || prev == '\t' => break,
+                    '\'' | '"' if matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':' | '-') => {
+                        quote = Some(c)
+                    }
+                    '[' | '{' => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Err(n + 1);
+                        }
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+        if quote.is_none() && depth == 0 {
+            // A block scalar header ends its line: `key: |`, `- >-`, `|2`.
+            let t = line.trim_end();
+            let t = t.split(" #").next().unwrap_or(t).trim_end();
+            if let Some(h) = t.rsplit(' ').next() {
+                let mut hc = h.chars();
+                if matches!(hc.next(), Some('|' | '>'))
+                    && hc.all(|c| matches!(c, '-' | '+' | '1'..='9'))
+                    && t.len() > h.len()
+                {
+                    block = Some(indent);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod flow_depth_tests {
+    use super::*;
+
+    #[test]
+    fn deep_brackets_are_refused_and_text_is_not_counted() {
+        let deep = format!("a: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(check_flow_depth(&deep), Err(1));
+        let ok = format!("a: {}{}", "[".repeat(60), "]".repeat(60));
+        assert_eq!(check_flow_depth(&ok), Ok(()));
+        let quoted = format!(
+            "a: \"{}\"\nb: '{}'\n# {}",
+            "[".repeat(500),
+            "{".repeat(500),
+            "[".repeat(500)
+        );
+        assert_eq!(check_flow_depth(&quoted), Ok(()));
+        let block = format!(
+            "data:\n  k: |\n    {}\n  j: >-\n    {}\nnext: {}",
+            "[".repeat(500),
+            "{".repeat(500),
+            "[".repeat(65)
+        );
+        assert_eq!(check_flow_depth(&block), Err(6));
     }
 }

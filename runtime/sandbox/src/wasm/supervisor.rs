@@ -281,7 +281,11 @@ impl WasmSandbox {
             let ts = cri_log::timestamp();
             let mut text = String::new();
             for (i, l) in t.lines().enumerate() {
-                let head = if i == 0 { "husk: the guest trapped: " } else { "  " };
+                let head = if i == 0 {
+                    "husk: the guest trapped: "
+                } else {
+                    "  "
+                };
                 text.push_str(&format!("{ts} stderr F {head}{l}\n"));
             }
             let _ = log
