@@ -116,6 +116,9 @@ pub struct LogFollower {
     paths: PodPaths,
     tracks: Vec<Track>,
     pub out: Out,
+    /// Go on with a container's next instance when it restarted (not for
+    /// `--previous`, which shows one instance).
+    pub next_instances: bool,
 }
 
 impl LogFollower {
@@ -132,6 +135,7 @@ impl LogFollower {
             paths,
             tracks,
             out: Out::new(prefix),
+            next_instances: true,
         }
     }
 
@@ -156,7 +160,7 @@ impl LogFollower {
                 // At its end, an instance that has a successor (the
                 // container restarted) is done: on with the next one.
                 let next = self.paths.log_file(&t.name, t.restart + 1);
-                if n == 0 && next.exists() {
+                if n == 0 && self.next_instances && next.exists() {
                     t.restart += 1;
                     t.reader = LogReader::new(&next);
                     continue;
@@ -225,6 +229,7 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
     }
     let mut f = LogFollower::new(paths.clone(), tracks.clone(), prefix);
     f.out.timestamps = a.timestamps;
+    f.next_instances = !a.previous;
     if let Some(n) = a.tail {
         // Only the last n lines of the chosen instances, read from the end.
         for (name, restart) in &tracks {
@@ -240,6 +245,7 @@ pub fn run(roots: &Roots, a: LogsArgs) -> i32 {
         let out = std::mem::replace(&mut f.out, Out::new(prefix));
         f = LogFollower::new(paths.clone(), tracks, prefix).starting_at_end();
         f.out = out;
+        f.next_instances = !a.previous;
     } else {
         // What rotation moved aside first, oldest first.
         for (name, restart) in &tracks {
