@@ -395,9 +395,22 @@ pub fn loopback_up() -> std::io::Result<()> {
 /// The pod's attachment: namespace + CNI.
 pub struct PodNetwork {
     pub record: NetworkRecord,
+    /// Where the record is kept while the attachment exists (None: not
+    /// kept, the caller owns the attachment alone).
+    record_path: Option<PathBuf>,
 }
 
 impl PodNetwork {
+    /// The attachment a record kept at `path` describes (from a monitor
+    /// that died): [`teardown`](Self::teardown) undoes it and then removes
+    /// the record.
+    pub fn recorded(record: NetworkRecord, path: PathBuf) -> Self {
+        PodNetwork {
+            record,
+            record_path: Some(path),
+        }
+    }
+
     /// The network of the pod `plan` at `paths`: CNI from the config and
     /// `cni_dir` (portmap when it maps host ports), the netns and CNI ADD,
     /// and the record that lets a later `husk rm` undo it. Nothing is left
@@ -410,6 +423,7 @@ impl PodNetwork {
     ) -> Result<Self, crate::SandboxError> {
         let host_ports = plan.host_ports();
         let cni = CniNetwork::resolve(config, cni_dir, !host_ports.is_empty())?;
+        let record = paths.network_record();
         let mut net = PodNetwork::setup(
             cni,
             &paths.id,
@@ -417,6 +431,7 @@ impl PodNetwork {
             &plan.name,
             &plan.namespace,
             &host_ports,
+            Some(&record),
         )?;
         // A wasm pod's kernel is the host's: its net.* sysctls (the only
         // ones it may have) go into its network namespace. A VM pod's go
@@ -427,16 +442,17 @@ impl PodNetwork {
                 return Err(e.into());
             }
         }
-        if let Err(e) = crate::state::write_json_atomic(&paths.network_record(), &net.record) {
-            let _ = net.teardown();
-            return Err(e.into());
-        }
         Ok(net)
     }
 
     /// Creates the netns at `netns` and runs CNI ADD for every plugin. On
     /// failure everything done so far is undone before the error returns.
-    /// Must be called from a thread in the host's network namespace.
+    /// With `record`, what is about to be made is written there before it
+    /// is made (the netns, then each plugin's ADD), so that whoever finds
+    /// the record after this process died (kill -9 half-way) can undo it:
+    /// CNI DEL of a plugin whose ADD never ran or never ended is harmless
+    /// (plugins must tolerate it). Must be called from a thread in the
+    /// host's network namespace.
     pub fn setup(
         network: CniNetwork,
         container_id: &str,
@@ -444,8 +460,8 @@ impl PodNetwork {
         pod_name: &str,
         pod_namespace: &str,
         port_mappings: &[(u16, u16, String)],
+        record: Option<&Path>,
     ) -> Result<Self, NetworkError> {
-        create_netns(netns)?;
         let mappings: Vec<Value> = port_mappings
             .iter()
             .map(|(h, c, p)| json!({ "hostPort": h, "containerPort": c, "protocol": p }))
@@ -463,7 +479,13 @@ impl PodNetwork {
                     "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
                 ),
             },
+            record_path: record.map(Path::to_owned),
         };
+        me.persist()?;
+        if let Err(e) = create_netns(netns) {
+            me.forget();
+            return Err(e);
+        }
         if let Err(e) = me.add_all() {
             let _ = me.teardown();
             return Err(e);
@@ -475,12 +497,32 @@ impl PodNetwork {
         let plugins = self.record.network.plugins()?;
         let mut prev: Option<Value> = None;
         for p in plugins {
-            let out = self.exec("ADD", &p, prev.as_ref())?;
+            // Recorded as added before it runs: a DEL is due from here on.
             self.record.added += 1;
+            self.persist()?;
+            let out = self.exec("ADD", &p, prev.as_ref())?;
             prev = Some(out);
             self.record.result = prev.clone();
         }
-        Ok(())
+        self.persist()
+    }
+
+    /// Writes the record where it is kept, when it is kept.
+    fn persist(&self) -> Result<(), NetworkError> {
+        let Some(path) = &self.record_path else {
+            return Ok(());
+        };
+        crate::state::write_json_atomic(path, &self.record).map_err(|e| NetworkError::Netns {
+            path: self.record.netns.clone(),
+            msg: format!("cannot record the pod's network: {e}"),
+        })
+    }
+
+    /// Removes the kept record: nothing of the attachment is left.
+    fn forget(&self) {
+        if let Some(path) = &self.record_path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// CNI DEL in reverse order, then the netns goes. Idempotent; keeps
@@ -499,6 +541,9 @@ impl PodNetwork {
         self.record.added = 0;
         if let Err(e) = delete_netns(&self.record.netns) {
             first_err.get_or_insert(e);
+        }
+        if first_err.is_none() {
+            self.forget();
         }
         match first_err {
             Some(e) => Err(e),

@@ -26,7 +26,7 @@ pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
 pub fn release_leftovers(paths: &PodPaths) -> Vec<String> {
     let mut problems = Vec::new();
     if let Ok(record) = read_json::<NetworkRecord>(&paths.network_record()) {
-        let mut net = PodNetwork { record };
+        let mut net = PodNetwork::recorded(record, paths.network_record());
         if let Err(e) = net.teardown() {
             problems.push(e.to_string());
         }

@@ -8,6 +8,7 @@ use crate::control::{self, Request};
 use husk_sandbox::pod::{self, ManifestSource, PodPlan};
 use husk_sandbox::state::{new_pod_id, ContainerState, PodRecord, PodStatus, Roots};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -242,13 +243,13 @@ pub fn run(roots: &Roots, a: RunArgs) -> i32 {
     let child = match start_monitor(roots, &id, &plan) {
         Ok(c) => c,
         Err(e) => {
-            cleanup();
             let code = if e.bad_input {
                 EXIT_USAGE
             } else {
                 EXIT_FAILURE
             };
-            return fail(code, format!("pod {}: {e}", plan.name));
+            let message = after_failed_start(roots, &id, &e, !a.rm);
+            return fail(code, format!("pod {}: {message}", plan.name));
         }
     };
     if a.detach {
@@ -275,6 +276,72 @@ pub struct MonitorStartError {
     /// The pod's own input is at fault (a guest file that is not valid
     /// WebAssembly): a usage error, exit 2.
     pub bad_input: bool,
+    /// The monitor ended without answering (killed, crashed): it did not
+    /// undo what it had made, and its log is all that tells why.
+    pub monitor_died: bool,
+}
+
+/// How many lines of a dead monitor's log an error quotes when the log
+/// itself goes with the pod.
+const LOG_TAIL_LINES: usize = 20;
+
+/// After a start that failed: releases whatever the pod's monitor left
+/// (it may have died half-way: the network, mounts, cgroup, VM uid claim
+/// are found from what it recorded before making them), then removes the
+/// pod, unless `keep` and the monitor died without a word: such a pod is
+/// kept, with the log that tells why, for `husk ps` and `husk rm` (as
+/// `docker run` keeps a container whose start failed). A pod that cannot
+/// be released in full is kept too, so that `husk rm` can try again.
+/// Returns the message to print.
+pub fn after_failed_start(roots: &Roots, id: &str, e: &MonitorStartError, keep: bool) -> String {
+    let paths = roots.pod(id);
+    let problems = husk_sandbox::recovery::release_leftovers(&paths);
+    let name = PodRecord::load(&paths)
+        .map(|r| r.plan.name)
+        .unwrap_or_else(|_| id.to_owned());
+    if !problems.is_empty() {
+        return format!(
+            "{e}; releasing what it left failed ({}); the pod is kept: `husk rm {name}` tries again",
+            problems.join("; ")
+        );
+    }
+    if e.monitor_died && keep {
+        return format!(
+            "{e}; its log is {}; the pod is kept: `husk rm {name}` removes it",
+            paths.monitor_log().display()
+        );
+    }
+    let tail = if e.monitor_died {
+        log_tail(&paths.monitor_log(), LOG_TAIL_LINES)
+    } else {
+        String::new()
+    };
+    let _ = std::fs::remove_dir_all(&paths.lib);
+    let _ = std::fs::remove_dir_all(&paths.run);
+    if tail.is_empty() {
+        e.to_string()
+    } else {
+        format!("{e}; the end of its log:\n{tail}")
+    }
+}
+
+/// The last `n` lines of `path` (at most 64 KiB of it), indented.
+fn log_tail(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut f, &mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl std::fmt::Display for MonitorStartError {
@@ -288,6 +355,7 @@ impl From<String> for MonitorStartError {
         MonitorStartError {
             message,
             bad_input: false,
+            monitor_died: false,
         }
     }
 }
@@ -311,15 +379,29 @@ pub fn start_monitor_with(
     id: &str,
     plan: &PodPlan,
 ) -> Result<std::process::Child, MonitorStartError> {
-    let paths = roots.pod(id);
     let mut cmd = Command::new(exe);
     if let Some(r) = &roots.custom {
         cmd.arg("--root").arg(r);
     }
     cmd.arg("monitor").arg("--id").arg(id);
+    // The log exists before the monitor runs, and is its stderr from its
+    // first instruction: a start that fails always names a log that is
+    // there, and what a monitor printed before it set up its own logging
+    // (a panic) is in it.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(roots.pod(id).monitor_log())
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e}",
+                roots.pod(id).monitor_log().display()
+            )
+        })?;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe; it detaches the monitor from the
     // caller's session and terminal so that Ctrl-C and logout don't reach it.
     unsafe {
@@ -333,16 +415,27 @@ pub fn start_monitor_with(
         .map_err(|e| format!("cannot start the pod monitor: {e}"))?;
     let input = serde_json::to_vec(plan).expect("json");
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(&input)
-            .map_err(|e| format!("cannot hand the pod to its monitor: {e}"))?;
+        // A monitor that is gone already (killed) is told apart below:
+        // it never answers.
+        let _ = stdin.write_all(&input);
     }
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
-    let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
-        serde_json::json!({ "error": format!("the pod monitor exited without a word; see {}", paths.monitor_log().display()) })
-    });
+    let Ok(reply) = serde_json::from_str::<serde_json::Value>(&line) else {
+        let how = match child.wait() {
+            Ok(st) => match std::os::unix::process::ExitStatusExt::signal(&st) {
+                Some(sig) => format!("killed by signal {sig}"),
+                None => st.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        return Err(MonitorStartError {
+            message: format!("its monitor ended before the pod started ({how})"),
+            bad_input: false,
+            monitor_died: true,
+        });
+    };
     if reply.get("ok").and_then(|o| o.as_bool()) == Some(true) {
         return Ok(child);
     }
@@ -354,6 +447,7 @@ pub fn start_monitor_with(
             .unwrap_or("the pod monitor failed")
             .to_owned(),
         bad_input: reply.get("bad_input").and_then(|b| b.as_bool()) == Some(true),
+        monitor_died: false,
     })
 }
 

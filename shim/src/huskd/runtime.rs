@@ -743,19 +743,21 @@ impl RuntimeService for Runtime {
                     });
                     Ok(())
                 }
+                // The kubelet never learns the id of a sandbox that did
+                // not start, so nothing of it may stay: what a monitor
+                // that died half-way left is released here, and the end
+                // of its log goes into the error.
                 Err(e) => {
-                    let paths = roots.pod(&id2);
-                    let _ = std::fs::remove_dir_all(&paths.lib);
-                    let _ = std::fs::remove_dir_all(&paths.run);
-                    Err(e)
+                    let message = husk_shim::cli::run::after_failed_start(&roots, &id2, &e, false);
+                    Err((e.bad_input, message))
                 }
             }
         })
         .await
         .map_err(internal)?;
-        started.map_err(|e| {
+        started.map_err(|(bad_input, e)| {
             let message = format!("pod sandbox: {e}");
-            if e.bad_input {
+            if bad_input {
                 Status::invalid_argument(message)
             } else {
                 Status::unknown(message)

@@ -4,8 +4,9 @@
 //! host's users). Two pods never share one: a shared uid could signal,
 //! ptrace or read the memory of the other pod's hypervisor. An id is
 //! claimed with a file named after it in one host-wide directory,
-//! [`HOST_CLAIMS`] (`create_new`, so two monitors cannot both win, also
-//! across husk roots), holding the claiming monitor's pid and the VM's run
+//! [`HOST_CLAIMS`] (hard-linked from a written draft, so two monitors
+//! cannot both win, also across husk roots, and no claim is ever seen
+//! half-written), holding the claiming monitor's pid and the VM's run
 //! directory. [`VmIdentity`] owns the claim and removes it on drop; a
 //! claim whose monitor is gone (kill -9) is taken over, and
 //! [`release_claims_under`] removes them when such a pod is removed. QEMU
@@ -51,42 +52,82 @@ impl VmIdentity {
             .map_err(io)?;
         let owner = owner.to_string_lossy();
         let content = format!("{} {owner}", std::process::id());
+        // The claim appears whole or not at all (written aside, then
+        // hard-linked to its name, which fails if the name is taken): a
+        // monitor killed half-way never leaves an empty claim that nobody
+        // could tell the owner of.
+        collect_stale_drafts(dir);
+        let draft = dir.join(format!(
+            ".draft-{}-{}",
+            std::process::id(),
+            nix::unistd::gettid()
+        ));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&draft)
+            .and_then(|mut f| f.write_all(content.as_bytes()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&draft);
+            return Err(io(e));
+        }
         let start = fnv1a(owner.as_bytes()) % ID_COUNT;
+        let mut result = Err(IdentityError::Exhausted(dir.to_owned()));
         for i in 0..ID_COUNT {
             let id = FIRST_ID + (start + i) % ID_COUNT;
             let claim = dir.join(id.to_string());
-            let open = || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&claim)
-            };
-            let mut f = match open() {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // Taken over when the monitor that claimed it is gone.
-                    if !claimer_gone(&claim) || std::fs::remove_file(&claim).is_err() {
-                        continue;
-                    }
-                    match open() {
-                        Ok(f) => f,
-                        Err(_) => continue,
-                    }
+            let mut linked = std::fs::hard_link(&draft, &claim);
+            if linked
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists)
+            {
+                // Taken over when the monitor that claimed it is gone.
+                if !claimer_gone(&claim) || std::fs::remove_file(&claim).is_err() {
+                    continue;
                 }
-                Err(e) => return Err(io(e)),
-            };
-            if let Err(e) = f.write_all(content.as_bytes()) {
-                let _ = std::fs::remove_file(&claim);
-                return Err(io(e));
+                linked = std::fs::hard_link(&draft, &claim);
             }
-            return Ok(VmIdentity {
-                uid: id,
-                gid: id,
-                claim,
-            });
+            match linked {
+                Ok(()) => {
+                    result = Ok(VmIdentity {
+                        uid: id,
+                        gid: id,
+                        claim,
+                    });
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    result = Err(io(e));
+                    break;
+                }
+            }
         }
-        Err(IdentityError::Exhausted(dir.to_owned()))
+        let _ = std::fs::remove_file(&draft);
+        result
+    }
+}
+
+/// Removes the drafts of claimers that are gone (killed between writing
+/// a draft and removing it).
+fn collect_stale_drafts(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".draft-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH)
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
