@@ -67,6 +67,26 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
         }
     }
     crate::diag::init_tracing();
+    // The pod's lock, held until this process ends: from here on the pod
+    // has a live monitor for everyone who looks. A pod that `husk rm`
+    // holds, or removed already, is not started.
+    let _lock = match husk_sandbox::state::PodLock::take(&paths) {
+        Ok(l) => l,
+        Err(e) => {
+            report(
+                &mut ready,
+                serde_json::json!({ "error": format!("pod {id}: {e}") }),
+            );
+            return 1;
+        }
+    };
+    if !paths.record().exists() {
+        report(
+            &mut ready,
+            serde_json::json!({ "error": format!("pod {id} was removed before its monitor started") }),
+        );
+        return 1;
+    }
 
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {

@@ -308,3 +308,30 @@ async fn ws_try(
         .map_err(|e| e.to_string())?;
     Ok(ws)
 }
+
+/// Pushes `file` as a one-layer wasm image (`application/wasm`, wasip1)
+/// named `name` to `reg`; returns its reference.
+pub fn push_wasm(reg: &Registry, name: &str, file: &Path) -> String {
+    use oci_client::client::{Config, ImageLayer};
+    let reference = format!("{}/{name}", reg.host());
+    let r: oci_client::Reference = reference.parse().unwrap();
+    let layer = ImageLayer::new(
+        std::fs::read(file).unwrap(),
+        "application/wasm".into(),
+        None,
+    );
+    let config = Config::new(
+        br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec(),
+        "application/vnd.wasm.config.v0+json".into(),
+        None,
+    );
+    rt().block_on(oci_client().push(
+        &r,
+        &[layer],
+        config,
+        &oci_client::secrets::RegistryAuth::Anonymous,
+        None,
+    ))
+    .unwrap();
+    reference
+}

@@ -214,6 +214,9 @@ kind: Pod
 metadata:
   name: {name}
 spec:
+  # A wasm guest's SIGTERM is EOF on stdin, which `sleep` ignores: the
+  # grace period runs out, then it is killed.
+  terminationGracePeriodSeconds: 1
   containers:
   - name: main
     image: $PROBE
@@ -311,4 +314,458 @@ spec:
     );
     assert!(during_start > 0, "no kill landed before husk run returned");
     env.finish();
+}
+
+/// Where a lifecycle is cut short by a kill -9.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    MonitorAtStart,
+    CliAtStart,
+    MonitorRunning,
+    CliAtStop,
+    MonitorAtStop,
+    CliAtRm,
+    Nowhere,
+}
+
+const CUTS: [Cut; 7] = [
+    Cut::MonitorAtStart,
+    Cut::CliAtStart,
+    Cut::MonitorRunning,
+    Cut::CliAtStop,
+    Cut::MonitorAtStop,
+    Cut::CliAtRm,
+    Cut::Nowhere,
+];
+
+/// Spawns `husk ARGS` and kills it with SIGKILL after `delay` (if it
+/// has not ended by then); waits for it.
+fn husk_killed_after(env: &Env, args: &[&str], delay: Duration) -> Output {
+    let mut child = env
+        .cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+/// The ids of the pods `env` has state of (after `husk ps`, which
+/// collects what killed processes left half-made: no other entry may be
+/// there then).
+fn pod_ids(env: &Env) -> Vec<String> {
+    assert!(env.husk(&["ps"]).status.success());
+    let ids: Vec<String> = std::fs::read_dir(env.root().join("lib/pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for id in &ids {
+        assert!(
+            env.root()
+                .join("lib/pods")
+                .join(id)
+                .join("pod.json")
+                .is_file(),
+            "lib/pods/{id} holds no pod record"
+        );
+    }
+    ids
+}
+
+/// One pod lifecycle through the CLI (`husk run -d ARGS`, stop, rm), cut
+/// by `cut` at a random point within `span`, then `husk rm -f` of whatever
+/// is left must succeed and leave nothing. Returns whether the pod's
+/// container was seen running.
+fn cli_lifecycle(
+    env: &Env,
+    rng: &mut Rng,
+    args: &[&str],
+    name: &str,
+    span: Duration,
+    cut: Cut,
+) -> bool {
+    let delay = Duration::from_micros(rng.below(span.as_micros() as u64));
+    let what = format!("{name}: {cut:?} after {delay:?}");
+    let mut ids = Vec::new();
+    let mut ran = false;
+    let run: Vec<&str> = ["run", "-d"]
+        .iter()
+        .copied()
+        .chain(args.iter().copied())
+        .collect();
+    match cut {
+        Cut::MonitorAtStart => {
+            let (_, id) = run_killing_monitor(env, args, delay);
+            ids.push(id);
+        }
+        Cut::CliAtStart => {
+            husk_killed_after(env, &run, delay);
+        }
+        _ => {
+            let out = env.husk(&run);
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            let v = env.wait_for(name, "the container to run", |v| {
+                env.container(v, "main")["state"]["running"].is_object()
+            });
+            ran = true;
+            let monitor = v["status"]["monitorPid"].as_i64().unwrap() as i32;
+            let kill_monitor = || {
+                // SAFETY: kill(2) of the monitor of this test's pod.
+                unsafe { libc::kill(monitor, libc::SIGKILL) };
+            };
+            match cut {
+                Cut::MonitorRunning => kill_monitor(),
+                Cut::CliAtStop => {
+                    husk_killed_after(env, &["stop", name], delay);
+                }
+                Cut::MonitorAtStop => {
+                    let stop = env
+                        .cmd()
+                        .args(["stop", name])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn();
+                    std::thread::sleep(delay);
+                    kill_monitor();
+                    let _ = stop.unwrap().wait();
+                }
+                Cut::CliAtRm => {
+                    husk_killed_after(env, &["rm", "-f", name], delay);
+                }
+                _ => {
+                    let out = env.husk(&["stop", name]);
+                    assert!(out.status.success(), "{what}: {}", stderr(&out));
+                }
+            }
+        }
+    }
+    for id in pod_ids(env) {
+        let rm = env.husk(&["rm", "-f", &id]);
+        assert!(
+            rm.status.success(),
+            "{what}: husk rm -f {id}: {}",
+            stderr(&rm)
+        );
+        ids.push(id);
+    }
+    for id in &ids {
+        let left = leaks(env, id);
+        assert!(left.is_empty(), "{what}: left behind: {left:#?}");
+    }
+    let left = env.leftovers();
+    assert!(left.is_empty(), "{what}: left behind: {left:#?}");
+    ran
+}
+
+/// One pod sandbox lifecycle through huskd (RunPodSandbox, CreateContainer,
+/// StartContainer, StopPodSandbox, RemovePodSandbox), with huskd or the
+/// sandbox's monitor killed -9 at a random point within `span` of a random
+/// call. After a huskd kill it is started again and, as the kubelet's
+/// garbage collection does, stops and removes every sandbox it lists.
+/// Nothing of any sandbox may be left.
+fn cri_lifecycle(
+    env: &Env,
+    huskd: &mut common::huskd::Huskd,
+    rng: &mut Rng,
+    image: &str,
+    data: &Path,
+    n: u64,
+    span: Duration,
+) {
+    use k8s_cri::v1 as cri;
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    let at = rng.below(4); // 0 run, 1 create+start, 2 stop, 3 nowhere
+    let kill_huskd = rng.below(2) == 0;
+    let delay = Duration::from_micros(rng.below(span.as_micros() as u64));
+    let what = format!(
+        "cri {n}: kill {} at call {at} after {delay:?}",
+        if kill_huskd { "huskd" } else { "the monitor" }
+    );
+    let name = format!("chaos-{n}");
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.clone(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: env
+            .root()
+            .join("kubelet-logs")
+            .join(&name)
+            .display()
+            .to_string(),
+        ..Default::default()
+    };
+    let socket = huskd.socket.clone();
+    let roots = husk_sandbox::state::Roots::new(Some(env.root()));
+    let rt = husk_tests::rt();
+    let killed = rt.block_on(async {
+        let mut rs = RuntimeServiceClient::new(husk_tests::cri_channel(&socket).await);
+        // Each step: the call, and whether the kill lands during it.
+        let mut id = String::new();
+        for step in 0..3u64 {
+            let mut rs2 = rs.clone();
+            let config = config.clone();
+            let id2 = id.clone();
+            let image = image.to_owned();
+            let data = data.display().to_string();
+            let call = tokio::spawn(async move {
+                match step {
+                    0 => rs2
+                        .run_pod_sandbox(cri::RunPodSandboxRequest {
+                            config: Some(config),
+                            runtime_handler: "husk-wasm".into(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().pod_sandbox_id),
+                    1 => {
+                        let c = rs2
+                            .create_container(cri::CreateContainerRequest {
+                                pod_sandbox_id: id2.clone(),
+                                config: Some(cri::ContainerConfig {
+                                    metadata: Some(cri::ContainerMetadata {
+                                        name: "main".into(),
+                                        attempt: 0,
+                                    }),
+                                    image: Some(cri::ImageSpec {
+                                        image,
+                                        ..Default::default()
+                                    }),
+                                    args: vec!["sleep".into(), "30".into()],
+                                    mounts: vec![cri::Mount {
+                                        container_path: "/data".into(),
+                                        host_path: data,
+                                        ..Default::default()
+                                    }],
+                                    log_path: "main_0.log".into(),
+                                    ..Default::default()
+                                }),
+                                sandbox_config: Some(config),
+                            })
+                            .await?
+                            .into_inner()
+                            .container_id;
+                        rs2.start_container(cri::StartContainerRequest {
+                            container_id: c.clone(),
+                        })
+                        .await
+                        .map(|_| c)
+                    }
+                    _ => rs2
+                        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                            pod_sandbox_id: id2,
+                        })
+                        .await
+                        .map(|_| String::new()),
+                }
+            });
+            if step == at {
+                tokio::time::sleep(delay).await;
+                if kill_huskd {
+                    huskd.kill9();
+                } else if let Some(pid) = pod_ids(env)
+                    .iter()
+                    .find_map(|i| husk_sandbox::state::live_monitor(&roots.pod(i)))
+                {
+                    // SAFETY: kill(2) of the monitor of this test's sandbox.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                let _ = call.await;
+                return true;
+            }
+            let r = call
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{what}: step {step}: {e}"));
+            if step == 0 {
+                id = r;
+            }
+        }
+        rs.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: remove: {e}"));
+        false
+    });
+    let seen = pod_ids(env);
+    if killed {
+        if kill_huskd {
+            *huskd = common::huskd::Huskd::start(env);
+        }
+        // The kubelet's garbage collection: every sandbox huskd lists is
+        // stopped and removed.
+        rt.block_on(async {
+            let mut rs = RuntimeServiceClient::new(husk_tests::cri_channel(&huskd.socket).await);
+            let items = rs
+                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                .await
+                .unwrap_or_else(|e| panic!("{what}: list: {e}"))
+                .into_inner()
+                .items;
+            for sb in items {
+                rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: sb.id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{what}: stop {}: {e}", sb.id));
+                rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: sb.id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{what}: remove {}: {e}", sb.id));
+            }
+        });
+    }
+    let ids = pod_ids(env);
+    assert!(
+        ids.is_empty(),
+        "{what}: sandboxes left after removal: {ids:?}"
+    );
+    for id in &seen {
+        let left = leaks(env, id);
+        assert!(left.is_empty(), "{what}: left behind: {left:#?}");
+    }
+    let left = env.leftovers();
+    assert!(left.is_empty(), "{what}: left behind: {left:#?}");
+}
+
+/// The chaos test of #22: 200 pod lifecycles, wasm and VM, through the CLI
+/// and through huskd, each cut by a kill -9 of the monitor, the CLI or
+/// huskd at a random point (or not cut), each followed by a leak scan;
+/// the hostPath every pod mounts loses no byte.
+#[test]
+fn two_hundred_lifecycles_cut_by_kill_9_leak_nothing_and_lose_no_volume_byte() {
+    let reg = husk_tests::Registry::start();
+    let vm = have_kvm("two_hundred_lifecycles_cut_by_kill_9 (its 30 VM lifecycles)");
+    let env = if vm { vm_env() } else { Env::new() };
+    let mut rng = Rng::new("chaos");
+    // The user's data: a hostPath every pod mounts read-write.
+    let data = env.root().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let precious: Vec<u8> = (0..1 << 20).map(|_| rng.below(256) as u8).collect();
+    std::fs::write(data.join("precious"), &precious).unwrap();
+    let wasm = wasm_manifest(&env, "wasmpod", 30000 + (std::process::id() % 10000) as u16);
+    let text = std::fs::read_to_string(&wasm).unwrap().replace(
+        "  volumes:\n",
+        &format!(
+            "    - {{name: data, mountPath: /data}}\n  volumes:\n  - {{name: data, hostPath: {{path: {}}}}}\n",
+            data.display()
+        ),
+    );
+    std::fs::write(&wasm, text).unwrap();
+    let wasm_args = ["-f", wasm.to_str().unwrap()];
+    start_length(&env, &wasm_args, "wasmpod");
+    let (wasm_span, _) = start_length(&env, &wasm_args, "wasmpod");
+    let mut ran = 0;
+    let mut cuts = std::collections::BTreeMap::<String, u32>::new();
+    let t0 = Instant::now();
+    let mut slowest = (Duration::ZERO, String::new());
+    let mut note = |what: String, t: Instant| {
+        if t.elapsed() > slowest.0 {
+            slowest = (t.elapsed(), what);
+        }
+    };
+    for _ in 0..120 {
+        let t = Instant::now();
+        let cut = CUTS[rng.below(CUTS.len() as u64) as usize];
+        *cuts.entry(format!("wasm {cut:?}")).or_default() += 1;
+        ran += usize::from(cli_lifecycle(
+            &env,
+            &mut rng,
+            &wasm_args,
+            "wasmpod",
+            wasm_span * 5 / 4,
+            cut,
+        ));
+        note(format!("wasm {cut:?}"), t);
+    }
+    println!("120 wasm lifecycles: {:?}", t0.elapsed());
+    let t0 = Instant::now();
+    if vm {
+        let reference = husk_tests::push_busybox_image(&reg, "tests/busybox:chaos");
+        let m = env.manifest(
+            "vm.yaml",
+            &format!(
+                r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: vmpod
+spec:
+  runtimeClassName: husk-vm
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: {reference}
+    command: ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 30 & wait"]
+    volumeMounts:
+    - {{name: data, mountPath: /data}}
+  volumes:
+  - {{name: data, hostPath: {{path: {}}}}}
+"#,
+                data.display()
+            ),
+        );
+        let args = ["-f", m.to_str().unwrap()];
+        start_length(&env, &args, "vmpod");
+        let (_, vm_span) = start_length(&env, &args, "vmpod");
+        for _ in 0..30 {
+            let t = Instant::now();
+            let cut = CUTS[rng.below(CUTS.len() as u64) as usize];
+            *cuts.entry(format!("vm {cut:?}")).or_default() += 1;
+            ran += usize::from(cli_lifecycle(&env, &mut rng, &args, "vmpod", vm_span, cut));
+            note(format!("vm {cut:?}"), t);
+        }
+        println!("30 VM lifecycles: {:?}", t0.elapsed());
+    }
+    let image = husk_tests::push_wasm(&reg, "tests/probe:chaos", &probe());
+    let mut huskd = common::huskd::Huskd::start(&env);
+    rt_pull(&huskd, &image);
+    let t0 = Instant::now();
+    for n in 0..50 {
+        let t = Instant::now();
+        cri_lifecycle(
+            &env,
+            &mut huskd,
+            &mut rng,
+            &image,
+            &data,
+            n,
+            Duration::from_millis(400),
+        );
+        note(format!("cri {n}"), t);
+    }
+    println!("50 CRI lifecycles: {:?}", t0.elapsed());
+    println!(
+        "cuts: {cuts:?}; {ran} CLI pods ran before their cut; the slowest lifecycle: {slowest:?}"
+    );
+    assert_eq!(
+        std::fs::read(data.join("precious")).unwrap(),
+        precious,
+        "the hostPath's file changed"
+    );
+    drop(huskd);
+    env.finish();
+}
+
+/// Pulls `image` through huskd's image service.
+fn rt_pull(huskd: &common::huskd::Huskd, image: &str) {
+    use k8s_cri::v1 as cri;
+    husk_tests::rt().block_on(async {
+        let mut is =
+            k8s_cri::v1::image_service_client::ImageServiceClient::new(huskd.channel().await);
+        is.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
 }

@@ -9,78 +9,16 @@ mod kubeapi;
 #[allow(dead_code)]
 #[path = "../../shim/src/huskd/spdy.rs"]
 mod spdy;
+use common::huskd::Huskd;
 use common::*;
-use husk_tests::{cri_channel, oci_client as client, rt, Registry};
+use husk_tests::{push_wasm, rt, Registry};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use oci_client::client::{Config, ImageLayer};
-use oci_client::secrets::RegistryAuth;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-
-fn huskd_bin() -> PathBuf {
-    husk_bin().with_file_name("huskd")
-}
-
-/// A huskd serving the test's root; killed (-9) on drop, as a crash would.
-struct Huskd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Huskd {
-    fn start(env: &Env) -> Self {
-        let socket = env.root().join("huskd.sock");
-        let child = Command::new(huskd_bin())
-            .arg("--root")
-            .arg(env.root())
-            .arg("--socket")
-            .arg(&socket)
-            .env_remove("HUSK_ROOT")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(env.root().join("huskd.log"))
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "huskd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Huskd { child, socket }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    async fn channel(&self) -> Channel {
-        cri_channel(&self.socket).await
-    }
-}
-
-impl Drop for Huskd {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn push_probe(reg: &Registry, name: &str) -> String {
     push_wasm(reg, name, &probe())
@@ -216,24 +154,6 @@ async fn image_users_and_digests(
             .await
             .unwrap();
     }
-}
-
-fn push_wasm(reg: &Registry, name: &str, file: &Path) -> String {
-    let reference = format!("{}/{name}", reg.host());
-    let r: oci_client::Reference = reference.parse().unwrap();
-    let layer = ImageLayer::new(
-        std::fs::read(file).unwrap(),
-        "application/wasm".into(),
-        None,
-    );
-    let config = Config::new(
-        br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec(),
-        "application/vnd.wasm.config.v0+json".into(),
-        None,
-    );
-    rt().block_on(client().push(&r, &[layer], config, &RegistryAuth::Anonymous, None))
-        .unwrap();
-    reference
 }
 
 fn sandbox_config(env: &Env, name: &str, attempt: u32) -> cri::PodSandboxConfig {

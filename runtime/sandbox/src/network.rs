@@ -37,6 +37,10 @@ const HOST_TABLE_PLUGINS: &[&str] = &["portmap", "firewall", "bridge"];
 /// the plugins' iptables calls take inside.
 const HOST_TABLES_LOCK: &str = "/run/lock/husk-cni-host-tables.lock";
 
+/// How long a pod's CNI call waits for a plugin of an earlier, killed
+/// call of the same pod to end.
+const PLUGIN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// An exclusive flock on [`HOST_TABLES_LOCK`], released on drop (and by the
 /// kernel when the process dies).
 struct HostTablesLock {
@@ -518,10 +522,56 @@ impl PodNetwork {
         })
     }
 
+    /// The pod's plugin lock (`network.lock` beside the kept record), taken:
+    /// every plugin runs holding it and hands it down (the descriptor is
+    /// inherited by the plugin and whatever it runs, iptables included),
+    /// so that when the monitor is killed during an ADD, the orphaned
+    /// plugin keeps it until it ends, and whoever releases the pod's
+    /// network (`husk rm`, a failed start) runs its DELs after that ADD,
+    /// not beside it (a DEL beside an ADD leaves chains, leases and links
+    /// that nothing records). None when no record is kept.
+    fn plugins_lock(&self) -> Result<Option<std::fs::File>, String> {
+        let Some(record) = &self.record_path else {
+            return Ok(None);
+        };
+        let path = record.with_extension("lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let t0 = std::time::Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                return Err(format!("cannot lock {}: {e}", path.display()));
+            }
+            if t0.elapsed() > PLUGIN_LOCK_WAIT {
+                return Err(format!(
+                    "a CNI plugin of this pod still runs after {}s (it holds {}); try again once it ended",
+                    PLUGIN_LOCK_WAIT.as_secs(),
+                    path.display()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Removes the kept record: nothing of the attachment is left.
     fn forget(&self) {
         if let Some(path) = &self.record_path {
             let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(path.with_extension("lock"));
         }
     }
 
@@ -598,6 +648,11 @@ impl PodNetwork {
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
+        let pod_lock = self.plugins_lock().map_err(|e| NetworkError::Plugin {
+            plugin: ty.clone(),
+            command: command.into(),
+            msg: e,
+        })?;
         let _host_tables = if HOST_TABLE_PLUGINS.contains(&ty.as_str()) {
             Some(HostTablesLock::take().map_err(|e| NetworkError::Plugin {
                 plugin: ty.clone(),
@@ -607,7 +662,32 @@ impl PodNetwork {
         } else {
             None
         };
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        // Both locks go down to the plugin and what it runs: a plugin
+        // orphaned by a killed monitor holds them until it ends.
+        let inherited: Vec<i32> = pod_lock
+            .iter()
+            .map(|f| f.as_raw_fd())
+            .chain(_host_tables.iter().map(|l| l._file.as_raw_fd()))
+            .collect();
+        if !inherited.is_empty() {
+            // SAFETY: fcntl on descriptors that stay open across the fork;
+            // async-signal-safe, no allocation (the Vec is moved in).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    for &fd in &inherited {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &self.record.container_id)

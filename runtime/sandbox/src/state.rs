@@ -103,6 +103,37 @@ impl Roots {
         self.lib.join("cni")
     }
 
+    /// Removes what processes killed half-way left in the pod dirs:
+    /// staging dirs of pods never created ([`PodRecord::create`]) and the
+    /// temp files of atomic writes ([`write_atomic`]), of processes that
+    /// are gone. Cheap; run by the CLI verbs that list or make pods and by
+    /// huskd at its start.
+    pub fn collect_stale(&self) {
+        let gone = |pid: &str| {
+            pid.parse::<u32>()
+                .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+        };
+        let pods = self.lib.join("pods");
+        for e in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(".new-") {
+                if rest.split('-').next().is_some_and(gone) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+                continue;
+            }
+            for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                let fname = f.file_name().to_string_lossy().into_owned();
+                if let Some((_, pid)) = fname.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp"))
+                {
+                    if gone(pid) {
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+            }
+        }
+    }
+
     /// All pod records, oldest first.
     pub fn list_pods(&self) -> Vec<PodRecord> {
         let mut out = Vec::new();
@@ -176,6 +207,9 @@ impl PodPaths {
     pub fn monitor_log(&self) -> PathBuf {
         self.lib.join("monitor.log")
     }
+    pub fn monitor_lock(&self) -> PathBuf {
+        self.lib.join("monitor.lock")
+    }
     pub fn socket(&self) -> PathBuf {
         self.run.join("monitor.sock")
     }
@@ -218,6 +252,30 @@ impl PodRecord {
 
     pub fn save(&self, paths: &PodPaths) -> Result<(), StateError> {
         write_json_atomic(&paths.record(), self)
+    }
+
+    /// Creates the pod's lib dir with its record and `extra` files in it,
+    /// whole or not at all: they are written into a staging dir
+    /// (`.new-<pid>-<id>`, never listed) that is renamed into place. A
+    /// process killed half-way leaves only the staging dir, which
+    /// [`Roots::collect_stale`] removes; never a pod dir without a record,
+    /// which no command could name.
+    pub fn create(&self, roots: &Roots, extra: &[(&str, Vec<u8>)]) -> Result<(), StateError> {
+        let pods = roots.lib.join("pods");
+        let stage = pods.join(format!(".new-{}-{}", std::process::id(), self.id));
+        let dest = roots.pod(&self.id).lib;
+        let made = (|| {
+            std::fs::create_dir_all(&stage).map_err(io(&stage))?;
+            write_json_atomic(&stage.join("pod.json"), self)?;
+            for (name, bytes) in extra {
+                write_atomic(&stage.join(name), bytes)?;
+            }
+            std::fs::rename(&stage, &dest).map_err(io(&dest))
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&stage);
+        }
+        made
     }
 }
 
@@ -441,12 +499,6 @@ impl PodStatus {
         read_json(&paths.status())
     }
 
-    /// True once nothing about the pod changes any more: its monitor
-    /// finished, or vanished without finishing.
-    pub fn is_over(&self) -> bool {
-        self.finished || !self.monitor_pid.is_some_and(pid_alive)
-    }
-
     /// Init containers first, then the app containers.
     pub fn all_containers(&self) -> impl Iterator<Item = &ContainerStatus> {
         self.init_container_statuses
@@ -485,6 +537,89 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// The lock on a pod: a POSIX record lock on `monitor.lock` in its lib
+/// dir. Its monitor holds it for its whole life, from before it makes
+/// anything until it ends, however it ends (the kernel drops it; a
+/// monitor's children do not inherit it), so that whether a pod has a live
+/// monitor, and its pid, is known at every instant of its start without
+/// trusting a recorded pid that may have been reused. `husk rm` takes it
+/// while it releases and removes a pod: a monitor that starts then finds
+/// it taken, or the pod's record gone, and makes nothing.
+#[derive(Debug)]
+pub struct PodLock(#[allow(dead_code)] std::fs::File);
+
+/// Who holds a pod's lock when it could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PodLockError {
+    #[error("its lock is held by pid {0} (its monitor, or a `husk rm` of it)")]
+    Held(u32),
+    #[error("{0}")]
+    State(#[from] StateError),
+}
+
+fn lock_request(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+impl PodLock {
+    /// Takes the lock of the pod at `paths` (its lib dir must exist).
+    pub fn take(paths: &PodPaths) -> Result<Self, PodLockError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = paths.monitor_lock();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io(&path))?;
+        let fl = lock_request(libc::F_WRLCK);
+        // SAFETY: fcntl(F_SETLK) on an fd this function owns, with a valid
+        // flock.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) } == 0 {
+            return Ok(PodLock(f));
+        }
+        let err = std::io::Error::last_os_error();
+        match lock_holder(&path) {
+            Some(pid) => Err(PodLockError::Held(pid)),
+            None => Err(io(&path)(err).into()),
+        }
+    }
+}
+
+/// The pid of the process holding the lock at `path` (another process:
+/// one's own locks never show).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    let mut fl = lock_request(libc::F_WRLCK);
+    // SAFETY: fcntl(F_GETLK) on an fd owned here, with a valid flock it
+    // fills in.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+        return None;
+    }
+    (fl.l_type != libc::F_UNLCK as libc::c_short && fl.l_pid > 0).then_some(fl.l_pid as u32)
+}
+
+/// The pid of the live monitor of the pod at `paths`: who holds its lock.
+/// (Pods started by a husk without the lock: their recorded pid, if alive.)
+pub fn live_monitor(paths: &PodPaths) -> Option<u32> {
+    if paths.monitor_lock().exists() {
+        return lock_holder(&paths.monitor_lock());
+    }
+    PodStatus::load(paths)
+        .ok()
+        .and_then(|s| s.monitor_pid)
+        .filter(|p| pid_alive(*p))
 }
 
 /// A fresh pod id: 16 hex digits.

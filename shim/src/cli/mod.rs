@@ -17,7 +17,7 @@ pub mod stats;
 pub mod stop;
 pub mod update;
 
-use husk_sandbox::state::{pid_alive, ContainerState, PodRecord, PodStatus, Roots};
+use husk_sandbox::state::{live_monitor, ContainerState, PodRecord, PodStatus, Roots};
 
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
@@ -32,17 +32,21 @@ pub fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
 pub struct PodView {
     pub record: PodRecord,
     pub status: Option<PodStatus>,
+    /// The pid of its live monitor (the holder of the pod's lock).
+    pub monitor: Option<u32>,
 }
 
 impl PodView {
     pub fn load(roots: &Roots, record: PodRecord) -> Self {
-        let mut status = PodStatus::load(&roots.pod(&record.id)).ok();
+        let paths = roots.pod(&record.id);
+        let mut status = PodStatus::load(&paths).ok();
+        let monitor = live_monitor(&paths);
         // A monitor that died (kill -9, a crash) took its containers'
         // fate with it: what its status last said is not known to be
         // true, so a running container is shown as the kubelet shows one
         // it lost (ContainerStatusUnknown), not as Running.
         if let Some(s) = status.as_mut() {
-            if !s.finished && !s.monitor_pid.is_some_and(pid_alive) {
+            if !s.finished && monitor.is_none() {
                 for c in s
                     .init_container_statuses
                     .iter_mut()
@@ -60,14 +64,15 @@ impl PodView {
                 }
             }
         }
-        PodView { record, status }
+        PodView {
+            record,
+            status,
+            monitor,
+        }
     }
 
     pub fn monitor_alive(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.monitor_pid)
-            .is_some_and(pid_alive)
+        self.monitor.is_some()
     }
 
     pub fn finished(&self) -> bool {
@@ -84,7 +89,9 @@ impl PodView {
     }
 
     pub fn is_terminal(&self) -> bool {
-        self.status.as_ref().is_some_and(PodStatus::is_over)
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.finished || !self.monitor_alive())
     }
 }
 
@@ -120,9 +127,10 @@ pub fn running_pod(roots: &Roots, key: &str, container: Option<&str>) -> Result<
 
 /// True once the pod at `id` is over (or has no status to wait for).
 pub fn pod_over(roots: &Roots, id: &str) -> bool {
-    PodStatus::load(&roots.pod(id))
+    let paths = roots.pod(id);
+    PodStatus::load(&paths)
         .ok()
-        .is_none_or(|s| s.is_over())
+        .is_none_or(|s| s.finished || live_monitor(&paths).is_none())
 }
 
 /// Applies `act` to each pod named in `keys`; prints errors and returns the

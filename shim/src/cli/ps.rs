@@ -42,6 +42,7 @@ pub fn age(t: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 pub fn run(roots: &Roots, a: PsArgs) -> i32 {
+    roots.collect_stale();
     let pods: Vec<PodView> = roots
         .list_pods()
         .into_iter()

@@ -224,20 +224,15 @@ pub fn run(roots: &Roots, a: RunArgs) -> i32 {
             ),
         );
     }
+    roots.collect_stale();
     let id = new_pod_id();
-    let paths = roots.pod(&id);
     let record = PodRecord {
         id: id.clone(),
         created_at: chrono::Utc::now(),
         auto_remove: a.rm && a.detach,
         plan: plan.redacted(),
     };
-    let cleanup = || {
-        let _ = std::fs::remove_dir_all(&paths.lib);
-        let _ = std::fs::remove_dir_all(&paths.run);
-    };
-    if let Err(e) = record.save(&paths) {
-        cleanup();
+    if let Err(e) = record.create(roots, &[]) {
         return fail(EXIT_FAILURE, e);
     }
     let child = match start_monitor(roots, &id, &plan) {
@@ -295,6 +290,10 @@ const LOG_TAIL_LINES: usize = 20;
 /// Returns the message to print.
 pub fn after_failed_start(roots: &Roots, id: &str, e: &MonitorStartError, keep: bool) -> String {
     let paths = roots.pod(id);
+    let _lock = match super::rm::lock_pod(roots, id, Duration::from_secs(10)) {
+        Ok(l) => l,
+        Err(why) => return format!("{e}; the pod is kept ({why}): `husk rm` removes it"),
+    };
     let problems = husk_sandbox::recovery::release_leftovers(&paths);
     let name = PodRecord::load(&paths)
         .map(|r| r.plan.name)

@@ -83,6 +83,7 @@ fn serve(args: Args) -> Result<(), String> {
     roots
         .secure()
         .map_err(|e| format!("husk's state roots must be root's only: {e}"))?;
+    roots.collect_stale();
     let husk = match args.husk {
         Some(p) => p,
         None => std::env::current_exe()

@@ -639,33 +639,29 @@ impl Runtime {
 
     /// Stops a sandbox's monitor (containers are killed at once) and waits
     /// until it has released the pod's host resources.
+    /// Stops a sandbox at once (the kubelet stopped its containers with
+    /// their grace periods already): a monitor that does not answer or
+    /// end is killed, and what a dead monitor left (its network above
+    /// all, which CRI says StopPodSandbox reclaims) is released.
     async fn stop_sandbox(&self, sb: &SandboxView) -> Result<(), Status> {
-        if sb.monitor_alive() && !sb.status.as_ref().is_some_and(|s| s.finished) {
-            let _ = self
-                .0
-                .call(
-                    sb.id(),
-                    Request::Stop {
-                        grace_secs: Some(0),
-                    },
-                    Duration::from_secs(10),
-                )
-                .await;
+        let finished = sb.status.as_ref().is_some_and(|s| s.finished);
+        if finished {
+            return Ok(());
         }
         let roots = self.0.roots.clone();
         let id = sb.id().to_owned();
-        let done = tokio::task::spawn_blocking(move || {
-            husk_shim::cli::wait_finished(&roots, &id, Duration::from_secs(60))
+        let name = sb.record.plan.name.clone();
+        let monitor = sb.monitor;
+        tokio::task::spawn_blocking(move || {
+            if monitor.is_some() {
+                husk_shim::cli::rm::stop_now(&roots, &id, &name, monitor, true)
+            } else {
+                husk_shim::cli::rm::release_pod(&roots, &id, &name)
+            }
         })
         .await
-        .map_err(internal)?;
-        if !done {
-            return Err(Status::deadline_exceeded(format!(
-                "pod sandbox {} did not stop within 60 s",
-                sb.id()
-            )));
-        }
-        Ok(())
+        .map_err(internal)?
+        .map_err(Status::unknown)
     }
 }
 
@@ -710,25 +706,23 @@ impl RuntimeService for Runtime {
                     other.id()
                 )));
             }
-            let paths = roots.pod(&id);
             let record = PodRecord {
                 id: id.clone(),
                 created_at: chrono::Utc::now(),
                 auto_remove: false,
                 plan: plan.redacted(),
             };
-            record.save(&paths).map_err(internal)?;
             let info = CriSandbox {
                 attempt,
                 log_directory: cfg.log_directory.clone(),
                 runtime_handler: handler.clone(),
             };
-            if let Err(e) =
-                husk_sandbox::state::write_json_atomic(&CriSandbox::path(&roots, &id), &info)
-            {
-                let _ = std::fs::remove_dir_all(&paths.lib);
-                return Err(internal(e));
-            }
+            let info = serde_json::to_vec_pretty(&info).map_err(internal)?;
+            // The record and huskd's own file appear together or not at
+            // all (huskd killed here leaves nothing a kubelet cannot see).
+            record
+                .create(&roots, &[("cri.json", info)])
+                .map_err(internal)?;
         }
         let husk = self.0.husk.clone();
         let id2 = id.clone();

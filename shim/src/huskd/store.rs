@@ -3,7 +3,7 @@
 //! its own beyond a lock that keeps two RunPodSandbox calls from taking the
 //! same name, so a restarted huskd finds everything again.
 
-use husk_sandbox::state::{pid_alive, CriContainer, PodRecord, PodStatus, Roots};
+use husk_sandbox::state::{live_monitor, CriContainer, PodRecord, PodStatus, Roots};
 use husk_shim::control::{self, Reply, Request};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -30,6 +30,8 @@ pub struct SandboxView {
     pub record: PodRecord,
     pub status: Option<PodStatus>,
     pub cri: CriSandbox,
+    /// The pid of its live monitor (the holder of the pod's lock).
+    pub monitor: Option<u32>,
 }
 
 impl SandboxView {
@@ -38,10 +40,7 @@ impl SandboxView {
     }
 
     pub fn monitor_alive(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.monitor_pid)
-            .is_some_and(pid_alive)
+        self.monitor.is_some()
     }
 
     /// Ready: its monitor runs and it was not asked to stop.
@@ -133,10 +132,12 @@ impl Huskd {
         let cri = husk_sandbox::state::read_json(&CriSandbox::path(&self.roots, &record.id))
             .unwrap_or_default();
         let status = PodStatus::load(&paths).ok();
+        let monitor = live_monitor(&paths);
         Some(SandboxView {
             record,
             status,
             cri,
+            monitor,
         })
     }
 
