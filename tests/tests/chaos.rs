@@ -69,9 +69,9 @@ fn children_with(pid: u32, word: &str) -> Vec<(i32, String)> {
         .collect()
 }
 
-/// Runs `husk run -d ARGS`, kills the pod's monitor with SIGKILL `delay`
-/// after it appears, and returns what `husk run` printed and the pod's id.
-fn run_killing_monitor(env: &Env, args: &[&str], delay: Duration) -> (Output, String) {
+/// Spawns `husk run -d ARGS` and waits for the pod's monitor to appear;
+/// the `husk run` process, and the monitor's pid and pod id.
+fn run_until_monitor(env: &Env, args: &[&str]) -> (std::process::Child, i32, String) {
     let child = env
         .cmd()
         .arg("run")
@@ -82,16 +82,22 @@ fn run_killing_monitor(env: &Env, args: &[&str], delay: Duration) -> (Output, St
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    let (monitor, id) = loop {
-        if let Some(m) = children_with(child.id(), "monitor").into_iter().next() {
-            break m;
+    loop {
+        if let Some((monitor, id)) = children_with(child.id(), "monitor").into_iter().next() {
+            return (child, monitor, id);
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "no monitor appeared"
         );
         std::thread::sleep(Duration::from_micros(200));
-    };
+    }
+}
+
+/// Runs `husk run -d ARGS`, kills the pod's monitor with SIGKILL `delay`
+/// after it appears, and returns what `husk run` printed and the pod's id.
+fn run_killing_monitor(env: &Env, args: &[&str], delay: Duration) -> (Output, String) {
+    let (child, monitor, id) = run_until_monitor(env, args);
     std::thread::sleep(delay);
     // SAFETY: kill(2) of the monitor this test's `husk run` started.
     unsafe { libc::kill(monitor, libc::SIGKILL) };
@@ -102,18 +108,7 @@ fn run_killing_monitor(env: &Env, args: &[&str], delay: Duration) -> (Output, St
 /// it returns (the start's length on this machine, now), and until the
 /// pod's container `main` runs; the pod is removed again.
 fn start_length(env: &Env, args: &[&str], name: &str) -> (Duration, Duration) {
-    let child = env
-        .cmd()
-        .arg("run")
-        .arg("-d")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while children_with(child.id(), "monitor").is_empty() {
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    let (child, _, _) = run_until_monitor(env, args);
     let t0 = Instant::now();
     let out = child.wait_with_output().unwrap();
     let ready = t0.elapsed();

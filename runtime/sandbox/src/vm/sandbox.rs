@@ -1427,7 +1427,6 @@ fn release(res: &mut Resources, paths: &PodPaths) {
             tracing::warn!("{e}");
         }
     }
-    let _ = std::fs::remove_file(paths.network_record());
     let _ = std::fs::remove_dir_all(paths.run.join("vm-files"));
 }
 

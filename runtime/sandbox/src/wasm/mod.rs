@@ -453,7 +453,6 @@ impl WasmSandbox {
     pub fn teardown(&self) {
         let mut res = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         release(&mut res);
-        let _ = std::fs::remove_file(self.paths.network_record());
     }
 }
 
