@@ -71,8 +71,10 @@ fn children_with(pid: u32, word: &str) -> Vec<(i32, String)> {
 
 /// Spawns `husk run -d ARGS` and waits for the pod's monitor to appear;
 /// the `husk run` process, and the monitor's pid and pod id.
+// The child is handed to the caller, which waits for it.
+#[allow(clippy::zombie_processes)]
 fn run_until_monitor(env: &Env, args: &[&str]) -> (std::process::Child, i32, String) {
-    let child = env
+    let mut child = env
         .cmd()
         .arg("run")
         .arg("-d")
@@ -86,10 +88,11 @@ fn run_until_monitor(env: &Env, args: &[&str]) -> (std::process::Child, i32, Str
         if let Some((monitor, id)) = children_with(child.id(), "monitor").into_iter().next() {
             return (child, monitor, id);
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no monitor appeared"
-        );
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("no monitor appeared: {}", stderr(&out));
+        }
         std::thread::sleep(Duration::from_micros(200));
     }
 }
