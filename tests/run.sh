@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 packages=(containernetworking-plugins clang lld wasi-libc libclang-rt-14-dev-wasm32
           iproute2 iputils-ping iptables e2fsprogs util-linux mount
           libssl-dev pkg-config docker-registry qemu-system-x86 busybox-static
-          protobuf-compiler)
+          protobuf-compiler g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,6 +42,10 @@ set +e
 # Every test binary runs, also after one fails, so the closing line counts all.
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# A smoke run of each fuzz target (15 s each, from its seeds; #22).
+bash tests/fuzz/run.sh 15 2>&1 | tee -a "$log"
+fuzz_status=${PIPESTATUS[0]}
+[ "$status" -ne 0 ] || status=$fuzz_status
 set -e
 # One closing line for the whole suite (cargo prints one per test binary);
 # a test that found what it needs missing (no /dev/kvm) is a skip, not a pass.

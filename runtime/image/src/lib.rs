@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod manifest;
 pub mod progress;
 pub mod pull;
 pub mod reference;

@@ -3,25 +3,18 @@
 //! store lacks, streamed into the store and verified against its digest.
 //! Layers already present are reported as "Already exists" and not fetched.
 
+use crate::manifest::{
+    choose, parse_document, parse_manifest, Document, INDEX_TYPES, MANIFEST_TYPES,
+};
 use crate::progress::Progress;
-use crate::reference::{is_sha256, ImageRef};
-use crate::store::{Descriptor, ImageRecord, Store};
+use crate::reference::ImageRef;
+use crate::store::{ImageRecord, Store};
 use crate::{ImageError, WASM_LAYER_TYPES};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
 
 /// Which image of a multi-platform index the caller wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,44 +46,6 @@ pub struct PullReport {
     pub record: ImageRecord,
     pub downloaded: Vec<String>,
     pub existing: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawIndex {
-    manifests: Vec<RawEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawEntry {
-    #[serde(default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    platform: Option<RawPlatform>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawPlatform {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawManifest {
-    #[serde(default)]
-    media_type: Option<String>,
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-fn is_wasm_platform(p: &RawPlatform) -> bool {
-    p.architecture.starts_with("wasm") || p.os.starts_with("wasi")
 }
 
 /// `r` is the name the user gave; errors about reaching the registry name
@@ -230,75 +185,24 @@ async fn pull_inner(
         }
     }
     let mut platform = None;
-    let probe: serde_json::Value =
-        serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
-            reference: name.clone(),
-            reason: format!("the manifest is not JSON: {e}"),
-        })?;
-    let is_index = probe.get("manifests").is_some();
-    if is_index {
-        let idx: RawIndex = serde_json::from_value(probe).map_err(|e| ImageError::Registry {
-            reference: name.clone(),
-            reason: format!("invalid image index: {e}"),
-        })?;
-        let plat = |e: &RawEntry| {
-            e.platform
-                .as_ref()
-                .map(|p| format!("{}/{}", p.os, p.architecture))
-        };
-        let wasm = idx
-            .manifests
-            .iter()
-            .find(|e| e.platform.as_ref().is_some_and(is_wasm_platform));
-        let linux = idx.manifests.iter().find(|e| {
-            e.platform
-                .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-        });
-        let chosen = match want {
-            Want::Wasm => wasm,
-            Want::Linux => linux,
-            Want::Any => wasm.or(linux),
-        };
-        let Some(entry) = chosen else {
-            return Err(ImageError::NoPlatform {
-                reference: name,
-                wanted: match want {
-                    Want::Wasm => "wasm".into(),
-                    Want::Linux | Want::Any => "linux/amd64".into(),
-                },
-                available: idx
-                    .manifests
-                    .iter()
-                    .map(|e| plat(e).unwrap_or_else(|| "unknown".into()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        };
-        if !is_sha256(&entry.digest)
-            || !MANIFEST_TYPES.contains(&entry.media_type.as_str()) && !entry.media_type.is_empty()
-        {
-            return Err(ImageError::BadDigest {
-                reference: name,
-                digest: entry.digest.clone(),
-            });
+    let manifest = match parse_document(&name, &raw)? {
+        Document::Manifest(m) => m,
+        Document::Index(idx) => {
+            let entry = choose(&name, &idx, want)?;
+            platform = entry.platform;
+            let child = src.with_digest(&entry.digest);
+            let (bytes, _) = client
+                .pull_manifest_raw(child.inner(), &auth, MANIFEST_TYPES)
+                .await
+                .map_err(|e| reg_err(r, &src, e))?;
+            // Keep the index too, so the name's digest stays the one the
+            // registry serves for it.
+            store.write_blob_bytes(&name, &digest, &raw)?;
+            raw = bytes;
+            digest = entry.digest;
+            parse_manifest(&name, &raw)?
         }
-        platform = plat(entry);
-        let child = src.with_digest(&entry.digest);
-        let (bytes, _) = client
-            .pull_manifest_raw(child.inner(), &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|e| reg_err(r, &src, e))?;
-        // Keep the index too, so the name's digest stays the one the
-        // registry serves for it.
-        store.write_blob_bytes(&name, &digest, &raw)?;
-        raw = bytes;
-        digest = entry.digest.clone();
-    }
-    let manifest: RawManifest = serde_json::from_slice(&raw).map_err(|e| ImageError::Registry {
-        reference: name.clone(),
-        reason: format!("invalid image manifest: {e}"),
-    })?;
+    };
     store.write_blob_bytes(&name, &digest, &raw)?;
 
     let mut report = PullReport {
@@ -318,14 +222,6 @@ async fn pull_inner(
         downloaded: Vec::new(),
         existing: Vec::new(),
     };
-    for d in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
-        if !is_sha256(&d.digest) {
-            return Err(ImageError::BadDigest {
-                reference: name,
-                digest: d.digest.clone(),
-            });
-        }
-    }
     for d in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
         let is_layer = !std::ptr::eq(d, &manifest.config);
         if store.has_blob(&d.digest) {
