@@ -178,11 +178,22 @@ pub fn main(roots: &Roots, id: &str) -> i32 {
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(&socket);
     sandbox.teardown();
-    let _ = std::fs::remove_dir_all(&paths.run);
+    // A network whose release failed (a CNI DEL that errs) keeps its
+    // record in the run dir, and the pod is kept, so that `husk rm`
+    // retries the release instead of losing what is left to release.
+    let network_left = paths.network_record().exists();
+    if network_left {
+        tracing::error!(
+            "pod {}: its network was not released (see above); `husk rm` retries it",
+            paths.id
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&paths.run);
+    }
     // Marking the pod finished is the monitor's last act: `husk rm` (and
     // anyone waiting for the pod) may remove its state from then on, and
     // must not race the monitor's own cleanup.
-    if record.is_some_and(|r| r.auto_remove) {
+    if !network_left && record.is_some_and(|r| r.auto_remove) {
         let _ = std::fs::remove_dir_all(&paths.lib);
     } else {
         let mut st: PodStatus = sandbox.status();

@@ -767,3 +767,99 @@ fn rt_pull(huskd: &common::huskd::Huskd, image: &str) {
         .unwrap();
     });
 }
+
+/// A CNI DEL that fails when a pod ends normally: its network record and
+/// the pod are kept, `husk rm` says what failed and retries the DEL, and
+/// succeeds once the plugin does (#22: the monitor removed its run dir,
+/// network record and all, so nothing ever retried).
+#[test]
+fn a_failed_cni_del_at_a_pods_end_is_retried_by_rm() {
+    let env = Env::new();
+    let bin = env.root().join("cni-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fail = env.root().join("del-fails");
+    let released = env.root().join("del-released");
+    // A chained plugin: tuning does the work (it passes the previous
+    // result through); DEL fails while `fail` exists.
+    let plugin = bin.join("husk-test-faildel");
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\nif [ \"$CNI_COMMAND\" = DEL ]; then\n  if [ -e {f} ]; then\n    echo '{{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"test plugin: DEL refused\"}}'\n    exit 1\n  fi\n  touch {r}\nfi\nexec /usr/lib/cni/tuning\n",
+            f = fail.display(),
+            r = released.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let netd = env.root().join("net.d");
+    std::fs::create_dir_all(&netd).unwrap();
+    std::fs::write(
+        netd.join("10-faildel.conflist"),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": env.bridge,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": env.bridge,
+                    "isGateway": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": format!("{}.0/24", env.subnet_prefix) }]],
+                        "dataDir": env.root().join("ipam"),
+                    }
+                },
+                { "type": "husk-test-faildel" }
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let cfg = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[network]\n",
+        &format!(
+            "[network]\ncni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
+            bin.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+
+    std::fs::write(&fail, b"").unwrap();
+    let m = env.manifest(
+        "faildel.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: faildel}\nspec:\n  restartPolicy: Never\n  containers:\n  - {name: a, image: $PROBE, args: [exit, \"0\"]}\n",
+    );
+    let run = env.run_file(&m, &[]);
+    assert!(run.status.success(), "husk run: {}", stderr(&run));
+    let ids: Vec<String> = std::fs::read_dir(env.root().join("lib/pods"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(ids.len(), 1, "one pod: {ids:?}");
+    let id = &ids[0];
+    assert!(!released.exists(), "the DEL was refused");
+
+    let rm = env.husk(&["rm", "faildel"]);
+    assert!(
+        !rm.status.success(),
+        "husk rm must fail while the DEL does (and keep the pod to retry)"
+    );
+    assert!(
+        stderr(&rm).contains("DEL refused"),
+        "the error says what failed: {}",
+        stderr(&rm)
+    );
+    assert!(stdout(&env.husk(&["ps"])).contains("faildel"));
+
+    std::fs::remove_file(&fail).unwrap();
+    let rm = env.husk(&["rm", "faildel"]);
+    assert!(rm.status.success(), "husk rm: {}", stderr(&rm));
+    assert!(released.exists(), "husk rm retried the DEL");
+    let left = leaks(&env, id);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
