@@ -23,8 +23,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1
 target_dir="${HUSK_FUZZ_TARGET_DIR:-$HOME/.cache/husk-fuzz-target}"
-cargo fuzz build --fuzz-dir . -O -a -s none --codegen-units 4 --target-dir "$target_dir" 2>&1 |
-    grep -v '^\s*\(Compiling\|Finished\|Fresh\)' || true
+if ! build_log="$(cargo fuzz build --fuzz-dir . -O -a -s none --codegen-units 4 \
+        --target-dir "$target_dir" 2>&1)"; then
+    echo "$build_log" | grep -v '^\s*Compiling' | tail -40
+    echo "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out (the fuzz targets do not build)"
+    exit 1
+fi
 bin="$target_dir/x86_64-unknown-linux-gnu/release"
 
 work="$(mktemp -d)"
