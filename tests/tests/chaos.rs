@@ -648,14 +648,14 @@ fn two_hundred_lifecycles_cut_by_kill_9_leak_nothing_and_lose_no_volume_byte() {
     let precious: Vec<u8> = (0..1 << 20).map(|_| rng.below(256) as u8).collect();
     std::fs::write(data.join("precious"), &precious).unwrap();
     let wasm = wasm_manifest(&env, "wasmpod", 30000 + (std::process::id() % 10000) as u16);
-    let text = std::fs::read_to_string(&wasm).unwrap().replace(
+    edit_file(
+        &wasm,
         "  volumes:\n",
         &format!(
             "    - {{name: data, mountPath: /data}}\n  volumes:\n  - {{name: data, hostPath: {{path: {}}}}}\n",
             data.display()
         ),
     );
-    std::fs::write(&wasm, text).unwrap();
     let wasm_args = ["-f", wasm.to_str().unwrap()];
     start_length(&env, &wasm_args, "wasmpod");
     let (wasm_span, _) = start_length(&env, &wasm_args, "wasmpod");
@@ -817,15 +817,14 @@ fn a_failed_cni_del_at_a_pods_end_is_retried_by_rm() {
         .to_string(),
     )
     .unwrap();
-    let cfg = env.root().join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+    edit_file(
+        &env.root().join("config.toml"),
         "[network]\n",
         &format!(
             "[network]\ncni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
             bin.display()
         ),
     );
-    std::fs::write(&cfg, text).unwrap();
 
     std::fs::write(&fail, b"").unwrap();
     let m = env.manifest(

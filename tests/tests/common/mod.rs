@@ -123,15 +123,12 @@ impl Env {
     /// Makes husk's default network dual-stack: every pod also gets an
     /// address of `{subnet6_prefix}/64`.
     pub fn dual_stack(self) -> Self {
-        let cfg = self.root().join("config.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap();
         let subnet = format!("subnet = \"{}.0/24\"\n", self.subnet_prefix);
-        assert!(text.contains(&subnet), "{text}");
-        let text = text.replace(
+        edit_file(
+            &self.root().join("config.toml"),
             &subnet,
             &format!("{subnet}subnet6 = \"{}/64\"\n", self.subnet6_prefix),
         );
-        std::fs::write(&cfg, text).unwrap();
         self
     }
 
@@ -355,6 +352,17 @@ pub fn vm_env() -> Env {
     ));
     std::fs::write(&cfg, text).unwrap();
     env
+}
+
+/// Replaces `from` (which must be there) with `to` in the file at `path`.
+pub fn edit_file(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        text.contains(from),
+        "{}: no {from:?} in {text}",
+        path.display()
+    );
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }
 
 pub fn stdout(o: &Output) -> String {
